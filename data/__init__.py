@@ -1,0 +1,1 @@
+"""slimtrain.data: sources, tokenizer, token shards, packing and the resumable loader."""

@@ -1,0 +1,1 @@
+"""slimtrain.trainer: the run (config, backends, loop, checkpoint, logging, export, CLI)."""
