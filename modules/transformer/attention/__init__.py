@@ -1,0 +1,72 @@
+"""Attention backends, chosen by `ModelConfig.attention` and bound once per forward.
+
+`eager` is the reference; `sdpa` runs everywhere; `flex` and `flash` are the fast CUDA paths for
+packed rows. `auto` picks flash when installed (CUDA, bf16/fp16), else flex on CUDA, else sdpa.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import AttentionBackend
+from .eager import EagerAttention
+from .flash import FlashAttention, check_flash_available, flash_attn_available
+from .flex import FlexAttention, check_flex_available
+from .sdpa import SdpaAttention
+
+BACKENDS: dict[str, AttentionBackend] = {
+    "eager": EagerAttention(),
+    "sdpa": SdpaAttention(),
+    "flex": FlexAttention(),
+    "flash": FlashAttention(),
+}
+
+
+def check_backend(name: str) -> None:
+    """Fail at model build, not at the first step, when the named backend cannot run here."""
+    if name == "flash":
+        check_flash_available()
+    elif name == "flex":
+        check_flex_available()
+    elif name not in BACKENDS and name != "auto":
+        raise ValueError(f"model.attention={name!r} is unknown; choose one of {['auto', *BACKENDS]}")
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend for `name` ('auto' resolved for this device and dtype)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        if flash_attn_available() and dtype in (torch.bfloat16, torch.float16):
+            return "flash"
+        if torch.__version__ >= "2.5":
+            return "flex"
+    return "sdpa"
+
+
+class BoundAttention:
+    """A backend with its mask prepared for one forward; the layers call it as `attend(q, k, v)`."""
+
+    def __init__(self, backend: AttentionBackend, mask: Any) -> None:
+        self.backend = backend
+        self.mask = mask
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.backend(q, k, v, self.mask)
+
+
+def bind_attention(
+    name: str, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device, dtype: torch.dtype
+) -> BoundAttention:
+    """Resolve `name` and prepare its mask once, for all layers of one forward."""
+    backend = BACKENDS[resolve_backend(name, device, dtype)]
+    return BoundAttention(backend, backend.prepare(doc_ids, seq_len, device))
+
+
+__all__ = ["BACKENDS", "AttentionBackend", "BoundAttention", "bind_attention", "check_backend", "resolve_backend"]

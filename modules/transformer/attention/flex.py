@@ -1,0 +1,67 @@
+"""FlexAttention with a document BlockMask: skips fully masked blocks, so packed rows cost less.
+
+On CUDA the flex call and the block-mask construction are compiled (uncompiled flex materialises
+the full score matrix). Elsewhere flex runs uncompiled: a slow reference, useful for tests only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+from slimtrain.data.batch import PAD_DOC_ID
+
+_NEEDS = "model.attention='flex' needs torch>=2.5 (found {}); choose attention 'sdpa' or upgrade torch"
+
+
+def check_flex_available() -> None:
+    """Raise a clear error when this torch has no flex attention."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(_NEEDS.format(torch.__version__)) from err
+
+
+@functools.cache
+def _kernels(compiled: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if not compiled:
+        return flex_attention, create_block_mask
+    return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask)
+
+
+def _causal(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    return kv_idx <= q_idx
+
+
+def _document_mask_mod(doc_ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+    # Same rule as slimtrain.data.masks.document_causal_mask: causal within a document, and a
+    # padding position (doc id -1) attends only to itself so that no row is empty.
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        q_doc = doc_ids[b, q_idx]
+        same_doc = q_doc == doc_ids[b, kv_idx]
+        real_or_self = (q_doc != PAD_DOC_ID) | (q_idx == kv_idx)
+        return same_doc & (kv_idx <= q_idx) & real_or_self
+
+    return mask_mod
+
+
+class FlexAttention:
+    """flex_attention with a BlockMask built once per forward from `doc_ids`."""
+
+    name = "flex"
+
+    def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> Any:
+        _, create_block_mask = _kernels(device.type == "cuda")
+        if doc_ids is None:
+            return create_block_mask(_causal, None, None, seq_len, seq_len, device=device)
+        return create_block_mask(_document_mask_mod(doc_ids), doc_ids.shape[0], None, seq_len, seq_len, device=device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        flex_attention, _ = _kernels(q.device.type == "cuda")
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)

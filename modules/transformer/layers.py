@@ -1,0 +1,83 @@
+"""The decoder's building blocks: RMSNorm, grouped-query attention, SwiGLU MLP, the pre-norm block.
+
+Every projection is a plain `nn.Linear` without bias, reachable by module path
+(`layers.{i}.attn.q_proj`, `layers.{i}.mlp.down_proj`, ...), so plugins and parallel backends can
+swap them after the model is built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import BoundAttention
+from .config import ModelConfig
+from .rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32, then back to the input dtype before the scale: the order HF Llama
+        # uses, so that bf16 outputs match a checkpoint loaded there.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; the kernel is the `attend` bound for this forward."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.dim_per_head
+        q_width, kv_width = cfg.num_heads * self.head_dim, cfg.kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
+        self.o_proj = nn.Linear(q_width, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> torch.Tensor:
+        b, s, _ = x.shape
+        # Head counts come from the projections' widths (-1), not the config, so that a
+        # tensor-parallel backend that shards the projections needs no change here.
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return self.o_proj(out.reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attn_norm(x))

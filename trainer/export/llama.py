@@ -1,0 +1,136 @@
+"""The dense decoder as Hugging Face `LlamaForCausalLM`: parameter names and config.
+
+Our RoPE uses the same "rotate half" layout as HF Llama, so weights map by name only, with no
+permutation of q/k rows. With tied embeddings HF stores only `model.embed_tokens.weight`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from slimtrain.modules.transformer.config import ModelConfig
+
+from .adapters import Adapter, StateDict, register_adapter
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+HF_ARCHITECTURE = "LlamaForCausalLM"
+
+_GLOBAL_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+# Per decoder layer: our suffix after "layers.{i}." -> HF suffix after "model.layers.{i}.".
+_LAYER_NAMES = {
+    "input_norm.weight": "input_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "post_attn_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+
+
+def name_map(cfg: ModelConfig) -> dict[str, str]:
+    """Every parameter name of our dense model -> its HF Llama name."""
+    names = dict(_GLOBAL_NAMES)
+    for i in range(cfg.num_layers):
+        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{hf}" for ours, hf in _LAYER_NAMES.items()})
+    return names
+
+
+def _check_names(given: set[str], expected: set[str], optional: set[str], side: str) -> None:
+    missing = sorted(expected - given - optional)
+    unexpected = sorted(given - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"the {side} state dict does not match a Llama model with this config: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; "
+            "parameters a plugin adds must be exported by that plugin's adapter"
+        )
+
+
+def to_hf(state: StateDict, cfg: ModelConfig) -> StateDict:
+    """Our state dict -> `LlamaForCausalLM` names. Tensors are shared, not copied."""
+    names = name_map(cfg)
+    tied = cfg.tie_embeddings
+    _check_names(set(state), set(names), {"lm_head.weight"} if tied else set(), "slimtrain")
+    if tied and "lm_head.weight" in state:
+        head, embed = state["lm_head.weight"], state["embed.weight"]
+        if head.data_ptr() != embed.data_ptr() and not torch.equal(head, embed):
+            raise ValueError(
+                "model.tie_embeddings=true but lm_head.weight differs from embed.weight; the weights were "
+                "untied (e.g. by to_empty) - call model.tie_weights() or set tie_embeddings=false"
+            )
+    return {names[k]: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
+
+
+def from_hf(hf_state: StateDict, cfg: ModelConfig) -> StateDict:
+    """`LlamaForCausalLM` state dict -> our names; the inverse of `to_hf`."""
+    to_ours = {hf: ours for ours, hf in name_map(cfg).items()}
+    # HF's own state_dict() lists lm_head.weight even when tied; files written by save_pretrained don't.
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    _check_names(set(hf_state), set(to_ours), optional, "Hugging Face")
+    state = {to_ours[k]: v for k, v in hf_state.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    return state
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, object]:
+    import transformers
+    from packaging.version import Version
+
+    # transformers renamed `torch_dtype` to `dtype` in 4.56; the old name is deprecated since.
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: str(dtype).removeprefix("torch.")}
+
+
+def hf_config(
+    cfg: ModelConfig,
+    *,
+    bos_id: int | None,
+    eos_id: int | list[int] | None,
+    pad_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> "LlamaConfig":
+    """The `LlamaConfig` of our model; `dtype` is the dtype the weights are saved in."""
+    from transformers import LlamaConfig
+
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size is None; resolve it from the tokenizer before exporting")
+    return LlamaConfig(
+        architectures=[HF_ARCHITECTURE],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.dim_per_head,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        initializer_range=cfg.init_std,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,  # transformers 5 folds it into rope_parameters
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        **_dtype_kwarg(dtype),
+    )
+
+
+LLAMA = register_adapter(
+    "llama", Adapter(hf_architecture=HF_ARCHITECTURE, to_hf=to_hf, from_hf=from_hf, hf_config=hf_config)
+)
