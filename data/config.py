@@ -1,0 +1,185 @@
+"""The `data:` block of a recipe: sources, tokenizer, shards and packing (pydantic v2, extra="forbid").
+
+Every field carries a description: it is the recipe reference (docs/data.md is generated from the same
+text by hand). Errors raised here name the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Share of this source in the training token stream, relative to the other sources' weights "
+        "(e.g. 0.7 and 0.3). Leave unset on every source to use each document exactly once per epoch "
+        "(natural proportions); set it on every source or on none.",
+    )
+    max_documents: int | None = Field(
+        None, ge=1, description="Use only the first N non-empty documents of this source (quick runs, tests)."
+    )
+
+
+class PythonStdlibSource(_Source):
+    """Every `.py` file of the running interpreter's standard library, one document per file."""
+
+    type: Literal["python-stdlib"] = Field(description="Built-in corpus: the Python standard library sources.")
+
+
+class FilesSource(_Source):
+    """Local files read with Hugging Face `datasets` (jsonl, parquet, text, arrow)."""
+
+    type: Literal["files"] = Field(description="Local files read with Hugging Face `datasets`.")
+    paths: list[str] = Field(
+        min_length=1,
+        description="Files or glob patterns (`data/*.jsonl`, `corpus/**/*.parquet`); relative paths are taken "
+        "from the working directory. Matched files are read in sorted order.",
+    )
+    format: Literal["auto", "jsonl", "parquet", "text", "arrow"] = Field(
+        "auto",
+        description="File format; `auto` picks it from the extension (.jsonl/.json, .parquet, .txt, .arrow). "
+        "`text` makes every line a document.",
+    )
+    text_field: str = Field("text", description="Column (jsonl key) holding the document text.")
+
+
+class HubSource(_Source):
+    """A Hugging Face Hub dataset (needs network access at prepare time)."""
+
+    type: Literal["hub"] = Field(description="A dataset from the Hugging Face Hub.")
+    name: str = Field(description="Hub dataset name, e.g. `HuggingFaceFW/fineweb-edu`.")
+    subset: str | None = Field(None, description="Dataset configuration (subset) name, if the dataset has several.")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(
+        None, description="Git revision (branch, tag or commit) to pin; recommended for reproducible shards."
+    )
+    streaming: bool = Field(
+        True, description="Stream the dataset instead of downloading it whole first (use for large datasets)."
+    )
+    text_field: str = Field("text", description="Column holding the document text.")
+
+
+SourceConfig = Annotated[Union[PythonStdlibSource, FilesSource, HubSource], Field(discriminator="type")]
+
+
+class TrainTokenizerConfig(BaseModel):
+    """Train a byte-level BPE on the recipe's sources when it is not in the cache yet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(
+        ge=260, le=1 << 22, description="Vocabulary size including the 3 special tokens (eos, bos, pad)."
+    )
+    max_train_bytes: int = Field(
+        200_000_000,
+        ge=1,
+        description="Train on at most this many bytes of text, taken from the sources in order "
+        "(BPE statistics saturate long before a large corpus is exhausted).",
+    )
+    min_frequency: int = Field(2, ge=1, description="A pair must occur at least this often to be merged.")
+
+
+class TokenizerConfig(BaseModel):
+    """Which tokenizer turns text into token ids: a local one (`path`) or one trained here (`train`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path | None = Field(
+        None,
+        description="A local Hugging Face tokenizer: a `tokenizer.json` file or a directory that "
+        "`transformers.AutoTokenizer.from_pretrained` loads.",
+    )
+    train: TrainTokenizerConfig | None = Field(
+        None, description="Train a byte-level BPE on the sources instead (cached under `cache_dir`)."
+    )
+    add_bos: bool = Field(False, description="Start every document with the BOS token (every document ends with EOS).")
+    eos_token: str | None = Field(
+        None,
+        description="EOS token string, for a bare tokenizer.json that does not declare one "
+        "(e.g. `<|endoftext|>` or `</s>`).",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "TokenizerConfig":
+        if (self.path is None) == (self.train is None):
+            raise ValueError(
+                "data.tokenizer: set exactly one of `path` (a local tokenizer.json or directory) or "
+                "`train: {vocab_size: N}` (train a byte-level BPE on the sources)"
+            )
+        return self
+
+
+class DataConfig(BaseModel):
+    """Sources, tokenizer, token shards and packing: the `data:` block of a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SourceConfig] = Field(
+        min_length=1, description="Document sources, each chosen by `type:` (python-stdlib, files, hub)."
+    )
+    tokenizer: TokenizerConfig = Field(description="The tokenizer: a local path, or `train:` a byte-level BPE.")
+    seq_len: int = Field(ge=2, description="Tokens per packed row (the model's training context length).")
+    packer: Literal["concat", "bfd", "pad"] = Field(
+        "bfd",
+        description="How documents become rows: `bfd` best-fit decreasing (cuts only documents longer than "
+        "seq_len), `concat` concatenate-and-chunk (the common baseline), `pad` one document per row.",
+    )
+    cache_dir: Path = Field(
+        Path(".cache/slimtrain/data"),
+        description="Where token shards and trained tokenizers go. Each source gets a sub-directory named "
+        "after its content fingerprint, so recipes that share a source share its shards.",
+    )
+    val_fraction: float = Field(
+        0.005,
+        ge=0.0,
+        lt=0.5,
+        description="Fraction of documents held out for validation, chosen by a hash of the document text "
+        "(stable across runs, machines and worker counts).",
+    )
+    num_workers: int | None = Field(
+        None, ge=1, description="Tokenizer worker processes for prepare; unset = number of CPU cores, at most 8."
+    )
+    shard_size_mb: float = Field(
+        16.0, gt=0, description="Megabytes of UTF-8 text tokenized into one shard (the unit of parallel work)."
+    )
+    token_dtype: Literal["auto", "uint16", "uint32"] = Field(
+        "auto", description="On-disk token dtype; `auto` = uint16 when the vocabulary fits in 65536 ids, else uint32."
+    )
+    mask_cross_doc_labels: bool = Field(
+        True,
+        description="Ignore (-100) the label that would predict the first token of the next document from the "
+        "last token (EOS) of the previous one in a packed row.",
+    )
+    pack_buffer_docs: int = Field(
+        1_000_000,
+        ge=1,
+        description="Documents packed together per packing buffer; larger buffers pack tighter (bfd).",
+    )
+    verify_checksums: bool = Field(
+        True,
+        description="Check every shard's sha256 against the manifest when data is opened (reads all shards "
+        "once); sizes are always checked. Turn off for very large corpora once verified.",
+    )
+
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> "DataConfig":
+        given = [s.weight is not None for s in self.sources]
+        if any(given) and not all(given):
+            missing = [i for i, g in enumerate(given) if not g]
+            raise ValueError(
+                f"data.sources: weight is set on some sources but not on sources {missing}; set `weight` on every "
+                "source (relative shares) or on none (each document once per epoch)"
+            )
+        return self
+
+    def resolved_num_workers(self) -> int:
+        """`num_workers`, or the CPU count capped at 8 when unset."""
+        return self.num_workers or max(1, min(8, os.cpu_count() or 1))
