@@ -1,0 +1,63 @@
+"""Checkpoint directory protocol with a fake single-rank backend: atomic completion, fallback, retention."""
+
+from pathlib import Path
+
+import pytest
+
+from slimtrain.trainer.checkpoint import find_resumable, save_checkpoint, verify_checkpoint
+
+
+class FakeBackend:
+    rank, world_size = 0, 1
+
+    def __init__(self, payload: bytes = b"weights" * 100) -> None:
+        self.payload = payload
+
+    def barrier(self) -> None:
+        pass
+
+    def save(self, directory: Path) -> None:
+        (directory / "ds").mkdir(parents=True, exist_ok=True)
+        (directory / "ds" / "model.pt").write_bytes(self.payload)
+
+
+def _save(root: Path, step: int, keep: int = 3) -> Path:
+    return save_checkpoint(root, step, FakeBackend(), {"step": step}, "run: {}\n", keep)
+
+
+def test_save_writes_manifest_and_latest(tmp_path: Path) -> None:
+    path = _save(tmp_path, 10)
+    assert path.name == "step_00000010" and verify_checkpoint(path) is None
+    assert (tmp_path / "latest").read_text().strip() == "step_00000010"
+    assert not list(tmp_path.glob("*.tmp"))
+    assert find_resumable(tmp_path) == path
+
+
+def test_truncated_latest_falls_back_to_previous(tmp_path: Path) -> None:
+    _save(tmp_path, 10)
+    newest = _save(tmp_path, 20)
+    with open(newest / "ds" / "model.pt", "r+b") as f:
+        f.truncate(10)
+    with pytest.warns(UserWarning, match="truncated or corrupted"):
+        assert find_resumable(tmp_path).name == "step_00000010"
+
+
+def test_interrupted_save_is_never_resumed(tmp_path: Path) -> None:
+    _save(tmp_path, 10)
+    partial = tmp_path / "step_00000020.tmp"
+    (partial / "ds").mkdir(parents=True)
+    (partial / "ds" / "model.pt").write_bytes(b"half")
+    assert find_resumable(tmp_path).name == "step_00000010"
+
+
+def test_retention_keeps_the_newest(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40):
+        _save(tmp_path, step, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000030", "step_00000040"]
+
+
+def test_missing_manifest_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "step_00000005").mkdir()
+    assert "no manifest" in verify_checkpoint(tmp_path / "step_00000005")
+    with pytest.warns(UserWarning):
+        assert find_resumable(tmp_path) is None

@@ -1,0 +1,57 @@
+"""The Backend protocol: what the loop needs from a distributed engine, and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from slimtrain.data.batch import Batch
+
+# (model, batch, label_norm) -> (loss to backpropagate, sum of the token losses as a float tensor,
+# named extra terms for logging). label_norm turns sums into the mean over the global step.
+LossFn = Callable[[nn.Module, Batch, float], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced, reduced over all ranks."""
+
+    loss: float
+    """Mean token loss over the global batch."""
+    tokens: int
+    """Real tokens processed over all ranks."""
+    grad_norm: float | None
+    """Global gradient norm before clipping (None when the engine does not report it)."""
+    lr: float
+    """Learning rate used for this step."""
+    applied: bool
+    """False when the step was skipped (non-finite loss or gradients)."""
+    extras: dict[str, float]
+    """Named loss terms (e.g. plugin losses), averaged over the step."""
+
+
+class Backend(Protocol):
+    """A distributed engine. Parameter names in `full_state_dict` are the model's own, backend-free."""
+
+    rank: int
+    world_size: int
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None: ...
+
+    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepResult: ...
+
+    def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int]: ...
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]: ...
+
+    def barrier(self) -> None: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...

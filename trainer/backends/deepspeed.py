@@ -1,0 +1,145 @@
+"""DeepSpeed backend: ZeRO 0-3, bf16/fp32, gradient accumulation and clipping, CPU (gloo) or GPU (NCCL)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slimtrain.data.batch import Batch
+from slimtrain.trainer.backends.base import LossFn, StepResult
+from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from slimtrain.trainer.recipe import deep_merge
+from slimtrain.trainer.registry import BACKENDS
+
+DS_TAG = "ds"  # sub-directory of a checkpoint step directory that holds DeepSpeed's files
+
+
+def ds_config(cfg: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, world_size: int) -> dict[str, Any]:
+    """The ds_config generated from the recipe; `backend.raw` is merged over it last."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    conf = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum(world_size),
+        "gradient_clipping": optim.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # we print our own progress
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(conf, cfg.raw)
+
+
+@BACKENDS.register("deepspeed")
+class DeepSpeedBackend:
+    """Wraps a single-device model into a DeepSpeed engine after it is built (seam 3)."""
+
+    def __init__(self, cfg: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig) -> None:
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.config = ds_config(cfg, train, optim, self.world_size)
+        self.grad_accum = self.config["gradient_accumulation_steps"]
+        self.engine = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches must be moved."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
+        """Create the engine; the model's parameters are partitioned/wrapped from here on."""
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config, dist_init_required=False
+        )
+
+    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepResult:
+        """Forward/backward every micro-batch, then one optimizer step.
+
+        The loss is normalised by the label-token count of the whole global batch, so that the
+        gradient is the same whatever the split into ranks and micro-batches (DeepSpeed divides by
+        world size and accumulation steps; we multiply that back).
+        """
+        if len(micro_batches) != self.grad_accum:
+            raise ValueError(f"expected {self.grad_accum} micro-batches per step, got {len(micro_batches)}")
+        local_labels = sum(b.num_label_tokens for b in micro_batches)
+        local_tokens = sum(b.num_tokens for b in micro_batches)
+        global_labels, global_tokens = self.all_reduce_sum([local_labels, local_tokens])
+        norm = max(global_labels, 1.0) / (self.world_size * self.grad_accum)
+        lr = float(self.engine.get_lr()[0])
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        extras: dict[str, float] = {}
+        self.engine.train()
+        for batch in micro_batches:
+            loss, token_loss_sum, terms = loss_fn(self.engine, batch.to(self.device), norm)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += token_loss_sum.detach().double().cpu()
+            for name, value in terms.items():
+                extras[name] = extras.get(name, 0.0) + float(value) / len(micro_batches)
+        total, *extra_vals = self.all_reduce_sum([float(loss_sum)] + list(extras.values()))
+        extras = {k: v / self.world_size for k, v in zip(extras, extra_vals)}
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        return StepResult(
+            loss=total / max(global_labels, 1.0),
+            tokens=int(global_tokens),
+            grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else float("nan"),
+            lr=lr,
+            applied=bool(self.engine.was_step_applied()),
+            extras=extras,
+        )
+
+    @torch.no_grad()
+    def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int]:
+        """(sum of token losses, label tokens) of one micro-batch on this rank."""
+        self.engine.eval()
+        _, token_loss_sum, _ = loss_fn(self.engine, batch.to(self.device), 1.0)
+        return float(token_loss_sum), batch.num_label_tokens
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks, in float64 so token counts stay exact."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if torch.cuda.is_available() and dist.get_backend() == "nccl":
+            t = t.to(self.device)
+        dist.all_reduce(t)
+        return t.cpu().tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def save(self, directory: Path) -> None:
+        """Every rank writes its shard of engine, optimizer and scheduler state under directory/ds."""
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote (same world size and ZeRO stage)."""
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {directory / DS_TAG}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """All parameters, full size, fp32, on CPU, with the model's own names (rank 0 gets them all)."""
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            params = list(module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

@@ -1,0 +1,173 @@
+"""`slimtrain` command line: train | validate | data | launch | export | quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from slimtrain.trainer.errors import SlimtrainError
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _ds_env() -> None:
+    # DeepSpeed picks its accelerator at import time; on a machine without CUDA it must be told "cpu".
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from slimtrain.trainer.config import load_recipe
+    from slimtrain.trainer.recipe import dump_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.world_size:
+        gas = recipe.check_world(args.world_size)
+        print(f"# world size {args.world_size}: {gas} micro-batches per rank per step", file=sys.stderr)
+    print(dump_recipe(recipe), end="")
+    print(f"ok: {args.recipe} is a valid recipe", file=sys.stderr)
+    return 0
+
+
+def _under_launcher() -> bool:
+    from slimtrain.trainer.distributed import resolve_dist_env
+
+    return resolve_dist_env().source != "single"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from slimtrain.trainer.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not _under_launcher():
+        nproc = args.nproc or recipe.run.local_procs
+        recipe.check_world(nproc)  # fail before any process starts
+        if nproc > 1:
+            from slimtrain.data import prepare
+
+            prepare(recipe.data, progress=True)  # once, before the ranks start
+            return _spawn_local(nproc, args)
+    return train_worker(recipe)
+
+
+def train_worker(recipe) -> int:
+    """One rank: initialise torch.distributed, build the parts, run the loop."""
+    _ds_env()
+    from slimtrain.trainer.distributed import init_distributed
+    from slimtrain.trainer.loop import Trainer
+    from slimtrain.trainer.recipe import dump_recipe
+    from slimtrain.trainer.run import build_parts, set_cpu_threads, write_run_files
+
+    import torch
+
+    backend = recipe.backend.dist_backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    env = init_distributed(backend)
+    set_cpu_threads(env.local_world_size)
+    if env.rank == 0:
+        write_run_files(recipe, dump_recipe(recipe))
+    Trainer(recipe, build_parts(recipe)).run()
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _spawn_local(nproc: int, args: argparse.Namespace) -> int:
+    """Start `nproc` ranks on this machine with torchrun; SIGTERM/SIGUSR1 are forwarded to them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "slimtrain.trainer.cli", "train", args.recipe, *args.overrides]
+    env = dict(os.environ, SLIMTRAIN_LOCAL_LAUNCH="1")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum: int, _frame) -> None:
+        # torchrun itself dies on SIGUSR1; deliver the signal straight to the worker processes.
+        _signal_tree(proc.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, forward)
+    return proc.wait()
+
+
+def _signal_tree(pid: int, signum: int) -> None:
+    """Send `signum` to the worker processes (children of the torchrun agent), or the agent itself."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    for kid in kids or [str(pid)]:
+        try:
+            os.kill(int(kid), signum)
+        except ProcessLookupError:
+            pass
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from slimtrain.trainer.quickstart import run_quickstart
+
+    return run_quickstart(REPO_RECIPES / "quickstart.yaml", args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimtrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe (resumes from the run's latest checkpoint)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=20")
+    p.add_argument("--nproc", type=int, default=None, help="local processes (default: run.local_procs)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="validate a recipe and print it resolved")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--world-size", type=int, default=None, help="also check the batch geometry for N ranks")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("quickstart", help="train the quickstart recipe on the Python standard library")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_quickstart)
+
+    _add_plugin_commands(sub)
+    return parser
+
+
+def _load_data_config(path: str, overrides: list[str]):
+    from slimtrain.trainer.config import load_recipe
+
+    return load_recipe(path, overrides).data
+
+
+def _add_plugin_commands(sub) -> None:
+    from slimtrain.data.cli import add_commands as add_data
+
+    data = sub.add_parser("data", help="tokenizer training and token-shard preparation")
+    add_data(data.add_subparsers(dest="data_command", required=True), _load_data_config)
+    launch = sub.add_parser("launch", help="submit a recipe to a cluster scheduler")
+    from slimtrain.trainer.launch.slurm import add_commands as add_launch
+
+    add_launch(launch.add_subparsers(dest="launch_command", required=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SlimtrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # the data package's errors are ValueErrors with a user-facing message
+        if type(exc).__module__.startswith("slimtrain"):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

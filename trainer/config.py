@@ -1,0 +1,187 @@
+"""The recipe schema: every block of a recipe YAML, validated strictly (unknown keys are errors).
+
+Loading, `extends:` and command-line overrides live in `recipe.py`; this file only says what a valid
+recipe is. Field descriptions are the recipe reference (`slimtrain validate --explain` prints them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from slimtrain.data.config import DataConfig
+from slimtrain.modules.transformer.config import ModelConfig
+
+from slimtrain.trainer.errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    """Where the run writes and how it is seeded."""
+
+    name: str = Field("run", description="Run name, used in output paths and wandb.")
+    output_dir: str = Field("runs/{name}", description="Run directory; '{name}' is replaced by run.name.")
+    seed: int = Field(0, ge=0, description="Seed for model init, data order and dropout-free RNG streams.")
+    local_procs: int = Field(
+        1, ge=1, description="Processes to start on this machine when `slimtrain train` is not already "
+        "under torchrun or SLURM (e.g. 2 gloo ranks on a laptop CPU)."
+    )
+
+    @property
+    def resolved_output_dir(self) -> str:
+        """output_dir with '{name}' filled in."""
+        return self.output_dir.replace("{name}", self.name)
+
+
+class TrainConfig(_Strict):
+    """Length of the run and batch geometry."""
+
+    steps: int = Field(100, gt=0, description="Optimizer steps to train for.")
+    global_batch_size: int = Field(8, gt=0, description="Rows (packed sequences) per optimizer step, over all ranks.")
+    micro_batch_size: int = Field(2, gt=0, description="Rows per forward/backward on one rank.")
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="Consecutive NaN/Inf-loss steps (each skipped and counted) after which the run stops."
+    )
+    stop_after_minutes: float | None = Field(
+        None, gt=0, description="Save a checkpoint and stop cleanly once this much wall time has passed."
+    )
+    log_every: int = Field(1, gt=0, description="Write a metrics line every this many steps.")
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per rank per step; raises RecipeError when the geometry does not divide."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            valid = [g for g in range(per_step, 4 * per_step + 1, per_step)]
+            raise RecipeError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size ({self.micro_batch_size}) x world size ({world_size}) = {per_step}; "
+                f"use a multiple of {per_step}, e.g. {valid}"
+            )
+        return self.global_batch_size // per_step
+
+
+class ScheduleConfig(_Strict):
+    """Learning-rate schedule: linear warmup, then the chosen shape."""
+
+    type: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="cosine: decay to min_lr_ratio; wsd: warmup-stable-decay (linear decay over the "
+        "last decay_fraction of steps); constant: flat after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to optim.lr.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of optim.lr (cosine, wsd).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd only: fraction of the run spent decaying.")
+
+
+class OptimConfig(_Strict):
+    """AdamW; norms, biases and embeddings get no weight decay."""
+
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay on matrices (not norms/biases/embeddings).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null disables.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
+
+
+class DeepSpeedConfig(_Strict):
+    """The DeepSpeed engine (CPU with gloo, GPUs with NCCL)."""
+
+    type: Literal["deepspeed"] = Field("deepspeed", description="Backend name.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters.")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Training precision (master weights stay fp32).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO 1-3).")
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
+    raw: dict[str, Any] = Field(
+        default_factory=dict, description="Deep-merged into the generated ds_config last (for experts; "
+        "keys the recipe already controls are refused)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeepSpeedConfig":
+        owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16"}
+        clash = sorted(owned & set(self.raw))
+        if clash:
+            raise ValueError(f"backend.raw sets {clash}, which the recipe controls; set train.*/optim.* instead")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("backend.offload_optimizer=true needs backend.zero_stage >= 1")
+        return self
+
+
+class CheckpointConfig(_Strict):
+    """Checkpoints: a directory per step, `latest` written atomically after every rank finished."""
+
+    every: int = Field(100, gt=0, description="Save every this many steps (and at the end, and on SIGTERM/SIGUSR1).")
+    keep: int = Field(3, ge=1, description="Keep the newest this many complete checkpoints.")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: resume from the newest complete checkpoint in the run directory if any."
+    )
+
+
+class EvalConfig(_Strict):
+    """Periodic evaluation on the held-out split."""
+
+    every: int = Field(0, ge=0, description="Evaluate every this many steps; 0 only at the end.")
+    batches: int = Field(4, gt=0, description="Micro-batches per rank per evaluation.")
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases logging."""
+
+    enabled: bool = Field(False, description="Log to wandb.")
+    project: str = Field("slimtrain", description="wandb project.")
+    mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="auto: online when WANDB_API_KEY is set, offline otherwise."
+    )
+
+
+class LoggingConfig(_Strict):
+    """Console progress, metrics file, plots and wandb."""
+
+    progress: bool = Field(True, description="Show a progress bar with loss, lr, tokens/s, MFU and ETA (rank 0).")
+    plot: bool = Field(True, description="Write loss_curve.png into the run directory at the end.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="wandb settings.")
+
+
+class Recipe(_Strict):
+    """A whole run. Every block has defaults except data sources, which a recipe must name."""
+
+    extends: str | None = Field(None, description="A recipe this one is merged over (path relative to this file).")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name, directory, seed.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The decoder.")
+    data: DataConfig = Field(description="Sources, tokenizer, packing.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Steps and batch geometry.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
+    backend: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="Distributed engine.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                "raise model.max_seq_len or lower data.seq_len"
+            )
+        if self.train.micro_batch_size > self.train.global_batch_size:
+            raise ValueError(
+                f"train.micro_batch_size={self.train.micro_batch_size} exceeds "
+                f"train.global_batch_size={self.train.global_batch_size}"
+            )
+        return self
+
+    def check_world(self, world_size: int) -> int:
+        """Validate what depends on the number of ranks; returns gradient-accumulation steps."""
+        return self.train.grad_accum(world_size)
+
+
+def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load and validate a recipe file (see `slimtrain.trainer.recipe.load_recipe`)."""
+    from slimtrain.trainer.recipe import load_recipe as _load
+
+    return _load(path, overrides)

@@ -1,0 +1,208 @@
+"""The training loop: backend-agnostic, plugin-agnostic. One instance per rank."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimtrain.trainer import signals
+from slimtrain.trainer.backends import Backend, StepResult
+from slimtrain.trainer.checkpoint import find_resumable, load_checkpoint, save_checkpoint
+from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.errors import TrainingStopped
+from slimtrain.trainer.faults import fault_active, maybe_fault
+from slimtrain.trainer.logging import MetricsLog, ProgressBar, Throughput, Wandb, console, plot_losses
+from slimtrain.trainer.losses import lm_loss
+from slimtrain.trainer.recipe import dump_recipe
+from slimtrain.trainer.run import RunParts
+
+
+@dataclass
+class LoopState:
+    """What the loop carries between steps and into `trainer_state.json`."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    elapsed_s: float = 0.0
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs `recipe` with the already built parts (model, backend, loaders) of this rank."""
+
+    def __init__(self, recipe: Recipe, parts: RunParts) -> None:
+        self.recipe = recipe
+        self.parts = parts
+        self.backend: Backend = parts.backend
+        self.is_main = self.backend.rank == 0
+        self.run_dir = Path(recipe.run.resolved_output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.metrics = MetricsLog(self.run_dir, enabled=self.is_main)
+        self.state = LoopState()
+        self.recipe_yaml = dump_recipe(recipe)
+
+    def run(self) -> LoopState:
+        """Train to `train.steps` (or until stopped by a signal or the time limit); returns the final state."""
+        signals.install()
+        self._maybe_resume()
+        cfg = self.recipe.train
+        wandb = Wandb(self.recipe, self.run_dir, enabled=self.is_main)
+        bar = ProgressBar(cfg.steps, self.state.step, enabled=self.is_main and self.recipe.logging.progress)
+        tput = Throughput(self.parts.model_cfg.flops_per_token(self.recipe.data.seq_len))
+        started = time.monotonic() - self.state.elapsed_s
+        batches = iter(self.parts.train_loader)
+        stop_reason = ""
+        try:
+            while self.state.step < cfg.steps:
+                micro = [next(batches) for _ in range(self.parts.grad_accum)]
+                result = self.backend.train_step(micro, self._loss_fn(self.state.step + 1))
+                self.state.elapsed_s = time.monotonic() - started
+                self._account(result)
+                tput.add(result.tokens)
+                self._log_step(result, tput, bar, wandb)
+                stop_reason = self._stop_reason()
+                if self._eval_due():
+                    self._evaluate(wandb)
+                if stop_reason or self.state.step % self.recipe.checkpoint.every == 0:
+                    self._save()
+                    maybe_fault("hang_after_save", self.state.step, self.backend.rank)
+                if stop_reason:
+                    break
+            if not stop_reason:
+                self._finish(wandb)
+        finally:
+            bar.close()
+            wandb.close()
+        if stop_reason:
+            self._after_stop(stop_reason)
+        return self.state
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _loss_fn(self, step: int):
+        if not fault_active("nan_loss", step):
+            return lm_loss
+
+        def poisoned(model, batch, norm):  # test hook: a step whose loss is NaN on every rank
+            loss, total, terms = lm_loss(model, batch, norm)
+            return loss * float("nan"), total * float("nan"), terms
+
+        return poisoned
+
+    def _account(self, result: StepResult) -> None:
+        self.state.step += 1
+        self.state.tokens_seen += result.tokens
+        finite = math.isfinite(result.loss)
+        if finite and result.applied:
+            self.state.nonfinite_in_a_row = 0
+            return
+        self.state.skipped_steps += 1
+        self.state.nonfinite_in_a_row += 1
+        limit = self.recipe.train.max_nonfinite_steps
+        if self.state.nonfinite_in_a_row >= limit:
+            raise TrainingStopped(
+                f"{limit} steps in a row had a non-finite loss or gradient (last at step {self.state.step}); "
+                f"stopped. Resume from {self.ckpt_root} with a lower optim.lr, a longer "
+                "optim.schedule.warmup_steps or optim.grad_clip set, or raise train.max_nonfinite_steps."
+            )
+
+    def _log_step(self, result: StepResult, tput: Throughput, bar: ProgressBar, wandb: Wandb) -> None:
+        mfu = tput.mfu(self.backend.world_size)
+        tps = tput.tokens_per_s()
+        shown = f"loss {result.loss:.4f}  lr {result.lr:.2e}  {tps:,.0f} tok/s" + (f"  MFU {mfu:.1%}" if mfu else "")
+        bar.update(self.state.step, shown)
+        if self.state.step % self.recipe.train.log_every and self.state.step != self.recipe.train.steps:
+            return
+        record: dict[str, Any] = {
+            "step": self.state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "tokens": self.state.tokens_seen, "tokens_per_s": tps, "skipped": not result.applied,
+            "time_s": round(self.state.elapsed_s, 3), **result.extras,
+        }
+        if mfu is not None:
+            record["mfu"] = mfu
+        self.metrics.write(record)
+        wandb.log(record)
+
+    def _stop_reason(self) -> str:
+        """Agreed over ranks: 'preempted' (SIGUSR1), 'terminated' (SIGTERM), 'time', or '' to go on."""
+        sig = signals.pending()
+        limit = self.recipe.train.stop_after_minutes
+        over = limit is not None and self.state.elapsed_s >= limit * 60
+        usr1, term, late = self.backend.all_reduce_sum(
+            [float(sig == signal.SIGUSR1), float(sig == signal.SIGTERM), float(over)]
+        )
+        return "preempted" if usr1 else "terminated" if term else "time" if late else ""
+
+    def _eval_due(self) -> bool:
+        every = self.recipe.eval.every
+        return bool(every) and self.state.step % every == 0 and self.state.step != self.recipe.train.steps
+
+    # -- eval, save, resume ------------------------------------------------------------------------
+
+    def _evaluate(self, wandb: Wandb) -> dict[str, float]:
+        loss_sum, tokens = 0.0, 0
+        for i, batch in enumerate(self.parts.make_val_loader()):
+            if i >= self.recipe.eval.batches:
+                break
+            s, n = self.backend.eval_step(batch, lm_loss)
+            loss_sum, tokens = loss_sum + s, tokens + n
+        loss_sum, tokens = self.backend.all_reduce_sum([loss_sum, float(tokens)])
+        loss = loss_sum / max(tokens, 1.0)
+        self.state.last_eval = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+        record = {"step": self.state.step, **self.state.last_eval}
+        self.metrics.write(record)
+        wandb.log(record)
+        if self.is_main:
+            console.print(f"[cyan]eval[/] step {self.state.step}: loss {loss:.4f}  ppl {record['eval_ppl']:.2f}")
+        return self.state.last_eval
+
+    def _save(self) -> Path:
+        state = {
+            "step": self.state.step, "tokens_seen": self.state.tokens_seen,
+            "skipped_steps": self.state.skipped_steps, "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
+            "elapsed_s": self.state.elapsed_s, "last_eval": self.state.last_eval,
+            "world_size": self.backend.world_size, "loader": self.parts.train_loader.state_dict(),
+        }
+        path = save_checkpoint(self.ckpt_root, self.state.step, self.backend, state, self.recipe_yaml,
+                               self.recipe.checkpoint.keep)
+        return path
+
+    def _maybe_resume(self) -> None:
+        if self.recipe.checkpoint.resume == "never":
+            return
+        path = find_resumable(self.ckpt_root)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.backend)
+        self.parts.train_loader.load_state_dict(state["loader"])
+        self.state = LoopState(
+            step=state["step"], tokens_seen=state["tokens_seen"], skipped_steps=state["skipped_steps"],
+            nonfinite_in_a_row=state["nonfinite_in_a_row"], elapsed_s=state["elapsed_s"],
+            last_eval=state.get("last_eval", {}),
+        )
+        self.metrics.truncate_after(self.state.step)
+        if self.is_main:
+            console.print(f"[green]resumed[/] from {path} at step {self.state.step}")
+
+    def _finish(self, wandb: Wandb) -> None:
+        self._evaluate(wandb)
+        self._save()
+        if self.is_main and self.recipe.logging.plot:
+            plot = plot_losses(self.metrics.read(), self.run_dir / "loss_curve.png")
+            if plot:
+                console.print(f"loss curve: {plot}")
+
+    def _after_stop(self, reason: str) -> None:
+        if self.is_main:
+            console.print(f"[yellow]stopped[/] at step {self.state.step} ({reason}); checkpoint saved, resumable")
+        if reason == "preempted" and self.is_main:
+            from slimtrain.trainer.preemption import requeue_job
+
+            if requeue_job():
+                console.print("requeued the SLURM job; it resumes from the checkpoint just written")

@@ -1,0 +1,78 @@
+"""AdamW parameter groups and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from slimtrain.trainer.config import OptimConfig, ScheduleConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay; norms, biases and embeddings do not.
+
+    Embeddings are excluded by module type (not by name) so that a tied output head, which shares
+    the embedding's tensor, is treated the same way.
+    """
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips the whole step when any gradient is NaN/Inf.
+
+    DeepSpeed's ZeRO optimizers already skip such steps; without ZeRO the client optimizer runs as
+    is, so the guard gives every stage the same semantics. `overflow` is the attribute DeepSpeed's
+    engine reads to count a skipped step and hold the lr schedule back.
+    """
+
+    overflow: bool = False
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the decay/no-decay groups."""
+    return GuardedAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based) of `total`."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.type == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    if cfg.type == "cosine":
+        span = max(1, total - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = max(1, round(total * cfg.decay_fraction))
+    decay_start = total - decay_steps
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+    """A LambdaLR over `lr_factor`; DeepSpeed steps it once per applied optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))

@@ -1,0 +1,47 @@
+"""`slimtrain quickstart`: train the quickstart recipe and show what came out of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from slimtrain.trainer.config import load_recipe
+from slimtrain.trainer.logging import MetricsLog, console
+
+
+def run_quickstart(recipe_path: Path, overrides: list[str]) -> int:
+    """Train (2 CPU ranks by default), then print the loss summary and where the plot is."""
+    from slimtrain.trainer.cli import main
+
+    recipe = load_recipe(recipe_path, overrides)
+    console.rule(f"[bold]slimtrain quickstart[/]: {recipe_path.name}")
+    rc = main(["train", str(recipe_path), *overrides])
+    if rc:
+        return rc
+    run_dir = Path(recipe.run.resolved_output_dir)
+    summarize(run_dir)
+    return 0
+
+
+def summarize(run_dir: Path) -> dict[str, float]:
+    """First/last training loss and final eval loss, as a table; returns the figures."""
+    records = MetricsLog(run_dir, enabled=True).read()
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    figures = {
+        "first_loss": train[0]["loss"],
+        "last_loss": train[-1]["loss"],
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
+        "steps": train[-1]["step"],
+        "tokens": train[-1]["tokens"],
+    }
+    table = Table(title=f"run {run_dir}")
+    for key in ("steps", "tokens", "first_loss", "last_loss", "final_eval_loss"):
+        value = figures[key]
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+    console.print(table)
+    plot = run_dir / "loss_curve.png"
+    if plot.is_file():
+        console.print(f"loss curve: {plot}")
+    return figures

@@ -1,0 +1,100 @@
+"""Assemble one rank's run from a recipe: data, model, optimizer, backend, loaders."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from slimtrain.data.batch import Batch
+from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.trainer.backends import Backend, build_backend
+from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.errors import RecipeError
+from slimtrain.trainer.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class RunParts:
+    """Everything the loop needs, built for this rank."""
+
+    model_cfg: ModelConfig
+    backend: Backend
+    train_loader: Any
+    make_val_loader: Callable[[], Iterable[Batch]]
+    grad_accum: int
+    prepared: Any
+
+
+def resolve_model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
+    """The model config with the vocabulary taken from the tokenizer when the recipe leaves it null."""
+    cfg = recipe.model
+    if cfg.vocab_size is None:
+        return cfg.model_copy(update={"vocab_size": vocab_size})
+    if cfg.vocab_size < vocab_size:
+        raise RecipeError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
+            "set model.vocab_size to null (use the tokenizer's) or to at least the tokenizer size"
+        )
+    return cfg
+
+
+def prepare_data(recipe: Recipe, rank: int, barrier: Callable[[], None]):
+    """Rank 0 tokenizes and writes shards (if missing) while the others wait, then all open them."""
+    from slimtrain.data import prepare
+
+    if rank == 0:
+        prepared = prepare(recipe.data, progress=True)
+        barrier()
+        return prepared
+    barrier()
+    return prepare(recipe.data, progress=False)
+
+
+def build_parts(recipe: Recipe) -> RunParts:
+    """Called on every rank after torch.distributed is initialised."""
+    import torch.distributed as dist
+
+    from slimtrain.data import build_loader
+    from slimtrain.modules.transformer import Transformer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    grad_accum = recipe.check_world(world)
+    prepared = prepare_data(recipe, rank, dist.barrier)
+    model_cfg = resolve_model_config(recipe, prepared.tokenizer.vocab_size)
+    torch.manual_seed(recipe.run.seed)
+    model = Transformer(model_cfg)
+    model.init_weights(seed=recipe.run.seed)
+    optimizer = build_optimizer(model, recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.optim.schedule, recipe.train.steps)
+    backend = build_backend(recipe.backend.type, cfg=recipe.backend, train=recipe.train, optim=recipe.optim)
+    backend.setup(model, optimizer, scheduler)
+    mb = recipe.train.micro_batch_size
+    loader = build_loader(prepared, "train", rank=rank, world_size=world, micro_batch_size=mb,
+                          global_batch_size=recipe.train.global_batch_size, seed=recipe.run.seed)
+
+    def make_val_loader() -> Iterable[Batch]:
+        return build_loader(prepared, "val", rank=rank, world_size=world, micro_batch_size=mb,
+                            global_batch_size=mb * world, seed=recipe.run.seed)
+
+    return RunParts(model_cfg, backend, loader, make_val_loader, grad_accum, prepared)
+
+
+def set_cpu_threads(local_world_size: int) -> None:
+    """Share the machine's cores between the local ranks (torchrun would pin each to 1 thread)."""
+    if torch.cuda.is_available() or "SLIMTRAIN_THREADS" in os.environ and not os.environ["SLIMTRAIN_THREADS"]:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = int(os.environ.get("SLIMTRAIN_THREADS") or max(1, cores // max(local_world_size, 1)))
+    torch.set_num_threads(threads)
+
+
+def write_run_files(recipe: Recipe, recipe_yaml: str) -> Path:
+    """Create the run directory and write the resolved recipe into it."""
+    run_dir = Path(recipe.run.resolved_output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    return run_dir
