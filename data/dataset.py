@@ -1,0 +1,68 @@
+"""`TokenDataset`: the documents of one split (train or val) over the shards of every source.
+
+Only per-document index arrays live in memory (shard, start, length: 20 bytes a document); tokens
+stay in the memory-mapped shard files and are read when a batch is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from slimtrain.data.shards import open_shard
+from slimtrain.data.sources import _digest
+
+Split = Literal["train", "val"]
+
+
+class TokenDataset:
+    """Documents of `split` from prepared sources, grouped by source in source order."""
+
+    def __init__(self, sources: list[tuple[Path, dict]], split: Split) -> None:
+        self.split = split
+        self.shards: list[np.ndarray] = []
+        shard_ids, starts, lengths, bounds = [], [], [], [0]
+        want = 1 if split == "val" else 0
+        for directory, manifest in sources:
+            count = 0
+            for meta in manifest["shards"]:
+                tokens, docs = open_shard(directory, meta)
+                keep = docs[docs[:, 2] == want]
+                shard_ids.append(np.full(len(keep), len(self.shards), dtype=np.int32))
+                starts.append(keep[:, 0])
+                lengths.append(keep[:, 1])
+                self.shards.append(tokens)
+                count += len(keep)
+            bounds.append(bounds[-1] + count)
+        empty = np.zeros(0, dtype=np.int64)
+        self.doc_shard = np.concatenate(shard_ids) if shard_ids else empty.astype(np.int32)
+        self.doc_start = np.concatenate(starts) if starts else empty
+        self.doc_len = np.concatenate(lengths) if lengths else empty
+        self.source_bounds = np.asarray(bounds, dtype=np.int64)
+        checksums = [[m["tokens_file"]["sha256"] for m in manifest["shards"]] for _, manifest in sources]
+        self.fingerprint = _digest([split, checksums])
+
+    def __len__(self) -> int:
+        return len(self.doc_len)
+
+    @property
+    def num_sources(self) -> int:
+        """Number of sources (documents of source i are indices source_bounds[i]:source_bounds[i+1])."""
+        return len(self.source_bounds) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in all documents of the split."""
+        return int(self.doc_len.sum())
+
+    def source_tokens(self) -> np.ndarray:
+        """Tokens per source, int64 [num_sources]."""
+        cum = np.concatenate([[0], np.cumsum(self.doc_len)])
+        return cum[self.source_bounds[1:]] - cum[self.source_bounds[:-1]]
+
+    def document(self, index: int) -> np.ndarray:
+        """The tokens of document `index` (a read-only view into its shard)."""
+        start = int(self.doc_start[index])
+        return self.shards[int(self.doc_shard[index])][start : start + int(self.doc_len[index])]
