@@ -15,6 +15,12 @@ TINY: dict[str, Any] = dict(
 
 
 @pytest.fixture
+def make_config() -> Callable[..., ModelConfig]:
+    """make_config(**overrides) -> the tiny config with `overrides` applied."""
+    return lambda **overrides: ModelConfig(**{**TINY, **overrides})
+
+
+@pytest.fixture
 def make_model() -> Callable[..., Transformer]:
     """make_model(seed=0, **config_overrides) -> a tiny fp32 Transformer in eval mode."""
 

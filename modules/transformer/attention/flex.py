@@ -61,7 +61,11 @@ class FlexAttention:
         return create_block_mask(_document_mask_mod(doc_ids), doc_ids.shape[0], None, seq_len, seq_len, device=device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
-        flex_attention, _ = _kernels(q.device.type == "cuda")
+        compiled = q.device.type == "cuda"
+        flex_attention, _ = _kernels(compiled)
+        # Inductor picks its decoding kernel for queries shorter than 128; that kernel is for
+        # inference, has no backward and fails to lower for small heads. Training wants the main one.
+        options = {"FORCE_USE_FLEX_ATTENTION": True} if compiled else None
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        out = flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
         return out.transpose(1, 2)
