@@ -78,7 +78,8 @@ write_config() {
     cpus=$(nproc)
     # slurmd refuses a node whose configured memory exceeds what it finds; ask for a little.
     mem=1024
-    cat >"$CONF" <<EOF
+    local new=$CONF.new
+    cat >"$new" <<EOF
 # $MARK: written by slurm/local-cluster.sh, rewritten on every \`up\`.
 ClusterName=slimtrain-local
 SlurmctldHost=$host(127.0.0.1)
@@ -89,7 +90,7 @@ AuthType=auth/munge
 CredType=cred/munge
 # A private munged; cred_expire is also how long a requeued job waits before it may start again
 # (120 s by default), kept short so the preemption test does not idle.
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
@@ -104,6 +105,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# Look at the queue every few seconds (default: 60 s), so a requeued job restarts promptly.
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # A node that was down comes back by itself once its slurmd registers.
@@ -112,12 +115,21 @@ JobRequeue=1
 # Seconds between SIGTERM and SIGKILL when a job ends or is requeued.
 KillWait=10
 SlurmdParameters=config_overrides
+# No mail on this machine; slurmctld warns about a missing mail program otherwise.
+MailProg=/bin/true
 EOF
     local i port=$FIRST_SLURMD_PORT
     for i in "${!NODES[@]}"; do
-        echo "NodeName=${NODES[$i]} NodeHostname=$host NodeAddr=127.0.0.1 Port=$((port + i)) CPUs=$cpus RealMemory=$mem State=UNKNOWN" >>"$CONF"
+        echo "NodeName=${NODES[$i]} NodeHostname=$host NodeAddr=127.0.0.1 Port=$((port + i)) CPUs=$cpus RealMemory=$mem State=UNKNOWN" >>"$new"
     done
-    echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4" >>"$CONF"
+    echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4" >>"$new"
+    if cmp -s "$new" "$CONF"; then
+        rm -f "$new"
+    else
+        # Daemons started from an older config would keep it: restart them with this one.
+        stop_slurm
+        mv "$new" "$CONF"
+    fi
 
     mkdir -p "$(dirname "$SYSTEM_CONF")"
     if [[ -e $SYSTEM_CONF || -L $SYSTEM_CONF ]] && ! grep -q "$MARK" "$SYSTEM_CONF" 2>/dev/null; then
@@ -177,6 +189,12 @@ stop_pidfile() {
     rm -f "$pidfile"
 }
 
+stop_slurm() {
+    local node
+    for node in "${NODES[@]}"; do stop_pidfile "$STATE/run/slurmd-$node.pid"; done
+    stop_pidfile "$STATE/run/slurmctld.pid"
+}
+
 cmd_up() {
     install_packages
     map_node_names
@@ -187,14 +205,12 @@ cmd_up() {
 }
 
 cmd_down() {
-    local node
     # Cancel jobs first so slurmd does not leave orphaned job steps behind.
     if pid_alive "$STATE/run/slurmctld.pid"; then
         scancel --full --quiet --state=RUNNING 2>/dev/null || true
         scancel --quiet --state=PENDING 2>/dev/null || true
     fi
-    for node in "${NODES[@]}"; do stop_pidfile "$STATE/run/slurmd-$node.pid"; done
-    stop_pidfile "$STATE/run/slurmctld.pid"
+    stop_slurm
     stop_pidfile "$STATE/run/munged.pid"
     if [[ -L $SYSTEM_CONF ]] && [[ $(readlink "$SYSTEM_CONF") == "$CONF" ]]; then rm -f "$SYSTEM_CONF"; fi
     unmap_node_names

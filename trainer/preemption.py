@@ -8,7 +8,13 @@ The path of a preemption or time-limit warning (see slurm/train.sbatch):
    torchrun's agents run with SIGUSR1 ignored (its default action would kill them and, with them,
    the workers), the trainer processes catch it;
 3. every rank finishes its step and saves; rank 0 then calls :func:`requeue_job` and all exit 0;
-4. SLURM ends the job and queues it again under the same id; the new run finds ``latest`` and resumes.
+4. the job is requeued under the same id; the new run finds ``latest`` and resumes.
+
+Who requeues: ``scontrol requeue`` ends the running job at once (SIGTERM to every process), so called
+from rank 0 it would cut short the other ranks' exit and torchrun's, and fill the log with their
+tracebacks. Our batch script therefore names a request file (``SLIMTRAIN_REQUEUE_REQUEST``):
+:func:`requeue_job` writes it, and the script requeues once the whole step has exited cleanly.
+Without that variable (a job script of one's own) :func:`requeue_job` calls ``scontrol`` itself.
 """
 
 from __future__ import annotations
@@ -18,22 +24,31 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 # How long `scontrol requeue` may take: it only asks the controller, which answers at once or not at all.
 REQUEUE_TIMEOUT_S = 30
 
 
 def requeue_job(environ: Mapping[str, str] = os.environ) -> bool:
-    """Puts the current SLURM job back in the queue; returns whether SLURM accepted.
+    """Asks for the current SLURM job to be queued again; returns whether the request was made.
 
-    Does nothing (returns False) outside a SLURM job or when ``SLIMTRAIN_REQUEUE=0``. SLURM ends the
-    running job right after this call (SIGTERM, then SIGKILL after ``KillWait``), so call it last,
-    once the checkpoint is complete and the logs are flushed. A failure is reported on stderr, not
-    raised: the checkpoint is already safe, and the caller's clean exit should not turn into a crash.
+    Does nothing (returns False) outside a SLURM job or when ``SLIMTRAIN_REQUEUE=0``. Under our batch
+    script it writes ``$SLIMTRAIN_REQUEUE_REQUEST`` (the script requeues after the step); otherwise it
+    runs ``scontrol requeue``, after which SLURM ends the job (SIGTERM, then SIGKILL after ``KillWait``):
+    call it last, once the checkpoint is complete and the logs are flushed. A failure is reported on
+    stderr, not raised: the checkpoint is safe, and a clean exit should not turn into a crash.
     """
     job_id = environ.get("SLURM_JOB_ID")
     if not job_id or environ.get("SLIMTRAIN_REQUEUE", "1") == "0":
         return False
+    request = environ.get("SLIMTRAIN_REQUEUE_REQUEST")
+    if request:
+        try:
+            Path(request).write_text(f"{job_id}\n")
+            return True
+        except OSError as e:
+            print(f"slimtrain: cannot write the requeue request {request} ({e}); asking SLURM directly", file=sys.stderr)
     # An array task's SLURM_JOB_ID is its own id, so this requeues just that task.
     scontrol = shutil.which("scontrol", path=environ.get("PATH"))
     if scontrol is None:

@@ -1,0 +1,158 @@
+"""resolve_dist_env: torchrun, SLURM and single-process environments, and SLURM node lists."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from slimtrain.trainer import distributed
+from slimtrain.trainer.distributed import (
+    DistEnv,
+    DistEnvError,
+    expand_hostlist,
+    export_dist_env,
+    port_for_job,
+    resolve_dist_env,
+)
+
+
+@pytest.fixture
+def no_scontrol(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pure parser must give the answer on machines without SLURM too.
+    monkeypatch.setattr(distributed.shutil, "which", lambda name, *a, **k: None)
+
+
+SLURM_TASK = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "2",
+    "SLURM_JOB_NODELIST": "gpu[07-09,12]",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
+}
+
+
+def test_torchrun_variables_win_over_slurm() -> None:
+    # Under torchrun inside a SLURM step both sets are present; torchrun's describe the worker.
+    env = resolve_dist_env(
+        {**SLURM_TASK, "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+         "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    )
+    assert env == DistEnv(3, 4, 1, 2, "n1", 29500, "torchrun")
+
+
+def test_slurm_task(no_scontrol: None) -> None:
+    env = resolve_dist_env(SLURM_TASK)
+    assert env == DistEnv(5, 8, 1, 2, "gpu07", port_for_job(4242), "slurm")
+
+
+def test_slurm_master_variables_take_precedence(no_scontrol: None) -> None:
+    env = resolve_dist_env({**SLURM_TASK, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
+    assert (env.master_addr, env.master_port) == ("10.0.0.1", 1234)
+
+
+def test_slurm_step_nodelist_is_preferred(no_scontrol: None) -> None:
+    # A step may run on a subset of the allocation; its task 0 is on the step's first node.
+    env = resolve_dist_env({**SLURM_TASK, "SLURM_STEP_NODELIST": "gpu[09,12]"})
+    assert env.master_addr == "gpu09"
+
+
+def test_uneven_tasks_per_node() -> None:
+    env = resolve_dist_env({**SLURM_TASK, "SLURM_NTASKS": "7", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1",
+                            "SLURM_NODEID": "3", "SLURM_PROCID": "6", "SLURM_LOCALID": "0",
+                            "MASTER_ADDR": "x"})
+    assert (env.local_rank, env.local_world_size) == (0, 1)
+
+
+def test_batch_script_is_a_single_process() -> None:
+    # The batch shell sees the allocation's task count but is one process: no step id there.
+    environ = {k: v for k, v in SLURM_TASK.items() if k != "SLURM_STEP_ID"}
+    env = resolve_dist_env(environ)
+    assert (env.source, env.rank, env.world_size, env.master_port) == ("single", 0, 1, None)
+
+
+def test_nothing_set_is_single() -> None:
+    assert resolve_dist_env({}) == DistEnv(0, 1, 0, 1, "127.0.0.1", None, "single")
+
+
+def test_job_port_is_stable_and_outside_the_ephemeral_range() -> None:
+    ports = {port_for_job(j) for j in range(0, 100000, 7)}
+    assert all(20000 <= p < 30000 for p in ports)
+    assert port_for_job(123456) == port_for_job(123456)
+
+
+@pytest.mark.parametrize(
+    "environ, needle",
+    [
+        ({"RANK": "4", "WORLD_SIZE": "4", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK=4"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
+        ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK='x'"),
+        ({**SLURM_TASK, "SLURM_STEP_TASKS_PER_NODE": "two"}, "SLURM_STEP_TASKS_PER_NODE"),
+        ({**SLURM_TASK, "SLURM_JOB_ID": "", "MASTER_ADDR": "a"}, "MASTER_PORT"),
+    ],
+)
+def test_bad_variables_are_named(environ: dict[str, str], needle: str) -> None:
+    with pytest.raises(DistEnvError, match=needle.replace("[", r"\[")):
+        resolve_dist_env(environ)
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("node[1-3,5]", ["node1", "node2", "node3", "node5"]),
+        ("gpu[007-009]", ["gpu007", "gpu008", "gpu009"]),
+        ("a1,b[2-3],c", ["a1", "b2", "b3", "c"]),
+        ("rack[1-2]-n[3,5]", ["rack1-n3", "rack1-n5", "rack2-n3", "rack2-n5"]),
+        ("n[9-11]", ["n9", "n10", "n11"]),
+    ],
+)
+def test_expand_hostlist(nodelist: str, hosts: list[str]) -> None:
+    assert expand_hostlist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["node[1-3", "node[a-b]", "n[[1]]", ""])
+def test_expand_hostlist_rejects_malformed(bad: str) -> None:
+    with pytest.raises(DistEnvError):
+        expand_hostlist(bad)
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed")
+@pytest.mark.parametrize("nodelist", ["node[1-3,5]", "gpu[007-009],cpu1", "rack[1-2]-n[3,5]", "n[9-11]"])
+def test_parser_agrees_with_scontrol(nodelist: str) -> None:
+    # `scontrol show hostnames` expands without contacting the controller.
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    assert expand_hostlist(nodelist) == out.stdout.split()
+
+
+def test_export_picks_a_free_port_for_a_single_process() -> None:
+    environ: dict[str, str] = {}
+    env = export_dist_env(resolve_dist_env({}), environ)
+    assert env.master_port is not None and env.master_port > 0
+    assert environ == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(env.master_port)}
+
+
+def test_print_master_for_the_batch_script(no_scontrol: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert distributed._print_master({"SLURM_JOB_NODELIST": "n[3-4]", "SLURM_JOB_ID": "17"}) == 0
+    assert capsys.readouterr().out == f"export MASTER_ADDR=n3 MASTER_PORT={port_for_job(17)}\n"
+    assert distributed._print_master({}) == 2
+
+
+def test_init_distributed_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    env = distributed.init_distributed("gloo")
+    try:
+        assert (env.source, dist.get_rank(), dist.get_world_size()) == ("single", 0, 1)
+        assert os.environ["MASTER_PORT"] == str(env.master_port)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,210 @@
+"""`slimtrain launch slurm`: the rendered script, --dry-run, and flags refused before any submission.
+
+No cluster needed: submissions go to a fake `sbatch` on PATH that records what it was given.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from slimtrain.trainer.launch.slurm import (
+    ENV_DIR,
+    LaunchError,
+    SlurmLaunch,
+    parse_time_limit,
+    render_script,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "recipes" / "tiny-cpu.yaml"
+DOCS = REPO / "docs" / "slurm.md"
+
+# The 4-node example of docs/slurm.md, with the paths a user would have.
+DOCS_EXAMPLE = dict(
+    recipe=Path("recipes/tiny-cpu.yaml"),
+    overrides=("train.steps=2000",),
+    nodes=4,
+    gpus_per_node=8,
+    time="12:00:00",
+    partition="gpu",
+    account="my-project",
+    job_name="tiny-cpu",
+    log_dir=Path("runs/tiny-cpu/slurm"),
+    workdir=Path("/home/me/slimtrain"),
+    python="/home/me/slimtrain/.venv/bin/python",
+    slimtrain="/home/me/slimtrain/.venv/bin/slimtrain",
+)
+
+
+def _render(**kw: object) -> str:
+    base: dict[str, object] = dict(recipe=Path("r.yaml"), workdir=Path("/w"), python="/py", slimtrain="/st")
+    return render_script(SlurmLaunch(**{**base, **kw}))  # type: ignore[arg-type]
+
+
+def _sbatch_lines(script: str) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+def _bash_syntax_ok(script: str) -> None:
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_cpu_nodes_with_torchrun() -> None:
+    script = _render(nodes=2, gpus_per_node=0, env="cpu", time="10", job_name="tiny")
+    assert _sbatch_lines(script) == [
+        "#SBATCH --job-name=tiny",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --time=10",
+        "#SBATCH --output=/w/runs/slurm/%x-%j.out",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@300",
+    ]
+    assert "LAUNCHER=torchrun\n" in script and "PROCS_PER_NODE=1\n" in script
+    assert f"source {ENV_DIR / 'cpu.sh'}\n" in script
+    assert "cd /w\n" in script
+    _bash_syntax_ok(script)
+
+
+def test_gpu_nodes_one_task_per_gpu() -> None:
+    script = _render(
+        nodes=4, gpus_per_node=8, launcher="srun", partition="gpu", account="proj", signal_lead=600,
+        time="1-00:00:00", sbatch_args=("--qos=high", "--exclusive"),
+    )
+    sbatch = _sbatch_lines(script)
+    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--account=proj",
+                 "--time=1-00:00:00", "--signal=B:USR1@600", "--qos=high", "--exclusive"):
+        assert f"#SBATCH {line}" in sbatch
+    assert "LAUNCHER=srun\n" in script and "PROCS_PER_NODE=8\n" in script
+    assert f"source {ENV_DIR / 'default.sh'}\n" in script
+    _bash_syntax_ok(script)
+
+
+def test_torchrun_mode_runs_one_task_per_node_even_with_gpus() -> None:
+    sbatch = _sbatch_lines(_render(nodes=2, gpus_per_node=4))
+    assert "#SBATCH --ntasks-per-node=1" in sbatch and "#SBATCH --gpus-per-node=4" in sbatch
+
+
+def test_overrides_reach_the_trainer_as_separate_words() -> None:
+    overrides = ("train.steps=5", "run.name=a b", "data.path=$HOME/x;rm -rf /")
+    script = _render(recipe=Path("my recipes/r.yaml"), overrides=overrides)
+    (line,) = [ln for ln in script.splitlines() if ln.startswith("TRAIN_ARGS=")]
+    # Let bash parse the line exactly as the job will, and print one word per line.
+    words = subprocess.run(
+        ["bash", "-c", line + '\nprintf "%s\\n" "${TRAIN_ARGS[@]}"'], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert words == ["train", "my recipes/r.yaml", *overrides]
+
+
+def test_docs_show_the_current_dry_run_output() -> None:
+    script = render_script(SlurmLaunch(**DOCS_EXAMPLE))  # type: ignore[arg-type]
+    script = script.replace(str(ENV_DIR), "/home/me/slimtrain/slurm/env")
+    docs = DOCS.read_text()
+    blocks = re.findall(r"```bash\n(#!/bin/bash\n.*?)```", docs, flags=re.S)
+    assert blocks, f"{DOCS} has no rendered script"
+    assert blocks[0] == script, "docs/slurm.md is out of date: regenerate its example from render_script"
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(nodes=0), "--nodes 0"),
+        (dict(gpus_per_node=-1), "--gpus-per-node -1"),
+        (dict(env="cpux"), "did you mean 'cpu'"),
+        (dict(env="/nonexistent/env.sh"), "--env '/nonexistent/env.sh'"),
+        (dict(time="1:2:3:4"), "--time '1:2:3:4'"),
+        (dict(time="00:04:00", signal_lead=300), "--signal-lead 300"),
+        (dict(signal_lead=0), "--signal-lead 0"),
+        (dict(partition="gpu large"), "--partition 'gpu large'"),
+        (dict(launcher="mpirun"), "--launcher 'mpirun'"),
+        (dict(overrides=("train.steps",)), "override 'train.steps'"),
+        (dict(sbatch_args=("qos=high",)), "--sbatch 'qos=high'"),
+        (dict(log_dir=Path("my logs")), "--log-dir 'my logs'"),
+    ],
+)
+def test_bad_options_name_the_flag(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(LaunchError, match=re.escape(message)):
+        _render(**kw)
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [("30", 1800), ("30:15", 1815), ("2:00:00", 7200), ("1-2", 93600), ("1-2:30", 95400), ("0-0:0:5", 5)],
+)
+def test_time_limits(value: str, seconds: int) -> None:
+    assert parse_time_limit(value) == seconds
+
+
+# --- the command line, against a fake sbatch ---------------------------------------------------
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `sbatch` that records its stdin and arguments and answers job id 77; returns its record dir."""
+    record = tmp_path / "sbatch-calls"
+    record.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f'#!/bin/sh\ncat > {record}/script\necho "$@" > {record}/args\necho 77\n')
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    return record
+
+
+def _cli(*args: str) -> int:
+    from slimtrain.trainer.cli import main
+
+    return main(["launch", "slurm", *args])
+
+
+CPU_FLAGS = ("--nodes", "2", "--gpus-per-node", "0", "--env", "cpu", "--time", "00:30:00")
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(
+    fake_sbatch: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert _cli(str(TINY), "train.steps=7", *CPU_FLAGS, "--dry-run") == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("#!/bin/bash\n") and "dry run" in out.err
+    assert "'train.steps=7'" in out.out or "train.steps=7" in out.out
+    assert "#SBATCH --job-name=" in out.out and "#SBATCH --nodes=2" in out.out
+    assert not (fake_sbatch / "script").exists()
+    assert not (tmp_path / "runs").exists(), "a dry run must not create the log directory"
+
+
+def test_submit_saves_the_script_beside_the_log(
+    fake_sbatch: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert _cli(str(TINY), *CPU_FLAGS, "--job-name", "t1", "--log-dir", "logs") == 0
+    out = capsys.readouterr().out
+    submitted = (fake_sbatch / "script").read_text()
+    assert (fake_sbatch / "args").read_text().split() == ["--parsable"]
+    assert out.startswith(submitted)
+    assert "Submitted job 77" in out and str(tmp_path / "logs" / "t1-77.out") in out
+    assert (tmp_path / "logs" / "t1-77.sbatch").read_text() == submitted
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((str(TINY), "--nodes", "0", "--gpus-per-node", "0"), "--nodes 0"),
+        ((str(TINY), "--nodes", "2", "--gpus-per-node", "0", "--env", "nope"), "--env 'nope'"),
+        ((str(TINY), "train.no_such_key=1", *CPU_FLAGS), "no_such_key"),
+        ((str(TINY), "train.steps=-3", *CPU_FLAGS), "train.steps"),
+        (("recipes/missing.yaml", *CPU_FLAGS), "no such file"),
+    ],
+)
+def test_bad_launches_are_refused_before_submission(
+    fake_sbatch: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    assert _cli(*args) == 2
+    assert message in capsys.readouterr().err
+    assert not (fake_sbatch / "script").exists()
+    assert not (tmp_path / "runs").exists()
