@@ -25,15 +25,16 @@ DOCS = REPO / "docs" / "slurm.md"
 
 # The 4-node example of docs/slurm.md, with the paths a user would have.
 DOCS_EXAMPLE = dict(
-    recipe=Path("recipes/tiny-cpu.yaml"),
-    overrides=("train.steps=2000",),
+    recipe=Path("recipes/quickstart.yaml"),
+    overrides=("train.steps=20000",),
     nodes=4,
     gpus_per_node=8,
+    cpus_per_task=64,
     time="12:00:00",
     partition="gpu",
     account="my-project",
-    job_name="tiny-cpu",
-    log_dir=Path("runs/tiny-cpu/slurm"),
+    job_name="quickstart",
+    log_dir=Path("runs/quickstart/slurm"),
     workdir=Path("/home/me/slimtrain"),
     python="/home/me/slimtrain/.venv/bin/python",
     slimtrain="/home/me/slimtrain/.venv/bin/slimtrain",
@@ -73,11 +74,11 @@ def test_cpu_nodes_with_torchrun() -> None:
 
 def test_gpu_nodes_one_task_per_gpu() -> None:
     script = _render(
-        nodes=4, gpus_per_node=8, launcher="srun", partition="gpu", account="proj", signal_lead=600,
+        nodes=4, gpus_per_node=8, launcher="srun", partition="gpu", account="proj", signal_lead=600, cpus_per_task=12,
         time="1-00:00:00", sbatch_args=("--qos=high", "--exclusive"),
     )
     sbatch = _sbatch_lines(script)
-    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--account=proj",
+    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--account=proj", "--cpus-per-task=12",
                  "--time=1-00:00:00", "--signal=B:USR1@600", "--qos=high", "--exclusive"):
         assert f"#SBATCH {line}" in sbatch
     assert "LAUNCHER=srun\n" in script and "PROCS_PER_NODE=8\n" in script
@@ -115,6 +116,7 @@ def test_docs_show_the_current_dry_run_output() -> None:
     [
         (dict(nodes=0), "--nodes 0"),
         (dict(gpus_per_node=-1), "--gpus-per-node -1"),
+        (dict(cpus_per_task=0), "--cpus-per-task 0"),
         (dict(env="cpux"), "did you mean 'cpu'"),
         (dict(env="/nonexistent/env.sh"), "--env '/nonexistent/env.sh'"),
         (dict(time="1:2:3:4"), "--time '1:2:3:4'"),

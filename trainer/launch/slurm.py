@@ -45,6 +45,9 @@ class SlurmLaunch:
     # 0: CPU nodes, one process per node.
     gpus_per_node: int = 0
     launcher: Launcher = "torchrun"
+    # CPU cores per task: per node with torchrun (one task runs all of the node's processes), per
+    # process with srun. None: the cluster's default (often 1, too few for torchrun's workers).
+    cpus_per_task: int | None = None
     # SLURM's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; None: the partition's default.
     time: str | None = None
     partition: str | None = None
@@ -79,6 +82,8 @@ def _check_options(o: SlurmLaunch) -> None:
         raise LaunchError(f"--nodes {o.nodes}: a job needs at least 1 node; pass --nodes 1 or more")
     if o.gpus_per_node < 0:
         raise LaunchError(f"--gpus-per-node {o.gpus_per_node}: must be 0 (CPU nodes) or more")
+    if o.cpus_per_task is not None and o.cpus_per_task < 1:
+        raise LaunchError(f"--cpus-per-task {o.cpus_per_task}: must be 1 or more (or left out)")
     if o.launcher not in LAUNCHERS:
         raise LaunchError(f"--launcher {o.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
     if not 1 <= o.signal_lead <= MAX_SIGNAL_LEAD_S:
@@ -164,6 +169,7 @@ def render_script(opts: SlurmLaunch, template: Path = TEMPLATE) -> str:
         "nodes": str(opts.nodes),
         "tasks_per_node": "1" if opts.launcher == "torchrun" else str(opts.procs_per_node),
         "gpus_per_node": str(opts.gpus_per_node) if opts.gpus_per_node else "",
+        "cpus_per_task": str(opts.cpus_per_task) if opts.cpus_per_task else "",
         "time": opts.time or "",
         "partition": opts.partition or "",
         "account": opts.account or "",
@@ -252,6 +258,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", default=[], help="recipe overrides, key.sub=value")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= processes) per node; 0: CPU nodes")
+    p.add_argument("--cpus-per-task", type=int,
+                   help="CPU cores per task: per node with torchrun, per process with srun (default: the cluster's)")
     p.add_argument("--time", help="time limit, e.g. 04:00:00 or 2-00:00:00 (default: the partition's)")
     p.add_argument("--partition", help="SLURM partition")
     p.add_argument("--account", help="SLURM account to charge")
@@ -276,6 +284,7 @@ def options_from_args(args: argparse.Namespace) -> SlurmLaunch:
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         launcher=args.launcher,
+        cpus_per_task=args.cpus_per_task,
         time=args.time,
         partition=args.partition,
         account=args.account,
