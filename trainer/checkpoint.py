@@ -6,6 +6,7 @@ Layout under `{run}/checkpoints/`:
     step_00000100/rng/rank_00000.pt RNG states of each rank
     step_00000100/trainer_state.json step, tokens, loader state, counters
     step_00000100/recipe.yaml       the resolved recipe
+    step_00000100/tokenizer/        the tokenizer files (export copies them into the HF directory)
     step_00000100/manifest.json     every file and its size; written last: its presence means complete
     latest                          the name of the newest complete step directory
 
@@ -41,8 +42,13 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, backend: Backend, state: dict[str, Any], recipe_yaml: str, keep: int) -> Path:
-    """Collective: every rank must call it. Returns the completed step directory."""
+def save_checkpoint(root: Path, step: int, backend: Backend, state: dict[str, Any], recipe_yaml: str, keep: int,
+                    copy_dirs: dict[str, Path] | None = None) -> Path:
+    """Collective: every rank must call it. Returns the completed step directory.
+
+    `copy_dirs` ({name: source}) are copied in by rank 0 (e.g. the tokenizer), so that a checkpoint
+    is self-contained for export.
+    """
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".tmp")
     if backend.rank == 0:
@@ -56,6 +62,8 @@ def save_checkpoint(root: Path, step: int, backend: Backend, state: dict[str, An
     if backend.rank == 0:
         _write_json(tmp / STATE, state)
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+        for name, src in (copy_dirs or {}).items():
+            shutil.copytree(src, tmp / name, dirs_exist_ok=True)
         _write_json(tmp / MANIFEST, {"step": step, "files": _file_sizes(tmp)})
         _replace_dir(tmp, final)
         _write_latest(root, final.name)

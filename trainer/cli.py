@@ -86,7 +86,7 @@ def _spawn_local(nproc: int, args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "slimtrain.trainer.cli", "train", args.recipe, *args.overrides]
     env = dict(os.environ, SLIMTRAIN_LOCAL_LAUNCH="1")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env)  # same process group: killing the group kills every rank
 
     def forward(signum: int, _frame) -> None:
         # torchrun itself dies on SIGUSR1; deliver the signal straight to the worker processes.
@@ -106,6 +106,23 @@ def _signal_tree(pid: int, signum: int) -> None:
             os.kill(int(kid), signum)
         except ProcessLookupError:
             pass
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimtrain.trainer.export.hf import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} -> {out}")
+    if args.verify:
+        from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
+        from slimtrain.trainer.export.verify import TOLERANCE, compare_logits
+
+        ckpt = load_checkpoint_for_export(Path(args.checkpoint))
+        diff = compare_logits(out, ckpt.state_dict, ckpt.model_cfg)
+        verdict = "ok" if diff <= TOLERANCE or args.dtype != "fp32" else "MISMATCH"
+        print(f"verify: transformers vs slimtrain max |logit diff| = {diff:.2e} ({verdict})")
+        return 0 if verdict == "ok" else 1
+    return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -130,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="also check the batch geometry for N ranks")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("export", help="write a Hugging Face checkpoint from a slimtrain checkpoint")
+    p.add_argument("checkpoint", help="a step directory, or a run directory (its newest complete checkpoint)")
+    p.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--verify", action="store_true", help="load with transformers and compare logits")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("quickstart", help="train the quickstart recipe on the Python standard library")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_quickstart)
@@ -145,10 +170,13 @@ def _load_data_config(path: str, overrides: list[str]):
 
 
 def _add_plugin_commands(sub) -> None:
-    from slimtrain.data.cli import add_commands as add_data
+    import importlib.util
 
-    data = sub.add_parser("data", help="tokenizer training and token-shard preparation")
-    add_data(data.add_subparsers(dest="data_command", required=True), _load_data_config)
+    if importlib.util.find_spec("slimtrain.data.cli") is not None:
+        from slimtrain.data.cli import add_commands as add_data
+
+        data = sub.add_parser("data", help="tokenizer training and token-shard preparation")
+        add_data(data.add_subparsers(dest="data_command", required=True), _load_data_config)
     launch = sub.add_parser("launch", help="submit a recipe to a cluster scheduler")
     from slimtrain.trainer.launch.slurm import add_commands as add_launch
 
@@ -156,7 +184,14 @@ def _add_plugin_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`train R --nproc 2 a.b=c`): argparse leaves those in `extra`.
+    stray = [x for x in extra if "=" not in x or x.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except SlimtrainError as exc:

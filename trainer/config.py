@@ -120,6 +120,10 @@ class CheckpointConfig(_Strict):
     resume: Literal["auto", "never"] = Field(
         "auto", description="auto: resume from the newest complete checkpoint in the run directory if any."
     )
+    init_from_hf: str | None = Field(
+        None, description="Initialise the weights from a local Hugging Face Llama-family directory "
+        "(continued pretraining); the model block must match its config. Ignored when resuming."
+    )
 
 
 class EvalConfig(_Strict):

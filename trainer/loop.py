@@ -168,10 +168,10 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps, "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
             "elapsed_s": self.state.elapsed_s, "last_eval": self.state.last_eval,
             "world_size": self.backend.world_size, "loader": self.parts.train_loader.state_dict(),
+            "model_config": self.parts.model_cfg.model_dump(mode="json"), "tokenizer": self.parts.tokenizer_ids,
         }
-        path = save_checkpoint(self.ckpt_root, self.state.step, self.backend, state, self.recipe_yaml,
-                               self.recipe.checkpoint.keep)
-        return path
+        return save_checkpoint(self.ckpt_root, self.state.step, self.backend, state, self.recipe_yaml,
+                               self.recipe.checkpoint.keep, copy_dirs={"tokenizer": self.parts.tokenizer_dir})
 
     def _maybe_resume(self) -> None:
         if self.recipe.checkpoint.resume == "never":

@@ -28,6 +28,17 @@ class RunParts:
     grad_accum: int
     prepared: Any
 
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Directory of the tokenizer files (copied into every checkpoint)."""
+        return Path(self.prepared.tokenizer.tokenizer_dir)
+
+    @property
+    def tokenizer_ids(self) -> dict[str, int | None]:
+        """Special-token ids that the exported config must carry."""
+        tok = self.prepared.tokenizer
+        return {"eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id}
+
 
 def resolve_model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
     """The model config with the vocabulary taken from the tokenizer when the recipe leaves it null."""
@@ -68,6 +79,10 @@ def build_parts(recipe: Recipe) -> RunParts:
     torch.manual_seed(recipe.run.seed)
     model = Transformer(model_cfg)
     model.init_weights(seed=recipe.run.seed)
+    if recipe.checkpoint.init_from_hf:
+        from slimtrain.trainer.export.importer import load_hf_into
+
+        load_hf_into(model, model_cfg, Path(recipe.checkpoint.init_from_hf))
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim.schedule, recipe.train.steps)
     backend = build_backend(recipe.backend.type, cfg=recipe.backend, train=recipe.train, optim=recipe.optim)

@@ -1,0 +1,160 @@
+"""Training-step throughput: slimtrain (model + DeepSpeed backend + loss) vs a plain PyTorch loop over
+transformers' LlamaForCausalLM with the same config, data, optimizer and precision, in one process.
+
+    python benchmarks/step.py                      # CPU preset
+    python benchmarks/step.py --preset 1b          # ~1B model, seq 4096, bf16 (GPU)
+
+Prints tokens/s of both, the ratio ours/baseline and MFU (GPU), then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+PRESETS = {
+    "cpu": dict(model=dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2,
+                           vocab_size=8192), seq=256, micro=8),
+    "1b": dict(model=dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,
+                          vocab_size=32000), seq=4096, micro=2),
+}
+
+
+def _init_dist() -> None:
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not dist.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _batches(vocab: int, micro: int, seq: int, n: int, device: torch.device):
+    from slimtrain.data.batch import Batch
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (micro, seq + 1), generator=g)
+        pos = torch.arange(seq).expand(micro, seq).contiguous()
+        out.append(Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), pos, torch.zeros_like(pos)).to(device))
+    return out
+
+
+def bench_ours(cfg, batches, steps: int, warmup: int, bf16: bool, attention: str) -> float:
+    """Tokens/s of our step: Transformer + DeepSpeed (ZeRO-1) + fp32-upcast CE, one rank."""
+    from slimtrain.modules.transformer import Transformer
+    from slimtrain.trainer.backends.deepspeed import DeepSpeedBackend
+    from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
+    from slimtrain.trainer.losses import lm_loss
+    from slimtrain.trainer.optim import build_optimizer, build_scheduler
+
+    micro = batches[0].input_ids.shape[0]
+    model = Transformer(cfg.model_copy(update={"attention": attention}))
+    optim_cfg = OptimConfig(lr=1e-4)
+    backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=1, precision="bf16" if bf16 else "fp32"),
+                               TrainConfig(global_batch_size=micro, micro_batch_size=micro), optim_cfg)
+    opt = build_optimizer(model, optim_cfg)
+    backend.setup(model.to(backend.device), opt, build_scheduler(opt, optim_cfg.schedule, 10**6))
+    return _timed(lambda b: backend.train_step([b], lm_loss), batches, steps, warmup)
+
+
+def bench_hf(cfg, batches, steps: int, warmup: int, bf16: bool) -> float:
+    """Tokens/s of the plain loop: LlamaForCausalLM (sdpa) + torch AdamW + clipping."""
+    from transformers import LlamaForCausalLM
+
+    from slimtrain.trainer.export.llama import hf_config
+
+    device = batches[0].input_ids.device
+    hf_cfg = hf_config(cfg, bos_id=None, eos_id=0)
+    hf_cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf_cfg).to(device)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device.type == "cuda")
+
+    def step(b) -> None:
+        logits = model(input_ids=b.input_ids, position_ids=b.position_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b.labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _timed(step, batches, steps, warmup)
+
+
+def _timed(step, batches, steps: int, warmup: int) -> float:
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    _sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    _sync()
+    tokens = steps * batches[0].input_ids.numel()
+    return tokens / (time.perf_counter() - t0)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    from slimtrain.modules.transformer import ModelConfig
+    from slimtrain.trainer.logging import Throughput
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="1b" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--micro", type=int, default=None)
+    args = p.parse_args()
+    preset = PRESETS[args.preset]
+    seq, micro = args.seq or preset["seq"], args.micro or preset["micro"]
+    cfg = ModelConfig(max_seq_len=seq, **preset["model"])
+    gpu = torch.cuda.is_available()
+    steps = args.steps or (10 if gpu else 5)
+    if not gpu:
+        torch.set_num_threads(os.cpu_count() or 1)
+    _init_dist()
+    device = torch.device("cuda" if gpu else "cpu")
+    batches = _batches(cfg.vocab_size, micro, seq, 4, device)
+    hf_tps = bench_hf(cfg, batches, steps, args.warmup, bf16=gpu)
+    if gpu:
+        torch.cuda.empty_cache()
+    ours_tps = bench_ours(cfg, batches, steps, args.warmup, bf16=gpu, attention=args.attention)
+    peak = Throughput(cfg.flops_per_token(seq)).peak
+    fpt = cfg.flops_per_token(seq)
+    result = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu", "preset": args.preset, "params": cfg.num_params(),
+        "seq": seq, "micro": micro, "precision": "bf16" if gpu else "fp32", "attention": args.attention,
+        "ours_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
+        "ratio": round(ours_tps / hf_tps, 3),
+        "ours_mfu": round(ours_tps * fpt / peak, 4) if peak else None,
+        "hf_mfu": round(hf_tps * fpt / peak, 4) if peak else None,
+    }
+    print(f"{'':10} {'tokens/s':>12} {'MFU':>8}")
+    for who in ("ours", "hf"):
+        mfu = result[f"{who}_mfu"]
+        print(f"{who:10} {result[f'{who}_tokens_per_s']:12,.0f} {'' if mfu is None else f'{mfu:8.1%}'}")
+    print(f"ratio ours/hf: {result['ratio']:.3f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Export to Hugging Face: logits parity through transformers' own loader, ZeRO-3 == ZeRO-0, import, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtrain.modules.transformer import ModelConfig, Transformer
+from slimtrain.modules.transformer.generate import greedy_generate
+from slimtrain.trainer.errors import CheckpointError
+from slimtrain.trainer.export.hf import export_checkpoint, write_hf_dir
+from slimtrain.trainer.export.verify import compare_logits
+from train_helpers import run_train
+
+CONFIGS = {
+    "gqa-untied": dict(vocab_size=250, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2),
+    "mha-tied-theta": dict(vocab_size=123, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+                           tie_embeddings=True, rope_theta=500000.0),
+    "mqa-headdim": dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                        num_kv_heads=1, head_dim=24, rope_theta=1e6),
+}
+IDS = {"bos_id": None, "eos_id": 0, "pad_id": 1}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_exported_dir_matches_our_logits_and_greedy_tokens(name: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(max_seq_len=64, **CONFIGS[name])
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    out = write_hf_dir(model.state_dict(), cfg, tmp_path / "hf", tokenizer_dir=None, ids=IDS)
+    assert compare_logits(out, model.state_dict(), cfg) <= 1e-4
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    prompt = torch.randint(2, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    ours = greedy_generate(model, prompt, 32)
+    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=1)
+    assert torch.equal(ours[0, -32:], theirs[0, -32:])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_export_equals_zero0_export_and_import_roundtrips(tmp_path: Path, data_cache: Path) -> None:
+    z3 = tmp_path / "z3"
+    proc = run_train(z3, data_cache, ["backend.zero_stage=3", "train.steps=3", "checkpoint.every=3"])
+    assert proc.returncode == 0, proc.stdout
+    e3 = export_checkpoint(z3, tmp_path / "e3")
+    # A ZeRO-0 run initialised from that export with a learning rate too small to change an fp32
+    # weight writes a checkpoint holding the very same weights through the other save path.
+    z0 = tmp_path / "z0"
+    proc = run_train(z0, data_cache, ["backend.zero_stage=0", "train.steps=1", "checkpoint.every=1",
+                                      f"checkpoint.init_from_hf={e3}", "optim.lr=1e-30"])
+    assert proc.returncode == 0, proc.stdout
+    e0 = export_checkpoint(z0, tmp_path / "e0")
+    from safetensors.torch import load_file
+
+    a, b = load_file(e3 / "model.safetensors"), load_file(e0 / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "README.md"):
+        assert (e3 / name).is_file(), name
+    card = (e3 / "README.md").read_text()
+    assert "| step | 3 of 3 |" in card and "eval_loss" in card and "zero_stage: 3" in card
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(e3)
+    assert tok.decode(tok("def f(x):\n    return x", add_special_tokens=False).input_ids) == "def f(x):\n    return x"
+    assert json.loads((e3 / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_bad_input_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export_checkpoint(tmp_path / "missing", out)
+    incomplete = tmp_path / "run" / "checkpoints" / "step_00000010"
+    (incomplete / "ds").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="incomplete: no manifest.json"):
+        export_checkpoint(incomplete, out)
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(CheckpointError, match="pass --overwrite"):
+        export_checkpoint(incomplete, out)
+    assert (out / "keep.txt").read_text() == "user data"
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, max_seq_len=16)
+    with pytest.raises(CheckpointError, match="cannot export architecture 'qwen3_moe'"):
+        write_hf_dir(Transformer(cfg).state_dict(), cfg, tmp_path / "x", tokenizer_dir=None, ids=IDS,
+                     adapter_name="qwen3_moe")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

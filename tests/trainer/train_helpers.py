@@ -1,0 +1,68 @@
+"""Helpers to run `slimtrain train` on 2 gloo ranks as a real user would (subprocess, torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "recipes" / "tiny-cpu.yaml"
+
+
+def train_cmd(run_dir: Path, cache: Path, overrides: list[str], nproc: int) -> list[str]:
+    return [sys.executable, "-m", "slimtrain.trainer.cli", "train", str(TINY), f"--nproc={nproc}",
+            f"run.output_dir={run_dir}", f"data.cache_dir={cache}", *overrides]
+
+
+def run_train(run_dir: Path, cache: Path, overrides: list[str] = (), nproc: int = 2, fault: str | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run to completion; returns the finished process (stdout+stderr in .stdout)."""
+    env = _env(fault)
+    return subprocess.run(train_cmd(run_dir, cache, list(overrides), nproc), env=env, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def run_until_checkpoint_then_kill(run_dir: Path, cache: Path, step: int, overrides: list[str] = ()) -> None:
+    """Start a run that hangs right after saving `step`, wait for that checkpoint, SIGKILL every process."""
+    proc = subprocess.Popen(train_cmd(run_dir, cache, list(overrides), 2), env=_env(f"hang_after_save@{step}"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if latest.is_file() and latest.read_text().strip() == f"step_{step:08d}":
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before checkpoint {step}:\n{proc.stdout.read()}")
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"checkpoint {step} never appeared")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step → training loss from metrics.jsonl."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def _env(fault: str | None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("SLIMTRAIN_FAULT", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if fault:
+        env["SLIMTRAIN_FAULT"] = fault
+    return env

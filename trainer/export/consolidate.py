@@ -1,0 +1,80 @@
+"""One full fp32 state dict from a checkpoint, whatever the ZeRO stage and world size that wrote it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.trainer.checkpoint import STATE, find_resumable, verify_checkpoint
+from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.errors import CheckpointError
+from slimtrain.trainer.recipe import validate_recipe
+
+DS_TAG = "ds"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What export needs from a checkpoint directory."""
+
+    path: Path
+    recipe: Recipe
+    model_cfg: ModelConfig
+    trainer_state: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step directory, or a run/checkpoints directory (its newest complete checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a step directory "
+                              "(runs/NAME/checkpoints/step_00000100) or a run directory")
+    if (path / "manifest.json").is_file() or (path / STATE).is_file() or (path / DS_TAG).is_dir():
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {problem}; export an older step instead")
+        return path
+    for root in (path / "checkpoints", path):
+        found = find_resumable(root) if root.is_dir() else None
+        if found is not None:
+            return found
+    raise CheckpointError(f"no complete checkpoint under {path}; did the run save one (checkpoint.every)?")
+
+
+def load_checkpoint_for_export(path: Path) -> LoadedCheckpoint:
+    """Read the recipe, the resolved model config and the consolidated fp32 weights."""
+    path = resolve_checkpoint(path)
+    state = json.loads((path / STATE).read_text())
+    import yaml
+
+    recipe = validate_recipe(yaml.safe_load((path / "recipe.yaml").read_text()), source=str(path / "recipe.yaml"))
+    model_cfg = ModelConfig.model_validate(state["model_config"])
+    weights = consolidate(path, recipe.backend.zero_stage)
+    return LoadedCheckpoint(path, recipe, model_cfg, state, weights)
+
+
+def consolidate(path: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights. ZeRO 1-3: DeepSpeed's own merge of the fp32 master partitions."""
+    if zero_stage == 0:
+        files = sorted((path / DS_TAG).glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{path / DS_TAG} holds no mp_rank_*_model_states.pt; the checkpoint is damaged")
+        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file it reads
+        merged = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
+    return {k: v.float() for k, v in merged.items()}

@@ -1,0 +1,104 @@
+"""Write a Hugging Face checkpoint directory from a slimtrain checkpoint (or a live state dict).
+
+Everything is written into `OUT.partial/` and renamed at the end: a failed export leaves no
+half-written OUT, and an existing OUT is replaced only with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.trainer.errors import CheckpointError
+from slimtrain.trainer.export.adapters import get_adapter
+from slimtrain.trainer.export.consolidate import LoadedCheckpoint, load_checkpoint_for_export
+from slimtrain.trainer.export.model_card import model_card
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SHARD_SIZE = "5GB"
+
+
+def architecture_of(ckpt: LoadedCheckpoint) -> str:
+    """Adapter name for a checkpoint: the dense model is 'llama'; plugins will name their own."""
+    return "llama"
+
+
+def export_checkpoint(ckpt_path: Path, out_dir: Path, dtype: str = "fp32", overwrite: bool = False,
+                      architecture: str | None = None) -> Path:
+    """`slimtrain export`: consolidate, map names, write config/weights/tokenizer/generation config/card."""
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    ckpt = load_checkpoint_for_export(Path(ckpt_path))
+    adapter = _adapter(architecture or architecture_of(ckpt))
+    ids = ckpt.trainer_state.get("tokenizer", {})
+    card = model_card(ckpt, adapter.hf_architecture)
+    return write_hf_dir(ckpt.state_dict, ckpt.model_cfg, out_dir, tokenizer_dir=ckpt.tokenizer_dir, ids=ids,
+                        dtype=DTYPES[dtype], adapter_name=architecture or architecture_of(ckpt),
+                        overwrite=overwrite, card=card)
+
+
+def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: Path, *, tokenizer_dir: Path | None,
+                 ids: dict, dtype: torch.dtype = torch.float32, adapter_name: str = "llama", overwrite: bool = False,
+                 card: str | None = None) -> Path:
+    """Write a complete HF directory from our state dict (used by export and by the parity tests)."""
+    from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    adapter = _adapter(adapter_name)
+    hf_state = {k: v.to(dtype).contiguous() for k, v in adapter.to_hf(state, model_cfg).items()}
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = adapter.hf_config(model_cfg, bos_id=ids.get("bos_id"), eos_id=ids.get("eos_id"),
+                                   pad_id=ids.get("pad_id"), dtype=dtype)
+        config.save_pretrained(tmp)
+        save_torch_state_dict(hf_state, tmp, max_shard_size=MAX_SHARD_SIZE, safe_serialization=True)
+        GenerationConfig(bos_token_id=ids.get("bos_id"), eos_token_id=ids.get("eos_id"),
+                         pad_token_id=ids.get("pad_id")).save_pretrained(tmp)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(Path(tokenizer_dir), tmp)
+        if card:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace it "
+                              "or choose another directory")
+
+
+def _adapter(name: str):
+    try:
+        return get_adapter(name)
+    except LookupError as exc:
+        raise CheckpointError(f"cannot export architecture {name!r}: {exc}") from None
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """Tokenizer files through transformers, so that AutoTokenizer loads them from `dst`."""
+    from transformers import AutoTokenizer
+
+    if not src.is_dir():
+        raise CheckpointError(f"tokenizer directory {src} is missing from the checkpoint; it cannot be exported")
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
+
+
+def read_hf_config(path: Path) -> dict:
+    """config.json of an HF directory as a dict."""
+    return json.loads((Path(path) / "config.json").read_text())
