@@ -1,0 +1,94 @@
+"""The data pipeline's entry points: `prepare` (tokenizer + shards, idempotent) and `build_loader`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+from slimtrain.data.config import DataConfig
+from slimtrain.data.dataset import TokenDataset
+from slimtrain.data.loader import Loader, StreamSpec
+from slimtrain.data.build import prepare_source, source_dir
+from slimtrain.data.sources import DocumentSource, _digest, open_source
+from slimtrain.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Prepared data: the tokenizer, the per-source manifests and the train/val datasets."""
+
+    config: DataConfig
+    tokenizer: TokenizerInfo
+    manifest: dict
+    train: TokenDataset
+    val: TokenDataset
+    directories: list[Path]
+
+
+def _training_texts(sources: list[DocumentSource], max_bytes: int) -> Iterator[str]:
+    """Texts for BPE training: every source gets its share of `max_bytes` (by weight, else equally)."""
+    weights = [s.cfg.weight or 1.0 for s in sources]
+    for src, w in zip(sources, weights):
+        budget = max_bytes * w / sum(weights)
+        used = 0
+        for text in src.documents():
+            if used >= budget:
+                break
+            used += len(text)
+            yield text
+
+
+def resolve_tokenizer(cfg: DataConfig, sources: list[DocumentSource], progress: bool = True) -> tuple[TokenizerInfo, str]:
+    """(tokenizer, identity): the recipe's local tokenizer, or the BPE trained on its sources (trained once, cached)."""
+    t = cfg.tokenizer
+    if t.path is not None:
+        info = load_tokenizer(t.path, cache_dir=cfg.cache_dir, eos_token=t.eos_token, add_bos=t.add_bos)
+        return info, str(Path(t.path).expanduser().resolve())
+    spec = t.train
+    assert spec is not None  # guaranteed by TokenizerConfig validation
+    key = _digest([[(s.fingerprint(), s.cfg.max_documents, s.cfg.weight) for s in sources], spec.model_dump()])
+    out = Path(cfg.cache_dir) / "tokenizers" / f"bpe-{spec.vocab_size}-{key[:12]}"
+    if not (out / "tokenizer.json").exists():
+        for src in sources:
+            src.check()
+        train_bpe(_training_texts(sources, spec.max_train_bytes), spec.vocab_size, out,
+                  min_frequency=spec.min_frequency, progress=progress)
+    info = load_tokenizer(out, cache_dir=cfg.cache_dir, eos_token=t.eos_token, add_bos=t.add_bos,
+                          where="data.tokenizer.train")
+    return info, str(out.resolve())
+
+
+def prepare(cfg: DataConfig, progress: bool = True, rebuild: bool = False) -> PreparedData:
+    """Train/load the tokenizer and write every source's shards if missing (idempotent; `rebuild` re-tokenizes)."""
+    sources = [open_source(s, i) for i, s in enumerate(cfg.sources)]
+    tok, identity = resolve_tokenizer(cfg, sources, progress)
+    directories, manifests = [], []
+    for src in sources:
+        directory = source_dir(cfg, src, identity)
+        manifests.append(prepare_source(cfg, src, tok, directory, progress=progress, rebuild=rebuild))
+        directories.append(directory)
+    pairs = list(zip(directories, manifests))
+    manifest = {
+        "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "dir": str(tok.tokenizer_dir)},
+        "sources": [{"directory": str(d), **m} for d, m in pairs],
+        "counts": {k: sum(m["counts"][k] for m in manifests) for k in manifests[0]["counts"]},
+    }
+    return PreparedData(cfg, tok, manifest, TokenDataset(pairs, "train"), TokenDataset(pairs, "val"), directories)
+
+
+def build_loader(
+    prepared: PreparedData, split: Literal["train", "val"], *, rank: int, world_size: int, micro_batch_size: int,
+    global_batch_size: int, seed: int, prefetch: int = 2,
+) -> Loader:
+    """This rank's loader over `split` (see `Loader` for the global stream it takes its share of)."""
+    cfg = prepared.config
+    weights = [s.weight for s in cfg.sources] if split == "train" and cfg.sources[0].weight is not None else None
+    spec = StreamSpec(
+        dataset=prepared.train if split == "train" else prepared.val, packer=cfg.packer, seq_len=cfg.seq_len,
+        weights=weights, seed=seed, buffer_docs=cfg.pack_buffer_docs,
+    )
+    return Loader(spec, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
+                  global_batch_size=global_batch_size, pad_id=prepared.tokenizer.pad_id,
+                  mask_cross_doc_labels=cfg.mask_cross_doc_labels, prefetch=prefetch)
+
