@@ -1,0 +1,66 @@
+"""The Batch contract helpers: the document mask and cu_seqlens derived from doc_ids, checked by brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slimtrain.data.batch import IGNORE_INDEX, PAD_DOC_ID, Batch
+from slimtrain.data.masks import cu_seqlens, document_causal_mask, segment_lengths
+
+
+def _random_doc_ids(b: int, s: int, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(b):
+        lengths = []
+        while sum(lengths) < s:
+            lengths.append(int(rng.integers(1, s // 2 + 1)))
+        used = int(rng.integers(1, s + 1))  # the rest of the row is padding
+        ids = np.repeat(np.arange(len(lengths)), lengths)[:used]
+        rows.append(np.concatenate([ids, np.full(s - used, PAD_DOC_ID)]))
+    return torch.tensor(np.stack(rows), dtype=torch.int64)
+
+
+def test_mask_equals_brute_force_block_diagonal_causal() -> None:
+    doc_ids = _random_doc_ids(4, 23, seed=0)
+    mask = document_causal_mask(doc_ids)
+    assert mask.shape == (4, 1, 23, 23)
+    for b in range(4):
+        for i in range(23):
+            for j in range(23):
+                di, dj = int(doc_ids[b, i]), int(doc_ids[b, j])
+                if di == PAD_DOC_ID:
+                    expected = i == j  # padding attends only to itself: no empty softmax row
+                else:
+                    expected = j <= i and di == dj
+                assert bool(mask[b, 0, i, j]) == expected, (b, i, j)
+
+
+def test_cu_seqlens_equals_brute_force_segments() -> None:
+    doc_ids = _random_doc_ids(3, 17, seed=1)
+    expected = []
+    for row in doc_ids.tolist():
+        run = 1
+        for prev, cur in zip(row, row[1:]):
+            if cur == prev:
+                run += 1
+            else:
+                expected.append(run)
+                run = 1
+        expected.append(run)
+    assert segment_lengths(doc_ids).tolist() == expected
+    cu, max_len = cu_seqlens(doc_ids)
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == doc_ids.numel()
+    assert torch.diff(cu).tolist() == expected and max_len == max(expected)
+
+
+def test_batch_counts_and_device_move() -> None:
+    doc_ids = torch.tensor([[0, 0, 1, PAD_DOC_ID]])
+    batch = Batch(
+        input_ids=torch.tensor([[5, 6, 7, 0]]), labels=torch.tensor([[6, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]),
+        position_ids=torch.tensor([[0, 1, 0, 0]]), doc_ids=doc_ids,
+    )
+    assert batch.num_tokens == 3 and batch.num_label_tokens == 1
+    moved = batch.to("cpu")
+    assert torch.equal(moved.doc_ids, doc_ids)
