@@ -17,7 +17,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from slimtrain.data.tokenizer import train_bpe
 
     out = tmp_path_factory.mktemp("tok") / "bpe"
-    return train_bpe(make_docs(300), 400, out, progress=False)
+    return train_bpe(make_docs(300), 320, out, progress=False)
 
 
 @pytest.fixture

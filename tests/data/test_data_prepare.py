@@ -106,11 +106,12 @@ def test_manifest_from_another_tokenizer_is_refused(data_config, tmp_path) -> No
     import shutil
 
     shutil.rmtree(tok_dir)
-    train_bpe(make_docs(100, seed=2), 350, tok_dir, progress=False)  # retrained in place
+    train_bpe(make_docs(100, seed=2), 290, tok_dir, progress=False)  # retrained in place
     with pytest.raises(ShardError, match=r"written with tokenizer .* --rebuild"):
         prepare(cfg, progress=False)
     rebuilt = prepare(cfg, progress=False, rebuild=True)
-    assert rebuilt.manifest["sources"][0]["tokenizer"]["vocab_size"] == 350
+    assert rebuilt.manifest["sources"][0]["tokenizer"]["hash"] == rebuilt.tokenizer.hash
+    assert rebuilt.tokenizer.vocab_size == 290
 
 
 def test_vocab_too_large_for_dtype() -> None:
@@ -179,3 +180,15 @@ def test_manifest_is_json_with_counts_and_checksums(data_config) -> None:
     assert {"hash", "vocab_size", "eos_id"} <= set(manifest["tokenizer"])
     assert manifest["source"]["fingerprint"] and manifest["counts"]["tokens"] > 0
     assert all(len(s["tokens_file"]["sha256"]) == 64 and s["tokens_file"]["bytes"] > 0 for s in manifest["shards"])
+
+
+def test_hub_source_reads_a_dataset_repository_layout(data_config, tmp_path) -> None:
+    # The `hub` source goes through datasets.load_dataset(name, ...); a local directory laid out like a
+    # Hub dataset repository exercises the same path without network access.
+    repo = tmp_path / "repo"
+    write_jsonl(repo / "train.jsonl", [{"text": t} for t in make_docs(25, seed=4)])
+    cfg = data_config(sources=[{"type": "hub", "name": str(repo), "split": "train", "streaming": True}])
+    assert prepare(cfg, progress=False).manifest["counts"]["documents"] == 25
+    missing = data_config(sources=[{"type": "hub", "name": str(repo), "text_field": "body"}])
+    with pytest.raises(SourceError, match=r"no field 'body'.*\['text'\]"):
+        prepare(missing, progress=False)
