@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from unittest import mock
 
 import pytest
 
@@ -144,15 +145,19 @@ def test_print_master_for_the_batch_script(no_scontrol: None, capsys: pytest.Cap
     assert distributed._print_master({}) == 2
 
 
-def test_init_distributed_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_distributed_single_process() -> None:
     import torch.distributed as dist
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    env = distributed.init_distributed("gloo")
-    try:
-        assert (env.source, dist.get_rank(), dist.get_world_size()) == ("single", 0, 1)
-        assert os.environ["MASTER_PORT"] == str(env.master_port)
-    finally:
-        dist.destroy_process_group()
+    # init_distributed exports RANK, MASTER_PORT, ...: restore the whole environment afterwards, or
+    # later tests (and the jobs they submit) would inherit them.
+    with mock.patch.dict(os.environ):
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID"):
+            os.environ.pop(key, None)
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        env = distributed.init_distributed("gloo")
+        try:
+            assert (env.source, dist.get_rank(), dist.get_world_size()) == ("single", 0, 1)
+            assert os.environ["MASTER_PORT"] == str(env.master_port)
+        finally:
+            dist.destroy_process_group()
+    assert "MASTER_PORT" not in os.environ or os.environ["MASTER_PORT"] != str(env.master_port)

@@ -132,7 +132,10 @@ STAND_IN = textwrap.dedent(
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])
-def test_usr1_checkpoints_requeues_and_resumes(tmp_path: Path, launcher: str) -> None:
+def test_usr1_checkpoints_requeues_and_resumes(tmp_path: Path, launcher: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Launcher variables left in the submitting shell travel with sbatch; the job must ignore them.
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="stale-host", MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
     program = tmp_path / "slimtrain-stand-in"
     program.write_text(STAND_IN.format(python=sys.executable))
     program.chmod(0o755)
