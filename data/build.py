@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import multiprocessing
+import os
 import re
 import shutil
 import time
@@ -67,12 +68,27 @@ def shard_batches(documents: Iterator[str], max_chars: int) -> Iterator[list[str
         yield batch
 
 
+@contextlib.contextmanager
+def _single_threaded_tokenizers() -> Iterator[None]:
+    """`num_workers: 1` means one core: keep HF tokenizers off its thread pool, and restore the setting after."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def run_tasks(tasks: Iterator[ShardTask], workers: int, tokenizer_json: str, on_done: Callable[[dict], None]) -> None:
     """Run `encode_shard` over `tasks` with `workers` spawn processes (in-process when 1), at most 2 per worker queued."""
     if workers == 1:
-        init_worker(tokenizer_json, single_thread=False)
-        for task in tasks:
-            on_done(encode_shard(task))
+        with _single_threaded_tokenizers():
+            init_worker(tokenizer_json, single_thread=False)
+            for task in tasks:
+                on_done(encode_shard(task))
         return
     ctx = multiprocessing.get_context("spawn")  # fork after torch/tokenizers threads started can deadlock
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(tokenizer_json,)) as pool:

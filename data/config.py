@@ -81,8 +81,8 @@ class TrainTokenizerConfig(BaseModel):
     max_train_bytes: int = Field(
         200_000_000,
         ge=1,
-        description="Train on at most this many bytes of text, taken from the sources in order "
-        "(BPE statistics saturate long before a large corpus is exhausted).",
+        description="Train on at most this much text, shared between the sources by weight (equally when "
+        "unweighted), each read from its beginning (BPE statistics saturate long before a large corpus ends).",
     )
     min_frequency: int = Field(2, ge=1, description="A pair must occur at least this often to be merged.")
 
@@ -135,7 +135,7 @@ class DataConfig(BaseModel):
     cache_dir: Path = Field(
         Path(".cache/slimtrain/data"),
         description="Where token shards and trained tokenizers go. Each source gets a sub-directory named "
-        "after its content fingerprint, so recipes that share a source share its shards.",
+        "after a fingerprint of its files and tokenization settings, so recipes that share them share shards.",
     )
     val_fraction: float = Field(
         0.005,
