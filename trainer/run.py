@@ -76,6 +76,7 @@ def build_parts(recipe: Recipe) -> RunParts:
     grad_accum = recipe.check_world(world)
     prepared = prepare_data(recipe, rank, dist.barrier)
     model_cfg = resolve_model_config(recipe, prepared.tokenizer.vocab_size)
+    backend = build_backend(recipe.backend.type, cfg=recipe.backend, train=recipe.train, optim=recipe.optim)
     torch.manual_seed(recipe.run.seed)
     model = Transformer(model_cfg)
     model.init_weights(seed=recipe.run.seed)
@@ -83,9 +84,9 @@ def build_parts(recipe: Recipe) -> RunParts:
         from slimtrain.trainer.export.importer import load_hf_into
 
         load_hf_into(model, model_cfg, Path(recipe.checkpoint.init_from_hf))
+    model.to(backend.device)  # before the optimizer, so that it can pick its fused GPU kernel
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim.schedule, recipe.train.steps)
-    backend = build_backend(recipe.backend.type, cfg=recipe.backend, train=recipe.train, optim=recipe.optim)
     backend.setup(model, optimizer, scheduler)
     mb = recipe.train.micro_batch_size
     loader = build_loader(prepared, "train", rank=rank, world_size=world, micro_batch_size=mb,
