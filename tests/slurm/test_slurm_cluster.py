@@ -35,8 +35,8 @@ def cluster_or_skip() -> None:
         proc = subprocess.run(["sinfo", "-h", "-N", "-t", "idle,mix,alloc", "-o", "%N"],
                               capture_output=True, text=True, timeout=30)
         if proc.returncode != 0 or len(set(proc.stdout.split())) < 2:
-            why = f"the local cluster is not up (sinfo: {proc.stdout.strip() or proc.stderr.strip()}): " \
-                  "run `bash slurm/local-cluster.sh up`"
+            said = (proc.stdout.strip() or proc.stderr.strip() or "no output").splitlines()[-1]
+            why = f"the local cluster is not up (sinfo: {said}): run `bash slurm/local-cluster.sh up`"
     if why is None:
         return
     if os.environ.get("CI"):

@@ -201,6 +201,8 @@ def test_submit_saves_the_script_beside_the_log(
         ((str(TINY), "train.no_such_key=1", *CPU_FLAGS), "no_such_key"),
         ((str(TINY), "train.steps=-3", *CPU_FLAGS), "train.steps"),
         (("recipes/missing.yaml", *CPU_FLAGS), "no such file"),
+        # 8 rows per step do not split over 3 ranks of 2-row micro-batches: caught before queueing.
+        ((str(TINY), "--nodes", "3", "--gpus-per-node", "0", "--env", "cpu"), "train.global_batch_size=8"),
     ],
 )
 def test_bad_launches_are_refused_before_submission(

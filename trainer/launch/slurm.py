@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import shlex
 import shutil
@@ -17,8 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-# slurm/ sits beside trainer/ in the source tree (editable installs, CI, clusters with a checkout).
-SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
+# slurm/ sits beside trainer/ in the source tree (editable installs, CI, clusters with a checkout);
+# SLIMTRAIN_SLURM_DIR points at another copy (a site's own template and env files).
+SLURM_DIR = Path(os.environ.get("SLIMTRAIN_SLURM_DIR") or Path(__file__).resolve().parents[2] / "slurm")
 TEMPLATE = SLURM_DIR / "train.sbatch"
 ENV_DIR = SLURM_DIR / "env"
 
@@ -162,6 +164,11 @@ def find_slimtrain() -> str:
 
 def render_script(opts: SlurmLaunch, template: Path = TEMPLATE) -> str:
     """The batch script for ``opts``: ``template`` with its placeholders filled in."""
+    if not template.is_file():
+        raise LaunchError(
+            f"no batch script template at {template}: run from a slimtrain checkout (pip install -e .) "
+            "or set SLIMTRAIN_SLURM_DIR to a directory holding train.sbatch and env/"
+        )
     workdir = opts.workdir.resolve()
     log_dir = (workdir / opts.log_dir).resolve()
     values = {
@@ -205,8 +212,9 @@ def fill_template(text: str, values: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_recipe(recipe: Path, overrides: tuple[str, ...]) -> object:
-    """Validates the recipe with its overrides exactly as `slimtrain train` will; returns it."""
+def check_recipe(recipe: Path, overrides: tuple[str, ...], world_size: int) -> object:
+    """Validates the recipe with its overrides exactly as `slimtrain train` will, including the batch
+    geometry for ``world_size`` ranks (a mismatch would otherwise surface only once the job starts)."""
     if not recipe.is_file():
         raise LaunchError(f"RECIPE {str(recipe)!r}: no such file; pass a recipe YAML, e.g. recipes/tiny-cpu.yaml")
     # Imported here: the recipe schema pulls in the model and plugin configs, which the rest of this
@@ -214,7 +222,9 @@ def check_recipe(recipe: Path, overrides: tuple[str, ...]) -> object:
     from slimtrain.trainer.config import RecipeError, load_recipe
 
     try:
-        return load_recipe(str(recipe), list(overrides))
+        loaded = load_recipe(str(recipe), list(overrides))
+        loaded.check_world(world_size)
+        return loaded
     except RecipeError as e:
         raise LaunchError(f"recipe {str(recipe)!r} is invalid, nothing submitted:\n{e}") from None
 
@@ -295,7 +305,7 @@ def options_from_args(args: argparse.Namespace) -> SlurmLaunch:
         sbatch_args=tuple(args.sbatch),
         slimtrain=find_slimtrain(),
     )
-    recipe = check_recipe(opts.recipe, opts.overrides)
+    recipe = check_recipe(opts.recipe, opts.overrides, world_size=opts.nodes * opts.procs_per_node)
     run = recipe.run  # type: ignore[attr-defined]
     return replace(
         opts,
