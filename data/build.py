@@ -24,7 +24,7 @@ from slimtrain.data.errors import ShardError
 from slimtrain.data.shards import (
     FORMAT, complete_shard, read_manifest, remove_stale_tmp, token_dtype, verify_shards, write_manifest,
 )
-from slimtrain.data.sources import DocumentSource, _digest
+from slimtrain.data.sources import DocumentSource, digest
 from slimtrain.data.tokenizer import TokenizerInfo
 
 
@@ -34,7 +34,7 @@ def source_dir(cfg: DataConfig, src: DocumentSource, tokenizer_identity: str) ->
     The tokenizer enters by identity (its path or training spec), not by content hash, so that a
     tokenizer replaced in place is caught by the manifest check instead of silently re-tokenizing.
     """
-    key = _digest([
+    key = digest([
         FORMAT, src.fingerprint(), src.cfg.max_documents, tokenizer_identity, cfg.tokenizer.add_bos,
         cfg.val_fraction, cfg.shard_size_mb, cfg.token_dtype,
     ])

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 from slimtrain.data.shards import open_shard
-from slimtrain.data.sources import _digest
+from slimtrain.data.sources import digest
 
 Split = Literal["train", "val"]
 
@@ -42,7 +42,7 @@ class TokenDataset:
         self.doc_len = np.concatenate(lengths) if lengths else empty
         self.source_bounds = np.asarray(bounds, dtype=np.int64)
         checksums = [[m["tokens_file"]["sha256"] for m in manifest["shards"]] for _, manifest in sources]
-        self.fingerprint = _digest([split, checksums])
+        self.fingerprint = digest([split, checksums])
 
     def __len__(self) -> int:
         return len(self.doc_len)

@@ -26,7 +26,7 @@ from slimtrain.data.dataset import Split, TokenDataset
 from slimtrain.data.errors import DataError, LoaderStateError
 from slimtrain.data.mixture import epoch_documents
 from slimtrain.data.packing import PackPlan, pack
-from slimtrain.data.sources import _digest
+from slimtrain.data.sources import digest
 
 STATE_VERSION = 1
 
@@ -48,7 +48,7 @@ class StreamSpec:
                 "seq_len": self.seq_len, "weights": self.weights, "seed": self.seed, "buffer_docs": self.buffer_docs}
 
     def fingerprint(self) -> str:
-        return _digest(self.identity())
+        return digest(self.identity())
 
 
 class EpochPlans:

@@ -10,7 +10,7 @@ from slimtrain.data.config import DataConfig
 from slimtrain.data.dataset import TokenDataset
 from slimtrain.data.loader import Loader, StreamSpec
 from slimtrain.data.build import prepare_source, source_dir
-from slimtrain.data.sources import DocumentSource, _digest, open_source
+from slimtrain.data.sources import DocumentSource, digest, open_source
 from slimtrain.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
 
 
@@ -47,7 +47,7 @@ def resolve_tokenizer(cfg: DataConfig, sources: list[DocumentSource], progress: 
         return info, str(Path(t.path).expanduser().resolve())
     spec = t.train
     assert spec is not None  # guaranteed by TokenizerConfig validation
-    key = _digest([[(s.fingerprint(), s.cfg.max_documents, s.cfg.weight) for s in sources], spec.model_dump()])
+    key = digest([[(s.fingerprint(), s.cfg.max_documents, s.cfg.weight) for s in sources], spec.model_dump()])
     out = Path(cfg.cache_dir) / "tokenizers" / f"bpe-{spec.vocab_size}-{key[:12]}"
     if not (out / "tokenizer.json").exists():
         for src in sources:

@@ -66,7 +66,8 @@ class DocumentSource:
                 return
 
 
-def _digest(parts: list[Any]) -> str:
+def digest(parts: Any) -> str:
+    """Hex sha256 of `parts` serialised as canonical JSON: the fingerprint of a set of settings."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -91,7 +92,7 @@ class StdlibSource(DocumentSource):
 
     def fingerprint(self) -> str:
         files = stdlib_files()
-        return _digest([sys.version, [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
+        return digest([sys.version, [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
 
     def approx_chars(self) -> int | None:
         return sum(p.stat().st_size for p in stdlib_files())
@@ -166,7 +167,7 @@ class FilesDocumentSource(DocumentSource):
     def fingerprint(self) -> str:
         files = self.files()
         stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns, self.format_of(p)) for p in files]
-        return _digest([stats, self.cfg.text_field])
+        return digest([stats, self.cfg.text_field])
 
     def approx_chars(self) -> int | None:
         return sum(p.stat().st_size for p in self.files())
@@ -224,7 +225,7 @@ class HubDocumentSource(DocumentSource):
 
     def fingerprint(self) -> str:
         c = self.cfg
-        return _digest([c.name, c.subset, c.split, c.revision, c.text_field])
+        return digest([c.name, c.subset, c.split, c.revision, c.text_field])
 
     def _open(self) -> Any:
         import datasets
