@@ -24,6 +24,14 @@ def _ds_env() -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from slimtrain.trainer.config import load_recipe
+
+    if args.reference:
+        from slimtrain.trainer.reference import recipe_reference
+
+        print(recipe_reference(), end="")
+        return 0
+    if not args.recipe:
+        raise SlimtrainError("validate needs a RECIPE path (or --reference)")
     from slimtrain.trainer.recipe import dump_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -142,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="validate a recipe and print it resolved")
-    p.add_argument("recipe")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("--reference", action="store_true", help="print the recipe reference (every key) instead")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--world-size", type=int, default=None, help="also check the batch geometry for N ranks")
     p.set_defaults(func=cmd_validate)

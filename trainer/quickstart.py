@@ -21,7 +21,28 @@ def run_quickstart(recipe_path: Path, overrides: list[str]) -> int:
         return rc
     run_dir = Path(recipe.run.resolved_output_dir)
     summarize(run_dir)
-    return 0
+    return export_and_generate(run_dir)
+
+
+PROMPT = "def fibonacci(n):\n    "
+
+
+def export_and_generate(run_dir: Path) -> int:
+    """Export the newest checkpoint, check logits against transformers, print a transformers completion."""
+    from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
+    from slimtrain.trainer.export.hf import export_checkpoint
+    from slimtrain.trainer.export.verify import TOLERANCE, compare_logits, generate_text
+
+    out = export_checkpoint(run_dir, run_dir / "hf", overwrite=True)
+    ckpt = load_checkpoint_for_export(run_dir)
+    diff = compare_logits(out, ckpt.state_dict, ckpt.model_cfg)
+    console.print(f"exported {ckpt.path.name} -> {out} (LlamaForCausalLM); "
+                  f"max |logit diff| vs transformers = {diff:.1e}")
+    completion = generate_text(out, PROMPT)
+    console.rule("transformers.AutoModelForCausalLM.from_pretrained(" + str(out) + ").generate(...)")
+    console.print(PROMPT + completion, markup=False, highlight=False)
+    console.rule()
+    return 0 if diff <= TOLERANCE else 1
 
 
 def summarize(run_dir: Path) -> dict[str, float]:

@@ -1,44 +1,9 @@
-"""Named registries (backends, plugins): choose implementations by recipe name, never by getattr."""
+"""The trainer's registries; the Registry class itself lives in `slimtrain.modules.registry`."""
 
 from __future__ import annotations
 
-import difflib
-from typing import Callable, Generic, TypeVar
+from slimtrain.modules.registry import Registry, UnknownNameError
 
-from slimtrain.trainer.errors import RecipeError
-
-T = TypeVar("T")
-
-
-class Registry(Generic[T]):
-    """A name → factory table with a did-you-mean error for unknown names."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._items: dict[str, T] = {}
-
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator registering `obj` under `name`; a second registration of a name is an error."""
-
-        def deco(obj: T) -> T:
-            if name in self._items and self._items[name] is not obj:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._items[name] = obj
-            return obj
-
-        return deco
-
-    def get(self, name: str) -> T:
-        """The entry called `name`, or a RecipeError listing the names that exist."""
-        if name not in self._items:
-            close = difflib.get_close_matches(name, list(self._items), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise RecipeError(f"unknown {self.kind} {name!r}; {hint}choose one of {sorted(self._items)}")
-        return self._items[name]
-
-    def names(self) -> list[str]:
-        """Registered names, sorted."""
-        return sorted(self._items)
-
+__all__ = ["BACKENDS", "Registry", "UnknownNameError"]
 
 BACKENDS: Registry = Registry("backend")

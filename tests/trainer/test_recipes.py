@@ -73,3 +73,10 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(_write(tmp_path / "bad.yaml", "run: [unclosed"))
+
+
+def test_docs_recipe_reference_is_current() -> None:
+    from slimtrain.trainer.reference import recipe_reference
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
+    assert doc.read_text() == recipe_reference(), "regenerate: slimtrain validate --reference > docs/recipe.md"
