@@ -53,7 +53,8 @@ def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     adapter = _adapter(adapter_name)
-    hf_state = {k: v.to(dtype).contiguous() for k, v in adapter.to_hf(state, model_cfg).items()}
+    # clone: DeepSpeed's consolidation returns views into one flat buffer, which safetensors refuses.
+    hf_state = {k: v.detach().to(dtype).clone() for k, v in adapter.to_hf(state, model_cfg).items()}
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
