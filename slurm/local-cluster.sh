@@ -8,10 +8,10 @@
 #
 # Two nodes (slimtrain-n1, slimtrain-n2), both 127.0.0.1: one slurmctld and one `slurmd -N <node>`
 # per node, each slurmd on its own port. Everything (config, state, logs, a private munged) lives in
-# $SLIMTRAIN_LOCAL_CLUSTER_DIR (default /tmp/slimtrain-slurm), so a machine's own munge/slurm, if any, is left
-# alone. Clients find the config through /etc/slurm/slurm.conf, a link written only if that path is
-# free or already ours. Needs root (apt, daemons that run jobs as root, /etc/hosts). Idempotent; every
-# wait is bounded.
+# $SLIMTRAIN_LOCAL_CLUSTER_DIR (default /tmp/slimtrain-slurm), so a machine's own munge/slurm, if any,
+# is left alone. Clients find the config through /etc/slurm/slurm.conf, a link written only if that
+# path is free or already ours. Needs root (apt, daemons that run jobs as root, /etc/hosts).
+# Idempotent; every wait is bounded.
 set -euo pipefail
 
 STATE=${SLIMTRAIN_LOCAL_CLUSTER_DIR:-/tmp/slimtrain-slurm}
@@ -45,11 +45,14 @@ install_packages() {
     command -v sbatch >/dev/null || missing+=(slurm-client)
     ((${#missing[@]} == 0)) && return 0
     [[ $EUID -eq 0 ]] || die "missing ${missing[*]}; run as root so that apt-get can install them"
-    log "installing ${missing[*]} (apt-get)"
+    mkdir -p "$STATE/log"
+    local apt_log=$STATE/log/apt.log
+    log "installing ${missing[*]} (apt-get; output in $apt_log)"
     export DEBIAN_FRONTEND=noninteractive
     # The package lists of a fresh machine are empty; refresh them only when the install needs it.
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 ||
-        { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >"$apt_log" 2>&1 ||
+        { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } >>"$apt_log" 2>&1 ||
+        die "apt-get could not install ${missing[*]}; see $apt_log"
 }
 
 # Both node names must resolve (the first is the rendezvous address of a multi-node job).
@@ -74,7 +77,7 @@ unmap_node_names() {
 write_config() {
     mkdir -p "$STATE"/{etc,ctld,spool,log,run,munge}
     local host cpus mem
-    host=$(hostname -s)
+    host=$(hostname -s 2>/dev/null || uname -n)
     cpus=$(nproc)
     # slurmd refuses a node whose configured memory exceeds what it finds; ask for a little.
     mem=1024
