@@ -66,6 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def train_worker(recipe) -> int:
     """One rank: initialise torch.distributed, build the parts, run the loop."""
+    from slimtrain.trainer import signals
+
+    signals.install()  # as early as possible: a preemption warning may arrive during start-up
     _ds_env()
     from slimtrain.trainer.distributed import init_distributed
     from slimtrain.trainer.loop import Trainer

@@ -1,7 +1,8 @@
 """Fault injection for the crash/resume tests, driven by the SLIMTRAIN_FAULT environment variable.
 
-`SLIMTRAIN_FAULT="die_during_save@20,hang_after_save@10,nan_loss@5-8"`: each item is a fault point
-and the optimizer step(s) it fires at. Unset (always, outside tests) it costs one dict lookup.
+`SLIMTRAIN_FAULT="die_during_save@20,hang_after_save@10,nan_loss@5-8,slow_step@1-20"`: each item is a
+fault point and the optimizer step(s) it fires at (`slow_*` sleeps half a second, so that a test can
+signal a run in the middle). Unset (always, outside tests) it costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def maybe_fault(point: str, step: int, rank: int) -> None:
     if point.startswith("die") and rank == 0:
         print(f"[fault] {point} at step {step}: exiting", file=sys.stderr, flush=True)
         os._exit(137)
+    if point.startswith("slow"):
+        time.sleep(0.5)
     if point.startswith("hang"):
         print(f"[fault] {point} at step {step}: hanging", file=sys.stderr, flush=True)
         while True:

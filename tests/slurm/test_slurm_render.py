@@ -102,13 +102,14 @@ def test_overrides_reach_the_trainer_as_separate_words() -> None:
     assert words == ["train", "my recipes/r.yaml", *overrides]
 
 
-def test_docs_show_the_current_dry_run_output() -> None:
+@pytest.mark.parametrize("page", [DOCS, REPO / "README.md"], ids=lambda p: p.name)
+def test_docs_show_the_current_dry_run_output(page: Path) -> None:
     script = render_script(SlurmLaunch(**DOCS_EXAMPLE))  # type: ignore[arg-type]
     script = script.replace(str(ENV_DIR), "/home/me/slimtrain/slurm/env")
-    docs = DOCS.read_text()
+    docs = page.read_text()
     blocks = re.findall(r"```bash\n(#!/bin/bash\n.*?)```", docs, flags=re.S)
-    assert blocks, f"{DOCS} has no rendered script"
-    assert blocks[0] == script, "docs/slurm.md is out of date: regenerate its example from render_script"
+    assert blocks, f"{page} has no rendered script"
+    assert blocks[0] == script, f"{page.name} is out of date: regenerate its example from render_script"
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import losses, run_train, run_until_checkpoint_then_kill
+from train_helpers import losses, run_and_signal, run_train, run_until_checkpoint_then_kill
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -37,6 +37,20 @@ def test_resume_after_sigkill_is_bitwise_exact(stage: int, straight: dict, tmp_p
     assert "resumed" in proc.stdout
     resumed = losses(tmp_path)
     assert resumed == straight[stage]  # every step, bitwise (fp32)
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(straight: dict, tmp_path: Path, data_cache: Path) -> None:
+    import signal
+
+    proc = run_and_signal(tmp_path, data_cache, signal.SIGTERM, after_step=3)
+    assert proc.returncode == 0, proc.stdout
+    assert "stopped at step" in proc.stdout and "(terminated)" in proc.stdout
+    stopped = max(losses(tmp_path))
+    assert 3 <= stopped < 20
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    proc = run_train(tmp_path, data_cache)
+    assert proc.returncode == 0, proc.stdout
+    assert losses(tmp_path) == straight[2]
 
 
 def test_kill_during_save_keeps_previous_checkpoint(straight: dict, tmp_path: Path, data_cache: Path) -> None:

@@ -66,3 +66,18 @@ def _env(fault: str | None) -> dict[str, str]:
     if fault:
         env["SLIMTRAIN_FAULT"] = fault
     return env
+
+
+def run_and_signal(run_dir: Path, cache: Path, signum: int, after_step: int, overrides: list[str] = ()) -> subprocess.CompletedProcess:
+    """Start a slowed-down run, send `signum` to the launching process once `after_step` is logged."""
+    proc = subprocess.Popen(train_cmd(run_dir, cache, list(overrides), 2), env=_env("slow_step@1-1000"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and any(json.loads(x).get("step", 0) >= after_step for x in metrics.read_text().splitlines()):
+            proc.send_signal(signum)
+            break
+        time.sleep(0.1)
+    out, _ = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)

@@ -14,6 +14,7 @@ from torch import nn
 from slimtrain.data.batch import Batch
 from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from slimtrain.trainer.faults import maybe_fault
 from slimtrain.trainer.recipe import deep_merge
 from slimtrain.trainer.registry import BACKENDS
 
@@ -73,6 +74,7 @@ class DeepSpeedBackend:
         gradient is the same whatever the split into ranks and micro-batches (DeepSpeed divides by
         world size and accumulation steps; we multiply that back).
         """
+        maybe_fault("slow_step", self.engine.global_steps + 1, self.rank)
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"expected {self.grad_accum} micro-batches per step, got {len(micro_batches)}")
         local_labels = sum(b.num_label_tokens for b in micro_batches)
