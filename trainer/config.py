@@ -6,11 +6,13 @@ recipe is. Field descriptions are the recipe reference (`slimtrain validate --ex
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 
 from slimtrain.data.config import DataConfig
+from slimtrain.modules.plugin import PluginConfig
+from slimtrain.modules.plugins import validate_plugin_config
 from slimtrain.modules.transformer.config import ModelConfig
 
 from slimtrain.trainer.errors import RecipeError
@@ -151,6 +153,15 @@ class LoggingConfig(_Strict):
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="wandb settings.")
 
 
+# A plugin block is validated by the config class registered under its `type:` (built-ins and the
+# `slimtrain.plugins` entry points), so the schema stays open to plugins this file does not know.
+PluginSpec = Annotated[
+    PluginConfig,
+    PlainValidator(validate_plugin_config),
+    PlainSerializer(lambda cfg: cfg.model_dump(mode="json"), return_type=dict),
+]
+
+
 class Recipe(_Strict):
     """A whole run. Every block has defaults except data sources, which a recipe must name."""
 
@@ -164,6 +175,10 @@ class Recipe(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    plugins: list[PluginSpec] = Field(
+        default_factory=list, description="Compression plugins, each chosen by `type:` (e.g. qat; see docs/plugins.md "
+        "and docs/qat.md). They compose in their declared order, whatever the order listed here."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -177,6 +192,10 @@ class Recipe(_Strict):
                 f"train.micro_batch_size={self.train.micro_batch_size} exceeds "
                 f"train.global_batch_size={self.train.global_batch_size}"
             )
+        if self.plugins:
+            from slimtrain.trainer.plugins import check_plugins
+
+            check_plugins(self.plugins, self.model)
         return self
 
     def check_world(self, world_size: int) -> int:

@@ -16,7 +16,8 @@ from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import TrainingStopped
 from slimtrain.trainer.faults import fault_active, maybe_fault
 from slimtrain.trainer.logging import MetricsLog, ProgressBar, Throughput, Wandb, console, plot_losses
-from slimtrain.trainer.losses import lm_loss
+from slimtrain.trainer.losses import lm_loss, make_loss_fn
+from slimtrain.trainer.plugins import reduce_metrics
 from slimtrain.trainer.recipe import dump_recipe
 from slimtrain.trainer.run import RunParts
 
@@ -46,6 +47,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, enabled=self.is_main)
         self.state = LoopState()
         self.recipe_yaml = dump_recipe(recipe)
+        self.plugins = parts.plugins
+        self.loss_fn = make_loss_fn(self.plugins)
 
     def run(self) -> LoopState:
         """Train to `train.steps` (or until stopped by a signal or the time limit); returns the final state."""
@@ -61,7 +64,11 @@ class Trainer:
         try:
             while self.state.step < cfg.steps:
                 micro = [next(batches) for _ in range(self.parts.grad_accum)]
+                for plugin in self.plugins:
+                    plugin.on_step_start(self.state.step + 1)
                 result = self.backend.train_step(micro, self._loss_fn(self.state.step + 1))
+                for plugin in self.plugins:
+                    plugin.after_optimizer_step(self.state.step + 1)
                 self.state.elapsed_s = time.monotonic() - started
                 self._account(result)
                 tput.add(result.tokens)
@@ -87,10 +94,10 @@ class Trainer:
 
     def _loss_fn(self, step: int):
         if not fault_active("nan_loss", step):
-            return lm_loss
+            return self.loss_fn
 
         def poisoned(model, batch, norm):  # test hook: a step whose loss is NaN on every rank
-            loss, total, terms = lm_loss(model, batch, norm)
+            loss, total, terms = self.loss_fn(model, batch, norm)
             return loss * float("nan"), total * float("nan"), terms
 
         return poisoned
@@ -126,6 +133,7 @@ class Trainer:
         }
         if mfu is not None:
             record["mfu"] = mfu
+        record.update(reduce_metrics(self.plugins, self.backend.all_reduce_sum, self.backend.world_size))
         self.metrics.write(record)
         wandb.log(record)
 
@@ -187,6 +195,8 @@ class Trainer:
             last_eval=state.get("last_eval", {}),
         )
         self.metrics.truncate_after(self.state.step)
+        for plugin in self.plugins:  # re-derive step-dependent state (evaluation may follow without a step)
+            plugin.on_step_start(self.state.step)
         if self.is_main:
             console.print(f"[green]resumed[/] from {path} at step {self.state.step}")
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimtrain.data.batch import IGNORE_INDEX, Batch
+from slimtrain.modules.plugin import Plugin
 
 
-def lm_loss(model: nn.Module, batch: Batch, label_norm: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy summed over label tokens, divided by `label_norm` for the backward pass.
+def lm_loss(model: nn.Module, batch: Batch, label_norm: float, plugins: Sequence[Plugin] = ()
+            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy summed over label tokens, divided by `label_norm` for the backward pass, plus
+    every plugin's weighted loss terms (logged unweighted as `<plugin>/<term>`).
 
     Logits are upcast to fp32 before the softmax, as in every reference trainer, so bf16 runs do not
     lose the loss's low bits.
@@ -23,4 +29,15 @@ def lm_loss(model: nn.Module, batch: Batch, label_norm: float) -> tuple[torch.Te
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return token_loss_sum / label_norm, token_loss_sum, {}
+    loss = token_loss_sum / label_norm
+    terms: dict[str, torch.Tensor] = {}
+    for plugin in plugins:
+        for name, term in plugin.losses(out, batch).items():
+            loss = loss + term.weight * term.value
+            terms[f"{plugin.name}/{name}"] = term.value.detach()
+    return loss, token_loss_sum, terms
+
+
+def make_loss_fn(plugins: Sequence[Plugin]):
+    """The LossFn of a run: `lm_loss` itself when no plugin is configured (the exact same computation)."""
+    return partial(lm_loss, plugins=tuple(plugins)) if plugins else lm_loss

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
 from slimtrain.data.batch import Batch
+from slimtrain.modules.plugin import Plugin
+from slimtrain.modules.plugins import build_plugins
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends import Backend, build_backend
 from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import RecipeError
 from slimtrain.trainer.optim import build_optimizer, build_scheduler
+from slimtrain.trainer.plugins import apply_plugins, configure_model
 
 
 @dataclass
@@ -27,6 +30,8 @@ class RunParts:
     make_val_loader: Callable[[], Iterable[Batch]]
     grad_accum: int
     prepared: Any
+    plugins: list[Plugin] = field(default_factory=list)
+    """The recipe's plugins in composition order, applied to the model."""
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -75,7 +80,8 @@ def build_parts(recipe: Recipe) -> RunParts:
     rank, world = dist.get_rank(), dist.get_world_size()
     grad_accum = recipe.check_world(world)
     prepared = prepare_data(recipe, rank, dist.barrier)
-    model_cfg = resolve_model_config(recipe, prepared.tokenizer.vocab_size)
+    plugins = build_plugins(recipe.plugins)
+    model_cfg = configure_model(plugins, resolve_model_config(recipe, prepared.tokenizer.vocab_size))
     backend = build_backend(recipe.backend.type, cfg=recipe.backend, train=recipe.train, optim=recipe.optim)
     torch.manual_seed(recipe.run.seed)
     model = Transformer(model_cfg)
@@ -84,6 +90,7 @@ def build_parts(recipe: Recipe) -> RunParts:
         from slimtrain.trainer.export.importer import load_hf_into
 
         load_hf_into(model, model_cfg, Path(recipe.checkpoint.init_from_hf))
+    apply_plugins(plugins, model)  # after init and import: swapped layers keep the weights just loaded
     model.to(backend.device)  # before the optimizer, so that it can pick its fused GPU kernel
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim.schedule, recipe.train.steps)
@@ -96,7 +103,7 @@ def build_parts(recipe: Recipe) -> RunParts:
         return build_loader(prepared, "val", rank=rank, world_size=world, micro_batch_size=mb,
                             global_batch_size=mb * world, seed=recipe.run.seed)
 
-    return RunParts(model_cfg, backend, loader, make_val_loader, grad_accum, prepared)
+    return RunParts(model_cfg, backend, loader, make_val_loader, grad_accum, prepared, plugins)
 
 
 def set_cpu_threads(local_world_size: int) -> None:

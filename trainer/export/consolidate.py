@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slimtrain.modules.plugin import ExportContext
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.checkpoint import STATE, find_resumable, verify_checkpoint
 from slimtrain.trainer.config import Recipe
@@ -22,13 +23,18 @@ DS_TAG = "ds"
 
 @dataclass
 class LoadedCheckpoint:
-    """What export needs from a checkpoint directory."""
+    """What export needs from a checkpoint directory.
+
+    state_dict: the weights to serve, after the recipe's plugins' export hooks (e.g. QAT's
+    fake-quantized weights, its own tensors removed); `plugin_export` holds what else they asked for.
+    """
 
     path: Path
     recipe: Recipe
     model_cfg: ModelConfig
     trainer_state: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
+    plugin_export: ExportContext | None = field(default=None)
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -62,7 +68,12 @@ def load_checkpoint_for_export(path: Path) -> LoadedCheckpoint:
     recipe = validate_recipe(yaml.safe_load((path / "recipe.yaml").read_text()), source=str(path / "recipe.yaml"))
     model_cfg = ModelConfig.model_validate(state["model_config"])
     weights = consolidate(path, recipe.backend.zero_stage)
-    return LoadedCheckpoint(path, recipe, model_cfg, state, weights)
+    if not recipe.plugins:
+        return LoadedCheckpoint(path, recipe, model_cfg, state, weights)
+    from slimtrain.trainer.plugins import run_export_hooks
+
+    ctx = run_export_hooks(recipe.plugins, model_cfg, weights, int(state.get("step", 0)))
+    return LoadedCheckpoint(path, recipe, model_cfg, state, ctx.state, ctx)
 
 
 def consolidate(path: Path, zero_stage: int) -> dict[str, torch.Tensor]:

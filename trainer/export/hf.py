@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from slimtrain.modules.plugin import ExportContext
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.errors import CheckpointError
 from slimtrain.trainer.export.adapters import get_adapter
@@ -40,35 +41,38 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, dtype: str = "fp32", overw
     card = model_card(ckpt, adapter.hf_architecture)
     return write_hf_dir(ckpt.state_dict, ckpt.model_cfg, out_dir, tokenizer_dir=ckpt.tokenizer_dir, ids=ids,
                         dtype=DTYPES[dtype], adapter_name=architecture or architecture_of(ckpt),
-                        overwrite=overwrite, card=card)
+                        overwrite=overwrite, card=card, plugin_export=ckpt.plugin_export)
 
 
 def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: Path, *, tokenizer_dir: Path | None,
                  ids: dict, dtype: torch.dtype = torch.float32, adapter_name: str = "llama", overwrite: bool = False,
-                 card: str | None = None) -> Path:
-    """Write a complete HF directory from our state dict (used by export and by the parity tests)."""
-    from huggingface_hub import save_torch_state_dict
-    from transformers import GenerationConfig
+                 card: str | None = None, plugin_export: ExportContext | None = None) -> Path:
+    """Write a complete HF directory from our state dict (used by export and by the parity tests).
 
+    With `plugin_export` (what the recipe's plugins' export hooks produced), its config keys go into
+    config.json and each of its variants becomes a sub-directory `OUT/<variant>/` (e.g. `OUT/packed/`).
+    """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     adapter = _adapter(adapter_name)
+    mapped = adapter.to_hf(state, model_cfg)
+    hf_to_ours = _hf_to_ours(state, mapped)
     # clone: DeepSpeed's consolidation returns views into one flat buffer, which safetensors refuses.
-    hf_state = {k: v.detach().to(dtype).clone() for k, v in adapter.to_hf(state, model_cfg).items()}
+    hf_state = {k: v.detach().to(dtype).clone() for k, v in mapped.items()}
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    extra = plugin_export or ExportContext(state={}, model_cfg=model_cfg, model=torch.nn.Module())
+    notes = "".join(f"\n- {line}" for line in extra.notes)
     try:
-        config = adapter.hf_config(model_cfg, bos_id=ids.get("bos_id"), eos_id=ids.get("eos_id"),
-                                   pad_id=ids.get("pad_id"), dtype=dtype)
-        config.save_pretrained(tmp)
-        save_torch_state_dict(hf_state, tmp, max_shard_size=MAX_SHARD_SIZE, safe_serialization=True)
-        GenerationConfig(bos_token_id=ids.get("bos_id"), eos_token_id=ids.get("eos_id"),
-                         pad_token_id=ids.get("pad_id")).save_pretrained(tmp)
-        if tokenizer_dir is not None:
-            _copy_tokenizer(Path(tokenizer_dir), tmp)
-        if card:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+        def config():
+            return adapter.hf_config(model_cfg, bos_id=ids.get("bos_id"), eos_id=ids.get("eos_id"),
+                                     pad_id=ids.get("pad_id"), dtype=dtype)
+
+        _write_dir(tmp, hf_state, config(), extra.config, ids, tokenizer_dir, (card or "") + notes)
+        for variant in extra.variants:
+            _write_dir(tmp / variant.name, variant.transform(hf_state, hf_to_ours), config(),
+                       variant.config(hf_to_ours), ids, tokenizer_dir, f"{card or ''}{notes}\n\n{variant.readme}\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,6 +80,32 @@ def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _hf_to_ours(state: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor]) -> dict[str, str]:
+    """HF name -> our name, from the adapter's output (which shares our tensors; tied weights: first name)."""
+    ours_by_id: dict[int, str] = {}
+    for name, tensor in state.items():
+        ours_by_id.setdefault(id(tensor), name)
+    return {hf: ours_by_id[id(t)] for hf, t in mapped.items() if id(t) in ours_by_id}
+
+
+def _write_dir(path: Path, hf_state: dict[str, torch.Tensor], config, config_extra: dict, ids: dict,
+               tokenizer_dir: Path | None, card: str) -> None:
+    from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    for key, value in config_extra.items():
+        setattr(config, key, value)
+    config.save_pretrained(path)
+    save_torch_state_dict(hf_state, path, max_shard_size=MAX_SHARD_SIZE, safe_serialization=True)
+    GenerationConfig(bos_token_id=ids.get("bos_id"), eos_token_id=ids.get("eos_id"),
+                     pad_token_id=ids.get("pad_id")).save_pretrained(path)
+    if tokenizer_dir is not None:
+        _copy_tokenizer(Path(tokenizer_dir), path)
+    if card.strip():
+        (path / "README.md").write_text(card, encoding="utf-8")
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:

@@ -1,0 +1,155 @@
+"""QAT export: the fake-quantized weights for the plain checkpoint, and the packed compressed-tensors one.
+
+The packing itself is compressed-tensors' (the library vLLM and transformers read the format with):
+we hand each compressor the fake-quantized weight and the exact scales the forward used, so the
+integers/FP4 codes it stores dequantize back to the very weights we trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slimtrain.modules.plugin import ExportContext, ExportVariant, StateDict
+
+from .config import QATConfig, QuantSpec
+from .estimators import lsq_init_step
+from .linear import QATLinear
+from .reference import QParams
+
+# Our format -> compressed-tensors storage format (None: the format defines no packed layout).
+PACKED_FORMAT = {"int": "pack-quantized", "ternary": "pack-quantized", "fp8_e4m3": "float-quantized",
+                 "fp8_e5m2": None, "mxfp8": "mxfp8-quantized", "mxfp4": "mxfp4-pack-quantized",
+                 "nvfp4": "nvfp4-pack-quantized"}
+_STRATEGY = {"tensor": "tensor", "channel": "channel", "token": "token", "group": "group", "block": "block"}
+
+
+def quant_args(spec: QuantSpec, dynamic: bool) -> dict[str, Any] | None:
+    """compressed-tensors QuantizationArgs (as a dict) for `spec`, or None when it has no equivalent."""
+    f, g = spec.format, spec.resolved_granularity
+    args: dict[str, Any] = {"symmetric": spec.symmetric, "dynamic": dynamic, "strategy": _STRATEGY[g]}
+    if f in ("int", "ternary"):
+        args.update(num_bits=2 if f == "ternary" else spec.bits, type="int")
+    elif f == "fp8_e4m3" or f == "mxfp8":
+        args.update(num_bits=8, type="float")
+    elif f in ("mxfp4", "nvfp4"):
+        args.update(num_bits=4, type="float")
+    else:
+        return None
+    if g == "group":
+        args["group_size"] = spec.resolved_group_size
+    if g == "block":
+        args["block_structure"] = [spec.resolved_group_size] * 2
+    if f == "nvfp4":
+        args.update(strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
+        if dynamic:
+            return None  # NVFP4 inputs need a calibrated static tensor scale in this format; we use dynamic ones
+    if f in ("mxfp4", "mxfp8"):
+        args["scale_dtype"] = "torch.uint8"
+    return args
+
+
+def scheme(cfg: QATConfig, targets: list[str]):
+    """The compressed-tensors QuantizationScheme of the run (None when the weights' format has no packing)."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    fmt = PACKED_FORMAT[cfg.weights.format]
+    weights = quant_args(cfg.weights, dynamic=False)
+    if fmt is None or weights is None:
+        return None
+    acts = quant_args(cfg.activations, dynamic=True) if cfg.activations is not None else None
+    return QuantizationScheme(targets=targets, weights=weights, input_activations=acts, format=fmt)
+
+
+def ct_state(w_fq: torch.Tensor, qp: QParams) -> StateDict:
+    """The per-module dict a compressed-tensors compressor takes: weight plus scale tensors."""
+    state = {"weight": w_fq, "weight_scale": qp.scale.float()}
+    if qp.zero_point is not None:
+        state["weight_zero_point"] = qp.zero_point.to(torch.int8)
+    if qp.global_scale is not None:
+        state["weight_global_scale"] = qp.global_scale.float()
+    return state
+
+
+def compress(w_fq: torch.Tensor, qp: QParams, sch) -> StateDict:
+    """Packed tensors of one layer (local names: weight_packed, weight_scale, ...)."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    compressor = BaseCompressor.get_value_from_registry(sch.format)
+    return compressor.compress(ct_state(w_fq, qp), sch)
+
+
+def export_qat(cfg: QATConfig, layers: dict[str, QATLinear], ctx: ExportContext) -> None:
+    """Rewrite ctx.state to the fake-quantized weights and register the packed variant."""
+    packed: dict[str, tuple[torch.Tensor, QParams]] = {}
+    for name, layer in layers.items():
+        step = None
+        if cfg.estimator == "lsq":
+            base, gain = ctx.state.pop(f"{name}.weight_step_base"), ctx.state.pop(f"{name}.weight_step_gain")
+            calibrated = bool(ctx.state.pop(f"{name}.weight_step_calibrated"))
+            # Fake-quant never started: calibrate from the weights now, as the first quantized step would have.
+            step = base.float() * gain.float().view_as(base) if calibrated else lsq_init_step(
+                ctx.state[f"{name}.weight"], cfg.weights)
+        w_fq, qp = layer.export_weight(ctx.state[f"{name}.weight"].float(), step)
+        ctx.state[f"{name}.weight"] = w_fq
+        packed[f"{name}.weight"] = (w_fq, qp)
+    linears = [n for n, m in ctx.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    sch = scheme(cfg, targets=["Linear"])
+    if sch is None:
+        ctx.notes.append(f"qat: {cfg.weights.format} has no compressed-tensors layout; only the dequantized "
+                         "checkpoint was written")
+        return
+    ctx.variants.append(ExportVariant(
+        name="packed", transform=lambda hf, to_ours: _pack(hf, to_ours, packed, sch),
+        config=lambda hf_to_ours: {"quantization_config": quantization_config(sch, packed, linears, hf_to_ours)},
+        readme="Packed low-bit weights in the compressed-tensors format (vLLM, transformers).",
+    ))
+
+
+def _pack(hf_state: StateDict, to_ours: dict[str, str], packed: dict, sch) -> StateDict:
+    out: StateDict = {}
+    for hf_name, tensor in hf_state.items():
+        ours = to_ours.get(hf_name)
+        if ours not in packed:
+            out[hf_name] = tensor
+            continue
+        prefix = hf_name.removesuffix("weight")
+        w_fq, qp = packed[ours]
+        out.update({prefix + k: v for k, v in compress(w_fq, qp, sch).items()})
+    return out
+
+
+def quantization_config(sch, packed: dict, linears: list[str], hf_to_ours: dict[str, str]) -> dict[str, Any]:
+    """config.json's `quantization_config`: one config group over the Linear layers, the others ignored.
+
+    A Linear kept in high precision is listed in `ignore` by its HF module name; a tied output head
+    has no tensor of its own in the HF files and keeps its module name (`lm_head`).
+    """
+    from compressed_tensors.quantization import QuantizationConfig
+
+    ours_to_hf = {o: h.removesuffix(".weight") for h, o in hf_to_ours.items()}
+    ignore = sorted(ours_to_hf.get(f"{n}.weight", n) for n in linears if f"{n}.weight" not in packed)
+    config = QuantizationConfig(config_groups={"group_0": sch}, format=sch.format, quantization_status="compressed",
+                                ignore=ignore)
+    return config.model_dump(mode="json", exclude_none=True)
+
+
+@torch.no_grad()
+def dequantize_packed(layer_state: StateDict, sch) -> torch.Tensor:
+    """fp32 weights from one layer's packed tensors, decoded by compressed-tensors' own unpacking."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    fmt = sch.format
+    if fmt not in ("mxfp4-pack-quantized", "nvfp4-pack-quantized"):
+        state = {k: (v.float() if v.is_floating_point() and k != "weight_packed" else v) for k, v in layer_state.items()}
+        return BaseCompressor.get_value_from_registry(fmt).decompress(state, sch)["weight"].float()
+    # compressed-tensors' FP4 decompress returns bf16; decode the same codes in fp32 to compare exactly.
+    packed = layer_state["weight_packed"]
+    codes = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, dtype=torch.float32)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    scale = compressor._decompress_scale(layer_state["weight_scale"], torch.float32)
+    return dequantize(x_q=codes, scale=scale, args=sch.weights, global_scale=layer_state.get("weight_global_scale"),
+                      dtype=torch.float32)
