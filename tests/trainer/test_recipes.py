@@ -14,7 +14,8 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 
 
 def test_recipes_exist() -> None:
-    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "tiny-cpu.yaml"}
+    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "tiny-cpu.yaml", "qat-int4.yaml", "bitnet-b158.yaml",
+                                         "mxfp4.yaml", "qat-int4-cpu.yaml", "bitnet-b158-cpu.yaml", "mxfp4-cpu.yaml"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -45,6 +46,11 @@ def _write(path: Path, text: str) -> Path:
         ("train.micro_batch_size=16", "train.micro_batch_size=16 exceeds train.global_batch_size=8"),
         ("bogus=1", "bogus: unknown key — valid keys:"),
         ("train.steps", "not of the form key.sub=value"),
+        ("plugins=[{type: qat}]", "weights.group_size=32 does not divide the 176 input features of "
+                                  "'layers.0.mlp.down_proj'; use one of [16]"),
+        ("plugins=[{type: qat, weights: {format: int, bits: 1}}]", "plugins.0.weights: bits=1 is not supported"),
+        ("plugins=[{type: qat, weights: {format: nvfp4, bits: 4}}]", "format 'nvfp4' fixes its own width"),
+        ("plugins=[{type: qat, exclude: [head]}]", "exclude[0]='head' matches no module"),
     ],
 )
 def test_bad_recipes_say_what_to_fix(override: str, expected: str) -> None:

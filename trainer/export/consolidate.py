@@ -25,7 +25,7 @@ DS_TAG = "ds"
 class LoadedCheckpoint:
     """What export needs from a checkpoint directory.
 
-    state_dict: the weights to serve, after the recipe's plugins' export hooks (e.g. QAT's
+    state_dict: the weights to serve, after the recipe's plugins' export hooks (e.g.
     fake-quantized weights, its own tensors removed); `plugin_export` holds what else they asked for.
     """
 
