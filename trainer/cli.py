@@ -16,10 +16,19 @@ REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 def _ds_env() -> None:
     # DeepSpeed picks its accelerator at import time; on a machine without CUDA it must be told "cpu".
+    import logging
+    import warnings
+
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Keep the console for our progress: DeepSpeed's info/warning chatter and torch's deprecation
+    # notices about calls made inside DeepSpeed are not actionable for a user.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.ERROR)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -96,7 +105,10 @@ def _spawn_local(nproc: int, args: argparse.Namespace) -> int:
     """Start `nproc` ranks on this machine with torchrun; SIGTERM/SIGUSR1 are forwarded to them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "slimtrain.trainer.cli", "train", args.recipe, *args.overrides]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # Setting OMP_NUM_THREADS ourselves (cores shared between the local ranks) also keeps torchrun quiet.
     env = dict(os.environ, SLIMTRAIN_LOCAL_LAUNCH="1")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
     proc = subprocess.Popen(cmd, env=env)  # same process group: killing the group kills every rank
 
     def forward(signum: int, _frame) -> None:
