@@ -1,0 +1,71 @@
+"""QAT through `slimtrain train` on 2 gloo ranks: fake-quant starts at its step, LSQ state resumes bitwise,
+and the export of the trained checkpoint serves the QAT model's logits (transformers, packed and dequantized)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+from train_helpers import REPO, losses, run_train  # noqa: E402
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+# Fake-quant starts at step 3 (LSQ steps calibrated in its first forward); checkpoints at 3 and 6.
+QAT = ["model.intermediate_size=192", "train.steps=6", "checkpoint.every=3",
+       "plugins=[{type: qat, weights: {bits: 4, group_size: 32}, estimator: lsq, start_step: 2}]"]
+# The tokenizer and shards of tiny-cpu persist here between sessions (prepare verifies them on open).
+CACHE = REPO / ".cache" / "slimtrain" / "data"
+
+
+def test_lsq_qat_resumes_bitwise_and_exports_what_it_trained(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    proc = run_train(straight, CACHE, QAT)
+    assert proc.returncode == 0, proc.stdout
+    records = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["qat/active"] for r in records if "qat/active" in r} == {
+        1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0}
+
+    # A second run that starts from the straight run's step-3 checkpoint (taken just after calibration).
+    resumed = tmp_path / "resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_00000003", resumed / "step_00000003")
+    (resumed / "latest").write_text("step_00000003\n")
+    proc = run_train(resumed.parent, CACHE, QAT)
+    assert proc.returncode == 0 and "resumed" in proc.stdout, proc.stdout
+    after = losses(resumed.parent)
+    assert after == {s: v for s, v in losses(straight).items() if s > 3}  # bitwise: LSQ steps and flags resumed
+
+    _check_export(straight, tmp_path / "hf")
+
+
+def _check_export(run_dir: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from slimtrain.modules.plugins import build_plugins
+    from slimtrain.modules.transformer import Transformer
+    from slimtrain.trainer.export.consolidate import consolidate, load_checkpoint_for_export
+    from slimtrain.trainer.export.hf import export_checkpoint
+
+    export_checkpoint(run_dir, out)
+    ckpt = load_checkpoint_for_export(run_dir)
+    # Our QAT model, as the trainer built it, with the checkpoint's raw weights and LSQ state.
+    [plugin] = build_plugins(ckpt.recipe.plugins)
+    model = Transformer(ckpt.model_cfg.model_copy(update={"attention": "eager"}))
+    plugin.apply(model)
+    model.load_state_dict(consolidate(ckpt.path, ckpt.recipe.backend.zero_stage))
+    plugin.on_step_start(6)
+    model.eval()
+    ids = torch.randint(0, ckpt.model_cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids).logits
+        for variant in ("", "packed"):
+            hf = AutoModelForCausalLM.from_pretrained(out / variant, dtype=torch.float32, attn_implementation="eager")
+            assert float((hf.eval()(input_ids=ids).logits - ours).abs().max()) <= 1e-4, variant
+    config = json.loads((out / "packed" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["group_size"] == 32
