@@ -24,7 +24,7 @@ def run_quickstart(recipe_path: Path, overrides: list[str]) -> int:
     return export_and_generate(run_dir)
 
 
-PROMPT = "def fibonacci(n):\n    "
+PROMPT = "class Stack:\n    def __init__(self"
 
 
 def export_and_generate(run_dir: Path) -> int:
