@@ -4,7 +4,8 @@ transformers' LlamaForCausalLM with the same config, data, optimizer and precisi
     python benchmarks/step.py                      # CPU preset
     python benchmarks/step.py --preset 1b          # ~1B model, seq 4096, bf16 (GPU)
 
-Prints tokens/s of both, the ratio ours/baseline and MFU (GPU), then one JSON line.
+Contenders are timed in alternating rounds (median round each). Prints tokens/s of both, the
+ratio ours/baseline and MFU (GPU), then one JSON line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -51,15 +53,14 @@ def _batches(vocab: int, micro: int, seq: int, n: int, device: torch.device):
     return out
 
 
-def bench_ours(cfg, batches, steps: int, warmup: int, bf16: bool, attention: str, zero: int = 1) -> float:
-    """Tokens/s of our step: Transformer + DeepSpeed (ZeRO-`zero`) + fp32-upcast CE, one rank."""
+def make_ours(cfg, device: torch.device, micro: int, bf16: bool, attention: str, zero: int):
+    """Our step: Transformer + DeepSpeed (ZeRO-`zero`) + fp32-upcast CE, one rank."""
     from slimtrain.modules.transformer import Transformer
     from slimtrain.trainer.backends.deepspeed import DeepSpeedBackend
     from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
     from slimtrain.trainer.losses import lm_loss
     from slimtrain.trainer.optim import build_optimizer, build_scheduler
 
-    micro = batches[0].input_ids.shape[0]
     model = Transformer(cfg.model_copy(update={"attention": attention}))
     optim_cfg = OptimConfig(lr=1e-4)
     backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=zero, precision="bf16" if bf16 else "fp32"),
@@ -67,20 +68,19 @@ def bench_ours(cfg, batches, steps: int, warmup: int, bf16: bool, attention: str
     model.to(backend.device)
     opt = build_optimizer(model, optim_cfg)
     backend.setup(model, opt, build_scheduler(opt, optim_cfg.schedule, 10**6))
-    return _timed(lambda b: backend.train_step([b], lm_loss), batches, steps, warmup)
+    return lambda b: backend.train_step([b], lm_loss)
 
 
-def bench_plain_ours(cfg, batches, steps: int, warmup: int, bf16: bool, attention: str) -> float:
+def make_plain_ours(cfg, device: torch.device, bf16: bool, attention: str):
     """Our model inside the baseline's plain loop: separates model speed from engine overhead."""
     from slimtrain.modules.transformer import Transformer
 
-    device = batches[0].input_ids.device
     model = Transformer(cfg.model_copy(update={"attention": attention})).to(device)
-    return _plain_loop(model, batches, steps, warmup, bf16, lambda m, b: m(b.input_ids, position_ids=b.position_ids).logits)
+    return _plain_step(model, device, bf16, lambda m, b: m(b.input_ids, position_ids=b.position_ids).logits)
 
 
-def bench_hf(cfg, batches, steps: int, warmup: int, bf16: bool) -> float:
-    """Tokens/s of the plain loop: LlamaForCausalLM (sdpa) + torch AdamW + clipping.
+def make_hf(cfg, device: torch.device, bf16: bool):
+    """The plain loop: LlamaForCausalLM (sdpa) + torch AdamW + clipping.
 
     bf16 is the usual mixed precision of a plain loop: fp32 weights and optimizer, bf16 autocast,
     the same numerics as our DeepSpeed bf16 step (bf16 compute, fp32 master weights).
@@ -89,16 +89,13 @@ def bench_hf(cfg, batches, steps: int, warmup: int, bf16: bool) -> float:
 
     from slimtrain.trainer.export.llama import hf_config
 
-    device = batches[0].input_ids.device
     hf_cfg = hf_config(cfg, bos_id=None, eos_id=0)
     hf_cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(hf_cfg).to(device)
-    forward = lambda m, b: m(input_ids=b.input_ids, position_ids=b.position_ids).logits  # noqa: E731
-    return _plain_loop(model, batches, steps, warmup, bf16, forward)
+    return _plain_step(model, device, bf16, lambda m, b: m(input_ids=b.input_ids, position_ids=b.position_ids).logits)
 
 
-def _plain_loop(model, batches, steps: int, warmup: int, bf16: bool, forward) -> float:
-    device = batches[0].input_ids.device
+def _plain_step(model, device: torch.device, bf16: bool, forward):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
 
@@ -111,19 +108,26 @@ def _plain_loop(model, batches, steps: int, warmup: int, bf16: bool, forward) ->
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _timed(step, batches, steps, warmup)
+    return step
 
 
-def _timed(step, batches, steps: int, warmup: int) -> float:
-    for i in range(warmup):
-        step(batches[i % len(batches)])
-    _sync()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    _sync()
-    tokens = steps * batches[0].input_ids.numel()
-    return tokens / (time.perf_counter() - t0)
+def measure(steps: dict, batches, rounds: int, per_round: int, warmup: int) -> dict[str, float]:
+    """Tokens/s of each step function: warm up, then alternate rounds between them and take each one's
+    median round, so that load changes on a shared machine hit every contender alike."""
+    for fn in steps.values():
+        for i in range(warmup):
+            fn(batches[i % len(batches)])
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    tokens = per_round * batches[0].input_ids.numel()
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            _sync()
+            t0 = time.perf_counter()
+            for i in range(per_round):
+                fn(batches[i % len(batches)])
+            _sync()
+            rates[name].append(tokens / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def _sync() -> None:
@@ -137,7 +141,8 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="1b" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per contender")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--attention", default="auto")
     p.add_argument("--seq", type=int, default=None)
@@ -149,19 +154,18 @@ def main() -> None:
     seq, micro = args.seq or preset["seq"], args.micro or preset["micro"]
     cfg = ModelConfig(max_seq_len=seq, **preset["model"])
     gpu = torch.cuda.is_available()
-    steps = args.steps or (10 if gpu else 5)
+    per_round = args.steps or (5 if gpu else 2)
     if not gpu:
         torch.set_num_threads(os.cpu_count() or 1)
     _init_dist()
     device = torch.device("cuda" if gpu else "cpu")
     batches = _batches(cfg.vocab_size, micro, seq, 4, device)
-    hf_tps = bench_hf(cfg, batches, steps, args.warmup, bf16=gpu)
-    if gpu:
-        torch.cuda.empty_cache()
-    plain_tps = bench_plain_ours(cfg, batches, steps, args.warmup, gpu, args.attention) if args.plain else None
-    if gpu:
-        torch.cuda.empty_cache()
-    ours_tps = bench_ours(cfg, batches, steps, args.warmup, bf16=gpu, attention=args.attention, zero=args.zero)
+    steps = {"hf": make_hf(cfg, device, bf16=gpu),
+             "ours": make_ours(cfg, device, micro, gpu, args.attention, args.zero)}
+    if args.plain:
+        steps["ours_plain"] = make_plain_ours(cfg, device, gpu, args.attention)
+    rates = measure(steps, batches, args.rounds, per_round, args.warmup)
+    hf_tps, ours_tps, plain_tps = rates["hf"], rates["ours"], rates.get("ours_plain")
     peak = Throughput(cfg.flops_per_token(seq)).peak
     fpt = cfg.flops_per_token(seq)
     result = {
