@@ -71,4 +71,6 @@ def nvfp4_global_scale(amax_tensor: torch.Tensor) -> torch.Tensor:
 
 def nvfp4_block_scale(amax_block: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """E4M3 block scales (as float8_e4m3fn) such that block amax maps to 6 after `/ (scale / global)`."""
-    return (global_scale * amax_block / FP4_E2M1_MAX).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    scaled = global_scale * amax_block
+    # a same-shaped divisor: CUDA torch multiplies by the reciprocal of a scalar divisor (not IEEE division)
+    return (scaled / torch.full_like(scaled, FP4_E2M1_MAX)).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)

@@ -11,6 +11,8 @@ Tests run them on CPU under TRITON_INTERPRET=1; on CUDA they are the default (`k
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,13 @@ MODE_INT_SYM, MODE_INT_ASYM, MODE_MXFP4, MODE_NVFP4, MODE_TERNARY = 0, 1, 2, 3, 
 _RINT = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 to the nearest integer, ties to even
 _TINY = 1.1754943508222875e-38
 MAX_GROUP = 16384
+
+
+@triton.jit
+def _div(a, b):
+    # IEEE round-to-nearest division, as torch does it: plain `/` on fp32 compiles to an approximate
+    # division on NVIDIA GPUs, which moves scales by an ulp and breaks bit-equality with the reference.
+    return tl.math.div_rn(a, b + tl.zeros_like(a))  # b broadcast (or a constant made a tensor) to a's shape
 
 
 @triton.jit
@@ -46,7 +55,7 @@ def _pow2(e):
 def _round_fp4(v):
     a = tl.abs(v)
     step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
-    q = _rint(a / step) * step
+    q = _rint(_div(a, step)) * step
     return tl.where(v < 0, -q, q)
 
 
@@ -55,7 +64,7 @@ def _round_e4m3(a):
     """Nearest E4M3 value of 0 <= a <= 448 (3 mantissa bits; subnormal spacing 2**-9), ties to even."""
     e = tl.maximum(_floor_log2(a), -6)
     step = _pow2(e - 3)
-    return _rint(a / step) * step
+    return _rint(_div(a, step)) * step
 
 
 @triton.jit
@@ -64,19 +73,19 @@ def _scales(x, tscale, MODE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexp
     zp = tl.zeros([x.shape[0]], dtype=tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
     if MODE == 0:
-        s = tl.maximum(amax / QMAX, 1.1754943508222875e-38)
+        s = tl.maximum(_div(amax, QMAX * 1.0), 1.1754943508222875e-38)
         lo, hi = QMIN * 1.0, QMAX * 1.0
     elif MODE == 1:
         mn = tl.minimum(tl.min(x, axis=1), 0.0)
         mx = tl.maximum(tl.max(x, axis=1), 0.0)
-        s = tl.maximum((mx - mn) / (QMAX - QMIN), 1.1754943508222875e-38)
-        zp = tl.minimum(tl.maximum(_rint(QMIN - mn / s), QMIN * 1.0), QMAX * 1.0)
+        s = tl.maximum(_div(mx - mn, (QMAX - QMIN) * 1.0), 1.1754943508222875e-38)
+        zp = tl.minimum(tl.maximum(_rint(QMIN - _div(mn, s)), QMIN * 1.0), QMAX * 1.0)
         lo, hi = QMIN * 1.0, QMAX * 1.0
     elif MODE == 2:
         s = _pow2(tl.minimum(tl.maximum(_floor_log2(amax) - 2, -127), 127))
         lo, hi = -6.0, 6.0
     elif MODE == 3:
-        s = _round_e4m3(tl.minimum(tscale * amax / 6.0, 448.0)) / tscale
+        s = _div(_round_e4m3(tl.minimum(_div(tscale * amax, 6.0), 448.0)), tscale)
         lo, hi = -6.0, 6.0
     else:
         s = tl.zeros([x.shape[0]], dtype=tl.float32) + tscale
@@ -95,7 +104,7 @@ def _fq_fwd_kernel(x_ptr, y_ptr, tscale_ptr, n_groups, G, MODE: tl.constexpr, QM
     tscale = tl.load(tscale_ptr)
     s, zp, lo, hi = _scales(x, tscale, MODE, QMIN, QMAX)
     safe = tl.where(s > 0, s, 1.0)
-    v = x / safe[:, None] + zp[:, None]
+    v = _div(x, safe[:, None]) + zp[:, None]
     c = tl.minimum(tl.maximum(v, lo), hi)
     if MODE == 2 or MODE == 3:
         q = _round_fp4(c)
@@ -116,23 +125,29 @@ def _fq_bwd_kernel(g_ptr, x_ptr, gx_ptr, tscale_ptr, n_groups, G, MODE: tl.const
     tscale = tl.load(tscale_ptr)
     s, zp, lo, hi = _scales(x, tscale, MODE, QMIN, QMAX)
     safe = tl.where(s > 0, s, 1.0)
-    v = x / safe[:, None] + zp[:, None]
+    v = _div(x, safe[:, None]) + zp[:, None]
     keep = (v >= lo - MARGIN) & (v <= hi + MARGIN)
     g = tl.load(g_ptr + offs, mask=inside, other=0.0)
     tl.store(gx_ptr + offs, tl.where(keep, g, 0.0).to(gx_ptr.dtype.element_ty), mask=inside)
+
+
+@functools.lru_cache(maxsize=None)
+def _one(device: torch.device) -> torch.Tensor:
+    return torch.ones(1, dtype=torch.float32, device=device)  # allocated once: launches are per layer per step
 
 
 def _plan(x: torch.Tensor, spec: QuantSpec) -> tuple[int, int, int, int, torch.Tensor]:
     """(mode, group length, qmin, qmax, tensor scale) of `spec` for x."""
     fmt, g = spec.format, spec.resolved_granularity
     size = x.shape[-1] if g in ("channel", "token", "tensor") else spec.resolved_group_size
-    one = torch.ones(1, dtype=torch.float32, device=x.device)
+    one = _one(x.device)
     if fmt == "ternary":
         return MODE_TERNARY, size, -1, 1, x.detach().float().reshape(1, -1).abs().mean(-1).clamp(min=1e-5)
     if fmt == "mxfp4":
         return MODE_MXFP4, size, 0, 0, one
     if fmt == "nvfp4":
-        return MODE_NVFP4, size, 0, 0, nvfp4_global_scale(x.detach().abs().amax())
+        lo, hi = torch.aminmax(x.detach())  # no |x| temporary; max is exact whichever way it is taken
+        return MODE_NVFP4, size, 0, 0, nvfp4_global_scale(torch.maximum(-lo, hi).float())
     if fmt == "int" and g in ("group", "channel", "token"):
         qmin, qmax = int_range(spec.bits, spec.symmetric)
         return (MODE_INT_SYM if spec.symmetric else MODE_INT_ASYM), size, qmin, qmax, one

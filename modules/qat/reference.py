@@ -52,6 +52,12 @@ def to_blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, Callable[
     return tiles, lambda y: y.unflatten(-1, (size, size)).transpose(1, 2).reshape(shape)
 
 
+def _div(a: torch.Tensor, b: float) -> torch.Tensor:
+    # Divide by a same-shaped tensor, not a Python scalar: on CUDA torch turns division by a scalar into
+    # multiplication by its reciprocal, which is an ulp off IEEE division (the kernels divide exactly).
+    return a / torch.full_like(a, b)
+
+
 @torch.no_grad()
 def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> QParams:
     """Scales (and zero points) for `x` from its statistics: absmax, min/max, or absmean (ternary)."""
@@ -62,17 +68,17 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> QParams:
     if fmt == "int" and not spec.symmetric:
         qmin, qmax = int_range(spec.bits, False)
         lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / (qmax - qmin)).clamp(min=TINY)
+        scale = _div(hi - lo, qmax - qmin).clamp(min=TINY)
         return QParams(scale, zero_point=torch.round(qmin - lo / scale).clamp(qmin, qmax))
     amax = blocks.abs().amax(-1)
     if fmt == "int":
-        return QParams((amax / int_range(spec.bits, True)[1]).clamp(min=TINY))
+        return QParams(_div(amax, int_range(spec.bits, True)[1]).clamp(min=TINY))
     if fmt in ("mxfp4", "mxfp8"):
         return QParams(mx_scale(amax, fmt))
     if fmt == "nvfp4":
         global_scale = nvfp4_global_scale(amax.amax())
         return QParams(nvfp4_block_scale(amax, global_scale), global_scale=global_scale)
-    return QParams((amax / element_max(fmt)).clamp(min=TINY))
+    return QParams(_div(amax, element_max(fmt)).clamp(min=TINY))
 
 
 def element_range(spec: QuantSpec) -> tuple[float, float]:

@@ -1,0 +1,198 @@
+"""What QAT buys: eval loss of a dense model, of its round-to-nearest int4 PTQ, of int4 QAT and of BitNet b1.58,
+all trained on the quickstart corpus with the same data, steps and seed; plus, on a GPU, the step-time cost.
+
+    python benchmarks/qat.py                           # quickstart model, 2 CPU ranks (about 4 runs x a few minutes)
+    python benchmarks/qat.py --preset tiny --steps 40  # smoke-sized
+    python benchmarks/qat.py --overhead                # GPU: step time dense vs QAT (Triton kernels / PyTorch)
+    python benchmarks/qat.py --kernels                 # GPU: each kernel vs its PyTorch reference
+
+Quality: (a) dense, (b) (a) after round-to-nearest int4 group-32 PTQ, (c) int4 group-32 QAT (LSQ),
+recovered = (b - c) / (b - a); and (d) ternary b1.58 QAT against (a). Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = {  # recipe bases; intermediate 704 so that groups of 32 divide every Linear's input
+    "quickstart": {"dense": "quickstart.yaml", "int4": "qat-int4-cpu.yaml", "ternary": "bitnet-b158-cpu.yaml",
+                   "overrides": ["model.intermediate_size=704"]},
+    "tiny": {"dense": "tiny-cpu.yaml", "int4": "qat-int4-cpu.yaml", "ternary": "bitnet-b158-cpu.yaml",
+             "overrides": ["model.intermediate_size=192"]},
+}
+RTN = {"type": "qat", "weights": {"format": "int", "bits": 4, "group_size": 32}, "estimator": "ste"}
+
+
+def train(recipe: str, name: str, args: argparse.Namespace, extra: list[str]) -> Path:
+    """Run `slimtrain train` on 2 local ranks; returns the run directory."""
+    run_dir = Path(args.out) / name
+    preset = PRESETS[args.preset]
+    overrides = [*preset["overrides"], f"train.steps={args.steps}", f"checkpoint.every={args.steps}",
+                 f"run.output_dir={run_dir}", "logging.progress=false", "logging.plot=false", "eval.every=0", *extra]
+    if args.preset == "tiny":  # the tiny model with the qat recipes' plugin blocks
+        overrides += ["model.hidden_size=64", "model.num_layers=2", "model.max_seq_len=64", "data.seq_len=64",
+                      "data.sources=[{type: python-stdlib, max_documents: 300}]", "data.tokenizer.train.vocab_size=512",
+                      "train.global_batch_size=8", "train.micro_batch_size=2"]
+    cmd = [sys.executable, "-m", "slimtrain.trainer.cli", "train", str(REPO / "recipes" / recipe), "--nproc=2", *overrides]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        raise SystemExit(f"training {name} failed:\n{proc.stdout[-4000:]}")
+    print(f"trained {name} ({recipe}, {args.steps} steps) in {time.monotonic() - start:.0f}s", flush=True)
+    return run_dir
+
+
+@torch.no_grad()
+def eval_loss(run_dir: Path, plugin_blocks: list[dict] | None, batches: int) -> float:
+    """Mean token loss on the first `batches` validation micro-batches, with the checkpoint's plugins
+    (or `plugin_blocks` applied to its weights, e.g. RTN PTQ) active."""
+    from slimtrain.data import build_loader, prepare
+    from slimtrain.modules.plugins import build_plugins, validate_plugin_config
+    from slimtrain.modules.transformer import Transformer
+    from slimtrain.trainer.export.consolidate import consolidate, load_checkpoint_for_export
+
+    ckpt = load_checkpoint_for_export(run_dir)
+    configs = ckpt.recipe.plugins if plugin_blocks is None else [validate_plugin_config(b) for b in plugin_blocks]
+    plugins = build_plugins(configs)
+    model = Transformer(ckpt.model_cfg)
+    for plugin in plugins:
+        plugin.apply(model)
+    model.load_state_dict(consolidate(ckpt.path, ckpt.recipe.backend.zero_stage))
+    for plugin in plugins:
+        plugin.on_step_start(ckpt.trainer_state["step"] + 1)  # fake-quant on, as in serving
+    model.eval()
+    prepared = prepare(ckpt.recipe.data, progress=False)
+    loader = build_loader(prepared, "val", rank=0, world_size=1, micro_batch_size=8, global_batch_size=8,
+                          seed=ckpt.recipe.run.seed)
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids).logits
+        total += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(),
+                                                         ignore_index=-100, reduction="sum"))
+        count += int((batch.labels != -100).sum())
+    return total / count
+
+
+def quality(args: argparse.Namespace) -> dict:
+    preset = PRESETS[args.preset]
+    dense = train(preset["dense"], "dense", args, [])
+    int4 = train(preset["int4"], "qat-int4", args, [])
+    ternary = train(preset["ternary"], "bitnet-b158", args, [])
+    a = eval_loss(dense, None, args.eval_batches)
+    b = eval_loss(dense, [RTN], args.eval_batches)
+    c = eval_loss(int4, None, args.eval_batches)
+    t = eval_loss(ternary, None, args.eval_batches)
+    result = {"preset": args.preset, "steps": args.steps, "eval_batches": args.eval_batches,
+              "dense": round(a, 4), "int4_rtn_ptq": round(b, 4), "int4_qat": round(c, 4),
+              "int4_recovered": round((b - c) / (b - a), 3) if b != a else None, "ternary_b158_qat": round(t, 4)}
+    print(f"(a) dense                 eval loss {a:.4f}\n(b) int4 g32 RTN PTQ      eval loss {b:.4f}\n"
+          f"(c) int4 g32 QAT (LSQ)    eval loss {c:.4f}   recovered (b-c)/(b-a) = {result['int4_recovered']}\n"
+          f"(d) ternary b1.58 QAT     eval loss {t:.4f}   vs dense {t - a:+.4f}")
+    return result
+
+
+def _timed(fn, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def overhead(args: argparse.Namespace) -> dict:
+    """Step time (forward, backward, AdamW; bf16) of the qat-int4 recipe's model on `--micro-batch` rows of 1024
+    tokens: dense vs QAT. The fake-quant cost is per weight, so its share falls as tokens per step grow."""
+    from slimtrain.modules.plugins import build_plugins, validate_plugin_config
+    from slimtrain.modules.transformer import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                      num_kv_heads=4, max_seq_len=1024, attention="sdpa")
+    ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, 1024), device="cuda")
+    out = {}
+    for name, block in [("dense", None), ("int4_g32_triton", {**RTN, "kernels": "triton"}),
+                        ("int4_g32_torch", {**RTN, "kernels": "torch"}),
+                        ("nvfp4_triton", {"type": "qat", "weights": {"format": "nvfp4"}, "kernels": "triton"}),
+                        ("ternary_a8_triton", {"type": "qat", "weights": {"format": "ternary"}, "kernels": "triton",
+                                               "activations": {"format": "int", "bits": 8, "granularity": "token"}})]:
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        plugins = build_plugins([validate_plugin_config(block)]) if block else []
+        for p in plugins:
+            p.apply(model)
+            p.on_step_start(1)
+        model.to("cuda", torch.bfloat16)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(model(ids).logits.float().flatten(0, 1), ids.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        out[name] = _timed(step, args.timing_steps, 3) * 1000
+        del model, opt
+    base = out["dense"]
+    print("\n".join(f"{k:20s} {v:8.1f} ms/step  ({v / base - 1:+.1%} vs dense)" for k, v in out.items()))
+    return {"step_ms": {k: round(v, 2) for k, v in out.items()},
+            "overhead": {k: round(v / base - 1, 4) for k, v in out.items() if k != "dense"}}
+
+
+def kernels(args: argparse.Namespace) -> dict:
+    """Each kernel vs its PyTorch reference on a 4096 x 4096 bf16 weight: equality and time."""
+    from slimtrain.modules.qat import kernels as k
+    from slimtrain.modules.qat.config import QuantSpec
+    from slimtrain.modules.qat.reference import fake_quant_reference
+
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for name, block in [("int4_g32", {"format": "int", "bits": 4}), ("int4_g128_asym", {"format": "int", "bits": 4,
+                        "group_size": 128, "symmetric": False}), ("mxfp4", {"format": "mxfp4"}),
+                        ("nvfp4", {"format": "nvfp4"}), ("ternary", {"format": "ternary"})]:
+        spec = QuantSpec(**block).check_role("weights", 4)
+        y, tscale = k.fake_quant_forward(x, spec)
+        ref, mask, _ = fake_quant_reference(x, spec)
+        g = torch.randn_like(x)
+        equal = torch.equal(y, ref) and torch.equal(k.fake_quant_backward(g, x, spec, tscale), g * mask)
+        tk = _timed(lambda: k.fake_quant_forward(x, spec), 20, 3) * 1e3
+        tr = _timed(lambda: fake_quant_reference(x, spec), 20, 3) * 1e3
+        out[name] = {"equal": equal, "kernel_ms": round(tk, 3), "reference_ms": round(tr, 3), "speedup": round(tr / tk, 1)}
+        print(f"{name:16s} equal={equal}  kernel {tk:.3f} ms  reference {tr:.3f} ms  ({tr / tk:.1f}x)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), default="quickstart")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps of every run (quickstart: 120)")
+    parser.add_argument("--eval-batches", type=int, default=32, help="validation micro-batches of 8 rows")
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench-qat"))
+    parser.add_argument("--overhead", action="store_true", help="GPU: QAT step-time overhead")
+    parser.add_argument("--kernels", action="store_true", help="GPU: kernels vs references")
+    parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--micro-batch", type=int, default=8, help="--overhead: rows of 1024 tokens per step")
+    args = parser.parse_args()
+    result = {}
+    if args.kernels:
+        result["kernels"] = kernels(args)
+    if args.overhead:
+        result.update({"micro_batch": args.micro_batch, **overhead(args)})
+    if not (args.kernels or args.overhead):
+        result = quality(args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
