@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -44,8 +43,25 @@ def run_until_checkpoint_then_kill(run_dir: Path, cache: Path, step: int, overri
         else:
             raise AssertionError(f"checkpoint {step} never appeared")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every descendant: torchrun starts its workers in sessions of their own, so a
+    process-group kill would leave them running."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        family = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def losses(run_dir: Path) -> dict[int, float]:
