@@ -27,7 +27,7 @@ quickstart: install
 	$(VENV)/bin/slimtrain quickstart
 
 test: install cluster-up
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS) tests
