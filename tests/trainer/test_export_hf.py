@@ -91,3 +91,20 @@ def test_bad_input_writes_nothing(tmp_path: Path) -> None:
         write_hf_dir(Transformer(cfg).state_dict(), cfg, tmp_path / "x", tokenizer_dir=None, ids=IDS,
                      adapter_name="qwen3_moe")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_large_exports_are_sharded_with_an_index_that_loads(tmp_path: Path, monkeypatch) -> None:
+    import slimtrain.trainer.export.hf as hf_module
+    from slimtrain.trainer.export.importer import read_hf_state
+    from slimtrain.trainer.export.llama import from_hf
+
+    monkeypatch.setattr(hf_module, "MAX_SHARD_SIZE", "64KB")  # the real threshold is 5GB
+    cfg = ModelConfig(max_seq_len=64, **CONFIGS["gqa-untied"])
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    out = write_hf_dir(model.state_dict(), cfg, tmp_path / "hf", tokenizer_dir=None, ids=IDS)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2 and not (out / "model.safetensors").exists()
+    assert compare_logits(out, model.state_dict(), cfg) <= 1e-4
+    back = from_hf(read_hf_state(out), cfg)
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
