@@ -105,10 +105,11 @@ def _spawn_local(nproc: int, args: argparse.Namespace) -> int:
     """Start `nproc` ranks on this machine with torchrun; SIGTERM/SIGUSR1 are forwarded to them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "slimtrain.trainer.cli", "train", args.recipe, *args.overrides]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from slimtrain.trainer.run import threads_per_rank
+
     # Setting OMP_NUM_THREADS ourselves (cores shared between the local ranks) also keeps torchrun quiet.
     env = dict(os.environ, SLIMTRAIN_LOCAL_LAUNCH="1")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     proc = subprocess.Popen(cmd, env=env)  # same process group: killing the group kills every rank
 
     def forward(signum: int, _frame) -> None:

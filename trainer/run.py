@@ -106,13 +106,18 @@ def build_parts(recipe: Recipe) -> RunParts:
     return RunParts(model_cfg, backend, loader, make_val_loader, grad_accum, prepared, plugins)
 
 
-def set_cpu_threads(local_world_size: int) -> None:
-    """Share the machine's cores between the local ranks (torchrun would pin each to 1 thread)."""
-    if torch.cuda.is_available() or "SLIMTRAIN_THREADS" in os.environ and not os.environ["SLIMTRAIN_THREADS"]:
-        return
+def threads_per_rank(local_world_size: int) -> int:
+    """This machine's usable cores shared between its local ranks (at least 1 each)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = int(os.environ.get("SLIMTRAIN_THREADS") or max(1, cores // max(local_world_size, 1)))
-    torch.set_num_threads(threads)
+    return max(1, cores // max(local_world_size, 1))
+
+
+def set_cpu_threads(local_world_size: int) -> None:
+    """Give each local CPU rank its share of the cores (torchrun would pin each to 1 thread);
+    SLIMTRAIN_THREADS overrides the count."""
+    if torch.cuda.is_available():
+        return
+    torch.set_num_threads(int(os.environ.get("SLIMTRAIN_THREADS") or threads_per_rank(local_world_size)))
 
 
 def write_run_files(recipe: Recipe, recipe_yaml: str) -> Path:

@@ -18,7 +18,7 @@ from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import CheckpointError
 from slimtrain.trainer.recipe import validate_recipe
 
-DS_TAG = "ds"
+from slimtrain.trainer.backends.deepspeed import DS_TAG
 
 
 @dataclass
