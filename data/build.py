@@ -149,7 +149,7 @@ def prepare_source(
         remove_stale_tmp(directory)
         settings = EncodeSettings(
             eos_id=tok.eos_id, bos_id=tok.bos_id if cfg.tokenizer.add_bos else None, dtype=dtype.name,
-            val_fraction=cfg.val_fraction, tokenizer_hash=tok.hash,
+            val_fraction=cfg.val_fraction, tokenizer_hash=tok.hash, fast_encode=cfg.tokenizer.fast_encode,
         )
         shards, timing = _write_shards(cfg, src, tok, directory, settings, progress)
         manifest = _manifest(cfg, src, tok, settings, shards, timing)

@@ -7,6 +7,7 @@ text field present), so bad input fails fast and leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -71,16 +72,17 @@ def digest(parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def stdlib_files() -> list[Path]:
+@functools.lru_cache(maxsize=1)
+def stdlib_files() -> tuple[Path, ...]:
     """Every `.py` file of this interpreter's standard library (no site/dist-packages), sorted by path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = sysconfig.get_paths()["stdlib"]
     found = []
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root).parts
-        if "site-packages" in parts or "dist-packages" in parts:
-            continue
-        found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages")]  # never walk installed packages
+        rel = os.path.relpath(directory, root)
+        found += [(Path(rel, f).as_posix() if rel != "." else f, os.path.join(directory, f)) for f in files
+                  if f.endswith(".py")]
+    return tuple(Path(path) for _, path in sorted(found))
 
 
 class StdlibSource(DocumentSource):
