@@ -51,7 +51,9 @@ def init_worker(tokenizer_json: str, single_thread: bool = True) -> None:
     from tokenizers import Tokenizer
 
     _TOKENIZER = Tokenizer.from_str(tokenizer_json)
-    _FAST = FastByteLevelEncoder(_TOKENIZER) if supports(tokenizer_json) else None
+    _TOKENIZER.no_truncation()  # a tokenizer.json saved with either would silently cut or pad documents
+    _TOKENIZER.no_padding()
+    _FAST = FastByteLevelEncoder(_TOKENIZER) if supports(_TOKENIZER.to_str()) else None
 
 
 def encode_ids(texts: list[str], fast: bool = True) -> list[Any]:

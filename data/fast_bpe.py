@@ -61,11 +61,14 @@ _ASCII_TO_BYTE_LEVEL = {b: c for b, c in _byte_level_alphabet().items() if b < 1
 
 def supports(tokenizer_json: str) -> bool:
     """Whether `tokenizer_json` is a byte-level BPE whose encoding this module reproduces exactly:
-    no normalizer, the GPT-2 regex ByteLevel pre-tokenizer without a prefix space, a BPE model without dropout."""
+    no normalizer, the GPT-2 regex ByteLevel pre-tokenizer without a prefix space, a BPE model without dropout,
+    and neither truncation nor padding (prepare switches both off: documents are never cut or padded)."""
     spec = json.loads(tokenizer_json)
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
     return (
         spec.get("normalizer") is None
+        and spec.get("truncation") is None
+        and spec.get("padding") is None
         and pre.get("type") == "ByteLevel"
         and pre.get("use_regex", True)
         and not pre.get("add_prefix_space", False)
@@ -113,6 +116,7 @@ class FastByteLevelEncoder:
 
     def __init__(self, tokenizer: Any) -> None:  # tokenizers.Tokenizer
         self._tok = tokenizer
+        # Read once: the worker's tokenizer never changes after this (see data/encode.py).
         self._added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
         self._cache = _WordCache(tokenizer.model)
         self._stand_in = {"": b"", "x": self._cache["x"], " x": self._cache[" x"]}
@@ -128,10 +132,9 @@ class FastByteLevelEncoder:
         its non-ASCII characters (for HF), and the ASCII stretches between them."""
         slow: list[list[int]] = []
         for m in _NON_ASCII.finditer(text):
-            hi = _next_cut(text, m.end())
-            if slow and m.start() < slow[-1][1]:  # inside the previous piece: extend it
-                slow[-1][1] = max(slow[-1][1], hi)
+            if slow and m.start() < slow[-1][1]:  # inside the previous piece, which ends at a cut after it
                 continue
+            hi = _next_cut(text, m.end())
             floor = slow[-1][1] if slow else 0
             lo = _last_cut(text, floor, m.start())
             if slow and lo == floor:
@@ -159,7 +162,10 @@ class FastByteLevelEncoder:
                 ids = self._ascii_ids(text[start:end] + follow)
                 parts.append(ids[: len(ids) - len(tail)])
             else:
-                slow.append((len(parts), text[start:end] + follow, tail))
+                piece = text[start:end] + follow
+                if any(a in piece for a in self._added):  # an added token could match across the stand-in
+                    return self._hf_ids([text])[0]
+                slow.append((len(parts), piece, tail))
                 parts.append(b"")
         for (i, _, tail), ids in zip(slow, self._hf_ids([piece for _, piece, _ in slow])):
             raw = ids.tobytes()

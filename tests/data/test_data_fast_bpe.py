@@ -98,3 +98,43 @@ def test_prepare_writes_the_same_shards_either_way(data_config) -> None:
         return prepared.train.fingerprint, prepared.val.fingerprint, prepared.train.num_tokens
 
     assert shard_checksums(True) == shard_checksums(False)
+
+
+def test_added_token_that_could_match_the_stand_in(stdlib_tokenizer) -> None:
+    """An added token "x" that strips the whitespace before it: it must not swallow a cut piece's newline."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_str(stdlib_tokenizer.to_str())
+    tok.add_tokens([AddedToken("x", lstrip=True), AddedToken("\nq", special=True)])
+    texts = ["é\nA", "é\tfoo bar", "é\n    foo", "中\nq é\nA", "plain x text é\nA"]
+    for text, (fast, hf) in zip(texts, _pairs(tok, texts)):
+        assert fast == hf, text
+
+
+def test_truncation_and_padding_are_switched_off_in_prepare(stdlib_tokenizer) -> None:
+    """A tokenizer.json saved with truncation or padding must not cut or pad documents."""
+    from tokenizers import Tokenizer
+
+    from slimtrain.data import encode
+
+    text = "def f(x):\n    return x + 1  # é\n" * 20
+    full = stdlib_tokenizer.encode(text, add_special_tokens=False).ids
+    tok = Tokenizer.from_str(stdlib_tokenizer.to_str())
+    tok.enable_truncation(max_length=8)
+    tok.enable_padding(length=4096, pad_id=0)
+    assert not supports(tok.to_str())
+    for fast in (True, False):
+        encode.init_worker(tok.to_str(), single_thread=False)
+        assert list(encode.encode_ids([text], fast)[0]) == full
+
+
+def test_long_non_ascii_text_without_cut_points_is_linear(stdlib_tokenizer) -> None:
+    """No cut point in 300k characters of mixed text: one HF piece, found in one forward scan (this hung
+    for minutes when every non-ASCII run searched to the end of the text)."""
+    import time
+
+    text = " ".join(["中文a"] * 100_000)
+    encoder = FastByteLevelEncoder(stdlib_tokenizer)
+    start = time.perf_counter()
+    assert encoder._pieces(text) == [(0, len(text), False)]
+    assert time.perf_counter() - start < 5.0
