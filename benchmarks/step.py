@@ -53,15 +53,26 @@ def _batches(vocab: int, micro: int, seq: int, n: int, device: torch.device):
     return out
 
 
-def make_ours(cfg, device: torch.device, micro: int, bf16: bool, attention: str, zero: int):
-    """Our step: Transformer + DeepSpeed (ZeRO-`zero`) + fp32-upcast CE, one rank."""
+def _model(cfg, attention: str, compile_blocks: bool, recompute: bool):
     from slimtrain.modules.transformer import Transformer
+
+    model = Transformer(cfg.model_copy(update={"attention": attention}))
+    model.set_activation_checkpointing(recompute)
+    if compile_blocks:
+        model.compile_blocks()
+    return model
+
+
+def make_ours(cfg, device: torch.device, micro: int, bf16: bool, attention: str, zero: int, compile_blocks: bool = False,
+              recompute: bool = False):
+    """Our step: Transformer + DeepSpeed (ZeRO-`zero`) + fp32-upcast CE, one rank (`train.compile` and
+    `train.activation_checkpointing` as the flags say)."""
     from slimtrain.trainer.backends.deepspeed import DeepSpeedBackend
     from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
     from slimtrain.trainer.losses import lm_loss
     from slimtrain.trainer.optim import build_optimizer, build_scheduler
 
-    model = Transformer(cfg.model_copy(update={"attention": attention}))
+    model = _model(cfg, attention, compile_blocks, recompute)
     optim_cfg = OptimConfig(lr=1e-4)
     backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=zero, precision="bf16" if bf16 else "fp32"),
                                TrainConfig(global_batch_size=micro, micro_batch_size=micro), optim_cfg)
@@ -71,11 +82,10 @@ def make_ours(cfg, device: torch.device, micro: int, bf16: bool, attention: str,
     return lambda b: backend.train_step([b], lm_loss)
 
 
-def make_plain_ours(cfg, device: torch.device, bf16: bool, attention: str):
+def make_plain_ours(cfg, device: torch.device, bf16: bool, attention: str, compile_blocks: bool = False,
+                    recompute: bool = False):
     """Our model inside the baseline's plain loop: separates model speed from engine overhead."""
-    from slimtrain.modules.transformer import Transformer
-
-    model = Transformer(cfg.model_copy(update={"attention": attention})).to(device)
+    model = _model(cfg, attention, compile_blocks, recompute).to(device)
     return _plain_step(model, device, bf16, lambda m, b: m(b.input_ids, position_ids=b.position_ids).logits)
 
 
@@ -149,6 +159,8 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=None)
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage of our DeepSpeed step")
     p.add_argument("--plain", action="store_true", help="also time our model in the baseline's plain loop")
+    p.add_argument("--compile", action="store_true", help="ours with train.compile (torch.compile of each block)")
+    p.add_argument("--ac", action="store_true", help="ours with train.activation_checkpointing")
     args = p.parse_args()
     preset = PRESETS[args.preset]
     seq, micro = args.seq or preset["seq"], args.micro or preset["micro"]
@@ -161,9 +173,9 @@ def main() -> None:
     device = torch.device("cuda" if gpu else "cpu")
     batches = _batches(cfg.vocab_size, micro, seq, 4, device)
     steps = {"hf": make_hf(cfg, device, bf16=gpu),
-             "ours": make_ours(cfg, device, micro, gpu, args.attention, args.zero)}
+             "ours": make_ours(cfg, device, micro, gpu, args.attention, args.zero, args.compile, args.ac)}
     if args.plain:
-        steps["ours_plain"] = make_plain_ours(cfg, device, gpu, args.attention)
+        steps["ours_plain"] = make_plain_ours(cfg, device, gpu, args.attention, args.compile, args.ac)
     rates = measure(steps, batches, args.rounds, per_round, args.warmup)
     hf_tps, ours_tps, plain_tps = rates["hf"], rates["ours"], rates.get("ours_plain")
     peak = Throughput(cfg.flops_per_token(seq)).peak
@@ -172,7 +184,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if gpu else "cpu", "preset": args.preset, "params": cfg.num_params(),
         "seq": seq, "micro": micro, "precision": "bf16" if gpu else "fp32", "attention": args.attention,
         "ours_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
-        "ratio": round(ours_tps / hf_tps, 3), "zero_stage": args.zero,
+        "ratio": round(ours_tps / hf_tps, 3), "zero_stage": args.zero, "compile": args.compile,
+        "activation_checkpointing": args.ac,
         "ours_model_in_plain_loop_tokens_per_s": round(plain_tps, 1) if plain_tps else None,
         "ours_mfu": round(ours_tps * fpt / peak, 4) if peak else None,
         "hf_mfu": round(hf_tps * fpt / peak, 4) if peak else None,

@@ -52,6 +52,18 @@ class TrainConfig(_Strict):
         None, gt=0, description="Save a checkpoint and stop cleanly once this much wall time has passed."
     )
     log_every: int = Field(1, gt=0, description="Write a metrics line every this many steps.")
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder block's activations in the backward pass instead of keeping them "
+        "(non-reentrant torch.utils.checkpoint): about a third more compute for a fraction of the activation "
+        "memory, so longer sequences or larger micro-batches fit.",
+    )
+    compile: bool = Field(
+        False,
+        description="Compile each decoder block with torch.compile (regional: one graph, reused by every layer). "
+        "Fuses norms, RoPE and the SwiGLU product; the first steps are slower while it compiles. "
+        "DeepSpeed ZeRO 0-2 (ZeRO-3's parameter hooks break the graphs).",
+    )
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-batches per rank per step; raises RecipeError when the geometry does not divide."""
@@ -191,6 +203,11 @@ class Recipe(_Strict):
             raise ValueError(
                 f"train.micro_batch_size={self.train.micro_batch_size} exceeds "
                 f"train.global_batch_size={self.train.global_batch_size}"
+            )
+        if self.train.compile and self.backend.zero_stage == 3:
+            raise ValueError(
+                "train.compile=true with backend.zero_stage=3 is not supported (ZeRO-3 gathers parameters in hooks "
+                "that break the compiled graphs); use backend.zero_stage 0, 1 or 2, or set train.compile=false"
             )
         if self.plugins:
             from slimtrain.trainer.plugins import check_plugins

@@ -91,6 +91,9 @@ def build_parts(recipe: Recipe) -> RunParts:
 
         load_hf_into(model, model_cfg, Path(recipe.checkpoint.init_from_hf))
     apply_plugins(plugins, model)  # after init and import: swapped layers keep the weights just loaded
+    model.set_activation_checkpointing(recipe.train.activation_checkpointing)
+    if recipe.train.compile:
+        model.compile_blocks()  # after the plugins' swaps, so the compiled graphs contain them
     model.to(backend.device)  # before the optimizer, so that it can pick its fused GPU kernel
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim.schedule, recipe.train.steps)

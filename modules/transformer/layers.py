@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import BoundAttention
 from .config import ModelConfig
@@ -77,7 +78,13 @@ class DecoderBlock(nn.Module):
         self.attn = Attention(cfg)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.recompute = False  # activation checkpointing: see Transformer.set_activation_checkpointing
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, attend, use_reentrant=False)
+        return self._forward(x, cos, sin, attend)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), cos, sin, attend)
         return x + self.mlp(self.post_attn_norm(x))

@@ -57,6 +57,20 @@ class Transformer(nn.Module):
         self.tie_weights()
         init_weights(self, self.cfg, seed)
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (same results, less memory)."""
+        for layer in self.layers:
+            layer.recompute = enabled
+
+    def compile_blocks(self, **options: object) -> None:
+        """torch.compile every decoder block in place (parameter names and state dicts are unchanged).
+
+        The blocks share their code, so one compiled graph serves every layer. Call after plugins have
+        swapped their layers, since a swap would not be seen by the compiled graph.
+        """
+        for layer in self.layers:
+            layer.compile(**options)
+
     def forward(
         self,
         input_ids: torch.Tensor,

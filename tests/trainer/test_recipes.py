@@ -51,11 +51,12 @@ def _write(path: Path, text: str) -> Path:
         ("plugins=[{type: qat, weights: {format: int, bits: 1}}]", "plugins.0.weights: bits=1 is not supported"),
         ("plugins=[{type: qat, weights: {format: nvfp4, bits: 4}}]", "format 'nvfp4' fixes its own width"),
         ("plugins=[{type: qat, exclude: [head]}]", "exclude[0]='head' matches no module"),
+        ("backend.zero_stage=3 ; train.compile=true", "train.compile=true with backend.zero_stage=3 is not supported"),
     ],
 )
 def test_bad_recipes_say_what_to_fix(override: str, expected: str) -> None:
     with pytest.raises(RecipeError) as info:
-        load_recipe(RECIPES[0].parent / "tiny-cpu.yaml", [override])
+        load_recipe(RECIPES[0].parent / "tiny-cpu.yaml", override.split(" ; "))
     assert expected in str(info.value)
 
 
