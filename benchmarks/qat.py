@@ -42,12 +42,13 @@ def train(recipe: str, name: str, args: argparse.Namespace, extra: list[str]) ->
         overrides += ["model.hidden_size=64", "model.num_layers=2", "model.max_seq_len=64", "data.seq_len=64",
                       "data.sources=[{type: python-stdlib, max_documents: 300}]", "data.tokenizer.train.vocab_size=512",
                       "train.global_batch_size=8", "train.micro_batch_size=2"]
-    cmd = [sys.executable, "-m", "slimtrain.trainer.cli", "train", str(REPO / "recipes" / recipe), "--nproc=2", *overrides]
+    cmd = [sys.executable, "-m", "slimtrain.trainer.cli", "train", str(REPO / "recipes" / recipe), f"--nproc={args.nproc}",
+           *overrides]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
         raise SystemExit(f"training {name} failed:\n{proc.stdout[-4000:]}")
-    print(f"trained {name} ({recipe}, {args.steps} steps) in {time.monotonic() - start:.0f}s", flush=True)
+    print(f"trained {name} ({recipe}, {args.steps} steps, {args.nproc} procs) in {time.monotonic() - start:.0f}s", flush=True)
     return run_dir
 
 
@@ -181,6 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="quickstart")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps of every run (quickstart: 120)")
+    parser.add_argument("--nproc", type=int, default=1 if torch.cuda.is_available() else 2,
+                        help="training processes per run (1 GPU, or 2 CPU ranks)")
     parser.add_argument("--eval-batches", type=int, default=32, help="validation micro-batches of 8 rows")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-qat"))
     parser.add_argument("--overhead", action="store_true", help="GPU: QAT step-time overhead")
