@@ -136,22 +136,31 @@ def _one(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)  # allocated once: launches are per layer per step
 
 
-def _plan(x: torch.Tensor, spec: QuantSpec) -> tuple[int, int, int, int, torch.Tensor]:
-    """(mode, group length, qmin, qmax, tensor scale) of `spec` for x."""
+def _mode(x: torch.Tensor, spec: QuantSpec) -> tuple[int, int, int, int]:
+    """(mode, group length, qmin, qmax) of `spec` for x: everything the kernels take but the tensor scale."""
     fmt, g = spec.format, spec.resolved_granularity
     size = x.shape[-1] if g in ("channel", "token", "tensor") else spec.resolved_group_size
-    one = _one(x.device)
     if fmt == "ternary":
-        return MODE_TERNARY, size, -1, 1, x.detach().float().reshape(1, -1).abs().mean(-1).clamp(min=1e-5)
+        return MODE_TERNARY, size, -1, 1
     if fmt == "mxfp4":
-        return MODE_MXFP4, size, 0, 0, one
+        return MODE_MXFP4, size, 0, 0
     if fmt == "nvfp4":
-        lo, hi = torch.aminmax(x.detach())  # no |x| temporary; max is exact whichever way it is taken
-        return MODE_NVFP4, size, 0, 0, nvfp4_global_scale(torch.maximum(-lo, hi).float())
+        return MODE_NVFP4, size, 0, 0
     if fmt == "int" and g in ("group", "channel", "token"):
         qmin, qmax = int_range(spec.bits, spec.symmetric)
-        return (MODE_INT_SYM if spec.symmetric else MODE_INT_ASYM), size, qmin, qmax, one
+        return (MODE_INT_SYM if spec.symmetric else MODE_INT_ASYM), size, qmin, qmax
     raise ValueError(f"no Triton kernel for format {fmt!r} with granularity {g!r}; use kernels: torch or auto")
+
+
+def _tensor_scale(x: torch.Tensor, mode: int) -> torch.Tensor:
+    """The tensor-level scale of the forward (ternary absmean, NVFP4 global scale; 1 otherwise). The backward
+    gets it from the forward: it reads the whole tensor, and recomputing it would double that cost."""
+    if mode == MODE_TERNARY:
+        return x.detach().float().reshape(1, -1).abs().mean(-1).clamp(min=1e-5)
+    if mode == MODE_NVFP4:
+        lo, hi = torch.aminmax(x.detach())  # no |x| temporary; max is exact whichever way it is taken
+        return nvfp4_global_scale(torch.maximum(-lo, hi).float())
+    return _one(x.device)
 
 
 def _launch_shape(n_groups: int, size: int) -> tuple[int, int, tuple[int]]:
@@ -164,7 +173,8 @@ def _launch_shape(n_groups: int, size: int) -> tuple[int, int, tuple[int]]:
 
 def fake_quant_forward(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(fake-quantized x in x's dtype, the tensor-level scale the kernel used) for a supported spec."""
-    mode, size, qmin, qmax, tscale = _plan(x, spec)
+    mode, size, qmin, qmax = _mode(x, spec)
+    tscale = _tensor_scale(x, mode)
     xc = x.detach().contiguous()
     y = torch.empty_like(xc)
     n_groups = xc.numel() // size
@@ -176,7 +186,7 @@ def fake_quant_forward(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 
 def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, spec: QuantSpec, tscale: torch.Tensor) -> torch.Tensor:
     """Clipped-STE gradient: `grad` where x was inside the format's range, 0 where it was clamped."""
-    mode, size, qmin, qmax, _ = _plan(x, spec)
+    mode, size, qmin, qmax = _mode(x, spec)
     margin = 0.5 if mode in (MODE_INT_SYM, MODE_INT_ASYM, MODE_TERNARY) else 1.0  # see reference.clip_bounds
     xc, gc = x.detach().contiguous(), grad.contiguous()
     gx = torch.empty_like(gc)
