@@ -3,7 +3,7 @@ all trained on the quickstart corpus with the same data, steps and seed; plus, o
 
     python benchmarks/qat.py                           # quickstart model, 2 CPU ranks (about 4 runs x a few minutes)
     python benchmarks/qat.py --preset tiny --steps 40  # smoke-sized
-    python benchmarks/qat.py --overhead                # GPU: step time dense vs QAT (Triton kernels / PyTorch)
+    python benchmarks/qat.py --overhead [--compile]    # GPU: step time dense vs QAT (Triton kernels / PyTorch)
     python benchmarks/qat.py --kernels                 # GPU: each kernel vs its PyTorch reference
 
 Quality: (a) dense, (b) (a) after round-to-nearest int4 group-32 PTQ, (c) int4 group-32 QAT (LSQ),
@@ -106,40 +106,61 @@ def quality(args: argparse.Namespace) -> dict:
     return result
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn, steps: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - start) / steps
 
 
+OVERHEAD_CONTENDERS = [
+    ("dense", None),
+    ("int4_g32_triton", {**RTN, "kernels": "triton"}),
+    ("int4_g32_torch", {**RTN, "kernels": "torch"}),
+    ("int4_g32_lsq", {**RTN, "estimator": "lsq", "calibrate": False}),  # the qat-int4 recipe's estimator
+    ("nvfp4_triton", {"type": "qat", "weights": {"format": "nvfp4"}, "kernels": "triton"}),
+    ("ternary_a8_triton", {"type": "qat", "weights": {"format": "ternary"}, "kernels": "triton",
+                           "activations": {"format": "int", "bits": 8, "granularity": "token"}}),
+]
+
+
 def overhead(args: argparse.Namespace) -> dict:
-    """Step time (forward, backward, AdamW; bf16) of the qat-int4 recipe's model on `--micro-batch` rows of 1024
-    tokens: dense vs QAT. The fake-quant cost is per weight, so its share falls as tokens per step grow."""
+    """Step time (forward, backward, AdamW; bf16) of a 12-layer 768-wide model on `--micro-batch` rows of 1024
+    tokens: dense vs QAT, each eager or with `--compile` (every block compiled, as `train.compile` does).
+    The fake-quant cost is per weight, so its share falls as tokens per step grow. Without CUDA: a
+    2-layer smoke run on CPU (fp32, PyTorch kernels) that only checks the contenders run."""
     from slimtrain.modules.plugins import build_plugins, validate_plugin_config
     from slimtrain.modules.transformer import ModelConfig, Transformer
 
-    cfg = ModelConfig(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
-                      num_kv_heads=4, max_seq_len=1024, attention="sdpa")
-    ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, 1024), device="cuda")
+    gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    cfg = ModelConfig(vocab_size=32768 if gpu else 512, hidden_size=768 if gpu else 64,
+                      intermediate_size=2048 if gpu else 128, num_layers=12 if gpu else 2, num_heads=12 if gpu else 4,
+                      num_kv_heads=4 if gpu else 2, max_seq_len=1024, attention="sdpa")
+    ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, 1024 if gpu else 64), device=device)
     out = {}
-    for name, block in [("dense", None), ("int4_g32_triton", {**RTN, "kernels": "triton"}),
-                        ("int4_g32_torch", {**RTN, "kernels": "torch"}),
-                        ("nvfp4_triton", {"type": "qat", "weights": {"format": "nvfp4"}, "kernels": "triton"}),
-                        ("ternary_a8_triton", {"type": "qat", "weights": {"format": "ternary"}, "kernels": "triton",
-                                               "activations": {"format": "int", "bits": 8, "granularity": "token"}})]:
+    for name, block in OVERHEAD_CONTENDERS:
+        if not gpu and block and block.get("kernels") == "triton":
+            block = {**block, "kernels": "torch"}
         torch.manual_seed(0)
         model = Transformer(cfg)
         plugins = build_plugins([validate_plugin_config(block)]) if block else []
         for p in plugins:
             p.apply(model)
             p.on_step_start(1)
-        model.to("cuda", torch.bfloat16)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        model.to(device, dtype)
+        if args.compile:
+            model.compile_blocks()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
 
         def step():
             loss = torch.nn.functional.cross_entropy(model(ids).logits.float().flatten(0, 1), ids.flatten())
@@ -147,11 +168,12 @@ def overhead(args: argparse.Namespace) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        out[name] = _timed(step, args.timing_steps, 3) * 1000
+        out[name] = _timed(step, args.timing_steps, 3 + 2 * args.compile) * 1000
         del model, opt
     base = out["dense"]
     print("\n".join(f"{k:20s} {v:8.1f} ms/step  ({v / base - 1:+.1%} vs dense)" for k, v in out.items()))
-    return {"step_ms": {k: round(v, 2) for k, v in out.items()},
+    return {"compile": args.compile, "device": torch.cuda.get_device_name() if gpu else "cpu",
+            "step_ms": {k: round(v, 2) for k, v in out.items()},
             "overhead": {k: round(v / base - 1, 4) for k, v in out.items() if k != "dense"}}
 
 
@@ -189,6 +211,7 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true", help="GPU: QAT step-time overhead")
     parser.add_argument("--kernels", action="store_true", help="GPU: kernels vs references")
     parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="--overhead: compile every block (train.compile)")
     parser.add_argument("--micro-batch", type=int, default=8, help="--overhead: rows of 1024 tokens per step")
     args = parser.parse_args()
     result = {}

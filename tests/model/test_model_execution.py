@@ -37,8 +37,8 @@ def test_activation_checkpointing_gives_identical_gradients(make_model: Callable
 
 
 def test_compiled_blocks_match_eager(make_model: Callable, packed: Callable) -> None:
-    """Dense and int4-LSQ QAT models, compiled with activation checkpointing, over two steps (the QAT
-    one calibrates its step sizes in the first forward)."""
+    """Dense, int4-LSQ and ternary-with-int8-activations QAT models, compiled with activation checkpointing,
+    over two steps (the LSQ one calibrates its step sizes in the first forward)."""
     from slimtrain.modules.plugins import build_plugins, validate_plugin_config
 
     from torch._dynamo.utils import counters
@@ -46,7 +46,9 @@ def test_compiled_blocks_match_eager(make_model: Callable, packed: Callable) -> 
     counters.clear()
     ids, doc_ids, pos = _batch(packed, 123)
     qat = {"type": "qat", "weights": {"format": "int", "bits": 4, "group_size": 32}, "estimator": "lsq"}
-    for block in (None, qat):
+    ternary = {"type": "qat", "weights": {"format": "ternary"}, "kernels": "torch",
+               "activations": {"format": "int", "bits": 8, "granularity": "token"}}
+    for block in (None, qat, ternary):
         models = []
         for compiled in (False, True):
             model = make_model(attention="sdpa").train()
