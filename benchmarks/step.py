@@ -140,6 +140,24 @@ def measure(steps: dict, batches, rounds: int, per_round: int, warmup: int) -> d
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
+def profile(steps: dict, batches, n: int = 3) -> dict[str, str]:
+    """torch.profiler tables (top 15 ops by self device time, or CPU time without CUDA) of `n` steps of each
+    contender: where the time of one goes and not the other's."""
+    from torch.profiler import ProfilerActivity, profile as run_profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    tables = {}
+    for name, fn in steps.items():
+        with run_profiler(activities=activities) as prof:
+            for i in range(n):
+                fn(batches[i % len(batches)])
+            _sync()
+        tables[name] = prof.key_averages().table(sort_by=key, row_limit=15)
+        print(f"\n=== {name}: {n} steps ===\n{tables[name]}")
+    return tables
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -161,6 +179,7 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="also time our model in the baseline's plain loop")
     p.add_argument("--compile", action="store_true", help="ours with train.compile (torch.compile of each block)")
     p.add_argument("--ac", action="store_true", help="ours with train.activation_checkpointing")
+    p.add_argument("--profile", action="store_true", help="after timing, print a profiler table per contender")
     args = p.parse_args()
     preset = PRESETS[args.preset]
     seq, micro = args.seq or preset["seq"], args.micro or preset["micro"]
@@ -177,6 +196,8 @@ def main() -> None:
     if args.plain:
         steps["ours_plain"] = make_plain_ours(cfg, device, gpu, args.attention, args.compile, args.ac)
     rates = measure(steps, batches, args.rounds, per_round, args.warmup)
+    if args.profile:
+        profile(steps, batches)
     hf_tps, ours_tps, plain_tps = rates["hf"], rates["ours"], rates.get("ours_plain")
     peak = Throughput(cfg.flops_per_token(seq)).peak
     fpt = cfg.flops_per_token(seq)
