@@ -9,7 +9,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast test-gpu bench clean cluster-up cluster-down
+.PHONY: install quickstart test test-fast test-gpu bench bench-gpu clean cluster-up cluster-down
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,15 @@ test-gpu: install
 
 bench: install
 	$(PY) benchmarks/packing.py
+	$(PY) benchmarks/step.py --plain
+
+# The GPU figures of the README, in one go on one GPU (about 15 minutes on an H100).
+bench-gpu: install
+	$(PY) benchmarks/step.py --plain
+	$(PY) benchmarks/step.py --compile
+	$(PY) benchmarks/qat.py --kernels --overhead
+	$(PY) benchmarks/qat.py --overhead --compile
+	$(PY) benchmarks/qat.py --steps 2000
 
 # Needs root (apt, daemons). Without it the SLURM tests skip, except under CI where they must run.
 cluster-up:
