@@ -102,6 +102,11 @@ def _resolve_eos(hf: object, eos_token: str | None, where: str) -> int:
     return int(eos_id)
 
 
+def tokenizer_size(path: Path, where: str = "data.tokenizer.path") -> int:
+    """Number of ids (added tokens included) of the local tokenizer at `path`, without caching a copy."""
+    return len(_load_hf(Path(path).expanduser(), where))  # type: ignore[arg-type]
+
+
 def load_tokenizer(
     path: Path, *, cache_dir: Path, eos_token: str | None = None, add_bos: bool = False,
     where: str = "data.tokenizer.path",

@@ -45,8 +45,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.world_size:
+        from slimtrain.trainer.memory import estimate, format_estimate, resolve_vocab_size
+
         gas = recipe.check_world(args.world_size)
         print(f"# world size {args.world_size}: {gas} micro-batches per rank per step", file=sys.stderr)
+        try:
+            mem = estimate(recipe, args.world_size, resolve_vocab_size(recipe))
+            text = format_estimate(mem, recipe, args.world_size, args.gpu_memory)
+        except SlimtrainError as e:  # the recipe is still valid: only the estimate needs the vocabulary size
+            text = f"memory estimate skipped: {e}"
+        print("# " + text.replace("\n", "\n# "), file=sys.stderr)
     print(dump_recipe(recipe), end="")
     print(f"ok: {args.recipe} is a valid recipe", file=sys.stderr)
     return 0
@@ -169,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?")
     p.add_argument("--reference", action="store_true", help="print the recipe reference (every key) instead")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--world-size", type=int, default=None, help="also check the batch geometry for N ranks")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="also check the batch geometry for N ranks and estimate the memory per GPU")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU the estimate is held against")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("export", help="write a Hugging Face checkpoint from a slimtrain checkpoint")

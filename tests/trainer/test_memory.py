@@ -1,0 +1,93 @@
+"""The per-GPU memory estimate: activations counted from the block's own saved tensors, model states in
+DeepSpeed's terms, and what `slimtrain validate --world-size` prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtrain.modules.transformer import ModelConfig, Transformer
+from slimtrain.modules.transformer.attention import bind_attention
+from slimtrain.modules.transformer.rope import rope_cos_sin
+from slimtrain.trainer.memory import block_activation_bytes_per_token, model_state_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, recompute: bool, tokens: int = 48) -> float:
+    """Bytes of the distinct tensors one block saves for backward (parameters and the shared RoPE tables
+    excluded), per token, with SDPA's fused causal kernel as on a GPU."""
+    model = Transformer(cfg).to(dtype)
+    block = model.layers[0]
+    block.recompute = recompute
+    x = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(tokens)[None], cfg.dim_per_head, cfg.rope_theta, dtype)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), cos, sin]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, cos, sin, bind_attention("sdpa", None, tokens, x.device, dtype))
+    return sum(saved.values()) / tokens
+
+
+@pytest.mark.parametrize("shape", [
+    dict(hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2),   # GQA
+    dict(hidden_size=128, intermediate_size=96, num_heads=4),                 # MHA
+    dict(hidden_size=64, intermediate_size=192, num_heads=8, num_kv_heads=1),  # MQA
+    dict(hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=32),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_activation_formula_counts_what_the_block_saves(shape: dict, dtype: torch.dtype) -> None:
+    cfg = ModelConfig(vocab_size=97, num_layers=1, max_seq_len=64, attention="sdpa", **shape)
+    width = torch.finfo(dtype).bits // 8
+    assert _saved_bytes_per_token(cfg, dtype, recompute=False) == block_activation_bytes_per_token(cfg, width)
+    # Recomputed: the block keeps only its input (what memory.estimate counts per layer).
+    assert _saved_bytes_per_token(cfg, dtype, recompute=True) == width * cfg.hidden_size
+
+
+def test_model_states_match_deepspeed_estimators() -> None:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    params, largest, gpus = 8_030_000_000, 525_000_000, 32
+    for offload in (False, True):
+        _, ds2 = estimate_zero2_model_states_mem_needs(params, gpus, 1, cpu_offload=offload)
+        assert model_state_bytes(params, largest, 2, "bf16", gpus, offload) == pytest.approx(ds2, abs=1)
+        _, ds3, _ = estimate_zero3_model_states_mem_needs(params, largest, gpus, 1, cpu_offload=offload,
+                                                          cpu_offload_params=False)
+        bf16_partition = 0 if offload else 2 * params / gpus  # the bf16 parameter partition DeepSpeed leaves out
+        assert model_state_bytes(params, largest, 3, "bf16", gpus, offload) == pytest.approx(ds3 + bf16_partition,
+                                                                                            abs=1)
+    # Each stage partitions more: less memory per GPU, and stage 0 is 20 bytes a parameter in bf16.
+    per_stage = [model_state_bytes(params, largest, z, "bf16", gpus) for z in range(4)]
+    assert per_stage == sorted(per_stage, reverse=True) and per_stage[0] == 20 * params
+
+
+def _validate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slimtrain.trainer.cli", "validate", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_validate_prints_the_estimate_and_what_to_change() -> None:
+    recipe = str(REPO / "recipes" / "llama-8b-zero3.yaml")
+    fits = _validate(recipe, "--world-size", "32", "model.vocab_size=128256")
+    assert fits.returncode == 0, fits.stderr
+    assert "memory per GPU (estimate): 32 GPUs, ZeRO-3, bf16" in fits.stderr and "of 80 GB" in fits.stderr
+    assert "does not fit" not in fits.stderr
+    tight = _validate(recipe, "--world-size", "8", "model.vocab_size=128256", "backend.zero_stage=2",
+                      "train.activation_checkpointing=false")
+    assert tight.returncode == 0, tight.stderr
+    assert "does not fit in 80 GB: try train.activation_checkpointing=true, or backend.zero_stage=3" in tight.stderr
+    unknown = _validate(recipe, "--world-size", "32")  # the tokenizer path is not on this machine
+    assert unknown.returncode == 0 and "memory estimate skipped" in unknown.stderr
+    assert "add model.vocab_size=N" in unknown.stderr

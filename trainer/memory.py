@@ -1,0 +1,136 @@
+"""Will it fit? A per-GPU memory estimate of a recipe, before anything is queued or started.
+
+Three parts, each from where it is known best:
+- model states (parameters, gradients, optimizer): the byte counts of DeepSpeed's own ZeRO estimators
+  (`estimate_zero2/3_model_states_mem_needs`), extended to stages 0/1 and fp32 in the same terms;
+- activations kept for the backward pass: the tensors our decoder block saves, per token, counted from
+  its code (a test checks the formula against the block's saved tensors, tensor by tensor), assuming a
+  fused attention kernel (flash, flex or SDPA: no [seq x seq] scores are kept);
+- the LM head's logits at the loss: compute-dtype logits, their fp32 upcast and the saved log-softmax.
+It is an estimate: the CUDA context, the allocator's fragmentation and NCCL buffers come on top (`reserve`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimtrain.modules.transformer import ModelConfig
+from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.errors import RecipeError
+
+GB = 1024**3
+RESERVE = 2 * GB  # CUDA context, NCCL buffers, allocator slack
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU."""
+
+    params: int
+    largest_layer: int
+    model_states: float
+    activations: float
+    logits: float
+    reserve: float = RESERVE
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations + self.logits + self.reserve
+
+
+def model_state_bytes(params: int, largest_layer: int, zero_stage: int, precision: str, world: int,
+                      offload_optimizer: bool = False) -> float:
+    """Parameters, gradients and AdamW state per GPU, in the terms of DeepSpeed's estimators.
+
+    bf16: 2-byte parameters and gradients plus 16 bytes of fp32 state per parameter (master weights 4,
+    gradients 4, Adam moments 8); fp32: 4-byte parameters and gradients plus 8 bytes of Adam moments.
+    ZeRO partitions over the GPUs: stage 1 the fp32 state, stage 2 also the gradients, stage 3 also the
+    parameters, with the largest layer gathered whole (its parameters and gradients). Offloading keeps
+    the fp32 state (and, from stage 2, the gradients) in CPU memory. Stage 2 equals DeepSpeed's
+    `estimate_zero2_model_states_mem_needs`; stage 3 is 2 bytes a parameter over `world` above
+    `estimate_zero3_model_states_mem_needs`, which leaves out the bf16 parameter partition itself.
+    """
+    n = max(world, 1)
+    w = 2 if precision == "bf16" else 4  # bytes of a parameter and of a gradient
+    state = 0.0 if offload_optimizer else (16.0 if precision == "bf16" else 8.0)
+    if zero_stage == 3:
+        return 2 * w * largest_layer + (w + (0 if offload_optimizer else w) + state) * params / n
+    if zero_stage == 2:
+        return w * params + ((0 if offload_optimizer else w) + state) * params / n
+    if zero_stage == 1:
+        return 2 * w * params + state * params / n
+    return 2 * w * params + state * params
+
+
+def block_activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> float:
+    """Bytes one decoder block keeps for its backward pass, per token (see the module docstring)."""
+    w, h, i = compute_bytes, cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
+    norms = 2 * (4 * h + 4 + w * h)  # fp32 input and rsqrt, normalised input (twice)
+    attention = w * h + w * q + 2 * w * kv + w * q + 4 * cfg.num_heads  # input, q, k, v, output, logsumexp
+    mlp = w * h + 4 * w * i  # input; gate, up, silu(gate), product
+    return norms + attention + mlp
+
+
+def resolve_vocab_size(recipe: Recipe) -> int:
+    """model.vocab_size, else the size the tokenizer will give it (trained: its target size; a local one: loaded)."""
+    if recipe.model.vocab_size:
+        return recipe.model.vocab_size
+    tok = recipe.data.tokenizer
+    if tok.train is not None:
+        return tok.train.vocab_size
+    if tok.path is not None and tok.path.exists():
+        from slimtrain.data.tokenizer import tokenizer_size
+
+        return tokenizer_size(tok.path)
+    raise RecipeError(
+        f"model.vocab_size is null and data.tokenizer.path={str(tok.path)!r} is not on this machine; "
+        "add model.vocab_size=N (the tokenizer's size) to estimate the memory"
+    )
+
+
+def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate:
+    """The per-GPU estimate of `recipe` on `world_size` GPUs."""
+    cfg = recipe.model.model_copy(update={"vocab_size": vocab_size})
+    train, backend = recipe.train, recipe.backend
+    w = 2 if backend.precision == "bf16" else 4
+    params = cfg.num_params()
+    largest = max(vocab_size * cfg.hidden_size, 3 * cfg.hidden_size * cfg.intermediate_size)
+    tokens = train.micro_batch_size * recipe.data.seq_len
+    per_layer = block_activation_bytes_per_token(cfg, w) * tokens
+    if train.activation_checkpointing:  # every block's input, plus one block recomputed at a time
+        activations = cfg.num_layers * w * cfg.hidden_size * tokens + per_layer
+    else:
+        activations = cfg.num_layers * per_layer
+    logits = tokens * vocab_size * (w + 4 + 4)
+    states = model_state_bytes(params, largest, backend.zero_stage, backend.precision, world_size,
+                               backend.offload_optimizer)
+    return MemoryEstimate(params, largest, states, activations, logits)
+
+
+def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: float) -> str:
+    """A few lines for `slimtrain validate`: the parts, the total, and what to change when it does not fit."""
+    t, b = recipe.train, recipe.backend
+    lines = [
+        f"memory per GPU (estimate): {world_size} GPUs, ZeRO-{b.zero_stage}, {b.precision}, micro-batch "
+        f"{t.micro_batch_size} x {recipe.data.seq_len} tokens, activation checkpointing "
+        f"{'on' if t.activation_checkpointing else 'off'}",
+        f"  parameters   {e.params / 1e9:8.2f} B  (largest layer {e.largest_layer / 1e6:.0f} M)",
+        f"  model states {e.model_states / GB:8.1f} GB",
+        f"  activations  {e.activations / GB:8.1f} GB",
+        f"  logits/loss  {e.logits / GB:8.1f} GB",
+        f"  reserve      {e.reserve / GB:8.1f} GB  (CUDA context, NCCL, allocator)",
+        f"  total        {e.total / GB:8.1f} GB  of {gpu_gb:g} GB",
+    ]
+    if e.total > gpu_gb * GB:
+        fixes = []
+        if not t.activation_checkpointing:
+            fixes.append("train.activation_checkpointing=true")
+        if b.zero_stage < 3:
+            fixes.append(f"backend.zero_stage={b.zero_stage + 1}")
+        if t.micro_batch_size > 1:
+            fixes.append(f"train.micro_batch_size={t.micro_batch_size // 2} (accumulation keeps the global batch)")
+        if not b.offload_optimizer and b.zero_stage > 0:
+            fixes.append("backend.offload_optimizer=true")
+        lines.append(f"  does not fit in {gpu_gb:g} GB: try " + ", or ".join(fixes or ["more GPUs"]))
+    return "\n".join(lines)
