@@ -11,8 +11,9 @@ Exactness rests on the split being the same as HF's. The GPT-2 pattern uses `\\s
 whose membership outside ASCII differs between regex engines and Unicode versions, so the fast split is
 used only on ASCII text, with the classes written out as the ASCII members of those properties. A document
 with non-ASCII characters is cut at points where every engine agrees a pre-token ends (see `_CUT`): the
-smallest pieces holding its non-ASCII characters go through HF, the ASCII rest takes the fast path. Documents containing an added token's text (e.g. `<|endoftext|>`) go
-through HF whole, because HF matches added tokens before pre-tokenizing.
+smallest pieces holding its non-ASCII characters go through HF, the ASCII rest takes the fast path.
+Documents containing an added token's text (e.g. `<|endoftext|>`) go through HF whole, because HF
+matches added tokens before pre-tokenizing.
 """
 
 from __future__ import annotations
