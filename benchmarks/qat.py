@@ -33,8 +33,13 @@ RTN = {"type": "qat", "weights": {"format": "int", "bits": 4, "group_size": 32},
 
 
 def train(recipe: str, name: str, args: argparse.Namespace, extra: list[str]) -> Path:
-    """Run `slimtrain train` on 2 local ranks; returns the run directory."""
+    """Run `slimtrain train` on `--nproc` local ranks; returns the run directory. A run directory that already
+    holds this run's final checkpoint is reused (e.g. runs trained one at a time, or checkpointed more often)."""
     run_dir = Path(args.out) / name
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.exists() and latest.read_text().strip() == f"step_{args.steps:08d}":
+        print(f"reusing {name}: {run_dir} holds step {args.steps}", flush=True)
+        return run_dir
     preset = PRESETS[args.preset]
     overrides = [*preset["overrides"], f"train.steps={args.steps}", f"checkpoint.every={args.steps}",
                  f"run.output_dir={run_dir}", "logging.progress=false", "logging.plot=false", "eval.every=0", *extra]
@@ -89,16 +94,17 @@ def quality(args: argparse.Namespace) -> dict:
     preset = PRESETS[args.preset]
     dense = train(preset["dense"], "dense", args, [])
     int4 = train(preset["int4"], "qat-int4", args, [])
-    ternary = train(preset["ternary"], "bitnet-b158", args, [])
+    ternary = train(preset["ternary"], "bitnet-b158", args, []) if args.ternary else None
     a = eval_loss(dense, None, args.eval_batches)
     b = eval_loss(dense, [RTN], args.eval_batches)
     c = eval_loss(int4, None, args.eval_batches)
-    t = eval_loss(ternary, None, args.eval_batches)
+    t = eval_loss(ternary, None, args.eval_batches) if ternary else float("nan")
     # A recovered fraction over a PTQ gap smaller than eval noise would be a ratio of noise: report none.
     measurable = b - a >= MIN_PTQ_GAP
     result = {"preset": args.preset, "steps": args.steps, "eval_batches": args.eval_batches,
               "dense": round(a, 4), "int4_rtn_ptq": round(b, 4), "int4_qat": round(c, 4),
-              "int4_recovered": round((b - c) / (b - a), 3) if measurable else None, "ternary_b158_qat": round(t, 4)}
+              "int4_recovered": round((b - c) / (b - a), 3) if measurable else None,
+              "ternary_b158_qat": round(t, 4) if ternary else None}
     recovered = result["int4_recovered"] if measurable else f"n/a (PTQ gap {b - a:+.4f} < {MIN_PTQ_GAP})"
     print(f"(a) dense                 eval loss {a:.4f}\n(b) int4 g32 RTN PTQ      eval loss {b:.4f}\n"
           f"(c) int4 g32 QAT (LSQ)    eval loss {c:.4f}   recovered (b-c)/(b-a) = {recovered}\n"
@@ -206,6 +212,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps of every run (quickstart: 120)")
     parser.add_argument("--nproc", type=int, default=1 if torch.cuda.is_available() else 2,
                         help="training processes per run (1 GPU, or 2 CPU ranks)")
+    parser.add_argument("--no-ternary", dest="ternary", action="store_false", help="skip the b1.58 run")
     parser.add_argument("--eval-batches", type=int, default=32, help="validation micro-batches of 8 rows")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-qat"))
     parser.add_argument("--overhead", action="store_true", help="GPU: QAT step-time overhead")
