@@ -59,7 +59,8 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 3, true, [1,2] work).
+    A number segment indexes a list, e.g. `plugins.0.start_step=100`."""
     if "=" not in item:
         raise RecipeError(f"override {item!r} is not of the form key.sub=value (e.g. train.steps=20)")
     key, _, text = item.partition("=")
@@ -70,13 +71,31 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"override {item!r}: value {text!r} is not valid YAML: {exc}") from exc
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"override {item!r}: {part!r} holds a value, not a block of keys")
-        node = child
-    node[parts[-1]] = value
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part, item, ".".join(parts[:i]))
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {parts[i - 1]!r} holds a value, not a block of keys")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+
+
+def _list_index(node: list, part: str, item: str, where: str) -> int:
+    if not node:
+        raise RecipeError(f"override {item!r}: {where} is an empty list; set it whole, e.g. {where}=[...]")
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"override {item!r}: {where} is a list of {len(node)} items; "
+                          f"index it with 0..{len(node) - 1} (got {part!r})")
+    return int(part)
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:

@@ -51,6 +51,10 @@ def _write(path: Path, text: str) -> Path:
         ("plugins=[{type: qat, weights: {format: int, bits: 1}}]", "plugins.0.weights: bits=1 is not supported"),
         ("plugins=[{type: qat, weights: {format: nvfp4, bits: 4}}]", "format 'nvfp4' fixes its own width"),
         ("plugins=[{type: qat, exclude: [head]}]", "exclude[0]='head' matches no module"),
+        ("plugins=[{type: qat, weights: {group_size: 16}}] ; plugins.1.start_step=5",
+         "plugins is a list of 1 items; index it with 0..0 (got '1')"),
+        ("plugins=[] ; plugins.0.start_step=5", "plugins is an empty list; set it whole"),
+        ("run.name.x=1", "'name' holds a value, not a block of keys"),
         ("backend.zero_stage=3 ; train.compile=true", "train.compile=true with backend.zero_stage=3 is not supported"),
     ],
 )
@@ -73,6 +77,12 @@ def test_extends_merges_deeply_and_overrides_win(tmp_path: Path) -> None:
     recipe = load_recipe(child, ["optim.lr=0.5"])
     assert recipe.train.steps == 7 and recipe.train.global_batch_size == 8  # merged, not replaced
     assert recipe.optim.lr == 0.5 and recipe.model.hidden_size == 64
+
+
+def test_overrides_index_lists() -> None:
+    recipe = load_recipe(RECIPES[0].parent / "qat-int4-cpu.yaml", ["plugins.0.weights.bits=2", "plugins.0.start_step=7"])
+    assert recipe.plugins[0].weights.bits == 2 and recipe.plugins[0].start_step == 7
+    assert recipe.plugins[0].weights.group_size == 32  # the rest of the item is kept
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
