@@ -3,11 +3,13 @@ all trained on the quickstart corpus with the same data, steps and seed; plus, o
 
     python benchmarks/qat.py                           # quickstart model, 2 CPU ranks (about 4 runs x a few minutes)
     python benchmarks/qat.py --preset tiny --steps 40  # smoke-sized
+    python benchmarks/qat.py --steps 600 --bits 2      # int2 group-32 instead of int4 (a PTQ gap a small model shows)
     python benchmarks/qat.py --overhead [--compile]    # GPU: step time dense vs QAT (Triton kernels / PyTorch)
     python benchmarks/qat.py --kernels                 # GPU: each kernel vs its PyTorch reference
 
-Quality: (a) dense, (b) (a) after round-to-nearest int4 group-32 PTQ, (c) int4 group-32 QAT (LSQ),
-recovered = (b - c) / (b - a); and (d) ternary b1.58 QAT against (a). Ends with one JSON line.
+Quality: (a) dense, (b) (a) after round-to-nearest int4 (or --bits) group-32 PTQ, (c) the same format trained
+with QAT (LSQ; the qat-int4-cpu recipe), recovered = (b - c) / (b - a); and (d) ternary b1.58 QAT against (a).
+Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ MIN_PTQ_GAP = 0.01  # eval-loss gap (nats) below which PTQ is lossless here and 
 RTN = {"type": "qat", "weights": {"format": "int", "bits": 4, "group_size": 32}, "estimator": "ste"}
 
 
+def rtn(bits: int) -> dict:
+    """Round-to-nearest PTQ at `bits`, groups of 32: the QAT plugin with fake-quant on and nothing learned."""
+    return {**RTN, "weights": {**RTN["weights"], "bits": bits}}
+
+
 def train(recipe: str, name: str, args: argparse.Namespace, extra: list[str]) -> Path:
     """Run `slimtrain train` on `--nproc` local ranks; returns the run directory. A run directory that already
     holds this run's final checkpoint is reused (e.g. runs trained one at a time, or checkpointed more often)."""
@@ -42,7 +49,8 @@ def train(recipe: str, name: str, args: argparse.Namespace, extra: list[str]) ->
         return run_dir
     preset = PRESETS[args.preset]
     overrides = [*preset["overrides"], f"train.steps={args.steps}", f"checkpoint.every={args.steps}",
-                 f"run.output_dir={run_dir}", "logging.progress=false", "logging.plot=false", "eval.every=0", *extra]
+                 f"run.output_dir={run_dir}", "logging.progress=false", "logging.plot=false", "eval.every=0",
+                 *(["train.compile=true"] if args.compile else []), *extra]
     if args.preset == "tiny":  # the tiny model with the qat recipes' plugin blocks
         overrides += ["model.hidden_size=64", "model.num_layers=2", "model.max_seq_len=64", "data.seq_len=64",
                       "data.sources=[{type: python-stdlib, max_documents: 300}]", "data.tokenizer.train.vocab_size=512",
@@ -91,23 +99,27 @@ def eval_loss(run_dir: Path, plugin_blocks: list[dict] | None, batches: int) -> 
 
 
 def quality(args: argparse.Namespace) -> dict:
-    preset = PRESETS[args.preset]
+    preset, bits = PRESETS[args.preset], args.bits
+    qat_extra = [f"plugins.0.weights.bits={bits}"] + ([f"plugins.0.start_step={args.qat_start}"]
+                                                      if args.qat_start is not None else [])
     dense = train(preset["dense"], "dense", args, [])
-    int4 = train(preset["int4"], "qat-int4", args, [])
+    name = f"qat-int{bits}" + (f"-from{args.qat_start}" if args.qat_start is not None else "")
+    qat = train(preset["int4"], name, args, qat_extra)
     ternary = train(preset["ternary"], "bitnet-b158", args, []) if args.ternary else None
     a = eval_loss(dense, None, args.eval_batches)
-    b = eval_loss(dense, [RTN], args.eval_batches)
-    c = eval_loss(int4, None, args.eval_batches)
+    b = eval_loss(dense, [rtn(bits)], args.eval_batches)
+    c = eval_loss(qat, None, args.eval_batches)
     t = eval_loss(ternary, None, args.eval_batches) if ternary else float("nan")
     # A recovered fraction over a PTQ gap smaller than eval noise would be a ratio of noise: report none.
     measurable = b - a >= MIN_PTQ_GAP
+    k = f"int{bits}"
     result = {"preset": args.preset, "steps": args.steps, "eval_batches": args.eval_batches,
-              "dense": round(a, 4), "int4_rtn_ptq": round(b, 4), "int4_qat": round(c, 4),
-              "int4_recovered": round((b - c) / (b - a), 3) if measurable else None,
+              "qat_start_step": args.qat_start, "dense": round(a, 4), f"{k}_rtn_ptq": round(b, 4), f"{k}_qat": round(c, 4),
+              f"{k}_recovered": round((b - c) / (b - a), 3) if measurable else None,
               "ternary_b158_qat": round(t, 4) if ternary else None}
-    recovered = result["int4_recovered"] if measurable else f"n/a (PTQ gap {b - a:+.4f} < {MIN_PTQ_GAP})"
-    print(f"(a) dense                 eval loss {a:.4f}\n(b) int4 g32 RTN PTQ      eval loss {b:.4f}\n"
-          f"(c) int4 g32 QAT (LSQ)    eval loss {c:.4f}   recovered (b-c)/(b-a) = {recovered}\n"
+    recovered = result[f"{k}_recovered"] if measurable else f"n/a (PTQ gap {b - a:+.4f} < {MIN_PTQ_GAP})"
+    print(f"(a) dense                 eval loss {a:.4f}\n(b) {k} g32 RTN PTQ      eval loss {b:.4f}\n"
+          f"(c) {k} g32 QAT (LSQ)    eval loss {c:.4f}   recovered (b-c)/(b-a) = {recovered}\n"
           f"(d) ternary b1.58 QAT     eval loss {t:.4f}   vs dense {t - a:+.4f}")
     return result
 
@@ -212,13 +224,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps of every run (quickstart: 120)")
     parser.add_argument("--nproc", type=int, default=1 if torch.cuda.is_available() else 2,
                         help="training processes per run (1 GPU, or 2 CPU ranks)")
+    parser.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8],
+                        help="integer width of (b) and (c), groups of 32 (the target figure is int4)")
+    parser.add_argument("--qat-start", type=int, default=None,
+                        help="step after which (c) fake-quantizes (default: the recipe's start_step, 20)")
     parser.add_argument("--no-ternary", dest="ternary", action="store_false", help="skip the b1.58 run")
     parser.add_argument("--eval-batches", type=int, default=32, help="validation micro-batches of 8 rows")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-qat"))
     parser.add_argument("--overhead", action="store_true", help="GPU: QAT step-time overhead")
     parser.add_argument("--kernels", action="store_true", help="GPU: kernels vs references")
     parser.add_argument("--timing-steps", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="--overhead: compile every block (train.compile)")
+    parser.add_argument("--compile", action="store_true", help="compile every block (train.compile): in --overhead timings and in the quality runs")
     parser.add_argument("--micro-batch", type=int, default=8, help="--overhead: rows of 1024 tokens per step")
     args = parser.parse_args()
     result = {}
