@@ -64,12 +64,12 @@ def _model(cfg, attention: str, compile_blocks: bool, recompute: bool):
 
 
 def make_ours(cfg, device: torch.device, micro: int, bf16: bool, attention: str, zero: int, compile_blocks: bool = False,
-              recompute: bool = False):
-    """Our step: Transformer + DeepSpeed (ZeRO-`zero`) + fp32-upcast CE, one rank (`train.compile` and
-    `train.activation_checkpointing` as the flags say)."""
+              recompute: bool = False, loss_chunk: int = 0):
+    """Our step: Transformer + DeepSpeed (ZeRO-`zero`) + fp32-upcast CE, one rank (`train.compile`,
+    `train.activation_checkpointing` and `train.loss_chunk_tokens` as the flags say)."""
     from slimtrain.trainer.backends.deepspeed import DeepSpeedBackend
     from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
-    from slimtrain.trainer.losses import lm_loss
+    from slimtrain.trainer.losses import make_loss_fn
     from slimtrain.trainer.optim import build_optimizer, build_scheduler
 
     model = _model(cfg, attention, compile_blocks, recompute)
@@ -79,7 +79,8 @@ def make_ours(cfg, device: torch.device, micro: int, bf16: bool, attention: str,
     model.to(backend.device)
     opt = build_optimizer(model, optim_cfg)
     backend.setup(model, opt, build_scheduler(opt, optim_cfg.schedule, 10**6))
-    return lambda b: backend.train_step([b], lm_loss)
+    loss_fn = make_loss_fn((), loss_chunk)
+    return lambda b: backend.train_step([b], loss_fn)
 
 
 def make_plain_ours(cfg, device: torch.device, bf16: bool, attention: str, compile_blocks: bool = False,
@@ -179,6 +180,7 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="also time our model in the baseline's plain loop")
     p.add_argument("--compile", action="store_true", help="ours with train.compile (torch.compile of each block)")
     p.add_argument("--ac", action="store_true", help="ours with train.activation_checkpointing")
+    p.add_argument("--loss-chunk", type=int, default=0, help="ours with train.loss_chunk_tokens=N")
     p.add_argument("--profile", action="store_true", help="after timing, print a profiler table per contender")
     args = p.parse_args()
     preset = PRESETS[args.preset]
@@ -192,7 +194,8 @@ def main() -> None:
     device = torch.device("cuda" if gpu else "cpu")
     batches = _batches(cfg.vocab_size, micro, seq, 4, device)
     steps = {"hf": make_hf(cfg, device, bf16=gpu),
-             "ours": make_ours(cfg, device, micro, gpu, args.attention, args.zero, args.compile, args.ac)}
+             "ours": make_ours(cfg, device, micro, gpu, args.attention, args.zero, args.compile, args.ac,
+                             args.loss_chunk)}
     if args.plain:
         steps["ours_plain"] = make_plain_ours(cfg, device, gpu, args.attention, args.compile, args.ac)
     rates = measure(steps, batches, args.rounds, per_round, args.warmup)
@@ -207,6 +210,7 @@ def main() -> None:
         "ours_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
         "ratio": round(ours_tps / hf_tps, 3), "zero_stage": args.zero, "compile": args.compile,
         "activation_checkpointing": args.ac,
+        "loss_chunk_tokens": args.loss_chunk,
         "ours_model_in_plain_loop_tokens_per_s": round(plain_tps, 1) if plain_tps else None,
         "ours_mfu": round(ours_tps * fpt / peak, 4) if peak else None,
         "hf_mfu": round(hf_tps * fpt / peak, 4) if peak else None,

@@ -64,6 +64,14 @@ class TrainConfig(_Strict):
         "Fuses norms, RoPE and the SwiGLU product; the first steps are slower while it compiles. "
         "DeepSpeed ZeRO 0-2 (ZeRO-3's parameter hooks break the graphs).",
     )
+    loss_chunk_tokens: int = Field(
+        0,
+        ge=0,
+        description="Run the output head and the cross-entropy this many tokens at a time, recomputing each "
+        "chunk's logits in the backward pass, so the [tokens, vocab] logits are never held whole "
+        "(tokens x vocab x 10 bytes in bf16: 10.5 GB for 8192 tokens of a 128k vocabulary). "
+        "Costs one more head matmul. 0: off (plugins' losses then also see the logits).",
+    )
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-batches per rank per step; raises RecipeError when the geometry does not divide."""

@@ -16,7 +16,7 @@ from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import TrainingStopped
 from slimtrain.trainer.faults import fault_active, maybe_fault
 from slimtrain.trainer.logging import MetricsLog, ProgressBar, Throughput, Wandb, console, plot_losses
-from slimtrain.trainer.losses import lm_loss, make_loss_fn
+from slimtrain.trainer.losses import make_loss_fn
 from slimtrain.trainer.plugins import reduce_metrics
 from slimtrain.trainer.recipe import dump_recipe
 from slimtrain.trainer.run import RunParts
@@ -48,7 +48,8 @@ class Trainer:
         self.state = LoopState()
         self.recipe_yaml = dump_recipe(recipe)
         self.plugins = parts.plugins
-        self.loss_fn = make_loss_fn(self.plugins)
+        self.loss_fn = make_loss_fn(self.plugins, recipe.train.loss_chunk_tokens)
+        self.eval_loss_fn = make_loss_fn((), recipe.train.loss_chunk_tokens)
 
     def run(self) -> LoopState:
         """Train to `train.steps` (or until stopped by a signal or the time limit); returns the final state."""
@@ -158,7 +159,7 @@ class Trainer:
         for i, batch in enumerate(self.parts.make_val_loader()):
             if i >= self.recipe.eval.batches:
                 break
-            s, n = self.backend.eval_step(batch, lm_loss)
+            s, n = self.backend.eval_step(batch, self.eval_loss_fn)
             loss_sum, tokens = loss_sum + s, tokens + n
         loss_sum, tokens = self.backend.all_reduce_sum([loss_sum, float(tokens)])
         loss = loss_sum / max(tokens, 1.0)

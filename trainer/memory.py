@@ -6,7 +6,8 @@ Three parts, each from where it is known best:
 - activations kept for the backward pass: the tensors our decoder block saves, per token, counted from
   its code (a test checks the formula against the block's saved tensors, tensor by tensor), assuming a
   fused attention kernel (flash, flex or SDPA: no [seq x seq] scores are kept);
-- the LM head's logits at the loss: compute-dtype logits, their fp32 upcast and the saved log-softmax.
+- the LM head's logits at the loss: compute-dtype logits, their fp32 upcast and the saved log-softmax,
+  for every token of the micro-batch, or for one chunk of `train.loss_chunk_tokens`.
 It is an estimate: the CUDA context, the allocator's fragmentation and NCCL buffers come on top (`reserve`).
 """
 
@@ -102,7 +103,8 @@ def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate
         activations = cfg.num_layers * w * cfg.hidden_size * tokens + per_layer
     else:
         activations = cfg.num_layers * per_layer
-    logits = tokens * vocab_size * (w + 4 + 4)
+    chunk = min(tokens, train.loss_chunk_tokens) if train.loss_chunk_tokens else tokens
+    logits = chunk * vocab_size * (w + 4 + 4)
     states = model_state_bytes(params, largest, backend.zero_stage, backend.precision, world_size,
                                backend.offload_optimizer)
     return MemoryEstimate(params, largest, states, activations, logits)
@@ -114,7 +116,8 @@ def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: 
     lines = [
         f"memory per GPU (estimate): {world_size} GPUs, ZeRO-{b.zero_stage}, {b.precision}, micro-batch "
         f"{t.micro_batch_size} x {recipe.data.seq_len} tokens, activation checkpointing "
-        f"{'on' if t.activation_checkpointing else 'off'}",
+        f"{'on' if t.activation_checkpointing else 'off'}"
+        + (f", loss in chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else ""),
         f"  parameters   {e.params / 1e9:8.2f} B  (largest layer {e.largest_layer / 1e6:.0f} M)",
         f"  model states {e.model_states / GB:8.1f} GB",
         f"  activations  {e.activations / GB:8.1f} GB",
@@ -126,6 +129,8 @@ def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: 
         fixes = []
         if not t.activation_checkpointing:
             fixes.append("train.activation_checkpointing=true")
+        if not t.loss_chunk_tokens and e.logits > GB:
+            fixes.append("train.loss_chunk_tokens=4096")
         if b.zero_stage < 3:
             fixes.append(f"backend.zero_stage={b.zero_stage + 1}")
         if t.micro_batch_size > 1:

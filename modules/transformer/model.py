@@ -16,9 +16,10 @@ from .rope import rope_cos_sin
 
 @dataclass
 class TransformerOutput:
-    """logits: [B, S, V] in the compute dtype; hidden_states: final normed hidden [B, S, H]."""
+    """logits: [B, S, V] in the compute dtype (None when the caller applies the head itself, e.g. the
+    chunked loss); hidden_states: final normed hidden [B, S, H]."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     hidden_states: torch.Tensor
 
 
@@ -76,12 +77,14 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        with_logits: bool = True,
     ) -> TransformerOutput:
         """Logits for `input_ids` [B, S].
 
         position_ids [B, S]: RoPE positions (default 0..S-1 in every row).
         doc_ids [B, S]: document of each token (-1 = padding); attention never crosses a document
         and padding attends only to itself. None means one causal document per row.
+        with_logits=False: skip the LM head (logits=None); the caller applies `lm_head` to the hidden states.
         """
         b, s = input_ids.shape
         self._check_inputs(input_ids, position_ids, doc_ids)
@@ -93,7 +96,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, attend)
         hidden = self.norm(x)
-        return TransformerOutput(logits=self.lm_head(hidden), hidden_states=hidden)
+        return TransformerOutput(logits=self.lm_head(hidden) if with_logits else None, hidden_states=hidden)
 
     def _check_inputs(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None

@@ -13,7 +13,8 @@ import torch
 from slimtrain.modules.transformer import ModelConfig, Transformer
 from slimtrain.modules.transformer.attention import bind_attention
 from slimtrain.modules.transformer.rope import rope_cos_sin
-from slimtrain.trainer.memory import block_activation_bytes_per_token, model_state_bytes
+from slimtrain.trainer.memory import block_activation_bytes_per_token, estimate, model_state_bytes
+from slimtrain.trainer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,3 +92,16 @@ def test_validate_prints_the_estimate_and_what_to_change() -> None:
     unknown = _validate(recipe, "--world-size", "32")  # the tokenizer path is not on this machine
     assert unknown.returncode == 0 and "memory estimate skipped" in unknown.stderr
     assert "add model.vocab_size=N" in unknown.stderr
+
+
+def test_chunked_loss_bounds_the_logits_by_one_chunk() -> None:
+    recipe = REPO / "recipes" / "llama-8b-zero3.yaml"
+    plain = estimate(load_recipe(recipe, ["train.loss_chunk_tokens=0"]), 8, 128256)
+    chunked = estimate(load_recipe(recipe, ["train.loss_chunk_tokens=1024"]), 8, 128256)
+    assert plain.logits == 8192 * 128256 * (2 + 4 + 4)  # bf16 logits, fp32 upcast, saved log-softmax
+    assert chunked.logits * 8 == plain.logits
+    assert (chunked.model_states, chunked.activations) == (plain.model_states, plain.activations)
+    tight = _validate(str(recipe), "--world-size", "8", "model.vocab_size=128256", "backend.zero_stage=2",
+                      "train.activation_checkpointing=false", "train.loss_chunk_tokens=0")
+    assert "try train.activation_checkpointing=true, or train.loss_chunk_tokens=4096, or backend.zero_stage=3" \
+        in tight.stderr

@@ -1,0 +1,92 @@
+"""train.loss_chunk_tokens: the chunked head + cross-entropy equals the plain one and never holds the logits whole."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtrain.data.batch import Batch
+from slimtrain.modules.transformer import ModelConfig, Transformer
+from slimtrain.trainer.chunked_loss import chunked_lm_loss_sum
+from slimtrain.trainer.losses import lm_loss, make_loss_fn
+
+
+def _plain(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 74, 1000])
+def test_chunked_loss_and_gradients_equal_the_plain_ones(chunk: int) -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 37))
+    labels[0, :5] = -100  # ignored positions, in one chunk and across a chunk edge
+    labels[1, 30:] = -100
+    results = []
+    for fn in (lambda: _plain(head, hidden, labels), lambda: chunked_lm_loss_sum(head, hidden, labels, chunk)):
+        hidden.grad, head.weight.grad = None, None
+        loss = fn()
+        (loss * 0.37).backward()
+        results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    (l0, h0, w0), (l1, h1, w1) = results
+    assert l1.dtype == torch.float32
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-7)
+
+
+def test_lm_loss_with_chunks_matches_and_gives_plugins_no_logits() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, max_seq_len=32, attention="sdpa"))
+    ids = torch.randint(0, 97, (2, 24))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    batch = Batch(input_ids=ids, labels=labels, position_ids=torch.arange(24).expand(2, 24),
+                  doc_ids=torch.zeros(2, 24, dtype=torch.long))
+    plain_loss, plain_sum, _ = lm_loss(model, batch, 5.0)
+    loss, token_sum, _ = make_loss_fn((), chunk_tokens=10)(model, batch, 5.0)
+    torch.testing.assert_close(token_sum, plain_sum, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
+    assert model(ids, with_logits=False).logits is None
+    with pytest.raises(ValueError, match="train.loss_chunk_tokens=-1"):
+        chunked_lm_loss_sum(model.lm_head, torch.zeros(1, 32), torch.zeros(1, dtype=torch.long), -1)
+
+
+PEAK = textwrap.dedent("""
+    import resource, sys, torch
+    from torch import nn
+    from slimtrain.trainer.chunked_loss import chunked_lm_loss_sum
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    tokens, vocab, width, chunk = 2048, 32768, 64, int(sys.argv[1])
+    head = nn.Linear(width, vocab, bias=False)
+    hidden = torch.randn(tokens, width, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if chunk:
+        loss = chunked_lm_loss_sum(head, hidden, labels, chunk)
+    else:
+        loss = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+    loss.backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB
+""")
+
+
+def test_chunks_lower_the_peak_memory_of_forward_and_backward() -> None:
+    """Peak resident memory of one forward+backward of a 2048-token, 32k-vocabulary head (logits: 256 MiB
+    in fp32), each in a fresh process: plain holds the logits, the saved softmax and their gradient."""
+    peak = {}
+    for chunk in (0, 256):
+        out = subprocess.run([sys.executable, "-c", PEAK, str(chunk)], capture_output=True, text=True, check=True)
+        peak[chunk] = int(out.stdout.split()[-1])
+    assert peak[0] >= 500, peak  # at least two [2048, 32768] fp32 tensors at once
+    assert peak[256] <= peak[0] / 2, peak
