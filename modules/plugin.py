@@ -100,6 +100,9 @@ class Plugin:
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 50
+    needs_logits: ClassVar[bool] = False
+    """True when `losses` reads `outputs.logits`: such a plugin cannot run with `train.loss_chunk_tokens`,
+    which never builds the whole [tokens, vocab] logits (`outputs.logits` is None there)."""
 
     def __init__(self, cfg: PluginConfig) -> None:
         self.cfg = cfg
@@ -115,7 +118,8 @@ class Plugin:
         """Called before optimizer step `step` (1-based) runs, on every rank."""
 
     def losses(self, outputs: Any, batch: Any) -> dict[str, LossTerm]:
-        """Extra loss terms for one micro-batch (`outputs` is the model's output, `batch` the Batch)."""
+        """Extra loss terms for one micro-batch (`outputs` is the model's output, `batch` the Batch).
+        `outputs.hidden_states` is always there; `outputs.logits` only when `needs_logits` is set."""
         return {}
 
     def after_optimizer_step(self, step: int) -> None:

@@ -69,8 +69,10 @@ class TrainConfig(_Strict):
         ge=0,
         description="Run the output head and the cross-entropy this many tokens at a time, recomputing each "
         "chunk's logits in the backward pass, so the [tokens, vocab] logits are never held whole "
-        "(tokens x vocab x 10 bytes in bf16: 10.5 GB for 8192 tokens of a 128k vocabulary). "
-        "Costs one more head matmul. 0: off (plugins' losses then also see the logits).",
+        "(tokens x vocab x 10 bytes in bf16: 9.8 GiB for 8192 tokens of a 128k vocabulary). "
+        "Costs one more head matmul (and, under ZeRO-3, a gather of the head per chunk). In bf16 the head's "
+        "weight gradient is summed over the chunks in bf16, so keep to a few chunks per micro-batch (e.g. half "
+        "or a quarter of its tokens). 0: off; plugins whose losses read the logits need 0.",
     )
 
     def grad_accum(self, world_size: int) -> int:
@@ -220,7 +222,7 @@ class Recipe(_Strict):
         if self.plugins:
             from slimtrain.trainer.plugins import check_plugins
 
-            check_plugins(self.plugins, self.model)
+            check_plugins(self.plugins, self.model, self.train.loss_chunk_tokens)
         return self
 
     def check_world(self, world_size: int) -> int:

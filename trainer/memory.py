@@ -129,8 +129,9 @@ def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: 
         fixes = []
         if not t.activation_checkpointing:
             fixes.append("train.activation_checkpointing=true")
-        if not t.loss_chunk_tokens and e.logits > GB:
-            fixes.append("train.loss_chunk_tokens=4096")
+        tokens = t.micro_batch_size * recipe.data.seq_len
+        if not t.loss_chunk_tokens and e.logits > GB and tokens >= 2048:
+            fixes.append(f"train.loss_chunk_tokens={min(4096, tokens // 2)}")
         if b.zero_stage < 3:
             fixes.append(f"backend.zero_stage={b.zero_stage + 1}")
         if t.micro_batch_size > 1:

@@ -40,8 +40,9 @@ def model_skeleton(model_cfg: ModelConfig, plugins: list[Plugin]) -> nn.Module:
     return model
 
 
-def check_plugins(configs: list[PluginConfig], model_cfg: ModelConfig) -> None:
-    """Dry-run configure + apply on a meta model so that bad patterns or shapes fail at validation.
+def check_plugins(configs: list[PluginConfig], model_cfg: ModelConfig, loss_chunk_tokens: int = 0) -> None:
+    """Dry-run configure + apply on a meta model so that bad patterns or shapes fail at validation;
+    with `loss_chunk_tokens`, also that every plugin works without whole logits.
 
     Raises ValueError naming `plugins.<i> (<type>)`, for the recipe loader to report.
     """
@@ -59,9 +60,21 @@ def check_plugins(configs: list[PluginConfig], model_cfg: ModelConfig) -> None:
             model = Transformer(model_cfg)
         for current in plugins:
             current.apply(model)
+            if loss_chunk_tokens:
+                _check_chunkable(current, model, loss_chunk_tokens)
     except ValueError as exc:
         where = f"plugins.{index[id(current.cfg)]} ({current.name})" if current is not None else "plugins"
         raise ValueError(f"{where}: {exc}") from None
+
+
+def _check_chunkable(plugin: Plugin, model: nn.Module, chunk: int) -> None:
+    if plugin.needs_logits:
+        raise ValueError(f"its losses read the whole logits, which train.loss_chunk_tokens={chunk} never builds; "
+                         "set train.loss_chunk_tokens=0")
+    if getattr(model.lm_head, "mixes_tokens", False):  # a head whose output for a token depends on the others
+        raise ValueError(f"lm_head now shares one input scale across tokens, so train.loss_chunk_tokens={chunk} "
+                         "would give every chunk its own scale; exclude lm_head from the plugin, quantize its "
+                         "inputs per token or per group, or set train.loss_chunk_tokens=0")
 
 
 def reduce_metrics(plugins: list[Plugin], all_reduce_sum: Callable[[list[float]], list[float]],

@@ -85,14 +85,22 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise RecipeError(f"override {item!r}: {parts[i - 1]!r} holds a value, not a block of keys")
         if last:
             node[part] = value
+        elif part not in node and _is_index(parts[i + 1]):
+            where = ".".join(parts[:i + 1])
+            raise RecipeError(f"override {item!r}: {where} is not set in the recipe, so there is no item "
+                              f"{parts[i + 1]} to change; set the whole list, e.g. {where}=[...]")
         else:
             node = node.setdefault(part, {})
+
+
+def _is_index(part: str) -> bool:
+    return part.isascii() and part.isdigit()
 
 
 def _list_index(node: list, part: str, item: str, where: str) -> int:
     if not node:
         raise RecipeError(f"override {item!r}: {where} is an empty list; set it whole, e.g. {where}=[...]")
-    if not part.isdigit() or int(part) >= len(node):
+    if not _is_index(part) or int(part) >= len(node):
         raise RecipeError(f"override {item!r}: {where} is a list of {len(node)} items; "
                           f"index it with 0..{len(node) - 1} (got {part!r})")
     return int(part)

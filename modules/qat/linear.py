@@ -56,6 +56,15 @@ class QATLinear(nn.Linear):
         self.register_buffer("weight_step_calibrated", torch.tensor(float(calibrated), device=step.device))
         self.weight_step_gain = nn.Parameter(torch.ones(step.numel(), device=step.device))
 
+    @property
+    def mixes_tokens(self) -> bool:
+        """True when one activation scale spans several tokens (per tensor, per channel, per block, or NVFP4's
+        tensor scale): the output for a token then depends on the other tokens of the call."""
+        spec = self.act_spec
+        if spec is None:
+            return False
+        return spec.resolved_granularity not in ("token", "group") or spec.format == "nvfp4"
+
     def lsq_step(self) -> torch.Tensor | None:
         """The learned step (blocked layout), or None when the estimator is not LSQ."""
         if self.estimator != "lsq":

@@ -77,6 +77,13 @@ def test_bad_plugin_blocks_name_the_field(zloss, override: str, expected: str) -
     assert expected in str(info.value)
 
 
+def test_a_plugin_that_reads_the_logits_is_refused_with_a_chunked_loss(zloss) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(TINY, ["plugins=[{type: zloss}]", "train.loss_chunk_tokens=32"])
+    assert ("plugins.0 (zloss): its losses read the whole logits, which train.loss_chunk_tokens=32 never builds; "
+            "set train.loss_chunk_tokens=0") in str(info.value)
+
+
 class EntryConfig(PluginConfig):
     type: str = "from-entry-point"
 

@@ -43,6 +43,26 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(chunk: int) -> None:
     torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-7)
 
 
+def test_bf16_head_gradient_with_a_few_chunks_is_as_accurate_as_plain() -> None:
+    """In bf16 autograd sums the head's weight gradient over the chunks in bf16 (as for any weight used
+    twice): with a few chunks per micro-batch that stays within the plain path's own rounding."""
+    torch.manual_seed(0)
+    head32 = nn.Linear(64, 512, bias=False)
+    hidden32 = torch.randn(1024, 64)
+    labels = torch.randint(0, 512, (1024,))
+    _plain(head32, hidden32[None], labels[None]).backward()
+    ref = head32.weight.grad.clone()
+    errors = {}
+    for chunk in (0, 512, 256):
+        head = nn.Linear(64, 512, bias=False).to(torch.bfloat16)
+        head.weight.data.copy_(head32.weight.data)
+        hidden = hidden32.to(torch.bfloat16)
+        loss = chunked_lm_loss_sum(head, hidden, labels, chunk) if chunk else _plain(head, hidden[None], labels[None])
+        loss.backward()
+        errors[chunk] = float((head.weight.grad.float() - ref).norm() / ref.norm())
+    assert errors[512] <= 1.5 * errors[0] and errors[256] <= 2 * errors[0], errors
+
+
 def test_lm_loss_with_chunks_matches_and_gives_plugins_no_logits() -> None:
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

@@ -55,6 +55,11 @@ def _write(path: Path, text: str) -> Path:
          "plugins is a list of 1 items; index it with 0..0 (got '1')"),
         ("plugins=[] ; plugins.0.start_step=5", "plugins is an empty list; set it whole"),
         ("run.name.x=1", "'name' holds a value, not a block of keys"),
+        ("plugins.0.start_step=5", "plugins is not set in the recipe, so there is no item 0 to change; "
+                                   "set the whole list, e.g. plugins=[...]"),
+        ("plugins=[{type: qat, exclude: [], weights: {group_size: 16}, activations: {format: int, bits: 8, "
+         "granularity: tensor}}] ; train.loss_chunk_tokens=64",
+         "plugins.0 (qat): lm_head now shares one input scale across tokens, so train.loss_chunk_tokens=64"),
         ("backend.zero_stage=3 ; train.compile=true", "train.compile=true with backend.zero_stage=3 is not supported"),
     ],
 )
@@ -83,6 +88,13 @@ def test_overrides_index_lists() -> None:
     recipe = load_recipe(RECIPES[0].parent / "qat-int4-cpu.yaml", ["plugins.0.weights.bits=2", "plugins.0.start_step=7"])
     assert recipe.plugins[0].weights.bits == 2 and recipe.plugins[0].start_step == 7
     assert recipe.plugins[0].weights.group_size == 32  # the rest of the item is kept
+
+
+def test_chunked_loss_accepts_a_token_wise_quantized_head() -> None:
+    recipe = load_recipe(RECIPES[0].parent / "tiny-cpu.yaml", [
+        "plugins=[{type: qat, exclude: [], weights: {group_size: 16}, activations: {format: int, bits: 8, "
+        "granularity: token}}]", "train.loss_chunk_tokens=64"])
+    assert recipe.train.loss_chunk_tokens == 64
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
