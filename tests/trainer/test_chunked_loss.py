@@ -82,22 +82,31 @@ def test_lm_loss_with_chunks_matches_and_gives_plugins_no_logits() -> None:
 
 
 PEAK = textwrap.dedent("""
-    import resource, sys, torch
+    import sys, torch
     from torch import nn
     from slimtrain.trainer.chunked_loss import chunked_lm_loss_sum
     import torch.nn.functional as F
+
+    def status_kib(key):
+        line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+        return int(line.split()[1])
+
     torch.manual_seed(0)
     tokens, vocab, width, chunk = 2048, 32768, 64, int(sys.argv[1])
     head = nn.Linear(width, vocab, bias=False)
     hidden = torch.randn(tokens, width, requires_grad=True)
     labels = torch.randint(0, vocab, (tokens,))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if chunk:  # a first small call imports what checkpointing needs, outside the measured peak
+        chunked_lm_loss_sum(head, hidden[:chunk], labels[:chunk], chunk).backward()
+    head.weight.grad = hidden.grad = None
+    open("/proc/self/clear_refs", "w").write("5")  # resets the peak resident size (VmHWM) to the current one
+    before = status_kib("VmRSS")
     if chunk:
         loss = chunked_lm_loss_sum(head, hidden, labels, chunk)
     else:
         loss = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
     loss.backward()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB
+    print((status_kib("VmHWM") - before) // 1024)  # MiB above the starting point
 """)
 
 
@@ -109,4 +118,4 @@ def test_chunks_lower_the_peak_memory_of_forward_and_backward() -> None:
         out = subprocess.run([sys.executable, "-c", PEAK, str(chunk)], capture_output=True, text=True, check=True)
         peak[chunk] = int(out.stdout.split()[-1])
     assert peak[0] >= 500, peak  # at least two [2048, 32768] fp32 tensors at once
-    assert peak[256] <= peak[0] / 2, peak
+    assert peak[256] <= peak[0] / 4, peak
