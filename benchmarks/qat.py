@@ -4,6 +4,7 @@ all trained on the quickstart corpus with the same data, steps and seed; plus, o
     python benchmarks/qat.py                           # quickstart model, 2 CPU ranks (about 4 runs x a few minutes)
     python benchmarks/qat.py --preset tiny --steps 40  # smoke-sized
     python benchmarks/qat.py --steps 600 --bits 2      # int2 group-32 instead of int4 (a PTQ gap a small model shows)
+    python benchmarks/qat.py --steps 600 --qat-start 20  # QAT for (almost) the whole run instead of the last quarter
     python benchmarks/qat.py --overhead [--compile]    # GPU: step time dense vs QAT (Triton kernels / PyTorch)
     python benchmarks/qat.py --kernels                 # GPU: each kernel vs its PyTorch reference
 
@@ -100,11 +101,10 @@ def eval_loss(run_dir: Path, plugin_blocks: list[dict] | None, batches: int) -> 
 
 def quality(args: argparse.Namespace) -> dict:
     preset, bits = PRESETS[args.preset], args.bits
-    qat_extra = [f"plugins.0.weights.bits={bits}"] + ([f"plugins.0.start_step={args.qat_start}"]
-                                                      if args.qat_start is not None else [])
+    start = args.qat_start if args.qat_start is not None else args.steps * 3 // 4  # the recipes' last quarter
     dense = train(preset["dense"], "dense", args, [])
-    name = f"qat-int{bits}" + (f"-from{args.qat_start}" if args.qat_start is not None else "")
-    qat = train(preset["int4"], name, args, qat_extra)
+    qat = train(preset["int4"], f"qat-int{bits}-from{start}", args,
+                [f"plugins.0.weights.bits={bits}", f"plugins.0.start_step={start}"])
     ternary = train(preset["ternary"], "bitnet-b158", args, []) if args.ternary else None
     a = eval_loss(dense, None, args.eval_batches)
     b = eval_loss(dense, [rtn(bits)], args.eval_batches)
@@ -114,7 +114,7 @@ def quality(args: argparse.Namespace) -> dict:
     measurable = b - a >= MIN_PTQ_GAP
     k = f"int{bits}"
     result = {"preset": args.preset, "steps": args.steps, "eval_batches": args.eval_batches,
-              "qat_start_step": args.qat_start, "dense": round(a, 4), f"{k}_rtn_ptq": round(b, 4), f"{k}_qat": round(c, 4),
+              "qat_start_step": start, "dense": round(a, 4), f"{k}_rtn_ptq": round(b, 4), f"{k}_qat": round(c, 4),
               f"{k}_recovered": round((b - c) / (b - a), 3) if measurable else None,
               "ternary_b158_qat": round(t, 4) if ternary else None}
     recovered = result[f"{k}_recovered"] if measurable else f"n/a (PTQ gap {b - a:+.4f} < {MIN_PTQ_GAP})"
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8],
                         help="integer width of (b) and (c), groups of 32 (the target figure is int4)")
     parser.add_argument("--qat-start", type=int, default=None,
-                        help="step after which (c) fake-quantizes (default: the recipe's start_step, 20)")
+                        help="step after which (c) fake-quantizes (default: 3/4 of --steps, as the QAT recipes)")
     parser.add_argument("--no-ternary", dest="ternary", action="store_false", help="skip the b1.58 run")
     parser.add_argument("--eval-batches", type=int, default=32, help="validation micro-batches of 8 rows")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-qat"))
