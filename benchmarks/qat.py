@@ -234,7 +234,8 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true", help="GPU: QAT step-time overhead")
     parser.add_argument("--kernels", action="store_true", help="GPU: kernels vs references")
     parser.add_argument("--timing-steps", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="compile every block (train.compile): in --overhead timings and in the quality runs")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile every block (train.compile): in --overhead timings and in the quality runs")
     parser.add_argument("--micro-batch", type=int, default=8, help="--overhead: rows of 1024 tokens per step")
     args = parser.parse_args()
     result = {}

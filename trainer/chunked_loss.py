@@ -1,7 +1,7 @@
 """Output head + cross-entropy in chunks of tokens, so the [tokens, vocab] logits never exist whole.
 
 The plain loss holds the logits in the compute dtype, their fp32 upcast and the saved log-softmax for
-the backward pass: tokens x vocab x (w + 8) bytes, e.g. 8192 x 128256 x 10 B = 10.5 GB for one 8k-token
+the backward pass: tokens x vocab x (w + 8) bytes, e.g. 8192 x 128256 x 10 B = 9.8 GiB for one 8k-token
 row of a Llama-3 vocabulary. Here each chunk's head matmul and softmax run under non-reentrant
 activation checkpointing: the forward keeps only the chunk's input (a view of the hidden states) and
 the backward recomputes that chunk's logits, so at most one chunk's logits are alive at any time.
