@@ -1,4 +1,5 @@
-"""End-to-end training on 2 gloo ranks: ZeRO stages agree, accumulation is exact, resume is bitwise."""
+"""End-to-end training on 2 gloo ranks: ZeRO stages agree, accumulation is exact, resume is bitwise, and a
+checkpoint resumes on another number of ranks."""
 
 from __future__ import annotations
 
@@ -63,6 +64,42 @@ def test_kill_during_save_keeps_previous_checkpoint(straight: dict, tmp_path: Pa
     proc = run_train(tmp_path, data_cache)
     assert proc.returncode == 0, proc.stdout
     assert losses(tmp_path) == straight[2]
+
+
+def test_resume_on_fewer_ranks_reshards_zero2(straight: dict, tmp_path: Path, data_cache: Path) -> None:
+    """2 ranks to step 10, SIGKILL, resume on 1 rank: DeepSpeed's universal checkpoint moves the optimizer
+    shards, and steps 11-20 equal the 2-rank run's to rounding (reduction order; here within 1e-6)."""
+    run_until_checkpoint_then_kill(tmp_path, data_cache, 10)
+    step10 = tmp_path / "checkpoints" / "step_00000010"
+    before = sorted(p.name for p in (step10 / "ds").iterdir())
+    refused = run_train(tmp_path, data_cache, ["backend.zero_stage=3"], nproc=1)
+    assert refused.returncode != 0
+    assert "written by ZeRO-1/2 on 2 rank(s) and this run uses ZeRO-3 on 1 rank(s)" in refused.stdout
+    assert "backend.zero_stage=2" in refused.stdout
+    proc = run_train(tmp_path, data_cache, nproc=1)
+    assert proc.returncode == 0, proc.stdout
+    assert "resharding step_00000010: written by ZeRO-1/2 on 2 rank(s), loading into ZeRO-1/2 on 1 rank(s)" \
+        in proc.stdout
+    assert sorted(p.name for p in (step10 / "ds").iterdir()) == before and not (step10 / ".reshard").exists()
+    resumed = losses(tmp_path)
+    for step in range(1, 21):
+        assert resumed[step] == pytest.approx(straight[2][step], rel=1e-6, abs=0), step
+    assert len(list((tmp_path / "checkpoints" / "step_00000020" / "ds").glob("*optim_states.pt"))) == 1
+
+
+def test_resume_on_more_ranks_reshards_zero3(straight: dict, tmp_path: Path, data_cache: Path) -> None:
+    """1 rank to step 10, SIGKILL, resume on 2 ranks at ZeRO-3. DeepSpeed's ZeRO-3 universal load gives
+    all parameter groups the first group's hyperparameters and one shared Adam step tensor; both are
+    undone, so the run matches the 2-rank ZeRO-3 run (the no-decay group would otherwise decay, and the
+    step count would advance twice per step)."""
+    overrides = ["backend.zero_stage=3"]
+    run_until_checkpoint_then_kill(tmp_path, data_cache, 10, overrides, nproc=1)
+    proc = run_train(tmp_path, data_cache, overrides, nproc=2)
+    assert proc.returncode == 0, proc.stdout
+    assert "written by ZeRO-3 on 1 rank(s), loading into ZeRO-3 on 2 rank(s)" in proc.stdout
+    resumed = losses(tmp_path)
+    for step in range(1, 21):
+        assert resumed[step] == pytest.approx(straight[3][step], rel=1e-6, abs=0), step
 
 
 def test_zero_stages_agree(straight: dict, tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> None:

@@ -26,9 +26,10 @@ def run_train(run_dir: Path, cache: Path, overrides: list[str] = (), nproc: int 
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
-def run_until_checkpoint_then_kill(run_dir: Path, cache: Path, step: int, overrides: list[str] = ()) -> None:
+def run_until_checkpoint_then_kill(run_dir: Path, cache: Path, step: int, overrides: list[str] = (),
+                                   nproc: int = 2) -> None:
     """Start a run that hangs right after saving `step`, wait for that checkpoint, SIGKILL every process."""
-    proc = subprocess.Popen(train_cmd(run_dir, cache, list(overrides), 2), env=_env(f"hang_after_save@{step}"),
+    proc = subprocess.Popen(train_cmd(run_dir, cache, list(overrides), nproc), env=_env(f"hang_after_save@{step}"),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     latest = run_dir / "checkpoints" / "latest"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,12 @@ from torch import nn
 
 from slimtrain.data.batch import Batch
 from slimtrain.trainer.backends.base import LossFn, StepResult
+from slimtrain.trainer.backends.deepspeed_reshard import (
+    RESHARD_DIR, UNIVERSAL_TAG, convert_to_universal, current_layout, needs_conversion, saved_layout,
+)
 from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from slimtrain.trainer.faults import maybe_fault
+from slimtrain.trainer.logging import console
 from slimtrain.trainer.recipe import deep_merge
 from slimtrain.trainer.registry import BACKENDS
 
@@ -128,12 +133,46 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
 
     def load(self, directory: Path) -> None:
-        """Restore what `save` wrote (same world size and ZeRO stage)."""
+        """Restore what `save` wrote, also from another number of ranks (converted through DeepSpeed's
+        universal checkpoint, see deepspeed_reshard)."""
+        saved = saved_layout(directory / DS_TAG)
+        current = current_layout(self.cfg.zero_stage, self.cfg.precision, self.cfg.offload_optimizer, self.world_size)
+        if not needs_conversion(saved, current):
+            self._load_tag(directory, DS_TAG)
+            return
+        if self.rank == 0:
+            console.print(f"resharding {directory.name}: written by {saved.describe()}, loading into "
+                          f"{current.describe()} (DeepSpeed universal checkpoint)", soft_wrap=True)
+            convert_to_universal(directory, DS_TAG)
+        dist.barrier()
+        # The engine reads this flag at load time only; it cannot be set at initialisation because a
+        # normal resume of the same run must keep reading the sharded layout.
+        groups = _base_param_groups(self.engine.optimizer)
+        decay = [g["weight_decay"] for g in groups]
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self._load_tag(directory / RESHARD_DIR, UNIVERSAL_TAG)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        # DeepSpeed's ZeRO-3 universal load copies the first group's hyperparameters into every group,
+        # which would decay the norms and embeddings; the groups' decay is the recipe's, not state.
+        for group, wd in zip(groups, decay):
+            group["weight_decay"] = wd
+        # It also gives every group the same `step` tensor, which torch's Adam increments in place once
+        # per group: each group needs its own.
+        for state in _base_state(self.engine.optimizer).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        dist.barrier()
+        if self.rank == 0:  # derived files: the next checkpoint is written in this run's own layout
+            shutil.rmtree(directory / RESHARD_DIR, ignore_errors=True)
+
+    def _load_tag(self, directory: Path, tag: str) -> None:
         path, _ = self.engine.load_checkpoint(
-            str(directory), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed state under {directory / DS_TAG}")
+            raise FileNotFoundError(f"no DeepSpeed state under {directory / tag}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """All parameters, full size, fp32, on CPU, with the model's own names (rank 0 gets them all)."""
@@ -145,3 +184,14 @@ class DeepSpeedBackend:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _base_param_groups(optimizer) -> list[dict]:
+    """The torch optimizer's param groups under DeepSpeed's wrapper (ZeRO and bf16 optimizers wrap it)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner.param_groups
+
+
+def _base_state(optimizer) -> dict:
+    """The torch optimizer's per-parameter state under DeepSpeed's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer).state
