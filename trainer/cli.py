@@ -73,12 +73,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not _under_launcher():
         nproc = args.nproc or recipe.run.local_procs
         recipe.check_world(nproc)  # fail before any process starts
+        _check_resume(recipe, nproc)
         if nproc > 1:
             from slimtrain.data import prepare
 
             prepare(recipe.data, progress=True)  # once, before the ranks start
             return _spawn_local(nproc, args)
     return train_worker(recipe)
+
+
+def _check_resume(recipe, world_size: int) -> None:
+    """The checkpoint a run would resume from must suit the recipe's backend (checked again at load)."""
+    from pathlib import Path
+
+    from slimtrain.trainer.checkpoint import find_resumable
+
+    if recipe.checkpoint.resume == "never" or recipe.backend.type != "deepspeed":
+        return
+    path = find_resumable(Path(recipe.run.resolved_output_dir) / "checkpoints")
+    if path is not None:
+        from slimtrain.trainer.backends.deepspeed import DS_TAG
+        from slimtrain.trainer.backends.deepspeed_reshard import check_resumable_into
+
+        b = recipe.backend
+        check_resumable_into(path / DS_TAG, b.zero_stage, b.precision, b.offload_optimizer, world_size)
 
 
 def train_worker(recipe) -> int:

@@ -111,3 +111,9 @@ def convert_to_universal(step_dir: Path, ds_tag: str) -> Path:
     os.replace(tmp, out)
     return root
 
+
+def check_resumable_into(ds_dir: Path, zero_stage: int, precision: str, offload_optimizer: bool,
+                         world_size: int) -> None:
+    """Before any process starts: refuse a checkpoint whose DeepSpeed optimizer differs from the recipe's
+    (another world size is fine: that is converted at load)."""
+    needs_conversion(saved_layout(ds_dir), current_layout(zero_stage, precision, offload_optimizer, world_size))
