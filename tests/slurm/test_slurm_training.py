@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -103,3 +104,34 @@ def test_preempted_job_requeues_and_matches_the_uninterrupted_run(
     assert sorted(got) == list(range(1, STEPS + 1)), text
     # Exact: the resumed run sees the same batches, RNG and optimizer state (fp32, same world size).
     assert got == want
+
+
+def test_job_resumed_on_one_node_continues_the_two_node_run(
+    shared: Path, uninterrupted: tuple[str, Path, Path]
+) -> None:
+    # As if the 2-node job had been preempted after its first checkpoint and came back on one node.
+    source = uninterrupted[1]
+    run_dir = shared / "tiny-1n-resumed"
+    ckpt = f"step_{CHECKPOINT_EVERY:08d}"
+    shutil.copytree(source / "checkpoints" / ckpt, run_dir / "checkpoints" / ckpt)
+    (run_dir / "checkpoints" / "latest").write_text(ckpt)
+    shutil.copy(source / "metrics.jsonl", run_dir / "metrics.jsonl")
+    proc = subprocess.run(
+        [SLIMTRAIN, "launch", "slurm", str(REPO / "recipes" / "tiny-cpu.yaml"), f"run.output_dir={run_dir}",
+         f"train.steps={STEPS}", f"checkpoint.every={CHECKPOINT_EVERY}", f"data.cache_dir={shared / 'cache'}",
+         "--nodes", "1", "--gpus-per-node", "0", "--env", "cpu", "--time", "10", "--job-name", "tiny-1n"],
+        capture_output=True, text=True, timeout=120, cwd=shared,
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = re.search(r"Submitted job (\d+)\n\s+log:\s+(\S+)", proc.stdout)
+    info = wait_for_job(m.group(1), Path(m.group(2)), timeout=240)
+    text = read(Path(m.group(2)))
+    assert info["JobState"] == "COMPLETED", text
+    assert re.search(r"written\s+by\s+ZeRO-1/2\s+on\s+2\s+rank\(s\),\s+loading\s+into\s+ZeRO-1/2\s+on\s+1", text), text
+    got, want = losses(run_dir), losses(source)
+    assert sorted(got) == list(range(1, STEPS + 1)), text
+    # One rank reduces the gradients in another order than two: equal to rounding.
+    for step in range(CHECKPOINT_EVERY + 1, STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), (step, text)
+    final = run_dir / "checkpoints" / f"step_{STEPS:08d}" / "ds"
+    assert len(list(final.glob("zero_pp_rank_*_optim_states.pt"))) == 1
