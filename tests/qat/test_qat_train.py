@@ -23,25 +23,47 @@ QAT = ["model.intermediate_size=192", "train.steps=6", "checkpoint.every=3",
 CACHE = REPO / ".cache" / "slimtrain" / "data"
 
 
-def test_lsq_qat_resumes_bitwise_and_exports_what_it_trained(tmp_path: Path) -> None:
-    straight = tmp_path / "straight"
-    proc = run_train(straight, CACHE, QAT)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 uninterrupted QAT steps on 2 ranks (checkpoints at 3 and 6)."""
+    run_dir = tmp_path_factory.mktemp("qat-straight")
+    proc = run_train(run_dir, CACHE, QAT)
     assert proc.returncode == 0, proc.stdout
+    return run_dir
+
+
+def _from_step3(straight: Path, run_dir: Path) -> Path:
+    """A run directory holding only the straight run's step-3 checkpoint (taken just after calibration)."""
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_00000003", ckpts / "step_00000003")
+    (ckpts / "latest").write_text("step_00000003\n")
+    return run_dir
+
+
+def test_lsq_qat_resumes_bitwise_and_exports_what_it_trained(straight: Path, tmp_path: Path) -> None:
     records = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"]: r["qat/active"] for r in records if "qat/active" in r} == {
         1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0}
 
-    # A second run that starts from the straight run's step-3 checkpoint (taken just after calibration).
-    resumed = tmp_path / "resumed" / "checkpoints"
-    resumed.mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step_00000003", resumed / "step_00000003")
-    (resumed / "latest").write_text("step_00000003\n")
-    proc = run_train(resumed.parent, CACHE, QAT)
+    resumed = _from_step3(straight, tmp_path / "resumed")
+    proc = run_train(resumed, CACHE, QAT)
     assert proc.returncode == 0 and "resumed" in proc.stdout, proc.stdout
-    after = losses(resumed.parent)
+    after = losses(resumed)
     assert after == {s: v for s, v in losses(straight).items() if s > 3}  # bitwise: LSQ steps and flags resumed
 
     _check_export(straight, tmp_path / "hf")
+
+
+def test_lsq_qat_resumes_on_one_rank(straight: Path, tmp_path: Path) -> None:
+    """A universal (resharded) load restores parameters and optimizer state only; the calibrated LSQ step
+    sizes are buffers, restored from the checkpoint's model states (else they would recalibrate)."""
+    resumed = _from_step3(straight, tmp_path / "resumed")
+    proc = run_train(resumed, CACHE, QAT, nproc=1)
+    assert proc.returncode == 0 and "resharding" in proc.stdout, proc.stdout
+    after, want = losses(resumed), losses(straight)
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
 
 
 def _check_export(run_dir: Path, out: Path) -> None:

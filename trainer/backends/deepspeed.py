@@ -15,7 +15,8 @@ from torch import nn
 from slimtrain.data.batch import Batch
 from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.backends.deepspeed_reshard import (
-    RESHARD_DIR, UNIVERSAL_TAG, convert_to_universal, current_layout, needs_conversion, saved_layout,
+    RESHARD_DIR, UNIVERSAL_TAG, convert_to_universal, current_layout, needs_conversion, saved_buffers,
+    saved_layout,
 )
 from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from slimtrain.trainer.faults import maybe_fault
@@ -163,9 +164,23 @@ class DeepSpeedBackend:
         for state in _base_state(self.engine.optimizer).values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+        self._restore_buffers(directory / DS_TAG)
         dist.barrier()
         if self.rank == 0:  # derived files: the next checkpoint is written in this run's own layout
             shutil.rmtree(directory / RESHARD_DIR, ignore_errors=True)
+
+    def _restore_buffers(self, ds_dir: Path) -> None:
+        module = self.engine.module
+        persistent = set(module.state_dict().keys()) - {n for n, _ in module.named_parameters()}
+        saved = saved_buffers(ds_dir, persistent)
+        missing = persistent - set(saved)
+        if missing:
+            raise RuntimeError(f"{ds_dir} lacks the model buffers {sorted(missing)[:5]}; it was not written "
+                               "by this model")
+        with torch.no_grad():
+            for name, buf in module.named_buffers():
+                if name in saved:
+                    buf.copy_(saved[name].to(buf.device, buf.dtype))
 
     def _load_tag(self, directory: Path, tag: str) -> None:
         path, _ = self.engine.load_checkpoint(

@@ -117,3 +117,16 @@ def check_resumable_into(ds_dir: Path, zero_stage: int, precision: str, offload_
     """Before any process starts: refuse a checkpoint whose DeepSpeed optimizer differs from the recipe's
     (another world size is fine: that is converted at load)."""
     needs_conversion(saved_layout(ds_dir), current_layout(zero_stage, precision, offload_optimizer, world_size))
+
+
+def saved_buffers(ds_dir: Path, names: set[str]) -> dict[str, "torch.Tensor"]:
+    """The module buffers `names` as saved in the checkpoint's first model-states file. A universal load
+    restores parameters and optimizer state only, so buffers a plugin keeps as state (e.g. QAT's
+    calibrated step sizes) are read here. The file is memory-mapped: the weights in it are not read."""
+    import torch
+
+    files = sorted(ds_dir.glob("*mp_rank_00_model_states.pt"))
+    if not files or not names:
+        return {}
+    module = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get("module") or {}
+    return {k: v.clone() for k, v in module.items() if k in names}
