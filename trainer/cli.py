@@ -95,8 +95,8 @@ def _check_resume(recipe, world_size: int) -> None:
         from slimtrain.trainer.backends.deepspeed import DS_TAG
         from slimtrain.trainer.backends.deepspeed_reshard import check_resumable_into
 
-        b = recipe.backend
-        check_resumable_into(path / DS_TAG, b.zero_stage, b.precision, b.offload_optimizer, world_size)
+        stage = recipe.backend.raw.get("zero_optimization", {}).get("stage", recipe.backend.zero_stage)
+        check_resumable_into(path / DS_TAG, stage, recipe.backend.precision, world_size)
 
 
 def train_worker(recipe) -> int:

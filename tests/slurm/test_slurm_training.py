@@ -127,7 +127,7 @@ def test_job_resumed_on_one_node_continues_the_two_node_run(
     info = wait_for_job(m.group(1), Path(m.group(2)), timeout=240)
     text = read(Path(m.group(2)))
     assert info["JobState"] == "COMPLETED", text
-    assert re.search(r"written\s+by\s+ZeRO-1/2\s+on\s+2\s+rank\(s\),\s+loading\s+into\s+ZeRO-1/2\s+on\s+1", text), text
+    assert re.search(r"written\s+by\s+ZeRO-1/2\s+fp32\s+on\s+2\s+rank\(s\),\s+loading\s+into\s+ZeRO-1/2\s+fp32\s+on\s+1", text), text
     got, want = losses(run_dir), losses(source)
     assert sorted(got) == list(range(1, STEPS + 1)), text
     # One rank reduces the gradients in another order than two: equal to rounding.

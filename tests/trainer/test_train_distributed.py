@@ -74,12 +74,12 @@ def test_resume_on_fewer_ranks_reshards_zero2(straight: dict, tmp_path: Path, da
     before = sorted(p.name for p in (step10 / "ds").iterdir())
     refused = run_train(tmp_path, data_cache, ["backend.zero_stage=3"], nproc=1)
     assert refused.returncode != 0
-    assert "written by ZeRO-1/2 on 2 rank(s) and this run uses ZeRO-3 on 1 rank(s)" in refused.stdout
-    assert "backend.zero_stage=2" in refused.stdout
+    assert "written by ZeRO-1/2 fp32 on 2 rank(s) and this run uses ZeRO-3 fp32 on 1 rank(s)" in refused.stdout
+    assert "Resume with backend.zero_stage=1 or 2" in refused.stdout
     proc = run_train(tmp_path, data_cache, nproc=1)
     assert proc.returncode == 0, proc.stdout
-    assert "resharding step_00000010: written by ZeRO-1/2 on 2 rank(s), loading into ZeRO-1/2 on 1 rank(s)" \
-        in proc.stdout
+    assert "resharding step_00000010: written by ZeRO-1/2 fp32 on 2 rank(s), loading into ZeRO-1/2 fp32 on 1 " \
+        "rank(s)" in proc.stdout
     assert sorted(p.name for p in (step10 / "ds").iterdir()) == before and not (step10 / ".reshard").exists()
     resumed = losses(tmp_path)
     for step in range(1, 21):
@@ -96,7 +96,8 @@ def test_resume_on_more_ranks_reshards_zero3(straight: dict, tmp_path: Path, dat
     run_until_checkpoint_then_kill(tmp_path, data_cache, 10, overrides, nproc=1)
     proc = run_train(tmp_path, data_cache, overrides, nproc=2)
     assert proc.returncode == 0, proc.stdout
-    assert "written by ZeRO-3 on 1 rank(s), loading into ZeRO-3 on 2 rank(s)" in proc.stdout
+    assert "written by ZeRO-3 fp32 on 1 rank(s), loading into ZeRO-3 fp32 on 2 rank(s)" in proc.stdout
+    assert not (tmp_path / "checkpoints" / "step_00000010" / ".reshard").exists()
     resumed = losses(tmp_path)
     for step in range(1, 21):
         assert resumed[step] == pytest.approx(straight[3][step], rel=1e-6, abs=0), step

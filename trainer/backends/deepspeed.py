@@ -15,8 +15,7 @@ from torch import nn
 from slimtrain.data.batch import Batch
 from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.backends.deepspeed_reshard import (
-    RESHARD_DIR, UNIVERSAL_TAG, convert_to_universal, current_layout, needs_conversion, saved_buffers,
-    saved_layout,
+    UNIVERSAL_TAG, current_layout, needs_conversion, saved_buffers, saved_layout, universal_on_every_rank,
 )
 from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from slimtrain.trainer.faults import maybe_fault
@@ -137,37 +136,28 @@ class DeepSpeedBackend:
         """Restore what `save` wrote, also from another number of ranks (converted through DeepSpeed's
         universal checkpoint, see deepspeed_reshard)."""
         saved = saved_layout(directory / DS_TAG)
-        current = current_layout(self.cfg.zero_stage, self.cfg.precision, self.cfg.offload_optimizer, self.world_size)
+        current = current_layout(self.config["zero_optimization"]["stage"], self.cfg.precision, self.world_size)
         if not needs_conversion(saved, current):
             self._load_tag(directory, DS_TAG)
             return
         if self.rank == 0:
             console.print(f"resharding {directory.name}: written by {saved.describe()}, loading into "
                           f"{current.describe()} (DeepSpeed universal checkpoint)", soft_wrap=True)
-            convert_to_universal(directory, DS_TAG)
-        dist.barrier()
+        reshard_root = universal_on_every_rank(directory, DS_TAG, self.rank, dist.barrier)
+        groups = _base_param_groups(self.engine.optimizer)
+        recipe_hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
         # The engine reads this flag at load time only; it cannot be set at initialisation because a
         # normal resume of the same run must keep reading the sharded layout.
-        groups = _base_param_groups(self.engine.optimizer)
-        decay = [g["weight_decay"] for g in groups]
         self.engine._config.load_universal_checkpoint = True
         try:
-            self._load_tag(directory / RESHARD_DIR, UNIVERSAL_TAG)
+            self._load_tag(reshard_root, UNIVERSAL_TAG)
         finally:
             self.engine._config.load_universal_checkpoint = False
-        # DeepSpeed's ZeRO-3 universal load copies the first group's hyperparameters into every group,
-        # which would decay the norms and embeddings; the groups' decay is the recipe's, not state.
-        for group, wd in zip(groups, decay):
-            group["weight_decay"] = wd
-        # It also gives every group the same `step` tensor, which torch's Adam increments in place once
-        # per group: each group needs its own.
-        for state in _base_state(self.engine.optimizer).values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+        _repair_universal_optimizer_state(groups, recipe_hparams, _base_state(self.engine.optimizer))
         self._restore_buffers(directory / DS_TAG)
         dist.barrier()
         if self.rank == 0:  # derived files: the next checkpoint is written in this run's own layout
-            shutil.rmtree(directory / RESHARD_DIR, ignore_errors=True)
+            shutil.rmtree(reshard_root, ignore_errors=True)
 
     def _restore_buffers(self, ds_dir: Path) -> None:
         module = self.engine.module
@@ -203,10 +193,26 @@ class DeepSpeedBackend:
 
 def _base_param_groups(optimizer) -> list[dict]:
     """The torch optimizer's param groups under DeepSpeed's wrapper (ZeRO and bf16 optimizers wrap it)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return inner.param_groups
+    return getattr(optimizer, "optimizer", optimizer).param_groups
 
 
 def _base_state(optimizer) -> dict:
     """The torch optimizer's per-parameter state under DeepSpeed's wrapper."""
     return getattr(optimizer, "optimizer", optimizer).state
+
+
+def _repair_universal_optimizer_state(groups: list[dict], recipe_hparams: list[dict], state: dict) -> None:
+    """Undo what DeepSpeed's universal load gets wrong for a torch AdamW with several groups.
+
+    At ZeRO-3 it copies the first group's hyperparameters into every group (the no-decay group would
+    decay) and gives all groups one shared `step` tensor, which Adam then advances once per group. The
+    steps also come back on the CPU, where fused or capturable Adam (GPU) refuses them.
+    """
+    for group, hparams in zip(groups, recipe_hparams):
+        group.update(hparams)
+    # Keyed by the state, not the groups: ZeRO-3 empties the groups' `params` between its steps.
+    on_device = any(g.get("fused") or g.get("capturable") for g in groups)
+    for p, st in state.items():
+        if torch.is_tensor(st.get("step")):
+            device = p.device if on_device else torch.device("cpu")
+            st["step"] = st["step"].to(device=device, dtype=torch.float32, copy=True)

@@ -1,4 +1,4 @@
-"""Resuming a DeepSpeed checkpoint on another number of ranks.
+"""Resuming a DeepSpeed checkpoint on another number of ranks (or in another precision).
 
 DeepSpeed's sharded optimizer files load only into the data-parallel world size that wrote them: a job
 requeued on fewer nodes, or moved to more, would stop on DeepSpeed's "Automatic adjustment of ZeRO's
@@ -16,6 +16,8 @@ import contextlib
 import io
 import os
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,56 +29,95 @@ UNIVERSAL_TAG = "ds_universal"  # the converted checkpoint, under RESHARD_DIR
 
 @dataclass(frozen=True)
 class Layout:
-    """Which DeepSpeed optimizer wrote (or would write) a checkpoint, and how many ranks shard it."""
+    """How a DeepSpeed checkpoint holds its optimizer state: kind, ranks sharding it, precision."""
 
-    optimizer: str  # "zero12" | "zero3" | "bf16" (DeepSpeed's bf16 optimizer) | "torch" (unsharded)
+    optimizer: str  # "zero12" (ZeRO-1/2 partitions) | "zero3" | "replicated" (ZeRO-0: one full copy)
     world_size: int
+    precision: str | None  # "bf16" | "fp32"; None: not known (a ZeRO-0 checkpoint without its recipe)
 
     def describe(self) -> str:
-        names = {"zero12": "ZeRO-1/2", "zero3": "ZeRO-3", "bf16": "the bf16 optimizer of ZeRO-0/1",
-                 "torch": "ZeRO-0 fp32"}
-        ranks = "any number of ranks" if self.optimizer == "torch" else f"{self.world_size} rank(s)"
-        return f"{names[self.optimizer]} on {ranks}"
+        names = {"zero12": "ZeRO-1/2", "zero3": "ZeRO-3", "replicated": "ZeRO-0"}
+        ranks = "any number of ranks" if self.optimizer == "replicated" else f"{self.world_size} rank(s)"
+        return f"{names[self.optimizer]} {self.precision or ''} on {ranks}".replace("  ", " ")
 
 
-def current_layout(zero_stage: int, precision: str, offload_optimizer: bool, world_size: int) -> Layout:
-    """The layout a backend with these settings writes (DeepSpeed picks its bf16 optimizer for bf16
-    at ZeRO-0, and at ZeRO-1 unless the optimizer is offloaded)."""
-    if zero_stage == 3:
-        return Layout("zero3", world_size)
-    if precision == "bf16" and (zero_stage == 0 or (zero_stage == 1 and not offload_optimizer)):
-        return Layout("bf16", world_size)
-    return Layout("zero12" if zero_stage > 0 else "torch", world_size)
+def current_layout(zero_stage: int, precision: str, world_size: int) -> Layout:
+    """The layout a backend with these settings writes."""
+    return Layout({0: "replicated", 1: "zero12", 2: "zero12", 3: "zero3"}[zero_stage], world_size, precision)
 
 
 def saved_layout(ds_dir: Path) -> Layout:
-    """Read the layout from the file names DeepSpeed wrote under `ds_dir` (no file is opened)."""
+    """The layout of a checkpoint, from the file names DeepSpeed wrote under `ds_dir`:
+    `[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt` per rank at ZeRO-1/2/3, plus per-rank model states
+    at ZeRO-3; at ZeRO-0 only `mp_rank_00_model_states.pt`, which holds the whole optimizer (its precision
+    then comes from the recipe saved beside it)."""
     optim = sorted(ds_dir.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
     if not optim:
-        return Layout("torch", 1)
+        return Layout("replicated", 1, _recipe_precision(ds_dir.parent / "recipe.yaml"))
+    precision = "bf16" if optim[0].name.startswith("bf16_") else "fp32"
     if any(ds_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")):
-        return Layout("zero3", len(optim))
-    if all(p.name.startswith("bf16_") for p in optim):
-        return Layout("bf16", len(optim))
-    return Layout("zero12", len(optim))
+        return Layout("zero3", len(optim), precision)
+    return Layout("zero12", len(optim), precision)
+
+
+def _recipe_precision(recipe: Path) -> str | None:
+    import yaml
+
+    if not recipe.is_file():
+        return None
+    return ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("backend") or {}).get("precision")
 
 
 def needs_conversion(saved: Layout, current: Layout) -> bool:
-    """True when DeepSpeed cannot load `saved` directly but its universal checkpoint can (same optimizer,
-    another world size); raises RecipeError with the settings to use when neither can."""
+    """True when DeepSpeed cannot load `saved` directly but its universal checkpoint can (ZeRO-1/2 or
+    ZeRO-3 on another world size or in another precision); raises RecipeError with the setting to use
+    when neither can."""
     if saved.optimizer != current.optimizer:
         raise RecipeError(
             f"the checkpoint was written by {saved.describe()} and this run uses {current.describe()}; "
-            "its optimizer state converts between numbers of ranks, not between DeepSpeed optimizers. "
-            f"Resume with the checkpoint's settings ({_settings(saved)}) on any number of ranks"
+            "its optimizer state converts between numbers of ranks, not between ZeRO-0, ZeRO-1/2 and ZeRO-3. "
+            f"Resume with {_settings(saved)} on any number of ranks"
         )
-    return saved.optimizer != "torch" and saved.world_size != current.world_size
+    if saved.optimizer == "replicated":
+        if saved.precision and saved.precision != current.precision:
+            raise RecipeError(
+                f"the checkpoint was written by {saved.describe()} and this run uses {current.describe()}; "
+                f"a ZeRO-0 optimizer state loads only in its own precision: resume with "
+                f"backend.precision={saved.precision} (any number of ranks)"
+            )
+        return False
+    return (saved.world_size, saved.precision) != (current.world_size, current.precision)
 
 
 def _settings(layout: Layout) -> str:
-    return {"zero12": "backend.zero_stage=2, or 1 with precision fp32", "zero3": "backend.zero_stage=3",
-            "bf16": "backend.precision=bf16 with backend.zero_stage=1 or 0",
-            "torch": "backend.zero_stage=0 backend.precision=fp32"}[layout.optimizer]
+    return {"zero12": "backend.zero_stage=1 or 2", "zero3": "backend.zero_stage=3",
+            "replicated": "backend.zero_stage=0"}[layout.optimizer]
+
+
+def universal_on_every_rank(step_dir: Path, ds_tag: str, rank: int, barrier: Callable[[], None]) -> Path:
+    """Collective: rank 0 converts step_dir/ds_tag while the others wait for the result on the shared
+    filesystem. They poll instead of waiting in a collective, whose timeout a large checkpoint's
+    conversion can outlast. Returns the directory to load UNIVERSAL_TAG from."""
+    root = step_dir / RESHARD_DIR
+    failed = root / "FAILED"
+    if rank == 0:
+        failed.unlink(missing_ok=True)
+    barrier()  # so that no rank reads a FAILED left by an earlier attempt
+    if rank == 0:
+        try:
+            convert_to_universal(step_dir, ds_tag)
+        except Exception as exc:
+            root.mkdir(parents=True, exist_ok=True)
+            failed.write_text(str(exc), encoding="utf-8")
+            raise
+    else:
+        done = root / UNIVERSAL_TAG / "zero" / "optimizer_state.pt"
+        while not done.is_file():
+            if failed.is_file():
+                raise RuntimeError(f"rank 0 could not convert {step_dir / ds_tag}: {failed.read_text()}")
+            time.sleep(1.0)
+    barrier()
+    return root
 
 
 def convert_to_universal(step_dir: Path, ds_tag: str) -> Path:
@@ -112,11 +153,9 @@ def convert_to_universal(step_dir: Path, ds_tag: str) -> Path:
     return root
 
 
-def check_resumable_into(ds_dir: Path, zero_stage: int, precision: str, offload_optimizer: bool,
-                         world_size: int) -> None:
-    """Before any process starts: refuse a checkpoint whose DeepSpeed optimizer differs from the recipe's
-    (another world size is fine: that is converted at load)."""
-    needs_conversion(saved_layout(ds_dir), current_layout(zero_stage, precision, offload_optimizer, world_size))
+def check_resumable_into(ds_dir: Path, zero_stage: int, precision: str, world_size: int) -> None:
+    """Before any process starts: refuse a checkpoint that cannot load into the recipe's backend."""
+    needs_conversion(saved_layout(ds_dir), current_layout(zero_stage, precision, world_size))
 
 
 def saved_buffers(ds_dir: Path, names: set[str]) -> dict[str, "torch.Tensor"]:
