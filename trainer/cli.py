@@ -92,10 +92,11 @@ def _check_resume(recipe, world_size: int) -> None:
         return
     path = find_resumable(Path(recipe.run.resolved_output_dir) / "checkpoints")
     if path is not None:
-        from slimtrain.trainer.backends.deepspeed import DS_TAG
+        from slimtrain.trainer.backends.deepspeed import DS_TAG, ds_config
         from slimtrain.trainer.backends.deepspeed_reshard import check_resumable_into
 
-        stage = recipe.backend.raw.get("zero_optimization", {}).get("stage", recipe.backend.zero_stage)
+        # The stage the engine will run (backend.raw may override it), from the same generated ds_config.
+        stage = ds_config(recipe.backend, recipe.train, recipe.optim, world_size)["zero_optimization"]["stage"]
         check_resumable_into(path / DS_TAG, stage, recipe.backend.precision, world_size)
 
 

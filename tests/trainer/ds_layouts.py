@@ -53,7 +53,7 @@ def masters(b: DeepSpeedBackend) -> dict[str, torch.Tensor]:
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str:
-    """"equal (N tensors)" when every tensor is bitwise equal, else what differs."""
+    """'equal (N tensors)' when every tensor is bitwise equal, else what differs."""
     if a.keys() != b.keys():
         return f"keys differ: {sorted(set(a) ^ set(b))[:4]}"
     diff = [k for k in a if not torch.equal(a[k], b[k])]

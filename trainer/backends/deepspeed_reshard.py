@@ -38,7 +38,7 @@ class Layout:
     def describe(self) -> str:
         names = {"zero12": "ZeRO-1/2", "zero3": "ZeRO-3", "replicated": "ZeRO-0"}
         ranks = "any number of ranks" if self.optimizer == "replicated" else f"{self.world_size} rank(s)"
-        return f"{names[self.optimizer]} {self.precision or ''} on {ranks}".replace("  ", " ")
+        return " ".join(filter(None, [names[self.optimizer], self.precision, "on", ranks]))
 
 
 def current_layout(zero_stage: int, precision: str, world_size: int) -> Layout:
