@@ -114,10 +114,15 @@ def verify_checkpoint(path: Path) -> str | None:
 def load_checkpoint(path: Path, backend: Backend) -> dict[str, Any]:
     """Collective: restore backend state and this rank's RNG; returns the trainer state."""
     backend.load(path)
-    rng = path / "rng" / f"rank_{backend.rank:05d}.pt"
+    load_rng(path, backend.rank)
+    return json.loads((path / STATE).read_text())
+
+
+def load_rng(path: Path, rank: int) -> None:
+    """Restore this rank's RNG states from checkpoint `path` (a rank the saved run lacked keeps its own)."""
+    rng = path / "rng" / f"rank_{rank:05d}.pt"
     if rng.is_file():
         _load_rng(rng)
-    return json.loads((path / STATE).read_text())
 
 
 def _save_rng(path: Path) -> None:

@@ -83,15 +83,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _check_resume(recipe, world_size: int) -> None:
-    """The checkpoint a run would resume from must suit the recipe's backend (checked again at load)."""
+    """The checkpoint a run would resume (or branch) from must suit the recipe (checked again at load)."""
     from pathlib import Path
 
     from slimtrain.trainer.checkpoint import find_resumable
 
-    if recipe.checkpoint.resume == "never" or recipe.backend.type != "deepspeed":
-        return
-    path = find_resumable(Path(recipe.run.resolved_output_dir) / "checkpoints")
-    if path is not None:
+    own = None
+    if recipe.checkpoint.resume != "never":
+        own = find_resumable(Path(recipe.run.resolved_output_dir) / "checkpoints")
+    path = own
+    if own is None and recipe.checkpoint.branch_from:
+        from slimtrain.trainer.branch import check_branch, resolve_branch_source
+
+        path = resolve_branch_source(recipe.checkpoint.branch_from)
+        check_branch(recipe, path)
+    if path is not None and recipe.backend.type == "deepspeed":
         from slimtrain.trainer.backends.deepspeed import DS_TAG, ds_config
         from slimtrain.trainer.backends.deepspeed_reshard import check_resumable_into
 

@@ -148,6 +148,21 @@ class CheckpointConfig(_Strict):
         None, description="Initialise the weights from a local Hugging Face Llama-family directory "
         "(continued pretraining); the model block must match its config. Ignored when resuming."
     )
+    branch_from: str | None = Field(
+        None, description="Continue another run from one of its checkpoints under this recipe (a run directory: "
+        "its newest complete checkpoint; or a step directory): weights, optimizer state, step, schedule "
+        "position and, when the data block is unchanged, the data position carry over; the learning rates "
+        "follow this recipe. Parameters the checkpoint lacks (a plugin added here, e.g. QAT's step sizes) "
+        "start fresh with zero optimizer moments. The model block must be the same. The source is only "
+        "read. Ignored once this run has a checkpoint of its own."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "CheckpointConfig":
+        if self.branch_from and self.init_from_hf:
+            raise ValueError("checkpoint.branch_from and checkpoint.init_from_hf both set: a branch starts from "
+                             "the other run's weights; set one of them")
+        return self
 
 
 class EvalConfig(_Strict):

@@ -11,7 +11,9 @@ from typing import Any
 
 from slimtrain.trainer import signals
 from slimtrain.trainer.backends import Backend, StepResult
-from slimtrain.trainer.checkpoint import find_resumable, load_checkpoint, save_checkpoint
+from slimtrain.data.errors import LoaderStateError
+from slimtrain.trainer.branch import check_branch, resolve_branch_source, source_state
+from slimtrain.trainer.checkpoint import find_resumable, load_checkpoint, load_rng, save_checkpoint
 from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import TrainingStopped
 from slimtrain.trainer.faults import fault_active, maybe_fault
@@ -183,10 +185,10 @@ class Trainer:
                                self.recipe.checkpoint.keep, copy_dirs={"tokenizer": self.parts.tokenizer_dir})
 
     def _maybe_resume(self) -> None:
-        if self.recipe.checkpoint.resume == "never":
-            return
-        path = find_resumable(self.ckpt_root)
+        path = None if self.recipe.checkpoint.resume == "never" else find_resumable(self.ckpt_root)
         if path is None:
+            if self.recipe.checkpoint.branch_from:
+                self._branch(resolve_branch_source(self.recipe.checkpoint.branch_from))
             return
         state = load_checkpoint(path, self.backend)
         self.parts.train_loader.load_state_dict(state["loader"])
@@ -200,6 +202,28 @@ class Trainer:
             plugin.on_step_start(self.state.step)
         if self.is_main:
             console.print(f"[green]resumed[/] from {path} at step {self.state.step}")
+
+    def _branch(self, source: Path) -> None:
+        """Continue `source` (another run's checkpoint) under this recipe; see slimtrain.trainer.branch."""
+        check_branch(self.recipe, source)
+        state = source_state(source)
+        fresh = self.backend.branch(source, self.ckpt_root / ".branch")
+        load_rng(source, self.backend.rank)
+        try:
+            self.parts.train_loader.load_state_dict(state["loader"])
+            data = "the data position carries over"
+        except LoaderStateError:
+            data = "the data block changed, so its stream starts from the beginning"
+        # elapsed_s restarts: train.stop_after_minutes limits this run, not the source's time.
+        self.state = LoopState(step=state["step"], tokens_seen=state["tokens_seen"],
+                               skipped_steps=state["skipped_steps"], last_eval=state.get("last_eval", {}))
+        self.metrics.truncate_after(self.state.step)
+        for plugin in self.plugins:
+            plugin.on_step_start(self.state.step)
+        if self.is_main:
+            added = f"{len(fresh)} new parameter tensor(s) start fresh" if fresh else "no new parameters"
+            console.print(f"[green]branched[/] from {source} at step {self.state.step}: {added}; {data}",
+                          soft_wrap=True)
 
     def _finish(self, wandb: Wandb) -> None:
         self._evaluate(wandb)

@@ -66,6 +66,38 @@ def test_lsq_qat_resumes_on_one_rank(straight: Path, tmp_path: Path) -> None:
         assert after[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
 
 
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 6 steps on 2 ranks without the plugin (checkpoints at 2, 4 and 6)."""
+    run_dir = tmp_path_factory.mktemp("dense")
+    proc = run_train(run_dir, CACHE, [*QAT[:2], "checkpoint.every=2"])
+    assert proc.returncode == 0, proc.stdout
+    return run_dir
+
+
+def test_qat_branched_from_a_dense_checkpoint_equals_one_qat_run(straight: Path, dense: Path, tmp_path: Path) -> None:
+    """QAT added at step 2 of a dense run (checkpoint.branch_from) trains exactly as the run that had the
+    plugin from the start: its step-size gains had no gradient before fake-quant started (value 1, zero
+    moments), which is what the branch gives the parameters the dense checkpoint lacks."""
+    source = dense / "checkpoints" / "step_00000002"
+    before = sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in source.rglob("*"))
+    branch = tmp_path / "branch"
+    proc = run_train(branch, CACHE, [*QAT, f"checkpoint.branch_from={source}"])
+    assert proc.returncode == 0, proc.stdout
+    assert "branched" in proc.stdout and "14 new parameter tensor(s) start fresh" in proc.stdout, proc.stdout
+    assert losses(branch) == {s: v for s, v in losses(straight).items() if s > 2}  # bitwise
+    assert before == sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in source.rglob("*"))
+
+    one = tmp_path / "one-rank"  # the branch also reshards: 2-rank source, 1-rank branch
+    proc = run_train(one, CACHE, [*QAT, f"checkpoint.branch_from={source}"], nproc=1)
+    assert proc.returncode == 0, proc.stdout
+    after, want = losses(one), losses(straight)
+    assert sorted(after) == [3, 4, 5, 6]
+    for step in after:
+        assert after[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
+    assert not (one / "checkpoints" / ".branch").exists()
+
+
 def _check_export(run_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 

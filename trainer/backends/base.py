@@ -54,4 +54,10 @@ class Backend(Protocol):
 
     def load(self, directory: Path) -> None: ...
 
+    def branch(self, directory: Path, scratch: Path) -> list[str]:
+        """Load another run's checkpoint into this run's model and recipe: what it holds carries over, the
+        model's other parameters start fresh (their names are returned), learning rates follow the recipe.
+        `scratch` is this run's to use for derived files."""
+        ...
+
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...

@@ -14,10 +14,12 @@ from torch import nn
 
 from slimtrain.data.batch import Batch
 from slimtrain.trainer.backends.base import LossFn, StepResult
+from slimtrain.trainer.backends.deepspeed_branch import add_fresh_entries, fresh_parameters, saved_param_shapes
 from slimtrain.trainer.backends.deepspeed_reshard import (
     UNIVERSAL_TAG, current_layout, needs_conversion, saved_buffers, saved_layout, universal_on_every_rank,
 )
 from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from slimtrain.trainer.errors import RecipeError
 from slimtrain.trainer.faults import maybe_fault
 from slimtrain.trainer.logging import console
 from slimtrain.trainer.recipe import deep_merge
@@ -51,6 +53,7 @@ class DeepSpeedBackend:
 
     def __init__(self, cfg: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig) -> None:
         self.cfg = cfg
+        self.optim = optim
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.config = ds_config(cfg, train, optim, self.world_size)
@@ -144,27 +147,92 @@ class DeepSpeedBackend:
             console.print(f"resharding {directory.name}: written by {saved.describe()}, loading into "
                           f"{current.describe()} (DeepSpeed universal checkpoint)", soft_wrap=True)
         reshard_root = universal_on_every_rank(directory, DS_TAG, self.rank, dist.barrier)
+        self._load_universal(reshard_root)
+        self._restore_buffers(directory / DS_TAG)
+        dist.barrier()
+        if self.rank == 0:  # derived files: the next checkpoint is written in this run's own layout
+            shutil.rmtree(reshard_root, ignore_errors=True)
+
+    def branch(self, directory: Path, scratch: Path) -> list[str]:
+        """Start from another run's checkpoint under this run's recipe (seam 3, see trainer.branch): every
+        parameter it holds with its optimizer state, the rest fresh (initial value, zero moments); the
+        schedule position carries over and the learning rates follow this recipe. The source is only read;
+        conversions go to `scratch`, which is removed. Returns the names of the fresh parameters."""
+        ds_dir = directory / DS_TAG
+        saved = saved_layout(ds_dir)
+        current = current_layout(self.config["zero_optimization"]["stage"], self.cfg.precision, self.world_size)
+        fresh = fresh_parameters(saved_param_shapes(ds_dir), self._param_shapes(), directory)
+        groups = _base_param_groups(self.engine.optimizer)
+        recipe_hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+        if not needs_conversion(saved, current) and not fresh:
+            self._load_tag(directory, DS_TAG)
+        elif saved.optimizer == "replicated":
+            raise RecipeError(
+                f"checkpoint.branch_from={str(directory)!r} was written at ZeRO-0, whose optimizer state has no "
+                f"per-parameter form to add {len(fresh)} new parameter(s) to ({', '.join(fresh[:3])}); branch from "
+                "a run trained with backend.zero_stage 1, 2 or 3"
+            )
+        else:
+            values = self._gathered(fresh)  # collective at ZeRO-3
+            if self.rank == 0:
+                shutil.rmtree(scratch, ignore_errors=True)  # never reuse a conversion of another source
+            root = universal_on_every_rank(directory, DS_TAG, self.rank, dist.barrier, root=scratch,
+                                           finish=lambda universal: add_fresh_entries(universal, values))
+            self._load_universal(root, strict=False)  # the source's module states lack the fresh parameters
+            dist.barrier()
+            if self.rank == 0:
+                shutil.rmtree(scratch, ignore_errors=True)
+        groups = _base_param_groups(self.engine.optimizer)  # a state-dict load replaces the group dicts
+        for group, hparams in zip(groups, recipe_hparams):
+            group.update(hparams)  # weight decay, betas, eps of this recipe, not the source's
+        self._restore_buffers(ds_dir, allow_missing=True)
+        self._rebase_schedule(groups)
+        return fresh
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        # At ZeRO-3 a parameter's own shape is that of its partition; ds_shape is the full one.
+        return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()}
+
+    def _gathered(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Full fp32 copies of the named parameters, on the CPU (gathered at ZeRO-3)."""
+        params = dict(self.engine.module.named_parameters())
+        chosen = [params[n] for n in names]
+        if self.cfg.zero_stage == 3 and chosen:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None):
+                return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
+        return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
+
+    def _rebase_schedule(self, groups: list[dict]) -> None:
+        """Learning rates from this recipe at the schedule position the checkpoint reached (the loaded
+        scheduler state carries the source's base rates)."""
+        sched = self.engine.lr_scheduler
+        sched.base_lrs = [self.optim.lr] * len(groups)
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(groups, lrs):
+            group["initial_lr"], group["lr"] = self.optim.lr, lr
+        sched._last_lr = lrs
+
+    def _load_universal(self, root: Path, strict: bool = True) -> None:
         groups = _base_param_groups(self.engine.optimizer)
         recipe_hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
         # The engine reads this flag at load time only; it cannot be set at initialisation because a
         # normal resume of the same run must keep reading the sharded layout.
         self.engine._config.load_universal_checkpoint = True
         try:
-            self._load_tag(reshard_root, UNIVERSAL_TAG)
+            self._load_tag(root, UNIVERSAL_TAG, strict=strict)
         finally:
             self.engine._config.load_universal_checkpoint = False
-        _repair_universal_optimizer_state(groups, recipe_hparams, _base_state(self.engine.optimizer))
-        self._restore_buffers(directory / DS_TAG)
-        dist.barrier()
-        if self.rank == 0:  # derived files: the next checkpoint is written in this run's own layout
-            shutil.rmtree(reshard_root, ignore_errors=True)
+        _repair_universal_optimizer_state(_base_param_groups(self.engine.optimizer), recipe_hparams,
+                                          _base_state(self.engine.optimizer))
 
-    def _restore_buffers(self, ds_dir: Path) -> None:
+    def _restore_buffers(self, ds_dir: Path, allow_missing: bool = False) -> None:
         module = self.engine.module
         persistent = set(module.state_dict().keys()) - {n for n, _ in module.named_parameters()}
         saved = saved_buffers(ds_dir, persistent)
         missing = persistent - set(saved)
-        if missing:
+        if missing and not allow_missing:
             raise RuntimeError(f"{ds_dir} lacks the model buffers {sorted(missing)[:5]}; it was not written "
                                "by this model")
         with torch.no_grad():
@@ -172,9 +240,10 @@ class DeepSpeedBackend:
                 if name in saved:
                     buf.copy_(saved[name].to(buf.device, buf.dtype))
 
-    def _load_tag(self, directory: Path, tag: str) -> None:
+    def _load_tag(self, directory: Path, tag: str, strict: bool = True) -> None:
         path, _ = self.engine.load_checkpoint(
-            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory), tag=tag, load_module_strict=strict, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {directory / tag}")

@@ -94,25 +94,29 @@ def _settings(layout: Layout) -> str:
             "replicated": "backend.zero_stage=0"}[layout.optimizer]
 
 
-def universal_on_every_rank(step_dir: Path, ds_tag: str, rank: int, barrier: Callable[[], None]) -> Path:
-    """Collective: rank 0 converts step_dir/ds_tag while the others wait for the result on the shared
-    filesystem. They poll instead of waiting in a collective, whose timeout a large checkpoint's
-    conversion can outlast. Returns the directory to load UNIVERSAL_TAG from."""
-    root = step_dir / RESHARD_DIR
+def universal_on_every_rank(step_dir: Path, ds_tag: str, rank: int, barrier: Callable[[], None],
+                            root: Path | None = None, finish: Callable[[Path], None] | None = None) -> Path:
+    """Collective: rank 0 converts step_dir/ds_tag into `root` (default step_dir/RESHARD_DIR), then runs
+    `finish(root / UNIVERSAL_TAG)`, while the others wait for the result on the shared filesystem. They
+    poll instead of waiting in a collective, whose timeout a large checkpoint's conversion can outlast.
+    Returns `root`, the directory to load UNIVERSAL_TAG from."""
+    root = root or step_dir / RESHARD_DIR
     failed = root / "FAILED"
     if rank == 0:
         failed.unlink(missing_ok=True)
     barrier()  # so that no rank reads a FAILED left by an earlier attempt
     if rank == 0:
         try:
-            convert_to_universal(step_dir, ds_tag)
+            convert_to_universal(step_dir, ds_tag, root)
+            if finish is not None:
+                finish(root / UNIVERSAL_TAG)
         except Exception as exc:
             root.mkdir(parents=True, exist_ok=True)
             failed.write_text(str(exc), encoding="utf-8")
             raise
     else:
         done = root / UNIVERSAL_TAG / "zero" / "optimizer_state.pt"
-        while not done.is_file():
+        while not done.is_file():  # rank 0's `finish` ends before its barrier below, which the others wait in
             if failed.is_file():
                 raise RuntimeError(f"rank 0 could not convert {step_dir / ds_tag}: {failed.read_text()}")
             time.sleep(1.0)
@@ -120,15 +124,16 @@ def universal_on_every_rank(step_dir: Path, ds_tag: str, rank: int, barrier: Cal
     return root
 
 
-def convert_to_universal(step_dir: Path, ds_tag: str) -> Path:
-    """Rank 0 only: write step_dir/RESHARD_DIR/UNIVERSAL_TAG from step_dir/ds_tag, atomically (a complete
-    earlier conversion is reused). Returns RESHARD_DIR, the directory to load UNIVERSAL_TAG from.
+def convert_to_universal(step_dir: Path, ds_tag: str, root: Path | None = None) -> Path:
+    """Rank 0 only: write root/UNIVERSAL_TAG (root defaults to step_dir/RESHARD_DIR) from step_dir/ds_tag,
+    atomically (a complete earlier conversion is reused). Returns root, the directory to load
+    UNIVERSAL_TAG from.
 
     One process: the tool's worker pool would fork a process that already runs communication threads.
     """
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    root = step_dir / RESHARD_DIR
+    root = root or step_dir / RESHARD_DIR
     out = root / UNIVERSAL_TAG
     if (out / "zero" / "optimizer_state.pt").is_file():
         return root
