@@ -5,6 +5,7 @@ all trained on the quickstart corpus with the same data, steps and seed; plus, o
     python benchmarks/qat.py --preset tiny --steps 40  # smoke-sized
     python benchmarks/qat.py --steps 600 --bits 2      # int2 group-32 instead of int4 (a PTQ gap a small model shows)
     python benchmarks/qat.py --steps 600 --qat-start 20  # QAT for (almost) the whole run instead of the last quarter
+    python benchmarks/qat.py --steps 2000 --global-batch 64  # GPU: ~4 epochs of the corpus (more tokens per parameter)
     python benchmarks/qat.py --overhead [--compile]    # GPU: step time dense vs QAT (Triton kernels / PyTorch)
     python benchmarks/qat.py --kernels                 # GPU: each kernel vs its PyTorch reference
 
@@ -51,7 +52,7 @@ def train(recipe: str, name: str, args: argparse.Namespace, extra: list[str]) ->
     preset = PRESETS[args.preset]
     overrides = [*preset["overrides"], f"train.steps={args.steps}", f"checkpoint.every={args.steps}",
                  f"run.output_dir={run_dir}", "logging.progress=false", "logging.plot=false", "eval.every=0",
-                 *(["train.compile=true"] if args.compile else []), *extra]
+                 *(["train.compile=true"] if args.compile else []), *_batch(args), *extra]
     if args.preset == "tiny":  # the tiny model with the qat recipes' plugin blocks
         overrides += ["model.hidden_size=64", "model.num_layers=2", "model.max_seq_len=64", "data.seq_len=64",
                       "data.sources=[{type: python-stdlib, max_documents: 300}]", "data.tokenizer.train.vocab_size=512",
@@ -99,12 +100,27 @@ def eval_loss(run_dir: Path, plugin_blocks: list[dict] | None, batches: int) -> 
     return total / count
 
 
+def _batch(args: argparse.Namespace) -> list[str]:
+    """--global-batch rows per step (e.g. a GPU's larger batches), in micro-batches of up to 64 rows."""
+    if not args.global_batch:
+        return []
+    micro = max(1, min(64, args.global_batch // args.nproc))
+    return [f"train.global_batch_size={args.global_batch}", f"train.micro_batch_size={micro}"]
+
+
 def quality(args: argparse.Namespace) -> dict:
     preset, bits = PRESETS[args.preset], args.bits
     start = args.qat_start if args.qat_start is not None else args.steps * 3 // 4  # the recipes' last quarter
-    dense = train(preset["dense"], "dense", args, [])
+    # The dense run also saves at `start` (and, with 2*start > steps, nowhere else before the end), so that
+    # QAT branches from it (checkpoint.branch_from) instead of retraining the first `start` steps: the
+    # same result as one QAT run with fake-quant from `start` (tests/qat/test_qat_train.py), for a quarter
+    # of the cost.
+    branch_at = start if 0 < start < args.steps < 2 * start else None
+    dense = train(preset["dense"], "dense", args, [f"checkpoint.every={branch_at}"] if branch_at else [])
+    point = dense / "checkpoints" / f"step_{start:08d}"
+    branch = [f"checkpoint.branch_from={point}"] if branch_at and point.is_dir() else []
     qat = train(preset["int4"], f"qat-int{bits}-from{start}", args,
-                [f"plugins.0.weights.bits={bits}", f"plugins.0.start_step={start}"])
+                [f"plugins.0.weights.bits={bits}", f"plugins.0.start_step={start}", *branch])
     ternary = train(preset["ternary"], "bitnet-b158", args, []) if args.ternary else None
     a = eval_loss(dense, None, args.eval_batches)
     b = eval_loss(dense, [rtn(bits)], args.eval_batches)
@@ -113,7 +129,8 @@ def quality(args: argparse.Namespace) -> dict:
     # A recovered fraction over a PTQ gap smaller than eval noise would be a ratio of noise: report none.
     measurable = b - a >= MIN_PTQ_GAP
     k = f"int{bits}"
-    result = {"preset": args.preset, "steps": args.steps, "eval_batches": args.eval_batches,
+    result = {"preset": args.preset, "steps": args.steps, "global_batch": args.global_batch or "recipe",
+              "qat_branched_from_dense": bool(branch), "eval_batches": args.eval_batches,
               "qat_start_step": start, "dense": round(a, 4), f"{k}_rtn_ptq": round(b, 4), f"{k}_qat": round(c, 4),
               f"{k}_recovered": round((b - c) / (b - a), 3) if measurable else None,
               "ternary_b158_qat": round(t, 4) if ternary else None}
@@ -230,6 +247,8 @@ def main() -> None:
                         help="step after which (c) fake-quantizes (default: 3/4 of --steps, as the QAT recipes)")
     parser.add_argument("--no-ternary", dest="ternary", action="store_false", help="skip the b1.58 run")
     parser.add_argument("--eval-batches", type=int, default=32, help="validation micro-batches of 8 rows")
+    parser.add_argument("--global-batch", type=int, default=0,
+                        help="rows of 256 tokens per step in the quality runs (default: the recipes' 16)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-qat"))
     parser.add_argument("--overhead", action="store_true", help="GPU: QAT step-time overhead")
     parser.add_argument("--kernels", action="store_true", help="GPU: kernels vs references")
