@@ -43,6 +43,7 @@ bench: install
 bench-gpu: install
 	$(PY) benchmarks/step.py --plain
 	$(PY) benchmarks/step.py --compile
+	$(PY) benchmarks/step.py --compile --accum 8
 	$(PY) benchmarks/qat.py --kernels --overhead
 	$(PY) benchmarks/qat.py --overhead --compile
 	$(PY) benchmarks/qat.py --steps 2000

@@ -3,6 +3,7 @@ transformers' LlamaForCausalLM with the same config, data, optimizer and precisi
 
     python benchmarks/step.py                      # CPU preset
     python benchmarks/step.py --preset 1b          # ~1B model, seq 4096, bf16 (GPU)
+    python benchmarks/step.py --accum 8            # 8 micro-batches per optimizer step (a real global batch)
 
 Contenders are timed in alternating rounds (median round each). Prints tokens/s of both, the
 ratio ours/baseline and MFU (GPU), then one JSON line.
@@ -64,9 +65,10 @@ def _model(cfg, attention: str, compile_blocks: bool, recompute: bool):
 
 
 def make_ours(cfg, device: torch.device, micro: int, bf16: bool, attention: str, zero: int, compile_blocks: bool = False,
-              recompute: bool = False, loss_chunk: int = 0):
-    """Our step: Transformer + DeepSpeed (ZeRO-`zero`) + fp32-upcast CE, one rank (`train.compile`,
-    `train.activation_checkpointing` and `train.loss_chunk_tokens` as the flags say)."""
+              recompute: bool = False, loss_chunk: int = 0, accum: int = 1):
+    """Our step: Transformer + DeepSpeed (ZeRO-`zero`) + fp32-upcast CE, one rank, `accum` micro-batches per
+    optimizer step (`train.compile`, `train.activation_checkpointing` and `train.loss_chunk_tokens` as the
+    flags say)."""
     from slimtrain.trainer.backends.deepspeed import DeepSpeedBackend
     from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
     from slimtrain.trainer.losses import make_loss_fn
@@ -75,12 +77,12 @@ def make_ours(cfg, device: torch.device, micro: int, bf16: bool, attention: str,
     model = _model(cfg, attention, compile_blocks, recompute)
     optim_cfg = OptimConfig(lr=1e-4)
     backend = DeepSpeedBackend(DeepSpeedConfig(zero_stage=zero, precision="bf16" if bf16 else "fp32"),
-                               TrainConfig(global_batch_size=micro, micro_batch_size=micro), optim_cfg)
+                               TrainConfig(global_batch_size=micro * accum, micro_batch_size=micro), optim_cfg)
     model.to(backend.device)
     opt = build_optimizer(model, optim_cfg)
     backend.setup(model, opt, build_scheduler(opt, optim_cfg.schedule, 10**6))
     loss_fn = make_loss_fn((), loss_chunk)
-    return lambda b: backend.train_step([b], loss_fn)
+    return lambda micro_batches: backend.train_step(micro_batches, loss_fn)
 
 
 def make_plain_ours(cfg, device: torch.device, bf16: bool, attention: str, compile_blocks: bool = False,
@@ -110,11 +112,12 @@ def _plain_step(model, device: torch.device, bf16: bool, forward):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
 
-    def step(b) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(model, b)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b.labels.flatten())
-        loss.backward()
+    def step(micro_batches) -> None:
+        for b in micro_batches:  # gradient accumulation: the mean over the micro-batches
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = forward(model, b)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b.labels.flatten())
+            (loss / len(micro_batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -129,7 +132,7 @@ def measure(steps: dict, batches, rounds: int, per_round: int, warmup: int) -> d
         for i in range(warmup):
             fn(batches[i % len(batches)])
     rates: dict[str, list[float]] = {name: [] for name in steps}
-    tokens = per_round * batches[0].input_ids.numel()
+    tokens = per_round * sum(b.input_ids.numel() for b in batches[0])
     for _ in range(rounds):
         for name, fn in steps.items():
             _sync()
@@ -176,6 +179,9 @@ def main() -> None:
     p.add_argument("--attention", default="auto")
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--micro", type=int, default=None)
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimizer step, both contenders (real pretraining batches on one GPU "
+                   "are many micro-batches: the optimizer step is paid once per global batch)")
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage of our DeepSpeed step")
     p.add_argument("--plain", action="store_true", help="also time our model in the baseline's plain loop")
     p.add_argument("--compile", action="store_true", help="ours with train.compile (torch.compile of each block)")
@@ -192,10 +198,11 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     _init_dist()
     device = torch.device("cuda" if gpu else "cpu")
-    batches = _batches(cfg.vocab_size, micro, seq, 4, device)
+    flat = _batches(cfg.vocab_size, micro, seq, 4 * args.accum, device)
+    batches = [flat[i * args.accum:(i + 1) * args.accum] for i in range(4)]  # 4 optimizer steps' worth
     steps = {"hf": make_hf(cfg, device, bf16=gpu),
              "ours": make_ours(cfg, device, micro, gpu, args.attention, args.zero, args.compile, args.ac,
-                             args.loss_chunk)}
+                             args.loss_chunk, args.accum)}
     if args.plain:
         steps["ours_plain"] = make_plain_ours(cfg, device, gpu, args.attention, args.compile, args.ac)
     rates = measure(steps, batches, args.rounds, per_round, args.warmup)
@@ -206,7 +213,7 @@ def main() -> None:
     fpt = cfg.flops_per_token(seq)
     result = {
         "device": torch.cuda.get_device_name() if gpu else "cpu", "preset": args.preset, "params": cfg.num_params(),
-        "seq": seq, "micro": micro, "precision": "bf16" if gpu else "fp32", "attention": args.attention,
+        "seq": seq, "micro": micro, "accum": args.accum, "precision": "bf16" if gpu else "fp32", "attention": args.attention,
         "ours_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
         "ratio": round(ours_tps / hf_tps, 3), "zero_stage": args.zero, "compile": args.compile,
         "activation_checkpointing": args.ac,
