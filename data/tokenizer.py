@@ -57,6 +57,11 @@ def tokenizer_hash(hf: object) -> str:
     return h.hexdigest()
 
 
+def tokenizer_hash_of(path: Path, where: str) -> str:
+    """`tokenizer_hash` of the tokenizer saved at `path` (a tokenizer directory or tokenizer.json)."""
+    return tokenizer_hash(_load_hf(path, where))
+
+
 def _load_hf(path: Path, where: str) -> object:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

@@ -44,17 +44,53 @@ def source_state(step_dir: Path) -> dict[str, Any]:
     return json.loads((step_dir / STATE).read_text(encoding="utf-8"))
 
 
+# The model fields that shape parameters; the others (attention kernel, RoPE theta, sequence length,
+# init) may change in a branch, e.g. a long-context phase. null (derived) values are compared at load
+# time, where every parameter's shape is checked.
+SHAPING = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+           "tie_embeddings")
+
+
 def check_branch(recipe, step_dir: Path) -> None:
     """Before any process starts: the branch must keep the source's model and have steps left to train."""
-    saved = yaml.safe_load((step_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    saved = (yaml.safe_load((step_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("model") or {}
     ours = recipe.model.model_dump(mode="json")
-    theirs = {**ours, **(saved.get("model") or {})}
-    diff = sorted(k for k in ours if ours[k] != theirs[k])
+    diff = [k for k in SHAPING if k in saved and None not in (saved[k], ours[k]) and saved[k] != ours[k]]
     if diff:
-        shown = ", ".join(f"model.{k}={theirs[k]!r} there, {ours[k]!r} here" for k in diff)
+        shown = ", ".join(f"model.{k}={saved[k]!r} there, {ours[k]!r} here" for k in diff)
         raise RecipeError(f"{FIELD}={str(step_dir)!r}: the model differs ({shown}); a branch keeps the source's "
-                          "model block (plugins may add to it). Set the same values, or start a new run")
+                          "parameters (plugins may add to them). Set the same values, or start a new run")
     step = int(source_state(step_dir)["step"])
     if recipe.train.steps <= step:
         raise RecipeError(f"{FIELD}={str(step_dir)!r} is at step {step} and train.steps={recipe.train.steps}: "
                           f"nothing left to train; set train.steps above {step}")
+
+
+def check_same_tokenizer(step_dir: Path, tokenizer_hash_now: str) -> None:
+    """The token ids must mean what they meant to the source's embedding (a new tokenizer of the same size
+    would pass every shape check)."""
+    from slimtrain.data.tokenizer import tokenizer_hash_of
+
+    saved = step_dir / "tokenizer"
+    if saved.is_dir() and tokenizer_hash_of(saved, FIELD) != tokenizer_hash_now:
+        raise RecipeError(f"{FIELD}={str(step_dir)!r} was trained with another tokenizer than this recipe's "
+                          "data.tokenizer gives; a branch must keep it: set data.tokenizer.path to "
+                          f"{str(saved)!r}")
+
+
+def pinned_source(recipe, ckpt_root: Path, is_main: bool, barrier) -> Path:
+    """Collective: the step directory this run branches from, resolved once by rank 0 and recorded in
+    `ckpt_root/branch.json`, so that every rank, and a restart before the branch's first checkpoint, uses
+    the same one even while the source run goes on writing checkpoints."""
+    record = ckpt_root / "branch.json"
+    wanted = str(recipe.checkpoint.branch_from)
+    if is_main:
+        known = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+        if known.get("branch_from") != wanted:
+            source = resolve_branch_source(wanted).resolve()
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            part = record.with_suffix(".part")
+            part.write_text(json.dumps({"branch_from": wanted, "source": str(source)}), encoding="utf-8")
+            part.replace(record)
+    barrier()
+    return Path(json.loads(record.read_text(encoding="utf-8"))["source"])

@@ -12,7 +12,7 @@ from typing import Any
 from slimtrain.trainer import signals
 from slimtrain.trainer.backends import Backend, StepResult
 from slimtrain.data.errors import LoaderStateError
-from slimtrain.trainer.branch import check_branch, resolve_branch_source, source_state
+from slimtrain.trainer.branch import check_branch, check_same_tokenizer, pinned_source, source_state
 from slimtrain.trainer.checkpoint import find_resumable, load_checkpoint, load_rng, save_checkpoint
 from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import TrainingStopped
@@ -188,7 +188,7 @@ class Trainer:
         path = None if self.recipe.checkpoint.resume == "never" else find_resumable(self.ckpt_root)
         if path is None:
             if self.recipe.checkpoint.branch_from:
-                self._branch(resolve_branch_source(self.recipe.checkpoint.branch_from))
+                self._branch(pinned_source(self.recipe, self.ckpt_root, self.is_main, self.backend.barrier))
             return
         state = load_checkpoint(path, self.backend)
         self.parts.train_loader.load_state_dict(state["loader"])
@@ -206,14 +206,15 @@ class Trainer:
     def _branch(self, source: Path) -> None:
         """Continue `source` (another run's checkpoint) under this recipe; see slimtrain.trainer.branch."""
         check_branch(self.recipe, source)
+        check_same_tokenizer(source, self.parts.prepared.tokenizer.hash)
         state = source_state(source)
         fresh = self.backend.branch(source, self.ckpt_root / ".branch")
         load_rng(source, self.backend.rank)
         try:
             self.parts.train_loader.load_state_dict(state["loader"])
             data = "the data position carries over"
-        except LoaderStateError:
-            data = "the data block changed, so its stream starts from the beginning"
+        except LoaderStateError as exc:
+            data = f"the data stream starts from its beginning ({str(exc).split(';')[0]})"
         # elapsed_s restarts: train.stop_after_minutes limits this run, not the source's time.
         self.state = LoopState(step=state["step"], tokens_seen=state["tokens_seen"],
                                skipped_steps=state["skipped_steps"], last_eval=state.get("last_eval", {}))

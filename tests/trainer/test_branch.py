@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from slimtrain.trainer.backends.deepspeed_branch import add_fresh_entries, fresh_parameters
-from slimtrain.trainer.branch import check_branch, resolve_branch_source
+from slimtrain.trainer.branch import check_branch, check_same_tokenizer, pinned_source, resolve_branch_source
 from slimtrain.trainer.checkpoint import save_checkpoint
 from slimtrain.trainer.config import load_recipe
 from slimtrain.trainer.errors import RecipeError
@@ -45,12 +46,25 @@ def test_source_is_a_step_directory_or_the_newest_complete_checkpoint(tmp_path: 
 def test_branch_must_keep_the_model_and_have_steps_left(tmp_path: Path) -> None:
     step = _fake_run(tmp_path / "run", [4], "model: {hidden_size: 128, num_layers: 2}\n") / "checkpoints" / "step_00000004"
     recipe = load_recipe(str(TINY), ["train.steps=10"])
-    with pytest.raises(RecipeError, match=r"model.hidden_size=128 there, 64 here.*a branch keeps the source's model"):
+    with pytest.raises(RecipeError, match=r"model.hidden_size=128 there, 64 here.*a branch keeps the source's parameters"):
         check_branch(recipe, step)
     step = _fake_run(tmp_path / "same", [4], "model: {hidden_size: 64}\n") / "checkpoints" / "step_00000004"
     check_branch(recipe, step)
     with pytest.raises(RecipeError, match="is at step 4 and train.steps=4: nothing left to train; set train.steps above 4"):
         check_branch(load_recipe(str(TINY), ["train.steps=4"]), step)
+
+
+def test_the_source_is_pinned_once_for_every_rank_and_restart(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path / "run", [2])
+    recipe = SimpleNamespace(checkpoint=SimpleNamespace(branch_from=str(run)))
+    root = tmp_path / "branch" / "checkpoints"
+    first = pinned_source(recipe, root, True, lambda: None)
+    assert first == (run / "checkpoints" / "step_00000002").resolve()
+    _fake_run(run, [4])  # the source run goes on
+    assert pinned_source(recipe, root, True, lambda: None) == first
+    assert pinned_source(recipe, root, False, lambda: None) == first
+    recipe.checkpoint.branch_from = str(run / "checkpoints" / "step_00000004")  # the user names another one
+    assert pinned_source(recipe, root, True, lambda: None).name == "step_00000004"
 
 
 def test_branch_and_hf_init_are_exclusive() -> None:
@@ -99,7 +113,7 @@ def test_branch_follows_the_new_learning_rate_and_weight_decay(source: Path, dat
     run = tmp_path / "branch"
     src = source / "checkpoints" / "step_00000002"
     proc = run_train(run, data_cache, ["train.steps=8", "checkpoint.every=4", "optim.lr=1e-3", "optim.weight_decay=0.05",
-                                       f"checkpoint.branch_from={src}"], nproc=1)
+                                       "optim.grad_clip=0.5", f"checkpoint.branch_from={src}"], nproc=1)
     assert proc.returncode == 0, proc.stdout
     assert "branched" in proc.stdout and "no new parameters; the data position carries over" in proc.stdout
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
@@ -110,8 +124,20 @@ def test_branch_follows_the_new_learning_rate_and_weight_decay(source: Path, dat
     optim = torch.load(next((run / "checkpoints" / "step_00000004" / "ds").glob("*optim_states.pt")), weights_only=False)
     groups = optim["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert optim["optimizer_state_dict"]["clip_grad"] == 0.5  # DeepSpeed's ZeRO load restores the source's 1.0
     assert before == {p: p.stat().st_mtime_ns for p in source.rglob("*")}  # the source is only read
     assert not (run / "checkpoints" / ".branch").exists()
+
+
+@pytest.mark.slow
+def test_a_branch_keeps_the_tokenizer(source: Path) -> None:
+    from slimtrain.data.tokenizer import tokenizer_hash_of
+
+    step = source / "checkpoints" / "step_00000002"
+    check_same_tokenizer(step, tokenizer_hash_of(step / "tokenizer", "test"))
+    with pytest.raises(RecipeError, match=r"another tokenizer than this recipe's data.tokenizer gives; .* "
+                                          r"set data.tokenizer.path to"):
+        check_same_tokenizer(step, "0" * 64)
 
 
 @pytest.mark.slow

@@ -53,7 +53,6 @@ class DeepSpeedBackend:
 
     def __init__(self, cfg: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig) -> None:
         self.cfg = cfg
-        self.optim = optim
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.config = ds_config(cfg, train, optim, self.world_size)
@@ -165,7 +164,8 @@ class DeepSpeedBackend:
         groups = _base_param_groups(self.engine.optimizer)
         recipe_hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
         if not needs_conversion(saved, current) and not fresh:
-            self._load_tag(directory, DS_TAG)
+            # Not strict: fresh_parameters checked every parameter; a plugin's new buffers keep their init.
+            self._load_tag(directory, DS_TAG, strict=False)
         elif saved.optimizer == "replicated":
             raise RecipeError(
                 f"checkpoint.branch_from={str(directory)!r} was written at ZeRO-0, whose optimizer state has no "
@@ -178,7 +178,7 @@ class DeepSpeedBackend:
                 shutil.rmtree(scratch, ignore_errors=True)  # never reuse a conversion of another source
             root = universal_on_every_rank(directory, DS_TAG, self.rank, dist.barrier, root=scratch,
                                            finish=lambda universal: add_fresh_entries(universal, values))
-            self._load_universal(root, strict=False)  # the source's module states lack the fresh parameters
+            self._load_universal(root)
             dist.barrier()
             if self.rank == 0:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -186,7 +186,9 @@ class DeepSpeedBackend:
         for group, hparams in zip(groups, recipe_hparams):
             group.update(hparams)  # weight decay, betas, eps of this recipe, not the source's
         self._restore_buffers(ds_dir, allow_missing=True)
-        self._rebase_schedule(groups)
+        self._rebase_schedule(groups, [h["initial_lr"] for h in recipe_hparams])
+        if hasattr(self.engine.optimizer, "clip_grad"):  # ZeRO-1/2 and the bf16 optimizers load the source's
+            self.engine.optimizer.clip_grad = self.config["gradient_clipping"]
         return fresh
 
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -204,24 +206,24 @@ class DeepSpeedBackend:
                 return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
         return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
 
-    def _rebase_schedule(self, groups: list[dict]) -> None:
-        """Learning rates from this recipe at the schedule position the checkpoint reached (the loaded
-        scheduler state carries the source's base rates)."""
+    def _rebase_schedule(self, groups: list[dict], base_lrs: list[float]) -> None:
+        """Learning rates from this recipe (`base_lrs`, one per group) at the schedule position the checkpoint
+        reached: the loaded scheduler state carries the source's base rates."""
         sched = self.engine.lr_scheduler
-        sched.base_lrs = [self.optim.lr] * len(groups)
+        sched.base_lrs = list(base_lrs)
         lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(groups, lrs):
-            group["initial_lr"], group["lr"] = self.optim.lr, lr
+        for group, base, lr in zip(groups, base_lrs, lrs):
+            group["initial_lr"], group["lr"] = base, lr
         sched._last_lr = lrs
 
-    def _load_universal(self, root: Path, strict: bool = True) -> None:
+    def _load_universal(self, root: Path) -> None:
         groups = _base_param_groups(self.engine.optimizer)
         recipe_hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
         # The engine reads this flag at load time only; it cannot be set at initialisation because a
         # normal resume of the same run must keep reading the sharded layout.
         self.engine._config.load_universal_checkpoint = True
         try:
-            self._load_tag(root, UNIVERSAL_TAG, strict=strict)
+            self._load_tag(root, UNIVERSAL_TAG)  # (a universal load takes the module from the zero/ entries)
         finally:
             self.engine._config.load_universal_checkpoint = False
         _repair_universal_optimizer_state(_base_param_groups(self.engine.optimizer), recipe_hparams,

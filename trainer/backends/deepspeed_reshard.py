@@ -97,7 +97,7 @@ def _settings(layout: Layout) -> str:
 def universal_on_every_rank(step_dir: Path, ds_tag: str, rank: int, barrier: Callable[[], None],
                             root: Path | None = None, finish: Callable[[Path], None] | None = None) -> Path:
     """Collective: rank 0 converts step_dir/ds_tag into `root` (default step_dir/RESHARD_DIR), then runs
-    `finish(root / UNIVERSAL_TAG)`, while the others wait for the result on the shared filesystem. They
+    `finish` on the conversion before publishing it, while the others wait for the result on the shared filesystem. They
     poll instead of waiting in a collective, whose timeout a large checkpoint's conversion can outlast.
     Returns `root`, the directory to load UNIVERSAL_TAG from."""
     root = root or step_dir / RESHARD_DIR
@@ -107,16 +107,14 @@ def universal_on_every_rank(step_dir: Path, ds_tag: str, rank: int, barrier: Cal
     barrier()  # so that no rank reads a FAILED left by an earlier attempt
     if rank == 0:
         try:
-            convert_to_universal(step_dir, ds_tag, root)
-            if finish is not None:
-                finish(root / UNIVERSAL_TAG)
+            convert_to_universal(step_dir, ds_tag, root, finish)
         except Exception as exc:
             root.mkdir(parents=True, exist_ok=True)
             failed.write_text(str(exc), encoding="utf-8")
             raise
     else:
         done = root / UNIVERSAL_TAG / "zero" / "optimizer_state.pt"
-        while not done.is_file():  # rank 0's `finish` ends before its barrier below, which the others wait in
+        while not done.is_file():
             if failed.is_file():
                 raise RuntimeError(f"rank 0 could not convert {step_dir / ds_tag}: {failed.read_text()}")
             time.sleep(1.0)
@@ -124,10 +122,11 @@ def universal_on_every_rank(step_dir: Path, ds_tag: str, rank: int, barrier: Cal
     return root
 
 
-def convert_to_universal(step_dir: Path, ds_tag: str, root: Path | None = None) -> Path:
+def convert_to_universal(step_dir: Path, ds_tag: str, root: Path | None = None,
+                         finish: Callable[[Path], None] | None = None) -> Path:
     """Rank 0 only: write root/UNIVERSAL_TAG (root defaults to step_dir/RESHARD_DIR) from step_dir/ds_tag,
-    atomically (a complete earlier conversion is reused). Returns root, the directory to load
-    UNIVERSAL_TAG from.
+    atomically (a complete earlier conversion is reused), after `finish(conversion)` added to it. Returns
+    root, the directory to load UNIVERSAL_TAG from.
 
     One process: the tool's worker pool would fork a process that already runs communication threads.
     """
@@ -154,6 +153,8 @@ def convert_to_universal(step_dir: Path, ds_tag: str, root: Path | None = None) 
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"converting {step_dir / ds_tag} to a universal checkpoint failed: {exc}\n"
                            f"{log.getvalue()[-2000:]}") from exc
+    if finish is not None:
+        finish(tmp)
     os.replace(tmp, out)
     return root
 
