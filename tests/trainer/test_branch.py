@@ -130,6 +130,29 @@ def test_branch_follows_the_new_learning_rate_and_weight_decay(source: Path, dat
 
 
 @pytest.mark.slow
+def test_a_resume_follows_a_changed_learning_rate_and_clipping(source: Path, data_cache: Path, tmp_path: Path) -> None:
+    """What the stop message for non-finite losses advises (resume with a lower optim.lr or with
+    optim.grad_clip set) must take effect, although DeepSpeed restores the saved schedule and clipping."""
+    import shutil
+
+    from slimtrain.trainer.config import ScheduleConfig
+    from slimtrain.trainer.optim import lr_factor
+
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000002")
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    proc = run_train(run, data_cache, ["train.steps=4", "checkpoint.every=2", "optim.lr=1e-3", "optim.grad_clip=0.5"],
+                     nproc=1)
+    assert proc.returncode == 0 and "resumed" in proc.stdout, proc.stdout
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    schedule = ScheduleConfig(type="cosine", warmup_steps=4)
+    assert [(r["step"], r["lr"]) for r in records] == [(s, 1e-3 * lr_factor(s - 1, 4, schedule)) for s in (3, 4)]
+    optim = torch.load(next((run / "checkpoints" / "step_00000004" / "ds").glob("*optim_states.pt")), weights_only=False)
+    assert optim["optimizer_state_dict"]["clip_grad"] == 0.5
+
+
+@pytest.mark.slow
 def test_a_branch_keeps_the_tokenizer(source: Path) -> None:
     from slimtrain.data.tokenizer import tokenizer_hash_of
 

@@ -139,14 +139,17 @@ class DeepSpeedBackend:
         universal checkpoint, see deepspeed_reshard)."""
         saved = saved_layout(directory / DS_TAG)
         current = current_layout(self.config["zero_optimization"]["stage"], self.cfg.precision, self.world_size)
+        recipe_hparams = self._recipe_hparams()
         if not needs_conversion(saved, current):
             self._load_tag(directory, DS_TAG)
+            self._apply_recipe(recipe_hparams)
             return
         if self.rank == 0:
             console.print(f"resharding {directory.name}: written by {saved.describe()}, loading into "
                           f"{current.describe()} (DeepSpeed universal checkpoint)", soft_wrap=True)
         reshard_root = universal_on_every_rank(directory, DS_TAG, self.rank, dist.barrier)
         self._load_universal(reshard_root)
+        self._apply_recipe(recipe_hparams)
         self._restore_buffers(directory / DS_TAG)
         dist.barrier()
         if self.rank == 0:  # derived files: the next checkpoint is written in this run's own layout
@@ -161,8 +164,7 @@ class DeepSpeedBackend:
         saved = saved_layout(ds_dir)
         current = current_layout(self.config["zero_optimization"]["stage"], self.cfg.precision, self.world_size)
         fresh = fresh_parameters(saved_param_shapes(ds_dir), self._param_shapes(), directory)
-        groups = _base_param_groups(self.engine.optimizer)
-        recipe_hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+        recipe_hparams = self._recipe_hparams()
         if not needs_conversion(saved, current) and not fresh:
             # Not strict: fresh_parameters checked every parameter; a plugin's new buffers keep their init.
             self._load_tag(directory, DS_TAG, strict=False)
@@ -182,14 +184,26 @@ class DeepSpeedBackend:
             dist.barrier()
             if self.rank == 0:
                 shutil.rmtree(scratch, ignore_errors=True)
+        self._apply_recipe(recipe_hparams)
+        self._restore_buffers(ds_dir, allow_missing=True)
+        return fresh
+
+    def _recipe_hparams(self) -> list[dict]:
+        """This recipe's optimizer settings per group (the optimizer is built from it and not yet loaded)."""
+        return [{k: v for k, v in g.items() if k not in ("params", "lr")}
+                for g in _base_param_groups(self.engine.optimizer)]
+
+    def _apply_recipe(self, recipe_hparams: list[dict]) -> None:
+        """After a load: the recipe's weight decay, betas, eps, learning rates and clipping, where DeepSpeed
+        restored the checkpoint's. Unchanged settings give the same values (an exact resume stays exact);
+        changed ones take effect, as when a run stopped by non-finite losses resumes with a lower
+        optim.lr or with optim.grad_clip set."""
         groups = _base_param_groups(self.engine.optimizer)  # a state-dict load replaces the group dicts
         for group, hparams in zip(groups, recipe_hparams):
-            group.update(hparams)  # weight decay, betas, eps of this recipe, not the source's
-        self._restore_buffers(ds_dir, allow_missing=True)
+            group.update(hparams)
         self._rebase_schedule(groups, [h["initial_lr"] for h in recipe_hparams])
-        if hasattr(self.engine.optimizer, "clip_grad"):  # ZeRO-1/2 and the bf16 optimizers load the source's
+        if hasattr(self.engine.optimizer, "clip_grad"):  # ZeRO-1/2 and the bf16 optimizers load the saved one
             self.engine.optimizer.clip_grad = self.config["gradient_clipping"]
-        return fresh
 
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         # At ZeRO-3 a parameter's own shape is that of its partition; ds_shape is the full one.
@@ -217,8 +231,6 @@ class DeepSpeedBackend:
         sched._last_lr = lrs
 
     def _load_universal(self, root: Path) -> None:
-        groups = _base_param_groups(self.engine.optimizer)
-        recipe_hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
         # The engine reads this flag at load time only; it cannot be set at initialisation because a
         # normal resume of the same run must keep reading the sharded layout.
         self.engine._config.load_universal_checkpoint = True
@@ -226,8 +238,7 @@ class DeepSpeedBackend:
             self._load_tag(root, UNIVERSAL_TAG)  # (a universal load takes the module from the zero/ entries)
         finally:
             self.engine._config.load_universal_checkpoint = False
-        _repair_universal_optimizer_state(_base_param_groups(self.engine.optimizer), recipe_hparams,
-                                          _base_state(self.engine.optimizer))
+        _repair_universal_optimizer_state(_base_param_groups(self.engine.optimizer), _base_state(self.engine.optimizer))
 
     def _restore_buffers(self, ds_dir: Path, allow_missing: bool = False) -> None:
         module = self.engine.module
@@ -272,15 +283,13 @@ def _base_state(optimizer) -> dict:
     return getattr(optimizer, "optimizer", optimizer).state
 
 
-def _repair_universal_optimizer_state(groups: list[dict], recipe_hparams: list[dict], state: dict) -> None:
-    """Undo what DeepSpeed's universal load gets wrong for a torch AdamW with several groups.
+def _repair_universal_optimizer_state(groups: list[dict], state: dict) -> None:
+    """Undo what DeepSpeed's universal load gets wrong for a torch AdamW with several groups (besides the
+    hyperparameters, which `_apply_recipe` sets: at ZeRO-3 every group gets the first group's).
 
-    At ZeRO-3 it copies the first group's hyperparameters into every group (the no-decay group would
-    decay) and gives all groups one shared `step` tensor, which Adam then advances once per group. The
+    At ZeRO-3 it gives all groups one shared `step` tensor, which Adam then advances once per group. The
     steps also come back on the CPU, where fused or capturable Adam (GPU) refuses them.
     """
-    for group, hparams in zip(groups, recipe_hparams):
-        group.update(hparams)
     # Keyed by the state, not the groups: ZeRO-3 empties the groups' `params` between its steps.
     on_device = any(g.get("fused") or g.get("capturable") for g in groups)
     for p, st in state.items():
