@@ -201,7 +201,8 @@ class DeepSpeedBackend:
         groups = _base_param_groups(self.engine.optimizer)  # a state-dict load replaces the group dicts
         for group, hparams in zip(groups, recipe_hparams):
             group.update(hparams)
-        self._rebase_schedule(groups, [h["initial_lr"] for h in recipe_hparams])
+        if self.engine.lr_scheduler is not None:
+            self._rebase_schedule(groups, [h["initial_lr"] for h in recipe_hparams])
         if hasattr(self.engine.optimizer, "clip_grad"):  # ZeRO-1/2 and the bf16 optimizers load the saved one
             self.engine.optimizer.clip_grad = self.config["gradient_clipping"]
 
