@@ -120,7 +120,12 @@ class QATConfig(PluginConfig):
                             "from step start_step+1 on.")
     calibrate: bool = Field(
         True, description="lsq: set every learned step from the weights as they are when fake-quant starts "
-        "(2*mean|w|/sqrt(qmax), per group) instead of from the initial weights.")
+        "(by lsq_init, per group) instead of from the initial weights.")
+    lsq_init: Literal["absmax", "mean"] = Field(
+        "absmax", description="lsq: how a step is set from the weights. absmax: max|w|/qmax, the round-to-nearest "
+        "grid, so QAT starts exactly at the PTQ model and learns from there; mean: the LSQ paper's "
+        "2*mean|w|/sqrt(qmax), about twice as coarse for 4-bit groups of 32 (the quantization error QAT "
+        "must first undo).")
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto", description="auto: the Triton kernels on CUDA where one exists for the format, PyTorch elsewhere; "
         "torch: always the PyTorch reference; triton: always the kernels (CPU needs TRITON_INTERPRET=1).")

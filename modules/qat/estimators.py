@@ -83,8 +83,12 @@ def lsq_grad_scale(spec: QuantSpec, elements_per_step: int) -> float:
     return 1.0 / math.sqrt(elements_per_step * int_range(spec.bits, True)[1])
 
 
-def lsq_init_step(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """LSQ's initial step 2 * mean|w| / sqrt(Q_p) per scale group (blocked layout)."""
+def lsq_init_step(w: torch.Tensor, spec: QuantSpec, method: str = "absmax") -> torch.Tensor:
+    """The initial step per scale group (blocked layout). absmax: round-to-nearest's own scale (max|w| / Q_p,
+    the same tensor `compute_qparams` gives, so the first quantized forward equals RTN PTQ bit for bit);
+    mean: LSQ's 2 * mean|w| / sqrt(Q_p)."""
+    if method == "absmax":
+        return compute_qparams(w.detach(), spec).scale
     blocks, _ = to_blocks(w.detach().float(), spec)
     qmax = int_range(spec.bits, True)[1]
     return (2 * blocks.abs().mean(-1) / math.sqrt(qmax)).clamp(min=1e-8)

@@ -38,6 +38,7 @@ class QATLinear(nn.Linear):
         self.weight_spec: QuantSpec = cfg.weights
         self.act_spec: QuantSpec | None = cfg.activations
         self.estimator = cfg.estimator
+        self.lsq_init = cfg.lsq_init
         self.kernels = cfg.kernels
         self.active = False
         self.calibrate_pending = False
@@ -50,7 +51,7 @@ class QATLinear(nn.Linear):
             blocks, _ = to_blocks(torch.empty(w.shape, device="meta"), self.weight_spec)
             step = torch.empty(blocks.shape[:-1], device="meta")
         else:
-            step = lsq_init_step(w, self.weight_spec)
+            step = lsq_init_step(w, self.weight_spec, self.lsq_init)
         self.register_buffer("weight_step_base", step.clone())
         # 1 once the base holds the step calibrated when fake-quant started (saved, so a resume never recalibrates)
         self.register_buffer("weight_step_calibrated", torch.tensor(float(calibrated), device=step.device))
@@ -82,7 +83,7 @@ class QATLinear(nn.Linear):
         if self.estimator == "lsq":
             if self.calibrate_pending:  # first forward after fake-quant starts: weights are gathered here
                 with torch.no_grad():
-                    self.weight_step_base.copy_(lsq_init_step(w, self.weight_spec))
+                    self.weight_step_base.copy_(lsq_init_step(w, self.weight_spec, self.lsq_init))
                     self.weight_step_calibrated.fill_(1.0)
                 self.calibrate_pending = False
             return fake_quant_lsq(w, self.weight_spec, self.lsq_step())

@@ -11,7 +11,7 @@ import torch
 
 from slimtrain.modules.plugins import build_plugins, validate_plugin_config
 from slimtrain.modules.qat.config import QATConfig, QuantSpec
-from slimtrain.modules.qat.estimators import fake_quant_lsq, fake_quant_ste, lsq_grad_scale
+from slimtrain.modules.qat.estimators import fake_quant_lsq, fake_quant_ste, lsq_grad_scale, lsq_init_step
 from slimtrain.modules.qat.formats import round_fp4_e2m1
 from slimtrain.modules.qat.reference import compute_qparams, fake_quant_reference
 from slimtrain.modules.transformer import Transformer
@@ -97,6 +97,30 @@ def test_lsq_gradient_follows_the_paper() -> None:
     expected = torch.where(inside, v.round() - v, v.clamp(-8, 7)).sum() * lsq_grad_scale(s4, 4)
     assert torch.allclose(step.grad, expected.reshape(1))
     assert lsq_grad_scale(s4, 4) == pytest.approx(1 / math.sqrt(4 * 7))
+
+
+def test_lsq_starts_from_the_round_to_nearest_grid() -> None:
+    """Calibrated by absmax (the default), the first quantized forward of an LSQ layer equals round-to-nearest
+    PTQ bit for bit, so QAT starts at the PTQ model; the paper's mean init is about twice as coarse at int4."""
+    torch.manual_seed(0)
+    model = Transformer(TINY)
+    ids = torch.arange(16)[None]
+    rtn, lsq, mean = (build_plugins([validate_plugin_config({"type": "qat", "start_step": 0, **kw})])[0] for kw in (
+        {}, {"estimator": "lsq"}, {"estimator": "lsq", "lsq_init": "mean"}))
+    logits = []
+    for plugin in (rtn, lsq, mean):
+        m = Transformer(TINY)
+        m.load_state_dict(model.state_dict())
+        plugin.apply(m)
+        plugin.on_step_start(1)
+        logits.append(m(ids).logits)
+        layer = next(iter(plugin.layers.values()))
+        if plugin is not rtn:
+            assert bool(layer.weight_step_calibrated)
+    assert torch.equal(logits[0], logits[1]) and not torch.equal(logits[0], logits[2])
+    w = model.layers[0].mlp.up_proj.weight
+    ratio = (lsq_init_step(w, spec(), "mean") / lsq_init_step(w, spec(), "absmax")).median()
+    assert 1.5 < float(ratio) < 2.5
 
 
 def test_default_selection_keeps_embedding_and_head_in_high_precision() -> None:
