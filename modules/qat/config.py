@@ -126,6 +126,10 @@ class QATConfig(PluginConfig):
         "grid, so QAT starts exactly at the PTQ model and learns from there; mean: the LSQ paper's "
         "2*mean|w|/sqrt(qmax), about twice as coarse for 4-bit groups of 32 (the quantization error QAT "
         "must first undo).")
+    lsq_lr_scale: float = Field(
+        1.0, gt=0.0, description="lsq: how much faster than the weights the learned steps move. Adam moves every "
+        "parameter by about lr per step whatever its gradient's size, so a step gain near 1 changes by ~lr relative "
+        "while a weight of size |w| changes by ~lr/|w|; the step is base x (1 + lsq_lr_scale x (gain - 1)).")
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto", description="auto: the Triton kernels on CUDA where one exists for the format, PyTorch elsewhere; "
         "torch: always the PyTorch reference; triton: always the kernels (CPU needs TRITON_INTERPRET=1).")

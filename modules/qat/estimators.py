@@ -94,6 +94,15 @@ def lsq_init_step(w: torch.Tensor, spec: QuantSpec, method: str = "absmax") -> t
     return (2 * blocks.abs().mean(-1) / math.sqrt(qmax)).clamp(min=1e-8)
 
 
+def lsq_step(base: torch.Tensor, gain: torch.Tensor, lr_scale: float = 1.0) -> torch.Tensor:
+    """The learned step: the calibrated `base` (blocked layout) times the trained 1-D `gain` seen through
+    `lr_scale` (gain 1 + lr_scale x (gain - 1): Adam's ~lr update of the gain moves the step lr_scale times as far)."""
+    gain = gain.view_as(base)
+    if lr_scale != 1.0:
+        gain = 1.0 + lr_scale * (gain - 1.0)
+    return base * gain
+
+
 def fake_quant_lsq(w: torch.Tensor, spec: QuantSpec, step: torch.Tensor) -> torch.Tensor:
     """LSQ fake quantization of `w` with the learned `step` (blocked layout, differentiable)."""
     blocks, restore = to_blocks(w.float(), spec)

@@ -14,7 +14,7 @@ import torch
 from slimtrain.modules.plugin import ExportContext, ExportVariant, StateDict
 
 from .config import QATConfig, QuantSpec
-from .estimators import lsq_init_step
+from .estimators import lsq_init_step, lsq_step
 from .linear import QATLinear
 from .reference import QParams
 
@@ -89,8 +89,8 @@ def export_qat(cfg: QATConfig, layers: dict[str, QATLinear], ctx: ExportContext)
             base, gain = ctx.state.pop(f"{name}.weight_step_base"), ctx.state.pop(f"{name}.weight_step_gain")
             calibrated = bool(ctx.state.pop(f"{name}.weight_step_calibrated"))
             # Fake-quant never started: calibrate from the weights now, as the first quantized step would have.
-            step = base.float() * gain.float().view_as(base) if calibrated else lsq_init_step(
-                ctx.state[f"{name}.weight"], cfg.weights)
+            step = lsq_step(base.float(), gain.float(), cfg.lsq_lr_scale) if calibrated else lsq_init_step(
+                ctx.state[f"{name}.weight"], cfg.weights, cfg.lsq_init)
         w_fq, qp = layer.export_weight(ctx.state[f"{name}.weight"].float(), step)
         ctx.state[f"{name}.weight"] = w_fq
         packed[f"{name}.weight"] = (w_fq, qp)

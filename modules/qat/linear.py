@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QATConfig, QuantSpec
-from .estimators import fake_quant_lsq, fake_quant_ste, lsq_init_step, weight_qparams
+from .estimators import fake_quant_lsq, fake_quant_ste, lsq_init_step, lsq_step, weight_qparams
 from .reference import QParams, fake_quant_reference, to_blocks
 
 KERNEL_FORMATS = {"int", "mxfp4", "nvfp4", "ternary"}
@@ -39,6 +39,7 @@ class QATLinear(nn.Linear):
         self.act_spec: QuantSpec | None = cfg.activations
         self.estimator = cfg.estimator
         self.lsq_init = cfg.lsq_init
+        self.lsq_lr_scale = cfg.lsq_lr_scale
         self.kernels = cfg.kernels
         self.active = False
         self.calibrate_pending = False
@@ -70,7 +71,7 @@ class QATLinear(nn.Linear):
         """The learned step (blocked layout), or None when the estimator is not LSQ."""
         if self.estimator != "lsq":
             return None
-        return self.weight_step_base * self.weight_step_gain.view_as(self.weight_step_base)
+        return lsq_step(self.weight_step_base, self.weight_step_gain, self.lsq_lr_scale)
 
     def _use_kernel(self, x: torch.Tensor, spec: QuantSpec) -> bool:
         if self.kernels == "torch" or not kernel_supported(spec):

@@ -17,7 +17,8 @@ from qat_helpers import TINY, qat_model
 IDS = {"bos_id": None, "eos_id": 0, "pad_id": 1}
 CASES = {
     "int4-g32": ({"weights": {"format": "int", "bits": 4, "group_size": 32}}, "pack-quantized"),
-    "int4-g64-lsq": ({"weights": {"format": "int", "bits": 4, "group_size": 64}, "estimator": "lsq"}, "pack-quantized"),
+    "int4-g64-lsq": ({"weights": {"format": "int", "bits": 4, "group_size": 64}, "estimator": "lsq", "lsq_lr_scale": 3.0},
+                     "pack-quantized"),
     "int3-asym-channel": ({"weights": {"format": "int", "bits": 3, "symmetric": False, "granularity": "channel"}},
                           "pack-quantized"),
     "int8-tensor": ({"weights": {"format": "int", "bits": 8, "granularity": "tensor"}}, "pack-quantized"),
@@ -77,3 +78,15 @@ def test_transformers_logits_match_the_qat_model(case: str, tmp_path: Path) -> N
                                                       attn_implementation="eager").eval()
             diff = float((hf(input_ids=ids).logits - ours).abs().max())
             assert diff <= 1e-4, (variant, diff)
+
+
+@pytest.mark.parametrize("init", ["absmax", "mean"])
+def test_export_before_fake_quant_started_uses_the_first_quantized_steps(init: str, tmp_path: Path) -> None:
+    """An LSQ checkpoint taken before its start step has uncalibrated steps: the export calibrates them by
+    the recipe's lsq_init, exactly as the first quantized forward would have."""
+    block = {"weights": {"format": "int", "bits": 4, "group_size": 32}, "estimator": "lsq", "lsq_init": init,
+             "start_step": 100}
+    model, plugin, ctx = _export(block, tmp_path / "hf")
+    plugin.on_step_start(101)  # fake-quant starts: the first forward calibrates from these weights
+    for name, layer in plugin.layers.items():
+        assert torch.equal(ctx.state[f"{name}.weight"], layer.quantized_weight().detach().float()), name

@@ -123,6 +123,31 @@ def test_lsq_starts_from_the_round_to_nearest_grid() -> None:
     assert 1.5 < float(ratio) < 2.5
 
 
+def test_lsq_lr_scale_moves_the_learned_steps_that_many_times_as_far() -> None:
+    """Adam's first update is lr x sign(gradient) whatever the gradient's size, so a gain seen through
+    lsq_lr_scale=10 moves the step ten times as far as the plain gain; 1 is the plain gain itself."""
+    ids = torch.arange(16)[None]
+    moved = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = Transformer(TINY)
+        [plugin] = build_plugins([validate_plugin_config({"type": "qat", "estimator": "lsq", "start_step": 0,
+                                                          "lsq_lr_scale": scale})])
+        plugin.apply(model)
+        plugin.on_step_start(1)
+        opt = torch.optim.Adam([p for n, p in model.named_parameters() if n.endswith("weight_step_gain")], lr=1e-3,
+                               eps=1e-30)  # no eps: the first update is exactly lr x sign(gradient)
+        layer = model.layers[0].mlp.up_proj
+        torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:]).backward()
+        before = layer.lsq_step().detach().clone()  # calibrated in the forward above
+        opt.step()
+        moved[scale] = (layer.lsq_step().detach() - before) / before
+        if scale == 1.0:
+            assert torch.equal(layer.lsq_step(), layer.weight_step_base * layer.weight_step_gain.view_as(before))
+    assert (moved[1.0].abs() > 0.99e-3).float().mean() > 0.9  # gains with a gradient moved by lr
+    assert torch.allclose(moved[10.0], 10 * moved[1.0], rtol=1e-3, atol=1e-6)
+
+
 def test_default_selection_keeps_embedding_and_head_in_high_precision() -> None:
     [plugin] = build_plugins([validate_plugin_config({"type": "qat"})])
     model = Transformer(TINY)
