@@ -88,11 +88,10 @@ def _check_resume(recipe, world_size: int) -> None:
 
     from slimtrain.trainer.checkpoint import find_resumable
 
-    own = None
+    path = None
     if recipe.checkpoint.resume != "never":
-        own = find_resumable(Path(recipe.run.resolved_output_dir) / "checkpoints")
-    path = own
-    if own is None and recipe.checkpoint.branch_from:
+        path = find_resumable(Path(recipe.run.resolved_output_dir) / "checkpoints")
+    if path is None and recipe.checkpoint.branch_from:
         from slimtrain.trainer.branch import check_branch, resolve_branch_source
 
         path = resolve_branch_source(recipe.checkpoint.branch_from)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -214,12 +215,13 @@ class DeepSpeedBackend:
         """Full fp32 copies of the named parameters, on the CPU (gathered at ZeRO-3)."""
         params = dict(self.engine.module.named_parameters())
         chosen = [params[n] for n in names]
+        gather = contextlib.nullcontext()
         if self.cfg.zero_stage == 3 and chosen:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None):
-                return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
-        return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
+            gather = deepspeed.zero.GatheredParameters(chosen, modifier_rank=None)
+        with gather:
+            return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
 
     def _rebase_schedule(self, groups: list[dict], base_lrs: list[float]) -> None:
         """Learning rates from this recipe (`base_lrs`, one per group) at the schedule position the checkpoint
