@@ -5,6 +5,7 @@ all trained on the quickstart corpus with the same data, steps and seed; plus, o
     python benchmarks/qat.py --preset tiny --steps 40  # smoke-sized
     python benchmarks/qat.py --steps 600 --bits 2      # int2 group-32 instead of int4 (a PTQ gap a small model shows)
     python benchmarks/qat.py --steps 600 --qat-start 20  # QAT for (almost) the whole run instead of the last quarter
+    python benchmarks/qat.py --steps 2000 --qat-start 1500 1900  # two QAT phases branched from one dense run
     python benchmarks/qat.py --steps 2000 --global-batch 64  # GPU: ~4 epochs of the corpus (more tokens per parameter)
     python benchmarks/qat.py --overhead [--compile]    # GPU: step time dense vs QAT (Triton kernels / PyTorch)
     python benchmarks/qat.py --kernels                 # GPU: each kernel vs its PyTorch reference
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -110,36 +112,40 @@ def _batch(args: argparse.Namespace) -> list[str]:
 
 
 def quality(args: argparse.Namespace) -> dict:
-    preset, bits = PRESETS[args.preset], args.bits
-    start = args.qat_start if args.qat_start is not None else args.steps * 3 // 4  # the recipes' last quarter
-    # The dense run also saves at `start` (and, with 2*start > steps, nowhere else before the end), so that
-    # QAT branches from it (checkpoint.branch_from) instead of retraining the first `start` steps: the
-    # same result as one QAT run with fake-quant from `start` (tests/qat/test_qat_train.py), for a quarter
-    # of the cost. (The quickstart preset's dense and QAT recipes differ only in the plugin; the tiny
-    # preset's also in optimizer and data settings, a smoke run only.)
-    branch_at = start if 0 < start < args.steps < 2 * start else None
-    dense = train(preset["dense"], "dense", args, [f"checkpoint.every={branch_at}"] if branch_at else [])
-    point = dense / "checkpoints" / f"step_{start:08d}"
-    branch = [f"checkpoint.branch_from={point}"] if branch_at and point.is_dir() else []
-    qat = train(preset["int4"], f"qat-int{bits}-from{start}", args,
-                [f"plugins.0.weights.bits={bits}", f"plugins.0.start_step={start}", *branch])
-    ternary = train(preset["ternary"], "bitnet-b158", args, []) if args.ternary else None
+    preset, bits, k = PRESETS[args.preset], args.bits, f"int{args.bits}"
+    starts = args.qat_start or [args.steps * 3 // 4]  # default: the recipes' last quarter
+    # The dense run also saves at every start, so that each QAT run branches from it (checkpoint.branch_from)
+    # instead of retraining the first `start` steps: the same result as one QAT run with fake-quant from
+    # `start` (tests/qat/test_qat_train.py), for a fraction of the cost. (The quickstart preset's dense and
+    # QAT recipes differ only in the plugin; the tiny preset's also in optimizer and data settings.)
+    inside = [s for s in starts if 0 < s < args.steps]
+    every = math.gcd(*inside) if inside else args.steps
+    dense = train(preset["dense"], "dense", args, [f"checkpoint.every={every}", f"checkpoint.keep={args.steps // every + 1}"])
     a = eval_loss(dense, None, args.eval_batches)
     b = eval_loss(dense, [rtn(bits)], args.eval_batches)
-    c = eval_loss(qat, None, args.eval_batches)
+    measurable = b - a >= MIN_PTQ_GAP  # a recovered fraction over a gap below eval noise is a ratio of noise
+    by_start = {}
+    for start in starts:
+        point = dense / "checkpoints" / f"step_{start:08d}"
+        branch = [f"checkpoint.branch_from={point}"] if point.is_dir() else []
+        qat = train(preset["int4"], f"qat-{k}-from{start}", args,
+                    [f"plugins.0.weights.bits={bits}", f"plugins.0.start_step={start}", *branch])
+        c = eval_loss(qat, None, args.eval_batches)
+        by_start[start] = {"qat": round(c, 4), "recovered": round((b - c) / (b - a), 3) if measurable else None,
+                           "branched_from_dense": bool(branch)}
+    ternary = train(preset["ternary"], "bitnet-b158", args, []) if args.ternary else None
     t = eval_loss(ternary, None, args.eval_batches) if ternary else float("nan")
-    # A recovered fraction over a PTQ gap smaller than eval noise would be a ratio of noise: report none.
-    measurable = b - a >= MIN_PTQ_GAP
-    k = f"int{bits}"
+    first = by_start[starts[0]]
     result = {"preset": args.preset, "steps": args.steps, "global_batch": args.global_batch or "recipe",
-              "qat_branched_from_dense": bool(branch), "eval_batches": args.eval_batches,
-              "qat_start_step": start, "dense": round(a, 4), f"{k}_rtn_ptq": round(b, 4), f"{k}_qat": round(c, 4),
-              f"{k}_recovered": round((b - c) / (b - a), 3) if measurable else None,
-              "ternary_b158_qat": round(t, 4) if ternary else None}
-    recovered = result[f"{k}_recovered"] if measurable else f"n/a (PTQ gap {b - a:+.4f} < {MIN_PTQ_GAP})"
-    print(f"(a) dense                 eval loss {a:.4f}\n(b) {k} g32 RTN PTQ      eval loss {b:.4f}\n"
-          f"(c) {k} g32 QAT (LSQ)    eval loss {c:.4f}   recovered (b-c)/(b-a) = {recovered}\n"
-          f"(d) ternary b1.58 QAT     eval loss {t:.4f}   vs dense {t - a:+.4f}")
+              "eval_batches": args.eval_batches, "qat_start_step": starts[0], "dense": round(a, 4),
+              f"{k}_rtn_ptq": round(b, 4), f"{k}_qat": first["qat"], f"{k}_recovered": first["recovered"],
+              "qat_branched_from_dense": first["branched_from_dense"],
+              "by_qat_start": by_start, "ternary_b158_qat": round(t, 4) if ternary else None}
+    print(f"(a) dense                 eval loss {a:.4f}\n(b) {k} g32 RTN PTQ      eval loss {b:.4f}")
+    for start, r in by_start.items():
+        recovered = r["recovered"] if measurable else f"n/a (PTQ gap {b - a:+.4f} < {MIN_PTQ_GAP})"
+        print(f"(c) {k} g32 QAT (LSQ) from step {start}: eval loss {r['qat']:.4f}   recovered (b-c)/(b-a) = {recovered}")
+    print(f"(d) ternary b1.58 QAT     eval loss {t:.4f}   vs dense {t - a:+.4f}")
     return result
 
 
@@ -245,8 +251,9 @@ def main() -> None:
                         help="training processes per run (1 GPU, or 2 CPU ranks)")
     parser.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8],
                         help="integer width of (b) and (c), groups of 32 (the target figure is int4)")
-    parser.add_argument("--qat-start", type=int, default=None,
-                        help="step after which (c) fake-quantizes (default: 3/4 of --steps, as the QAT recipes)")
+    parser.add_argument("--qat-start", type=int, nargs="+", default=None,
+                        help="step(s) after which (c) fake-quantizes, one QAT run each, all branched from the one "
+                        "dense run (default: 3/4 of --steps, as the QAT recipes)")
     parser.add_argument("--no-ternary", dest="ternary", action="store_false", help="skip the b1.58 run")
     parser.add_argument("--eval-batches", type=int, default=32, help="validation micro-batches of 8 rows")
     parser.add_argument("--global-batch", type=int, default=0,
