@@ -62,7 +62,10 @@ class FlexAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
         compiled = q.device.type == "cuda"
-        flex_attention, _ = _kernels(compiled)
+        if torch.compiler.is_compiling():  # inside a compiled block (train.compile): the block's graph takes flex in
+            from torch.nn.attention.flex_attention import flex_attention
+        else:
+            flex_attention, _ = _kernels(compiled)
         # Inductor picks its decoding kernel for queries shorter than 128; that kernel is for
         # inference, has no backward and fails to lower for small heads. Training wants the main one.
         options = {"FORCE_USE_FLEX_ATTENTION": True} if compiled else None
