@@ -64,11 +64,12 @@ def main() -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     vocab = recipe.model.vocab_size or (resolve_vocab_size(recipe) if recipe.data.tokenizer.train else args.vocab)
     est = estimate(recipe, 1, vocab)
-    gpu = torch.cuda.is_available()
     result = {"recipe": Path(args.recipe).name, "overrides": args.overrides, "params": est.params,
-              "estimate_gb": {"model_states": round(est.model_states / GB, 2), "activations": round(est.activations / GB, 2),
-                              "logits": round(est.logits / GB, 2), "total_without_reserve":
-                              round((est.total - est.reserve) / GB, 2)}}
+              "estimate_gb": {k: round(v / GB, 2) for k, v in {
+                  "model_states": est.model_states, "of_which_step_only": est.step_only,
+                  "activations": est.activations, "logits": est.logits, "grad_bucket": est.buckets,
+                  "backward_peak": est.backward_peak, "total_without_reserve": est.total - est.reserve}.items()}}
+    gpu = torch.cuda.is_available()
     if gpu:
         _init_dist()
         device = torch.device("cuda")
@@ -85,9 +86,7 @@ def main() -> None:
         result["measured_gb"] = {k: round(v, 2) for k, v in measured.items()}
         result["peak_over_estimate"] = round(peak / (est.total - est.reserve), 3)
         result["device"] = torch.cuda.get_device_name()
-        print(f"model states after the steps {steady / GB:7.2f} GB   estimate {est.model_states / GB:7.2f} GB")
-        print(f"peak - states (activations, logits, transients) {(peak - steady) / GB:7.2f} GB   estimate "
-              f"{(est.activations + est.logits) / GB:7.2f} GB")
+        print(f"after setup {after_setup / GB:7.2f} GB   between steps {steady / GB:7.2f} GB")
         print(f"peak allocated {peak / GB:7.2f} GB   estimate without reserve {(est.total - est.reserve) / GB:7.2f} GB"
               f"   ratio {result['peak_over_estimate']:.3f}")
     else:

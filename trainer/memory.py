@@ -1,14 +1,20 @@
 """Will it fit? A per-GPU memory estimate of a recipe, before anything is queued or started.
 
-Three parts, each from where it is known best:
+The parts, each from where it is known best:
 - model states (parameters, gradients, optimizer): the byte counts of DeepSpeed's own ZeRO estimators
   (`estimate_zero2/3_model_states_mem_needs`), extended to stages 0/1 and fp32 in the same terms;
-- activations kept for the backward pass: the tensors our decoder block saves, per token, counted from
-  its code (a test checks the formula against the block's saved tensors, tensor by tensor), assuming a
-  fused attention kernel (flash, flex or SDPA: no [seq x seq] scores are kept);
-- the LM head's logits at the loss: compute-dtype logits, their fp32 upcast and the saved log-softmax,
-  for every token of the micro-batch, or for one chunk of `train.loss_chunk_tokens`.
-It is an estimate: the CUDA context, the allocator's fragmentation and NCCL buffers come on top (`reserve`).
+- activations kept for the backward pass: the tensors our decoder block saves, per token (a test checks
+  the formula against the block's saved tensors, tensor by tensor), assuming a fused attention kernel
+  (flash, flex or SDPA: no [seq x seq] scores are kept), plus the embedding output, the final norm and one
+  block's backward temporaries;
+- the loss: its fp32 log-softmax and the two fp32 gradients of its backward, for every token of the
+  micro-batch, or for one chunk of `train.loss_chunk_tokens`;
+- DeepSpeed's gradient bucket (ZeRO-1/2: `reduce_bucket_size` elements).
+The peak is the larger of two moments: the backward pass (activations, loss and bucket live; under
+ZeRO-1/2 in bf16 the fp32 gradient partition does not exist yet) and the optimizer step (all model
+states, no activations). Measured on one H100 for the 1B recipe, the backward figure was 0.5 % above the
+allocator's peak (`benchmarks/memory.py`). The CUDA context, fragmentation and NCCL buffers come on top
+(`reserve`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from slimtrain.trainer.errors import RecipeError
 
 GB = 1024**3
 RESERVE = 2 * GB  # CUDA context, NCCL buffers, allocator slack
+LOSS_BYTES_PER_LOGIT = 12  # fp32: saved log-softmax, NLL gradient, log-softmax gradient (measured at the peak)
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 
 
 @dataclass(frozen=True)
@@ -32,11 +40,17 @@ class MemoryEstimate:
     model_states: float
     activations: float
     logits: float
+    buckets: float = 0.0
+    step_only: float = 0.0  # part of `model_states` that exists only during the optimizer step
     reserve: float = RESERVE
 
     @property
+    def backward_peak(self) -> float:
+        return self.model_states - self.step_only + self.buckets + self.activations + self.logits
+
+    @property
     def total(self) -> float:
-        return self.model_states + self.activations + self.logits + self.reserve
+        return max(self.model_states, self.backward_peak) + self.reserve
 
 
 def model_state_bytes(params: int, largest_layer: int, zero_stage: int, precision: str, world: int,
@@ -90,6 +104,24 @@ def resolve_vocab_size(recipe: Recipe) -> int:
     )
 
 
+def edge_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> float:
+    """Per token, outside the blocks' saved tensors: the embedding output and the final norm (fp32 input,
+    rsqrt, normalised output), plus one block's backward temporaries (the MLP's gradients of width
+    `intermediate_size`, measured at about 2.5 of them)."""
+    w, h = compute_bytes, cfg.hidden_size
+    return (4 + 3 * w) * h + 4 + 2.5 * w * cfg.intermediate_size
+
+
+def gradient_bucket_bytes(recipe: Recipe) -> float:
+    """DeepSpeed's contiguous-gradients bucket under ZeRO-1/2 (`reduce_bucket_size` elements, set through
+    `backend.raw.zero_optimization`), alive from the first gradient of a step to its end. Other stages:
+    counted inside the model states, as DeepSpeed's estimators do."""
+    if recipe.backend.zero_stage not in (1, 2):
+        return 0.0
+    w = 2 if recipe.backend.precision == "bf16" else 4
+    return float(recipe.backend.raw.get("zero_optimization", {}).get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)) * w
+
+
 def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate:
     """The per-GPU estimate of `recipe` on `world_size` GPUs."""
     cfg = recipe.model.model_copy(update={"vocab_size": vocab_size})
@@ -103,11 +135,16 @@ def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate
         activations = cfg.num_layers * w * cfg.hidden_size * tokens + per_layer
     else:
         activations = cfg.num_layers * per_layer
+    activations += edge_bytes_per_token(cfg, w) * tokens
     chunk = min(tokens, train.loss_chunk_tokens) if train.loss_chunk_tokens else tokens
-    logits = chunk * vocab_size * (w + 4 + 4)
+    logits = chunk * vocab_size * LOSS_BYTES_PER_LOGIT
     states = model_state_bytes(params, largest, backend.zero_stage, backend.precision, world_size,
                                backend.offload_optimizer)
-    return MemoryEstimate(params, largest, states, activations, logits)
+    buckets = gradient_bucket_bytes(recipe)
+    # bf16 ZeRO-1/2: the fp32 gradient partition (4 bytes a parameter over the ranks) is built at the step.
+    step_only = 4.0 * params / max(world_size, 1) if (w == 2 and backend.zero_stage in (1, 2)
+                                                     and not backend.offload_optimizer) else 0.0
+    return MemoryEstimate(params, largest, states, activations, logits, buckets, step_only)
 
 
 def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: float) -> str:
@@ -119,11 +156,14 @@ def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: 
         f"{'on' if t.activation_checkpointing else 'off'}"
         + (f", loss in chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else ""),
         f"  parameters   {e.params / 1e9:8.2f} B  (largest layer {e.largest_layer / 1e6:.0f} M)",
-        f"  model states {e.model_states / GB:8.1f} GB",
+        f"  model states {e.model_states / GB:8.1f} GB"
+        + (f"  (of which {e.step_only / GB:.1f} GB only during the optimizer step)" if e.step_only else ""),
         f"  activations  {e.activations / GB:8.1f} GB",
         f"  logits/loss  {e.logits / GB:8.1f} GB",
+        *([f"  grad bucket  {e.buckets / GB:8.1f} GB  (DeepSpeed reduce_bucket_size)"] if e.buckets else []),
         f"  reserve      {e.reserve / GB:8.1f} GB  (CUDA context, NCCL, allocator)",
-        f"  total        {e.total / GB:8.1f} GB  of {gpu_gb:g} GB",
+        f"  total        {e.total / GB:8.1f} GB  of {gpu_gb:g} GB  (peak "
+        f"{'in the backward pass' if e.backward_peak >= e.model_states else 'at the optimizer step'})",
     ]
     if e.total > gpu_gb * GB:
         fixes = []

@@ -17,6 +17,7 @@ from slimtrain.trainer.memory import block_activation_bytes_per_token, estimate,
 from slimtrain.trainer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
+GIB = 1024**3
 
 
 def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, recompute: bool, tokens: int = 48) -> float:
@@ -98,10 +99,29 @@ def test_chunked_loss_bounds_the_logits_by_one_chunk() -> None:
     recipe = REPO / "recipes" / "llama-8b-zero3.yaml"
     plain = estimate(load_recipe(recipe, ["train.loss_chunk_tokens=0"]), 8, 128256)
     chunked = estimate(load_recipe(recipe, ["train.loss_chunk_tokens=1024"]), 8, 128256)
-    assert plain.logits == 8192 * 128256 * (2 + 4 + 4)  # bf16 logits, fp32 upcast, saved log-softmax
+    assert plain.logits == 8192 * 128256 * 12  # fp32: saved log-softmax and the two gradients of its backward
     assert chunked.logits * 8 == plain.logits
     assert (chunked.model_states, chunked.activations) == (plain.model_states, plain.activations)
     tight = _validate(str(recipe), "--world-size", "8", "model.vocab_size=128256", "backend.zero_stage=2",
                       "train.activation_checkpointing=false", "train.loss_chunk_tokens=0")
     assert "try train.activation_checkpointing=true, or train.loss_chunk_tokens=4096, or backend.zero_stage=3" \
         in tight.stderr
+
+
+def test_the_peak_is_the_larger_of_the_backward_pass_and_the_optimizer_step() -> None:
+    """The two H100 measurements of the 1B recipe (benchmarks/memory.py, one GPU, ZeRO-1, bf16): 35.08 GiB
+    allocated at the peak without activation checkpointing; with it and a chunked loss the peak moved to the
+    optimizer step, where only the model states are (20 bytes a parameter, DeepSpeed's terms)."""
+    recipe = REPO / "recipes" / "llama-1b-dense.yaml"
+    plain = estimate(load_recipe(recipe), 1, 32000)
+    assert plain.step_only == 4 * plain.params  # bf16 ZeRO-1: the fp32 gradient partition exists only at the step
+    assert plain.buckets == 500_000_000 * 2  # DeepSpeed's default reduce bucket, bf16
+    assert plain.backward_peak > plain.model_states
+    assert abs(plain.backward_peak / GIB - 35.08) < 0.02 * 35.08
+    lean = estimate(load_recipe(recipe, ["train.activation_checkpointing=true", "train.loss_chunk_tokens=4096"]), 1, 32000)
+    assert lean.total - lean.reserve == max(lean.model_states, lean.backward_peak)
+    assert lean.model_states == 20 * lean.params and lean.total - lean.reserve < 1.01 * lean.model_states
+    bigger = estimate(load_recipe(recipe, ["backend.raw={zero_optimization: {reduce_bucket_size: 100000000}}"]), 1, 32000)
+    assert bigger.buckets == 200_000_000
+    zero3 = estimate(load_recipe(recipe, ["backend.zero_stage=3"]), 8, 32000)
+    assert zero3.step_only == zero3.buckets == 0  # counted inside DeepSpeed's stage-3 terms

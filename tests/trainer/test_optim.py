@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from slimtrain.trainer.config import ScheduleConfig
-from slimtrain.trainer.optim import GuardedAdamW, lr_factor, param_groups
+from slimtrain.trainer.optim import GuardedAdamW, all_finite, lr_factor, param_groups
 
 
 class Tiny(nn.Module):
@@ -54,3 +54,21 @@ def test_guarded_adamw_skips_a_step_with_nonfinite_gradients() -> None:
     p.grad = torch.ones(3)
     opt.step()
     assert not opt.overflow and (p.detach() < 1).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_the_finite_check_sees_every_nonfinite_value_in_mixed_dtypes(bad: float) -> None:
+    grads = [torch.full((5,), 1e30), torch.ones(4, dtype=torch.bfloat16), torch.zeros(0)]
+    assert all_finite(grads)  # huge but finite: a 2-norm would overflow here, the max-abs norm does not
+    grads[1][2] = bad
+    assert not all_finite(grads)
+
+
+def test_the_finite_check_allocates_nothing_the_size_of_the_gradients() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    grads = [torch.randn(4_000_000), torch.randn(10)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        assert all_finite(grads)
+    largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert largest < 1024, f"a {largest}-byte temporary for {grads[0].numel() * 4} bytes of gradients"
