@@ -17,5 +17,6 @@ def test_memory_benchmark_prints_the_estimate_it_compares_against() -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     est = result["estimate_gb"]
     assert result["params"] > 1e9 and result["overrides"][0] == "train.activation_checkpointing=true"
-    # with checkpointing and a chunked loss the step's model states are the peak: nothing else is above them there
-    assert est["total_without_reserve"] == max(est["model_states"], est["backward_peak"]) == est["model_states"]
+    assert est["total_without_reserve"] == max(est["model_states"], est["backward_peak"])
+    # with checkpointing and a chunked loss the backward pass holds about what the optimizer step does
+    assert abs(est["backward_peak"] - est["model_states"]) < 0.01 * est["model_states"]
