@@ -50,6 +50,7 @@ def build_step(recipe, vocab: int, accum: int, device: torch.device):
 
 
 def main() -> None:
+    from slimtrain.trainer.errors import RecipeError
     from slimtrain.trainer.memory import estimate, resolve_vocab_size
     from slimtrain.trainer.recipe import load_recipe
 
@@ -62,7 +63,10 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000, help="model.vocab_size where the recipe leaves it null")
     args = p.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
-    vocab = recipe.model.vocab_size or (resolve_vocab_size(recipe) if recipe.data.tokenizer.train else args.vocab)
+    try:
+        vocab = resolve_vocab_size(recipe)  # as `slimtrain validate` does
+    except RecipeError:  # a tokenizer directory that is not on this machine
+        vocab = args.vocab
     est = estimate(recipe, 1, vocab)
     result = {"recipe": Path(args.recipe).name, "overrides": args.overrides, "params": est.params,
               "estimate_gb": {k: round(v / GB, 2) for k, v in {
@@ -76,6 +80,7 @@ def main() -> None:
         step, model = build_step(recipe, vocab, args.accum, device)
         torch.cuda.synchronize()
         after_setup = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()  # the training steps' peak, not the set-up's
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()

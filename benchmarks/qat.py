@@ -113,13 +113,18 @@ def _batch(args: argparse.Namespace) -> list[str]:
 
 def quality(args: argparse.Namespace) -> dict:
     preset, bits, k = PRESETS[args.preset], args.bits, f"int{args.bits}"
-    starts = args.qat_start or [args.steps * 3 // 4]  # default: the recipes' last quarter
+    starts = list(dict.fromkeys(args.qat_start or [args.steps * 3 // 4]))  # default: the recipes' last quarter
+    if any(not 0 <= s < args.steps for s in starts):  # at or past the end, fake-quant would never train
+        raise SystemExit(f"--qat-start {starts}: every start must be in [0, --steps={args.steps})")
     # The dense run also saves at every start, so that each QAT run branches from it (checkpoint.branch_from)
     # instead of retraining the first `start` steps: the same result as one QAT run with fake-quant from
     # `start` (tests/qat/test_qat_train.py), for a fraction of the cost. (The quickstart preset's dense and
     # QAT recipes differ only in the plugin; the tiny preset's also in optimizer and data settings.)
     inside = [s for s in starts if 0 < s < args.steps]
     every = math.gcd(*inside) if inside else args.steps
+    if args.steps // every > 40:
+        raise SystemExit(f"--qat-start {starts}: the dense run would save every {every} steps to keep each start "
+                         "(their greatest common divisor); choose starts with a larger common divisor, e.g. multiples of 100")
     dense = train(preset["dense"], "dense", args, [f"checkpoint.every={every}", f"checkpoint.keep={args.steps // every + 1}"])
     a = eval_loss(dense, None, args.eval_batches)
     b = eval_loss(dense, [rtn(bits)], args.eval_batches)
@@ -127,7 +132,9 @@ def quality(args: argparse.Namespace) -> dict:
     by_start = {}
     for start in starts:
         point = dense / "checkpoints" / f"step_{start:08d}"
-        branch = [f"checkpoint.branch_from={point}"] if point.is_dir() else []
+        if start and not point.is_dir():  # a dense run reused from an earlier invocation with other starts
+            raise SystemExit(f"{dense} has no checkpoint at step {start} to branch from: give this run its own --out")
+        branch = [f"checkpoint.branch_from={point}"] if start else []
         qat = train(preset["int4"], f"qat-{k}-from{start}", args,
                     [f"plugins.0.weights.bits={bits}", f"plugins.0.start_step={start}", *branch])
         c = eval_loss(qat, None, args.eval_batches)

@@ -9,9 +9,9 @@ The parts, each from where it is known best:
   block's backward temporaries;
 - the loss: its fp32 log-softmax and the two fp32 gradients of its backward, for every token of the
   micro-batch, or for one chunk of `train.loss_chunk_tokens`;
-- DeepSpeed's gradient bucket (ZeRO-1/2: `reduce_bucket_size` elements).
+- DeepSpeed's gradient bucket (`reduce_bucket_size` elements).
 The peak is the larger of two moments: the backward pass (activations, loss and bucket live; under
-ZeRO-1/2 in bf16 the fp32 gradient partition does not exist yet) and the optimizer step (all model
+ZeRO-0/1/2 in bf16 the fp32 gradients do not exist yet) and the optimizer step (all model
 states, no activations). Measured on one H100 for the 1B recipe, the backward figure was 0.5 % above the
 allocator's peak (`benchmarks/memory.py`). The CUDA context, fragmentation and NCCL buffers come on top
 (`reserve`).
@@ -22,13 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtrain.modules.transformer import ModelConfig
+from slimtrain.trainer.backends.deepspeed import DEEPSPEED_REDUCE_BUCKET
 from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import RecipeError
 
 GB = 1024**3
 RESERVE = 2 * GB  # CUDA context, NCCL buffers, allocator slack
 LOSS_BYTES_PER_LOGIT = 12  # fp32: saved log-softmax, NLL gradient, log-softmax gradient (measured at the peak)
-DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,34 @@ def edge_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> float:
     return (4 + 3 * w) * h + 4 + 2.5 * w * cfg.intermediate_size
 
 
-def gradient_bucket_bytes(recipe: Recipe) -> float:
-    """DeepSpeed's contiguous-gradients bucket under ZeRO-1/2 (`reduce_bucket_size` elements, set through
-    `backend.raw.zero_optimization`), alive from the first gradient of a step to its end. Other stages:
-    counted inside the model states, as DeepSpeed's estimators do."""
-    if recipe.backend.zero_stage not in (1, 2):
+def _grad_accum_fp32(recipe: Recipe) -> bool:
+    return (recipe.backend.raw.get("data_types") or {}).get("grad_accum_dtype") in ("fp32", "float32")
+
+
+def gradient_bucket_bytes(recipe: Recipe, params: int) -> float:
+    """DeepSpeed's gradient bucket: `reduce_bucket_size` elements (`backend.raw.zero_optimization`; at
+    ZeRO-1/2 by default no more than the model's parameters, see `fit_gradient_bucket`), in the
+    gradient-accumulation dtype; ZeRO-1/2 hold it from the first gradient of a step to its end (two with
+    `overlap_comm`, none without `contiguous_gradients`), ZeRO-3 for the whole run. DeepSpeed's model-state
+    estimators leave it out."""
+    stage = recipe.backend.zero_stage
+    zo = recipe.backend.raw.get("zero_optimization") or {}
+    if stage == 0 or (stage in (1, 2) and zo.get("contiguous_gradients") is False):
         return 0.0
-    w = 2 if recipe.backend.precision == "bf16" else 4
-    return float(recipe.backend.raw.get("zero_optimization", {}).get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)) * w
+    w = 4 if recipe.backend.precision == "fp32" or _grad_accum_fp32(recipe) else 2
+    copies = 2 if stage in (1, 2) and zo.get("overlap_comm") else 1
+    default = min(DEEPSPEED_REDUCE_BUCKET, params) if stage in (1, 2) else DEEPSPEED_REDUCE_BUCKET
+    return float(zo.get("reduce_bucket_size", default)) * w * copies
+
+
+def step_only_bytes(recipe: Recipe, params: int, world_size: int) -> float:
+    """Model-state bytes that exist only during the optimizer step: in bf16 with bf16 gradient accumulation
+    (DeepSpeed's default), ZeRO-0 and ZeRO-1/2 build the fp32 gradients (ZeRO-1/2: their partition) from the
+    bf16 ones at the step. ZeRO-3 and offloading: none counted."""
+    b = recipe.backend
+    if b.precision != "bf16" or b.offload_optimizer or b.zero_stage == 3 or _grad_accum_fp32(recipe):
+        return 0.0
+    return 4.0 * params / (max(world_size, 1) if b.zero_stage else 1)
 
 
 def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate:
@@ -140,11 +160,8 @@ def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate
     logits = chunk * vocab_size * LOSS_BYTES_PER_LOGIT
     states = model_state_bytes(params, largest, backend.zero_stage, backend.precision, world_size,
                                backend.offload_optimizer)
-    buckets = gradient_bucket_bytes(recipe)
-    # bf16 ZeRO-1/2: the fp32 gradient partition (4 bytes a parameter over the ranks) is built at the step.
-    step_only = 4.0 * params / max(world_size, 1) if (w == 2 and backend.zero_stage in (1, 2)
-                                                     and not backend.offload_optimizer) else 0.0
-    return MemoryEstimate(params, largest, states, activations, logits, buckets, step_only)
+    return MemoryEstimate(params, largest, states, activations, logits, gradient_bucket_bytes(recipe, params),
+                          step_only_bytes(recipe, params, world_size))
 
 
 def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: float) -> str:

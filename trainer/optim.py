@@ -32,15 +32,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether no element of `tensors` is NaN or Inf, with one host sync and no full-size temporary.
+    """Whether no element of `tensors` is NaN or Inf, with one host sync per device and no full-size temporary.
 
     The max-abs norm is NaN or Inf exactly when an element is (and cannot overflow, unlike the 2-norm).
     `torch.isfinite(g)` would allocate an abs copy and bool masks of every gradient, 7 bytes per
     parameter; under DeepSpeed's ZeRO-1/2 the gradient here is the flat fp32 partition, so that was the
-    memory peak of a 1B step with activation checkpointing (27 GB where 20 sufficed, on an H100).
+    memory peak of a 1B step with activation checkpointing on an H100 (27 GB allocated, against 20.5 GB
+    of model states).
     """
-    tensors = [t for t in tensors if t.numel()]  # the max of nothing is undefined (and has nothing to check)
-    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf))).all())
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():  # the max of nothing is undefined (and has nothing to check)
+            by_device.setdefault(t.device, []).append(t)
+    return all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all())
+               for ts in by_device.values())
 
 
 class GuardedAdamW(torch.optim.AdamW):

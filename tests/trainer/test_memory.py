@@ -109,19 +109,45 @@ def test_chunked_loss_bounds_the_logits_by_one_chunk() -> None:
 
 
 def test_the_peak_is_the_larger_of_the_backward_pass_and_the_optimizer_step() -> None:
-    """The two H100 measurements of the 1B recipe (benchmarks/memory.py, one GPU, ZeRO-1, bf16): 35.08 GiB
-    allocated at the peak without activation checkpointing; with it and a chunked loss the peak moved to the
-    optimizer step, where only the model states are (20 bytes a parameter, DeepSpeed's terms)."""
+    """The H100 measurement of the 1B recipe (benchmarks/memory.py, one GPU, ZeRO-1, bf16): 35.08 GiB
+    allocated at the peak, in the backward pass. (The loss and edge terms were fitted on this run and a
+    CPU one; a check against a second GPU configuration is still to be taken.)"""
     recipe = REPO / "recipes" / "llama-1b-dense.yaml"
     plain = estimate(load_recipe(recipe), 1, 32000)
     assert plain.step_only == 4 * plain.params  # bf16 ZeRO-1: the fp32 gradient partition exists only at the step
     assert plain.buckets == 500_000_000 * 2  # DeepSpeed's default reduce bucket, bf16
     assert plain.backward_peak > plain.model_states
-    assert abs(plain.backward_peak / GIB - 35.08) < 0.02 * 35.08
+    assert abs(plain.total - plain.reserve - 35.08 * GIB) < 0.02 * 35.08 * GIB
     lean = estimate(load_recipe(recipe, ["train.activation_checkpointing=true", "train.loss_chunk_tokens=4096"]), 1, 32000)
-    assert lean.total - lean.reserve == max(lean.model_states, lean.backward_peak)
     assert lean.model_states == 20 * lean.params and lean.total - lean.reserve < 1.01 * lean.model_states
-    bigger = estimate(load_recipe(recipe, ["backend.raw={zero_optimization: {reduce_bucket_size: 100000000}}"]), 1, 32000)
-    assert bigger.buckets == 200_000_000
-    zero3 = estimate(load_recipe(recipe, ["backend.zero_stage=3"]), 8, 32000)
-    assert zero3.step_only == zero3.buckets == 0  # counted inside DeepSpeed's stage-3 terms
+
+
+@pytest.mark.parametrize("overrides, stage_only, bucket", [
+    ([], 4.0 / 8, 2 * 500_000_000),                                                     # ZeRO-1: a partition
+    (["backend.zero_stage=0"], 4.0, 0),                                                 # ZeRO-0: whole, no bucket
+    (["backend.zero_stage=3"], 0, 2 * 500_000_000),                                     # stage-3 terms; its bucket
+    (["backend.raw={zero_optimization: {reduce_bucket_size: 1000, overlap_comm: true}}"], 4.0 / 8, 2 * 2 * 1000),
+    (["backend.raw={zero_optimization: {contiguous_gradients: false}}"], 4.0 / 8, 0),
+    (["backend.raw={data_types: {grad_accum_dtype: fp32}}"], 0, 4 * 500_000_000),      # fp32 gradients all along
+    (["backend.precision=fp32"], 0, 4 * 500_000_000),
+    (["backend.raw={zero_optimization: null}"], 4.0 / 8, 2 * 500_000_000),
+])
+def test_deepspeed_buffers_follow_the_stage_and_the_raw_block(overrides: list[str], stage_only: float, bucket: int) -> None:
+    e = estimate(load_recipe(REPO / "recipes" / "llama-1b-dense.yaml", overrides), 8, 32000)
+    assert (e.step_only, e.buckets) == (stage_only * e.params, bucket)
+
+
+def test_the_gradient_bucket_is_no_larger_than_the_model_unless_the_recipe_says() -> None:
+    from slimtrain.trainer.backends.deepspeed import ds_config, fit_gradient_bucket
+
+    recipe = load_recipe(REPO / "recipes" / "tiny-cpu.yaml")
+    conf = ds_config(recipe.backend, recipe.train, recipe.optim, 2)
+    assert fit_gradient_bucket(conf, 158_016)["zero_optimization"]["reduce_bucket_size"] == 158_016
+    assert fit_gradient_bucket(conf, 10**12)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    raw = load_recipe(REPO / "recipes" / "tiny-cpu.yaml", ["backend.raw={zero_optimization: {reduce_bucket_size: 7}}"])
+    conf = ds_config(raw.backend, raw.train, raw.optim, 2)
+    assert fit_gradient_bucket(conf, 158_016)["zero_optimization"]["reduce_bucket_size"] == 7
+    zero3 = load_recipe(REPO / "recipes" / "tiny-cpu.yaml", ["backend.zero_stage=3"])
+    assert "reduce_bucket_size" not in fit_gradient_bucket(ds_config(zero3.backend, zero3.train, zero3.optim, 2),
+                                                           158_016)["zero_optimization"]
+    assert estimate(recipe, 2, 512).buckets == 4 * estimate(recipe, 2, 512).params  # fp32, the model's size

@@ -26,6 +26,7 @@ from slimtrain.trainer.logging import console
 from slimtrain.trainer.recipe import deep_merge
 from slimtrain.trainer.registry import BACKENDS
 
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 DS_TAG = "ds"  # sub-directory of a checkpoint step directory that holds DeepSpeed's files
 
 
@@ -46,6 +47,20 @@ def ds_config(cfg: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, worl
         "wall_clock_breakdown": False,
     }
     return deep_merge(conf, cfg.raw)
+
+
+def fit_gradient_bucket(config: dict[str, Any], num_params: int) -> dict[str, Any]:
+    """`config` with ZeRO-1/2's gradient bucket no larger than the model.
+
+    ZeRO-1/2 allocate a `reduce_bucket_size`-element buffer (DeepSpeed's default 5e8: 1 GB in bf16, 2 GB
+    in fp32, per rank) whatever the model's size. A model with fewer parameters never fills it, so a bucket
+    of the model's size gives the same single reduction without the unused memory. A size set in
+    `backend.raw` is kept.
+    """
+    zero = config["zero_optimization"]
+    if zero.get("stage") not in (1, 2) or "reduce_bucket_size" in zero:
+        return config
+    return {**config, "zero_optimization": {**zero, "reduce_bucket_size": max(1, min(DEEPSPEED_REDUCE_BUCKET, num_params))}}
 
 
 @BACKENDS.register("deepspeed")
@@ -71,6 +86,7 @@ class DeepSpeedBackend:
         """Create the engine; the model's parameters are partitioned/wrapped from here on."""
         import deepspeed
 
+        self.config = fit_gradient_bucket(self.config, sum(p.numel() for p in model.parameters()))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config, dist_init_required=False
         )
