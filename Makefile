@@ -39,14 +39,15 @@ bench: install
 	$(PY) benchmarks/packing.py
 	$(PY) benchmarks/step.py --plain
 
-# The GPU figures of the README, in one go on one GPU (about 15 minutes on an H100).
+# The GPU figures of the README, in one go on one GPU (about 25 minutes on an H100).
 bench-gpu: install
-	$(PY) benchmarks/step.py --plain
-	$(PY) benchmarks/step.py --compile
-	$(PY) benchmarks/step.py --compile --accum 8
-	$(PY) benchmarks/qat.py --kernels --overhead
-	$(PY) benchmarks/qat.py --overhead --compile
-	$(PY) benchmarks/qat.py --steps 2000
+	$(PY) benchmarks/step.py --accum 8
+	$(PY) benchmarks/step.py --compile --loss-chunk 4096 --accum 8 --profile
+	$(PY) benchmarks/memory.py recipes/llama-1b-dense.yaml
+	$(PY) benchmarks/memory.py recipes/llama-1b-dense.yaml train.activation_checkpointing=true train.loss_chunk_tokens=4096
+	$(PY) benchmarks/qat.py --kernels --overhead --micro-batch 16
+	$(PY) benchmarks/qat.py --overhead --compile --micro-batch 16
+	$(PY) benchmarks/qat.py --steps 2000 --global-batch 64 --qat-start 1500 1900
 
 # Needs root (apt, daemons). Without it the SLURM tests skip, except under CI where they must run.
 cluster-up:
