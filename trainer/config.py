@@ -133,6 +133,12 @@ class DeepSpeedConfig(_Strict):
             raise ValueError(f"backend.raw sets {clash}, which the recipe controls; set train.*/optim.* instead")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("backend.offload_optimizer=true needs backend.zero_stage >= 1")
+        zero = self.raw.get("zero_optimization", {})
+        if not isinstance(zero, dict):
+            raise ValueError(f"backend.raw.zero_optimization must be a mapping of DeepSpeed ZeRO settings, got {zero!r}")
+        if "stage" in zero:  # checkpoint layout checks and the memory estimate read backend.zero_stage
+            raise ValueError(f"backend.raw.zero_optimization.stage={zero['stage']!r} is set by the recipe; "
+                             "use backend.zero_stage instead")
         return self
 
 

@@ -130,7 +130,6 @@ def test_the_peak_is_the_larger_of_the_backward_pass_and_the_optimizer_step() ->
     (["backend.raw={zero_optimization: {contiguous_gradients: false}}"], 4.0 / 8, 0),
     (["backend.raw={data_types: {grad_accum_dtype: fp32}}"], 0, 4 * 500_000_000),      # fp32 gradients all along
     (["backend.precision=fp32"], 0, 4 * 500_000_000),
-    (["backend.raw={zero_optimization: null}"], 4.0 / 8, 2 * 500_000_000),
 ])
 def test_deepspeed_buffers_follow_the_stage_and_the_raw_block(overrides: list[str], stage_only: float, bucket: int) -> None:
     e = estimate(load_recipe(REPO / "recipes" / "llama-1b-dense.yaml", overrides), 8, 32000)
@@ -151,3 +150,14 @@ def test_the_gradient_bucket_is_no_larger_than_the_model_unless_the_recipe_says(
     assert "reduce_bucket_size" not in fit_gradient_bucket(ds_config(zero3.backend, zero3.train, zero3.optim, 2),
                                                            158_016)["zero_optimization"]
     assert estimate(recipe, 2, 512).buckets == 4 * estimate(recipe, 2, 512).params  # fp32, the model's size
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("{zero_optimization: null}", "must be a mapping of DeepSpeed ZeRO settings, got None"),
+    ("{zero_optimization: {stage: 3}}", "zero_optimization.stage=3 is set by the recipe; use backend.zero_stage"),
+])
+def test_a_raw_zero_block_that_would_contradict_the_recipe_is_refused(raw: str, message: str) -> None:
+    from slimtrain.trainer.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        load_recipe(REPO / "recipes" / "llama-1b-dense.yaml", [f"backend.raw={raw}"])
