@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtrain.modules.transformer import ModelConfig
-from slimtrain.trainer.backends.deepspeed import DEEPSPEED_REDUCE_BUCKET
+from slimtrain.trainer.backends.deepspeed import DEEPSPEED_REDUCE_BUCKET, ds_config, fit_gradient_bucket
 from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import RecipeError
 
@@ -112,24 +112,26 @@ def edge_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> float:
     return (4 + 3 * w) * h + 4 + 2.5 * w * cfg.intermediate_size
 
 
-def _grad_accum_fp32(recipe: Recipe) -> bool:
-    return (recipe.backend.raw.get("data_types") or {}).get("grad_accum_dtype") in ("fp32", "float32")
+def _zero_block(recipe: Recipe, params: int) -> tuple[dict, bool]:
+    """The `zero_optimization` block the backend will hand DeepSpeed (generated, `backend.raw` merged, bucket
+    fitted to the model), and whether gradients accumulate in fp32 (`data_types.grad_accum_dtype`)."""
+    config = fit_gradient_bucket(ds_config(recipe.backend, recipe.train, recipe.optim, 1), params)
+    fp32_accum = (config.get("data_types") or {}).get("grad_accum_dtype") in ("fp32", "float32")
+    return config["zero_optimization"], fp32_accum
 
 
 def gradient_bucket_bytes(recipe: Recipe, params: int) -> float:
-    """DeepSpeed's gradient bucket: `reduce_bucket_size` elements (`backend.raw.zero_optimization`; at
-    ZeRO-1/2 by default no more than the model's parameters, see `fit_gradient_bucket`), in the
+    """DeepSpeed's gradient bucket: `reduce_bucket_size` elements of the block the backend uses, in the
     gradient-accumulation dtype; ZeRO-1/2 hold it from the first gradient of a step to its end (two with
     `overlap_comm`, none without `contiguous_gradients`), ZeRO-3 for the whole run. DeepSpeed's model-state
     estimators leave it out."""
     stage = recipe.backend.zero_stage
-    zo = recipe.backend.raw.get("zero_optimization") or {}
+    zo, fp32_accum = _zero_block(recipe, params)
     if stage == 0 or (stage in (1, 2) and zo.get("contiguous_gradients") is False):
         return 0.0
-    w = 4 if recipe.backend.precision == "fp32" or _grad_accum_fp32(recipe) else 2
+    w = 4 if recipe.backend.precision == "fp32" or fp32_accum else 2
     copies = 2 if stage in (1, 2) and zo.get("overlap_comm") else 1
-    default = min(DEEPSPEED_REDUCE_BUCKET, params) if stage in (1, 2) else DEEPSPEED_REDUCE_BUCKET
-    return float(zo.get("reduce_bucket_size", default)) * w * copies
+    return float(zo.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)) * w * copies
 
 
 def step_only_bytes(recipe: Recipe, params: int, world_size: int) -> float:
@@ -137,7 +139,7 @@ def step_only_bytes(recipe: Recipe, params: int, world_size: int) -> float:
     (DeepSpeed's default), ZeRO-0 and ZeRO-1/2 build the fp32 gradients (ZeRO-1/2: their partition) from the
     bf16 ones at the step. ZeRO-3 and offloading: none counted."""
     b = recipe.backend
-    if b.precision != "bf16" or b.offload_optimizer or b.zero_stage == 3 or _grad_accum_fp32(recipe):
+    if b.precision != "bf16" or b.offload_optimizer or b.zero_stage == 3 or _zero_block(recipe, params)[1]:
         return 0.0
     return 4.0 * params / (max(world_size, 1) if b.zero_stage else 1)
 
