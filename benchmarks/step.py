@@ -42,15 +42,22 @@ def _init_dist() -> None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _batches(vocab: int, micro: int, seq: int, n: int, device: torch.device):
+def _batches(vocab: int, micro: int, seq: int, n: int, device: torch.device, doc_len: int = 0):
+    """`n` micro-batches of random tokens: one document per row, or documents of mean `doc_len` packed."""
+    from attention import packed_doc_ids
+
     from slimtrain.data.batch import Batch
 
     g = torch.Generator().manual_seed(0)
     out = []
-    for _ in range(n):
+    for i in range(n):
         ids = torch.randint(0, vocab, (micro, seq + 1), generator=g)
-        pos = torch.arange(seq).expand(micro, seq).contiguous()
-        out.append(Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), pos, torch.zeros_like(pos)).to(device))
+        docs = packed_doc_ids(micro, seq, doc_len, seed=i) if doc_len else torch.zeros(micro, seq, dtype=torch.long)
+        idx = torch.arange(seq).expand(micro, seq)
+        starts = torch.ones_like(docs, dtype=torch.bool)
+        starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        pos = idx - torch.where(starts, idx, 0).cummax(1).values  # positions restart in every document
+        out.append(Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), pos.contiguous(), docs).to(device))
     return out
 
 
@@ -89,7 +96,8 @@ def make_plain_ours(cfg, device: torch.device, bf16: bool, attention: str, compi
                     recompute: bool = False):
     """Our model inside the baseline's plain loop: separates model speed from engine overhead."""
     model = _model(cfg, attention, compile_blocks, recompute).to(device)
-    return _plain_step(model, device, bf16, lambda m, b: m(b.input_ids, position_ids=b.position_ids).logits)
+    return _plain_step(model, device, bf16,
+                       lambda m, b: m(b.input_ids, position_ids=b.position_ids, doc_ids=b.doc_ids).logits)
 
 
 def make_hf(cfg, device: torch.device, bf16: bool):
@@ -177,6 +185,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per contender")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--attention", default="auto")
+    p.add_argument("--doc-len", type=int, default=0,
+                   help="pack rows with documents of this mean length (ours masks across them, the baseline "
+                   "cannot: it attends across documents); 0: one document per row, the same work for both")
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--micro", type=int, default=None)
     p.add_argument("--accum", type=int, default=1,
@@ -198,7 +209,7 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     _init_dist()
     device = torch.device("cuda" if gpu else "cpu")
-    flat = _batches(cfg.vocab_size, micro, seq, 4 * args.accum, device)
+    flat = _batches(cfg.vocab_size, micro, seq, 4 * args.accum, device, args.doc_len)
     batches = [flat[i * args.accum:(i + 1) * args.accum] for i in range(4)]  # 4 optimizer steps' worth
     steps = {"hf": make_hf(cfg, device, bf16=gpu),
              "ours": make_ours(cfg, device, micro, gpu, args.attention, args.zero, args.compile, args.ac,
@@ -214,6 +225,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if gpu else "cpu", "preset": args.preset, "params": cfg.num_params(),
         "seq": seq, "micro": micro, "accum": args.accum, "precision": "bf16" if gpu else "fp32", "attention": args.attention,
+        "doc_len": args.doc_len,
         "ours_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
         "ratio": round(ours_tps / hf_tps, 3), "zero_stage": args.zero, "compile": args.compile,
         "activation_checkpointing": args.ac,

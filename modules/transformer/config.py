@@ -28,10 +28,12 @@ class ModelConfig(BaseModel):
     max_seq_len: int = Field(2048, gt=0, description="Longest sequence the model is built for (RoPE cache).")
     tie_embeddings: bool = Field(False, description="Share the input embedding and the output head weights.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal init; output projections are scaled by 1/sqrt(2*num_layers).")
-    attention: Literal["auto", "sdpa", "flex", "flash", "eager"] = Field(
+    attention: Literal["auto", "sdpa", "flex", "varlen", "flash", "eager"] = Field(
         "auto",
         description="Attention backend: auto (flash varlen if installed on CUDA, else flex on CUDA, else sdpa), "
-        "sdpa (document mask, CPU and GPU), flex (flex-attention block mask, CUDA), flash (flash-attn varlen), "
+        "sdpa (document mask, CPU and GPU), flex (flex-attention block mask, CUDA), "
+        "varlen (torch's built-in flash-attention varlen, torch>=2.10, CUDA), "
+        "flash (flash-attn or flash-attn-4 varlen, when installed), "
         "eager (plain matmul softmax; the reference the others are tested against).",
     )
 

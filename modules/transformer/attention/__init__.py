@@ -1,7 +1,8 @@
 """Attention backends, chosen by `ModelConfig.attention` and bound once per forward.
 
-`eager` is the reference; `sdpa` runs everywhere; `flex` and `flash` are the fast CUDA paths for
-packed rows. `auto` picks flash when installed (CUDA, bf16/fp16), else flex on CUDA, else sdpa.
+`eager` is the reference; `sdpa` runs everywhere; `flex`, `varlen` and `flash` are the fast CUDA
+paths for packed rows. `auto` picks flash when installed (CUDA, bf16/fp16), else flex on CUDA, else
+sdpa. Every backend but eager sends rows of one unpadded document each to SDPA's causal kernel.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from .eager import EagerAttention
 from .flash import FlashAttention, check_flash_available, flash_attn_available
 from .flex import FlexAttention, check_flex_available
 from .sdpa import SdpaAttention
+from .varlen import VarlenAttention, check_varlen_available
 
 BACKENDS: dict[str, AttentionBackend] = {
     "eager": EagerAttention(),
     "sdpa": SdpaAttention(),
     "flex": FlexAttention(),
     "flash": FlashAttention(),
+    "varlen": VarlenAttention(),
 }
 
 
@@ -30,6 +33,8 @@ def check_backend(name: str) -> None:
         check_flash_available()
     elif name == "flex":
         check_flex_available()
+    elif name == "varlen":
+        check_varlen_available()
     elif name not in BACKENDS and name != "auto":
         raise ValueError(f"model.attention={name!r} is unknown; choose one of {['auto', *BACKENDS]}")
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from slimtrain.data.batch import PAD_DOC_ID
+
+# `enable_gqa` arrived in torch 2.5; before it, kv heads are repeated to the query heads' count.
+_SDPA_HAS_GQA = torch.__version__ >= "2.5"
 
 
 class AttentionBackend(Protocol):
@@ -46,3 +50,27 @@ def is_plain_causal(doc_ids: torch.Tensor | None) -> bool:
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     """Boolean [1, 1, S, S], True where query i may attend key j (j <= i)."""
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain causal attention in the backend layout, on SDPA's fused causal kernels.
+
+    Every backend sends rows that hold one unpadded document each here: with no mask tensor SDPA
+    may pick its fastest kernel (cuDNN on Hopper, flash elsewhere on CUDA).
+    """
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    if _SDPA_HAS_GQA:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+    else:
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=True)
+    return out.transpose(1, 2)
+
+
+def require_cuda_half(q: torch.Tensor, backend: str) -> None:
+    """The flash-attention kernels run on CUDA in bf16/fp16 only: say so, and what to change."""
+    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(
+            f"model.attention={backend!r} runs on CUDA in bf16/fp16, got {q.device.type} {q.dtype}; "
+            "set backend.precision=bf16 or choose attention 'sdpa'"
+        )

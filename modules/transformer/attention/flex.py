@@ -1,5 +1,8 @@
 """FlexAttention with a document BlockMask: skips fully masked blocks, so packed rows cost less.
 
+Rows that hold one unpadded document each take SDPA's fused causal kernel instead: on an H100 the
+cuDNN kernel it picks ran the 1B step's causal attention in half the time of a causal block mask.
+
 On CUDA the flex call and the block-mask construction are compiled (uncompiled flex materialises
 the full score matrix). Elsewhere flex runs uncompiled: a slow reference, useful for tests only.
 """
@@ -12,6 +15,8 @@ from typing import Any, Callable
 import torch
 
 from slimtrain.data.batch import PAD_DOC_ID
+
+from .base import causal_attention, is_plain_causal
 
 _NEEDS = "model.attention='flex' needs torch>=2.5 (found {}); choose attention 'sdpa' or upgrade torch"
 
@@ -33,10 +38,6 @@ def _kernels(compiled: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
     return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask)
 
 
-def _causal(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-    return kv_idx <= q_idx
-
-
 def _document_mask_mod(doc_ids: torch.Tensor) -> Callable[..., torch.Tensor]:
     # Same rule as slimtrain.data.masks.document_causal_mask: causal within a document, and a
     # padding position (doc id -1) attends only to itself so that no row is empty.
@@ -55,13 +56,20 @@ class FlexAttention:
     name = "flex"
 
     def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> Any:
+        if is_plain_causal(doc_ids):
+            return None  # SDPA's fused causal kernel beats a causal block mask (2x on an H100)
         _, create_block_mask = _kernels(device.type == "cuda")
-        if doc_ids is None:
-            return create_block_mask(_causal, None, None, seq_len, seq_len, device=device)
         return create_block_mask(_document_mask_mod(doc_ids), doc_ids.shape[0], None, seq_len, seq_len, device=device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        if mask is None:
+            return causal_attention(q, k, v)
         compiled = q.device.type == "cuda"
+        if not compiled and torch.is_grad_enabled() and q.requires_grad:
+            raise RuntimeError(
+                f"model.attention='flex' has no backward on {q.device.type} (torch's flex attention trains on "
+                "CUDA only); choose attention 'sdpa' (or 'auto') to train here"
+            )
         if torch.compiler.is_compiling():  # inside a compiled block (train.compile): the block's graph takes flex in
             from torch.nn.attention.flex_attention import flex_attention
         else:

@@ -7,12 +7,7 @@ import torch.nn.functional as F
 
 from slimtrain.data.masks import document_causal_mask
 
-from .base import is_plain_causal, repeat_kv
-
-# `enable_gqa` arrived in torch 2.5. Only the unmasked causal path uses it: with an explicit mask
-# SDPA picks the memory-efficient kernel, which (in the versions we support) does not take GQA and
-# would silently fall back to the slow math kernel; repeating kv heads keeps the fast kernel.
-_SDPA_HAS_GQA = torch.__version__ >= "2.5"
+from .base import causal_attention, is_plain_causal, repeat_kv
 
 
 class SdpaAttention:
@@ -26,12 +21,11 @@ class SdpaAttention:
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
+        if mask is None:
+            return causal_attention(q, k, v)
+        # With a mask SDPA picks the memory-efficient kernel, which (in the versions we support)
+        # does not take GQA and would fall back to the slow math kernel: repeat the kv heads.
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         groups = q.shape[1] // k.shape[1]
-        if mask is None and _SDPA_HAS_GQA:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask)
         return out.transpose(1, 2)

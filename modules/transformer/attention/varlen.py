@@ -1,0 +1,83 @@
+"""PyTorch's own varlen attention (`torch.nn.attention.varlen`, torch >= 2.10): packed documents as
+separate sequences via cu_seqlens, on the flash-attention kernels that CUDA builds of torch ship.
+
+No extra package: this is the flash-attention varlen path for machines where the flash-attn wheel
+cannot be installed. If FA3 or FA4 has been activated in torch
+(`torch.nn.attention.activate_flash_attention_impl`), the same call runs on those kernels.
+
+Rows that hold one unpadded document each take SDPA's causal kernel instead (cuDNN on Hopper),
+which needs no cu_seqlens. Padding runs count as sequences of their own, as in `flash`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import torch
+
+from slimtrain.data.masks import cu_seqlens
+
+from .base import causal_attention, is_plain_causal, require_cuda_half
+
+_NEEDS = (
+    "model.attention='varlen' needs torch>=2.10 with torch.nn.attention.varlen (found {}); "
+    "choose attention 'flex' or 'sdpa', or upgrade torch"
+)
+
+
+def varlen_available() -> bool:
+    """True when this torch has the built-in varlen attention."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_varlen_available() -> None:
+    """Raise a clear error when this torch has no built-in varlen attention."""
+    if not varlen_available():
+        raise RuntimeError(_NEEDS.format(torch.__version__))
+
+
+@functools.cache
+def _varlen_call() -> Callable[..., torch.Tensor]:
+    """`varlen_attn` bound to causal masking and GQA, whichever keywords this torch version spells.
+
+    torch 2.10 took `is_causal=`; later versions take `window_size=(-1, 0)`; GQA became an explicit
+    `enable_gqa=` flag later still (before it, the kernel took fewer kv heads as they came).
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    has_gqa_flag = "enable_gqa" in params
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+        require_cuda_half(q, "varlen")
+        gqa = {"enable_gqa": q.shape[1] != k.shape[1]} if has_gqa_flag else {}
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **causal, **gqa)
+
+    return call
+
+
+class VarlenAttention:
+    """torch's varlen_attn over the flattened batch; SDPA causal for single-document rows."""
+
+    name = "varlen"
+
+    def prepare(
+        self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device
+    ) -> tuple[torch.Tensor, int] | None:
+        return None if is_plain_causal(doc_ids) else cu_seqlens(doc_ids)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        if mask is None:
+            return causal_attention(q, k, v)
+        check_varlen_available()
+        cu, max_len = mask
+        b, s = q.shape[:2]
+        out = _varlen_call()(*(t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)), cu, max_len)
+        return out.view(b, s, *out.shape[1:])

@@ -1,0 +1,183 @@
+"""The varlen-style backends (`varlen`: torch's built-in kernels; `flash`: flash-attn or flash-attn-4).
+
+Their kernels are CUDA-only, so on CPU the kernel call is replaced by a per-segment reference and
+what is ours is tested: cu_seqlens, the flatten/unflatten, GQA, the causal fast path, the choice of
+package and the keywords each torch version takes. The kernels themselves are compared with SDPA
+on CUDA in `test_model_attention.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimtrain.modules.transformer import Transformer
+from slimtrain.modules.transformer.attention import bind_attention, check_backend
+from slimtrain.modules.transformer.attention import flash as flash_mod
+from slimtrain.modules.transformer.attention import varlen as varlen_mod
+
+from attention_helpers import random_layout, with_backend
+
+
+def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Causal attention of each cu_seqlens segment on its own: [T, H, D] in, [T, H, D] out."""
+    assert cu.dtype == torch.int32 and int(cu[-1]) == q.shape[0]
+    assert max_len == int((cu[1:] - cu[:-1]).max())
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        ks, vs = (t.repeat_interleave(groups, dim=0) for t in (ks, vs))
+        out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
+    return out
+
+
+def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    b, s = q.shape[:2]
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+    flat = reference_varlen(*(t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)), cu, s)
+    return flat.view(b, s, *flat.shape[1:])
+
+
+@pytest.fixture
+def cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Both backends on CPU with the reference in place of their CUDA kernels; records the calls."""
+    calls: list[str] = []
+
+    def varlen(*args: Any) -> torch.Tensor:
+        calls.append("varlen")
+        return reference_varlen(*args)
+
+    def dense(*args: Any) -> torch.Tensor:
+        calls.append("dense")
+        return _dense_reference(*args)
+
+    monkeypatch.setattr(varlen_mod, "_varlen_call", lambda: varlen)
+    monkeypatch.setattr(flash_mod, "_kernels_for", lambda q: (dense, varlen))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_packed_rows_equal_eager_on_real_tokens(make_model, cpu_kernels, backend: str, kv_heads: int) -> None:
+    eager = make_model(attention="eager", num_kv_heads=kv_heads)
+    twin = Transformer(eager.cfg.model_copy(update={"attention": "sdpa"}))  # built where check_backend passes
+    twin.load_state_dict(eager.state_dict())
+    twin.cfg = twin.cfg.model_copy(update={"attention": backend})
+    gen = torch.Generator().manual_seed(kv_heads)
+    doc_ids, position_ids = random_layout(4, 40, gen)
+    ids = torch.randint(0, eager.cfg.vocab_size, doc_ids.shape, generator=gen)
+    with torch.no_grad():
+        ref = eager(ids, position_ids=position_ids, doc_ids=doc_ids).logits
+        out = twin.eval()(ids, position_ids=position_ids, doc_ids=doc_ids).logits
+    real = doc_ids != -1  # a padding run is one segment here: only real tokens must agree
+    assert (ref - out)[real].abs().max() <= 1e-5
+    assert cpu_kernels and set(cpu_kernels) == {"varlen"}
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flex"])
+def test_single_document_rows_skip_the_varlen_kernel(make_model, cpu_kernels, backend: str) -> None:
+    for doc_ids in (None, torch.zeros(2, 16, dtype=torch.long), torch.full((2, 16), 5)):
+        assert bind_attention(backend, doc_ids, 16, torch.device("cpu"), torch.float32).mask is None
+    eager = make_model(attention="eager")
+    other = with_backend(eager, "sdpa")
+    other.cfg = other.cfg.model_copy(update={"attention": backend})
+    ids = torch.randint(0, eager.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (eager(ids).logits - other(ids, doc_ids=torch.zeros_like(ids)).logits).abs().max() <= 1e-5
+    assert cpu_kernels == []  # SDPA's causal kernel, not the varlen one
+
+
+def test_flash_runs_single_document_rows_on_its_dense_kernel(cpu_kernels) -> None:
+    q = torch.randn(2, 16, 4, 8)
+    kv = torch.randn(2, 16, 2, 8)
+    bound = bind_attention("flash", torch.zeros(2, 16, dtype=torch.long), 16, torch.device("cpu"), torch.float32)
+    bound(q, kv, kv)
+    assert cpu_kernels == ["dense"]
+
+
+def test_varlen_refuses_cpu_and_fp32_with_the_fix() -> None:
+    call = varlen_mod._varlen_call()
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    q = torch.randn(16, 4, 8)
+    with pytest.raises(RuntimeError, match=r"model.attention='varlen' runs on CUDA in bf16/fp16, got cpu torch.float32.*precision=bf16"):
+        call(q, q, q, cu, 11)
+
+
+def test_varlen_without_torch_support_fails_at_build_with_a_fix(make_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(varlen_mod, "varlen_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"'varlen' needs torch>=2.10.*choose attention 'flex' or 'sdpa'"):
+        check_backend("varlen")
+    with pytest.raises(RuntimeError, match="torch>=2.10"):
+        make_model(attention="varlen")
+
+
+def _fake_varlen_attn(params: str):
+    """A stand-in for torch's varlen_attn with the keyword-only parameters of one torch version."""
+    seen: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"seen": seen}
+    exec(
+        f"def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, {params}):\n"
+        "    seen.update({k: v for k, v in locals().items() if k not in ('query', 'key', 'value', 'seen')})\n"
+        "    return query\n",
+        namespace,
+    )
+    return namespace["varlen_attn"], seen
+
+
+@pytest.mark.parametrize(
+    "params,expected",
+    [
+        ("is_causal=False, return_aux=None", {"is_causal": True}),  # torch 2.10
+        ("return_aux=None, scale=None, window_size=(-1, -1)", {"window_size": (-1, 0)}),
+        ("return_aux=None, window_size=(-1, -1), enable_gqa=False", {"window_size": (-1, 0), "enable_gqa": True}),
+    ],
+)
+def test_varlen_speaks_each_torch_versions_keywords(monkeypatch: pytest.MonkeyPatch, params: str, expected: dict) -> None:
+    import torch.nn.attention.varlen as torch_varlen
+
+    fake, seen = _fake_varlen_attn(params)
+    monkeypatch.setattr(torch_varlen, "varlen_attn", fake)
+    monkeypatch.setattr(varlen_mod, "require_cuda_half", lambda q, backend: None)
+    varlen_mod._varlen_call.cache_clear()
+    try:
+        q, kv = torch.randn(16, 4, 8), torch.randn(16, 2, 8)
+        cu = torch.tensor([0, 16], dtype=torch.int32)
+        varlen_mod._varlen_call()(q, kv, kv, cu, 16)
+    finally:
+        varlen_mod._varlen_call.cache_clear()
+    assert {k: seen[k] for k in expected} == expected
+    assert seen["cu_seq_q"] is cu and seen["max_q"] == seen["max_k"] == 16
+    assert set(inspect.signature(fake).parameters) >= set(expected)
+
+
+@pytest.mark.parametrize(
+    "installed,major,forced,expected",
+    [
+        ({"fa2"}, 9, None, "fa2"),
+        ({"fa4"}, 8, None, "fa4"),
+        ({"fa2", "fa4"}, 9, None, "fa4"),  # Hopper: FA4's kernels
+        ({"fa2", "fa4"}, 8, None, "fa2"),  # Ampere: FA2's
+        ({"fa2", "fa4"}, 9, "fa2", "fa2"),
+    ],
+)
+def test_flash_picks_its_package(monkeypatch: pytest.MonkeyPatch, installed: set, major: int, forced, expected: str) -> None:
+    monkeypatch.setattr(flash_mod, "_installed", lambda impl: impl in installed)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    if forced:
+        monkeypatch.setenv("SLIMTRAIN_FLASH", forced)
+    else:
+        monkeypatch.delenv("SLIMTRAIN_FLASH", raising=False)
+    flash_mod.check_flash_available()
+    assert flash_mod.flash_impl(torch.device("cuda", 0)) == expected
+
+
+def test_flash_refuses_a_forced_package_that_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flash_mod, "_installed", lambda impl: impl == "fa2")
+    monkeypatch.setenv("SLIMTRAIN_FLASH", "fa4")
+    with pytest.raises(RuntimeError, match=r"SLIMTRAIN_FLASH='fa4'.*installed: \['fa2'\]"):
+        flash_mod.check_flash_available()
