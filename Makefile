@@ -43,6 +43,9 @@ bench: install
 bench-gpu: install
 	$(PY) benchmarks/step.py --accum 8
 	$(PY) benchmarks/step.py --compile --loss-chunk 4096 --accum 8 --profile
+	$(PY) benchmarks/step.py --compile --loss-chunk 4096 --accum 8 --doc-len 1024 --attention flex
+	$(PY) benchmarks/step.py --compile --loss-chunk 4096 --accum 8 --doc-len 1024 --attention varlen
+	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/memory.py recipes/llama-1b-dense.yaml
 	$(PY) benchmarks/memory.py recipes/llama-1b-dense.yaml train.activation_checkpointing=true train.loss_chunk_tokens=4096
 	$(PY) benchmarks/qat.py --kernels --overhead --micro-batch 16

@@ -152,22 +152,25 @@ def measure(steps: dict, batches, rounds: int, per_round: int, warmup: int) -> d
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def profile(steps: dict, batches, n: int = 3) -> dict[str, str]:
-    """torch.profiler tables (top 15 ops by self device time, or CPU time without CUDA) of `n` steps of each
-    contender: where the time of one goes and not the other's."""
+def profile(steps: dict, batches, n: int = 3) -> dict[str, dict[str, float]]:
+    """torch.profiler tables (top 25 ops by self device time, or CPU time without CUDA) of `n` steps of each
+    contender, then their time side by side by kind of work (`profile_kinds`): where the time of one goes
+    and not the other's. Returns seconds per kind per contender."""
+    from profile_kinds import format_kinds, time_by_kind
     from torch.profiler import ProfilerActivity, profile as run_profiler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    tables = {}
+    kinds = {}
     for name, fn in steps.items():
         with run_profiler(activities=activities) as prof:
             for i in range(n):
                 fn(batches[i % len(batches)])
             _sync()
-        tables[name] = prof.key_averages().table(sort_by=key, row_limit=15)
-        print(f"\n=== {name}: {n} steps ===\n{tables[name]}")
-    return tables
+        print(f"\n=== {name}: {n} steps ===\n{prof.key_averages().table(sort_by=key, row_limit=25)}")
+        kinds[name] = time_by_kind(prof)
+    print(f"\n=== seconds by kind of work, {n} steps ===\n{format_kinds(kinds)}")
+    return kinds
 
 
 def _sync() -> None:
@@ -217,8 +220,7 @@ def main() -> None:
     if args.plain:
         steps["ours_plain"] = make_plain_ours(cfg, device, gpu, args.attention, args.compile, args.ac)
     rates = measure(steps, batches, args.rounds, per_round, args.warmup)
-    if args.profile:
-        profile(steps, batches)
+    kinds = profile(steps, batches) if args.profile else None
     hf_tps, ours_tps, plain_tps = rates["hf"], rates["ours"], rates.get("ours_plain")
     peak = Throughput(cfg.flops_per_token(seq)).peak
     fpt = cfg.flops_per_token(seq)
@@ -233,6 +235,7 @@ def main() -> None:
         "ours_model_in_plain_loop_tokens_per_s": round(plain_tps, 1) if plain_tps else None,
         "ours_mfu": round(ours_tps * fpt / peak, 4) if peak else None,
         "hf_mfu": round(hf_tps * fpt / peak, 4) if peak else None,
+        "profile_seconds_by_kind": {n: {k: round(v, 4) for k, v in d.items()} for n, d in kinds.items()} if kinds else None,
     }
     print(f"{'':10} {'tokens/s':>12} {'MFU':>8}")
     for who in ("ours", "hf"):

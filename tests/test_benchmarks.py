@@ -47,3 +47,33 @@ def test_packed_layout_and_its_flops() -> None:
     assert 8 < doc_ids.max(1).values.float().mean() < 40  # ~20 documents of mean 50 per row
     # one document of n tokens: 4 * n(n+1)/2 * H * D forward, 3.5x that with the backward
     assert masked_flops(torch.zeros(1, 8, dtype=torch.long), heads=2, head_dim=4) == 3.5 * 4 * 36 * 2 * 4
+
+
+def test_profile_kinds_name_the_kernels_of_a_gpu_step() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from profile_kinds import format_kinds, kind_of
+    finally:
+        sys.path.pop(0)
+    expected = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN": "matmul",
+        "aten::mm": "matmul",
+        "triton_tem_fused_flex_attention_0": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+        "flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>>": "attention",
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "fused (compiled)",
+        "## Call CompiledFxGraph abc ##": "fused (compiled)",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "communication",
+        "void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>": "copy / cast",
+        "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>": "elementwise",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>": "reduction",
+        "void at::native::embedding_backward_feature_kernel": "embedding / indexing",
+        "aten::view": "views, allocation, autograd",
+        "some_unknown_kernel": "other",
+    }
+    assert {name: kind_of(name) for name in expected} == expected
+    table = format_kinds({"hf": {"matmul": 1.5, "attention": 0.7}, "ours": {"matmul": 1.6, "attention": 1.3, "other": 0.1}})
+    lines = table.splitlines()
+    assert lines[1].split() == ["matmul", "1.500", "1.600"] and lines[-1].split() == ["total", "2.200", "3.000"]
