@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from slimtrain.data.batch import PAD_DOC_ID
+from slimtrain.data.masks import cu_seqlens
 
 # `enable_gqa` arrived in torch 2.5; before it, kv heads are repeated to the query heads' count.
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -74,3 +75,16 @@ def require_cuda_half(q: torch.Tensor, backend: str) -> None:
             f"model.attention={backend!r} runs on CUDA in bf16/fp16, got {q.device.type} {q.dtype}; "
             "set backend.precision=bf16 or choose attention 'sdpa'"
         )
+
+
+def varlen_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, max_seqlen) for the varlen kernels, max_seqlen rounded up to a power of two >= 128.
+
+    The kernels take max_seqlen as a Python int, and a compiled block (train.compile) recompiles for
+    every new int it sees; after 8 it silently runs uncompiled. Rounded, a row of S tokens gives at most
+    log2(S/128) + 1 values (6 for S = 4096). A larger max_seqlen only sizes the kernel's grid: the
+    blocks past a sequence's end exit at once.
+    """
+    cu, max_len = cu_seqlens(doc_ids)
+    rounded = max(128, 1 << (max_len - 1).bit_length())
+    return cu, min(rounded, doc_ids.shape[-1])

@@ -18,9 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from slimtrain.data.masks import cu_seqlens
-
-from .base import is_plain_causal, require_cuda_half
+from .base import is_plain_causal, require_cuda_half, varlen_mask
 
 _DISTRIBUTIONS = {"fa2": "flash-attn", "fa4": "flash-attn-4"}
 
@@ -70,9 +68,13 @@ def _kernels(impl: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     if impl == "fa4":
         from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
+        # FA4 launches CUTLASS-DSL kernels from Python, which Dynamo cannot trace: inside a compiled
+        # block (train.compile) the call runs eagerly, between the block's two compiled halves.
+        @torch.compiler.disable
         def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return flash_attn_func(q, k, v, causal=True)[0]  # FA4 returns (out, lse)
 
+        @torch.compiler.disable
         def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
             return flash_attn_varlen_func(
                 q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True
@@ -102,7 +104,7 @@ class FlashAttention:
     def prepare(
         self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device
     ) -> tuple[torch.Tensor, int] | None:
-        return None if is_plain_causal(doc_ids) else cu_seqlens(doc_ids)
+        return None if is_plain_causal(doc_ids) else varlen_mask(doc_ids)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
         dense, varlen = _kernels_for(q)

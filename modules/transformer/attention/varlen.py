@@ -17,9 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from slimtrain.data.masks import cu_seqlens
-
-from .base import causal_attention, is_plain_causal, require_cuda_half
+from .base import causal_attention, is_plain_causal, require_cuda_half, varlen_mask
 
 _NEEDS = (
     "model.attention='varlen' needs torch>=2.10 with torch.nn.attention.varlen (found {}); "
@@ -71,7 +69,7 @@ class VarlenAttention:
     def prepare(
         self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device
     ) -> tuple[torch.Tensor, int] | None:
-        return None if is_plain_causal(doc_ids) else cu_seqlens(doc_ids)
+        return None if is_plain_causal(doc_ids) else varlen_mask(doc_ids)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
         if mask is None:
