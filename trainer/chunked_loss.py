@@ -12,21 +12,21 @@ The head is called as a module, so ZeRO-3 gathers its weight in its hooks as for
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from slimtrain.data.batch import IGNORE_INDEX
+from slimtrain.trainer.cross_entropy import CrossEntropySum, fp32_cross_entropy_sum
+
+def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                    cross_entropy: CrossEntropySum) -> torch.Tensor:
+    return cross_entropy(head(hidden), labels)
 
 
-def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden)
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def chunked_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+def chunked_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                        cross_entropy: CrossEntropySum = fp32_cross_entropy_sum) -> torch.Tensor:
     """Sum of the token cross-entropies of `head(hidden)` against `labels`, in fp32, computed
-    `chunk_tokens` tokens at a time. hidden [..., H] and labels [...] are flattened over tokens."""
+    `chunk_tokens` tokens at a time. hidden [..., H] and labels [...] are flattened over tokens;
+    `cross_entropy(logits, labels)` sums one chunk's (the trainer passes its compiled one under train.compile)."""
     if chunk_tokens <= 0:
         raise ValueError(f"train.loss_chunk_tokens={chunk_tokens}: chunking needs a positive number of tokens")
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -35,7 +35,7 @@ def chunked_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Ten
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, head, h, y, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss_sum, head, h, y, cross_entropy, use_reentrant=False)
         else:  # evaluation: nothing is saved anyway
-            total = total + _chunk_loss_sum(head, h, y)
+            total = total + _chunk_loss_sum(head, h, y, cross_entropy)
     return total

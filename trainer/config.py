@@ -61,7 +61,8 @@ class TrainConfig(_Strict):
     compile: bool = Field(
         False,
         description="Compile each decoder block with torch.compile (regional: one graph, reused by every layer). "
-        "Fuses norms, RoPE and the SwiGLU product; the first steps are slower while it compiles. "
+        "Fuses norms, RoPE and the SwiGLU product, and the loss's fp32 cross-entropy (2 bytes per logit at the "
+        "peak instead of 12 in bf16); the first steps are slower while it compiles. "
         "DeepSpeed ZeRO 0-2 (ZeRO-3's parameter hooks break the graphs).",
     )
     loss_chunk_tokens: int = Field(

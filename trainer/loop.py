@@ -50,8 +50,9 @@ class Trainer:
         self.state = LoopState()
         self.recipe_yaml = dump_recipe(recipe)
         self.plugins = parts.plugins
-        self.loss_fn = make_loss_fn(self.plugins, recipe.train.loss_chunk_tokens)
-        self.eval_loss_fn = make_loss_fn((), recipe.train.loss_chunk_tokens)
+        chunk, compiled = recipe.train.loss_chunk_tokens, recipe.train.compile
+        self.loss_fn = make_loss_fn(self.plugins, chunk, compiled)
+        self.eval_loss_fn = make_loss_fn((), chunk, compiled)
 
     def run(self) -> LoopState:
         """Train to `train.steps` (or until stopped by a signal or the time limit); returns the final state."""

@@ -1,0 +1,27 @@
+"""The token cross-entropy every loss path sums: logits upcast to fp32, eager or compiled."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from slimtrain.data.batch import IGNORE_INDEX
+
+CrossEntropySum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fp32_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the token cross-entropies of logits [..., V], upcast to fp32, against labels [...]
+    (IGNORE_INDEX labels count nothing)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@functools.cache
+def compiled_cross_entropy_sum() -> CrossEntropySum:
+    """`fp32_cross_entropy_sum` compiled (train.compile): one fused pass over the logits forward and one
+    backward, instead of materialising their fp32 upcast and log-softmax (8 bytes per logit each way)."""
+    return torch.compile(fp32_cross_entropy_sum)
