@@ -77,3 +77,12 @@ def test_profile_kinds_name_the_kernels_of_a_gpu_step() -> None:
     table = format_kinds({"hf": {"matmul": 1.5, "attention": 0.7}, "ours": {"matmul": 1.6, "attention": 1.3, "other": 0.1}})
     lines = table.splitlines()
     assert lines[1].split() == ["matmul", "1.500", "1.600"] and lines[-1].split() == ["total", "2.200", "3.000"]
+
+
+def test_loss_benchmark_compares_the_compiled_loss_with_the_eager_one() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loss.py"), "--tokens", "64", "--vocab", "512",
+                           "--reps", "1"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eager"]["seconds"] > 0 and result["compiled"]["seconds"] > 0 and result["speedup"] > 0
