@@ -2,14 +2,15 @@
 
 The baseline, measured in the same run, is SDPA's fused causal kernel on rows of one document each
 (what a plain loop without document masking runs). Each backend is timed on two layouts: one document
-per row (every backend but eager then takes SDPA's causal kernel too) and rows packed with documents
+per row (sdpa, flex and varlen then take SDPA's causal kernel too, flash its own dense one) and rows packed with documents
 of random lengths (mean `--doc-len`), where the document mask removes work. TFLOP/s counts only the
 work the mask leaves: 4·n²/2·H·D per document of n tokens forward, 2.5 times that backward.
 
     python benchmarks/attention.py                    # CPU preset: eager and sdpa
     python benchmarks/attention.py --preset 1b        # the 1B model's shapes, bf16 (GPU)
 
-Prints a table (ms per forward+backward, TFLOP/s, ratio to the baseline) and one JSON line.
+Prints a table (ms per forward+backward, TFLOP/s, ratio to the baseline, and apart from those the ms
+to build the mask, which a model pays once per forward for all its layers) and one JSON line.
 """
 
 from __future__ import annotations
@@ -100,11 +101,16 @@ def time_backend(name: str, doc_ids: torch.Tensor, shape: dict, dtype: torch.dty
         t.requires_grad_(True)
     grad = torch.randn_like(q)
 
-    def step() -> None:
-        bound = bind_attention(name, doc_ids, s, device, dtype)  # the mask is built once per model forward
-        bound(q, k, v).backward(grad)
+    bound = bind_attention(name, doc_ids, s, device, dtype)  # once per model forward, shared by all layers
+    return _timed(lambda: bound(q, k, v).backward(grad), reps, warmup)
 
-    return _timed(step, reps, warmup)
+
+def time_mask(name: str, doc_ids: torch.Tensor, reps: int, warmup: int) -> float:
+    """Median seconds to build `name`'s mask structure: paid once per forward, not per layer."""
+    from slimtrain.modules.transformer.attention import bind_attention
+
+    dtype = torch.bfloat16 if doc_ids.is_cuda else torch.float32
+    return _timed(lambda: bind_attention(name, doc_ids, doc_ids.shape[1], doc_ids.device, dtype), reps, warmup)
 
 
 def main() -> None:
@@ -137,11 +143,13 @@ def main() -> None:
         for layout, doc_ids in layouts.items():
             secs = time_backend(name, doc_ids.to(device), shape, dtype, args.reps, args.warmup)
             tflops = masked_flops(doc_ids, shape["heads"], shape["head_dim"]) / secs / 1e12
+            mask_s = time_mask(name, doc_ids.to(device), args.reps, args.warmup)
             rows.append(dict(backend=name, layout=layout, ms=round(secs * 1e3, 3), tflops=round(tflops, 4),
-                             speedup_vs_causal_sdpa=round(base_s / secs, 3)))
-    print(f"{'backend':8} {'layout':20} {'ms':>9} {'TFLOP/s':>9} {'vs causal sdpa':>15}")
+                             speedup_vs_causal_sdpa=round(base_s / secs, 3), mask_ms_per_forward=round(mask_s * 1e3, 3)))
+    print(f"{'backend':8} {'layout':20} {'ms':>9} {'TFLOP/s':>9} {'vs causal sdpa':>15} {'mask ms/forward':>16}")
     for r in rows:
-        print(f"{r['backend']:8} {r['layout']:20} {r['ms']:9.3f} {r['tflops']:9.4f} {r['speedup_vs_causal_sdpa']:15.2f}x")
+        print(f"{r['backend']:8} {r['layout']:20} {r['ms']:9.3f} {r['tflops']:9.4f} {r['speedup_vs_causal_sdpa']:14.2f}x "
+              f"{r['mask_ms_per_forward']:16.3f}")
     for name, why in skipped.items():
         print(f"{name:8} skipped: {why}")
     print(json.dumps({"device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,

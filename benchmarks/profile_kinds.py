@@ -11,17 +11,19 @@ import re
 from collections import defaultdict
 
 KINDS: list[tuple[str, str]] = [
+    ("attention", r"^triton_tem_\w*(flex|attention)"),  # flex attention's kernels are Triton templates
+    ("fused (compiled)", r"^triton_|compiledfunction|compiledfxgraph|compiled region|inductor|cpp_fused"),
     ("attention", r"flash|fmha|attention|attn|cudnn_.*(fprop|bprop|sdpa)|flex"),
     ("matmul", r"gemm|gemv|xmma|cutlass|nvjet|sm90_|sm80_|ampere_|aten::(mm|addmm|bmm|matmul|linear)\b"),
-    ("optimizer", r"adam|multi_tensor|foreach|optimizer"),
     ("communication", r"nccl|all_reduce|allreduce|reduce_scatter|all_gather|broadcast|gloo"),
-    ("fused (compiled)", r"^triton_|compiledfunction|compiledfxgraph|compiled region|inductor|cpp_fused"),
+    ("reduction", r"foreach_norm|reduce|sum|norm|softmax|max|mean|nll|cross_entropy|logsumexp"),
+    ("optimizer", r"adam|multi_tensor|foreach|optimizer"),
+    ("views, allocation, autograd", r"autograd::|backward0|dynamo|aten::(view|view_as|t|transpose|as_strided|empty|"
+     r"empty_strided|slice|reshape|_unsafe_view|narrow|expand|expand_as|detach|alias|split|unbind|select|squeeze|"
+     r"unsqueeze|permute)$"),
     ("copy / cast", r"copy|cast|_to_copy|memcpy|memset|fill|cat\b|clone|contiguous"),
-    ("reduction", r"reduce|sum|norm|softmax|max|mean|nll|cross_entropy|logsumexp"),
-    ("elementwise", r"elementwise|vectorized|unrolled|mul|add|div|silu|sigmoid|exp|pow|sqrt|lerp|where|neg|sub"),
     ("embedding / indexing", r"embedding|index|gather|scatter|sort|radix"),
-    ("views, allocation, autograd", r"autograd::|backward0|dynamo|aten::(view|t|transpose|as_strided|empty|empty_strided|"
-     r"slice|reshape|_unsafe_view|narrow|expand|detach|alias|split|unbind|select|squeeze|unsqueeze|permute)$"),
+    ("elementwise", r"elementwise|vectorized|unrolled|mul|add|div|silu|sigmoid|\bexp\b|exp_|pow|sqrt|lerp|where|neg|sub"),
 ]
 
 
@@ -35,8 +37,9 @@ def kind_of(name: str) -> str:
 
 
 def time_by_kind(prof) -> dict[str, float]:
-    """Seconds per kind in a finished `torch.profiler.profile`: device kernels when there are any,
-    else CPU operators' self time (each event counted once, so kinds add up to the profiled total)."""
+    """Seconds per kind in a finished `torch.profiler.profile`: device kernels' busy time when there are
+    any (idle gaps not counted; kernels overlapping on two streams both counted), else CPU operators'
+    self time (each event once, so the kinds add up to the profiled CPU time)."""
     events = list(prof.events())
     kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
     out: dict[str, float] = defaultdict(float)

@@ -59,7 +59,8 @@ def test_profile_kinds_name_the_kernels_of_a_gpu_step() -> None:
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
         "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN": "matmul",
         "aten::mm": "matmul",
-        "triton_tem_fused_flex_attention_0": "attention",
+        "flex_attention_backward": "attention",
+        "triton_tem_fused_flex_attention_backward_zeros_0": "attention",
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
         "flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>>": "attention",
         "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "fused (compiled)",
@@ -71,6 +72,12 @@ def test_profile_kinds_name_the_kernels_of_a_gpu_step() -> None:
         "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>": "reduction",
         "void at::native::embedding_backward_feature_kernel": "embedding / indexing",
         "aten::view": "views, allocation, autograd",
+        "aten::expand": "views, allocation, autograd",
+        "aten::exp": "elementwise",
+        "aten::scatter_add_": "embedding / indexing",
+        "void at::native::index_elementwise_kernel<128, 4>": "embedding / indexing",
+        "aten::_foreach_norm": "reduction",
+        "triton_poi_fused__scaled_dot_product_cudnn_attention_transpose_0": "fused (compiled)",
         "some_unknown_kernel": "other",
     }
     assert {name: kind_of(name) for name in expected} == expected

@@ -10,7 +10,7 @@ import torch
 from slimtrain.modules.transformer import Transformer
 from slimtrain.modules.transformer.attention import bind_attention, resolve_backend
 from slimtrain.modules.transformer.attention.base import is_plain_causal
-from slimtrain.modules.transformer.attention.flash import flash_attn_available
+from slimtrain.modules.transformer.attention.flash import flash_attn_available, flash_usable
 from slimtrain.modules.transformer.attention.varlen import varlen_available
 
 from attention_helpers import random_layout as _random_layout, with_backend as _with_backend
@@ -169,5 +169,5 @@ def test_fused_backends_train_like_sdpa_on_cuda(make_model, backend: str) -> Non
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_picks_a_fused_backend_on_cuda() -> None:
-    expected = "flash" if flash_attn_available() else "flex"  # varlen: not in auto until measured faster
+    expected = "flash" if flash_usable(torch.device("cuda")) else "flex"  # varlen: not in auto until measured faster
     assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == expected

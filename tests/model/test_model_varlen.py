@@ -57,7 +57,7 @@ def cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return _dense_reference(*args)
 
     monkeypatch.setattr(varlen_mod, "_varlen_call", lambda: varlen)
-    monkeypatch.setattr(flash_mod, "_kernels_for", lambda q: (dense, varlen))
+    monkeypatch.setattr(flash_mod, "_kernels_for", lambda device: (dense, varlen))
     return calls
 
 
@@ -80,7 +80,10 @@ def test_packed_rows_equal_eager_on_real_tokens(make_model, cpu_kernels, backend
 
 
 @pytest.mark.parametrize("backend", ["varlen", "flex"])
-def test_single_document_rows_skip_the_varlen_kernel(make_model, cpu_kernels, backend: str) -> None:
+def test_single_document_rows_skip_the_masked_kernel(make_model, cpu_kernels, monkeypatch, backend: str) -> None:
+    from slimtrain.modules.transformer.attention import flex as flex_mod
+
+    monkeypatch.setattr(flex_mod, "_kernels", lambda compiled: pytest.fail("flex kernels used for causal rows"))
     for doc_ids in (None, torch.zeros(2, 16, dtype=torch.long), torch.full((2, 16), 5)):
         assert bind_attention(backend, doc_ids, 16, torch.device("cpu"), torch.float32).mask is None
     eager = make_model(attention="eager")
@@ -92,6 +95,33 @@ def test_single_document_rows_skip_the_varlen_kernel(make_model, cpu_kernels, ba
     assert cpu_kernels == []  # SDPA's causal kernel, not the varlen one
 
 
+def test_flex_refuses_to_train_on_cpu_with_the_fix(make_model, packed) -> None:
+    model = make_model(attention="flex").train()
+    doc_ids, position_ids = packed([5, 7], 16)
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"'flex' has no backward on cpu.*choose attention 'sdpa'"):
+        model(ids, position_ids=position_ids[None], doc_ids=doc_ids[None])
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+def test_compiled_blocks_run_the_varlen_backends(make_model, cpu_kernels, backend: str) -> None:
+    """train.compile compiles the blocks; the backends' kernel choice stays outside them (prepare)."""
+    eager = make_model(attention="eager")
+    twin = with_backend(eager, "sdpa")
+    twin.cfg = twin.cfg.model_copy(update={"attention": backend})
+    twin.compile_blocks(backend="eager")  # Dynamo's tracing without inductor's codegen: fast, same graphs
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):  # new layouts: new cu_seqlens lengths and max lengths
+        doc_ids, position_ids = random_layout(3, 40, gen)
+        ids = torch.randint(0, eager.cfg.vocab_size, doc_ids.shape, generator=gen)
+        with torch.no_grad():
+            ref = eager(ids, position_ids=position_ids, doc_ids=doc_ids).logits
+            out = twin(ids, position_ids=position_ids, doc_ids=doc_ids).logits
+        real = doc_ids != -1
+        assert (ref - out)[real].abs().max() <= 1e-5
+    assert "varlen" in cpu_kernels
+
+
 def test_flash_runs_single_document_rows_on_its_dense_kernel(cpu_kernels) -> None:
     q = torch.randn(2, 16, 4, 8)
     kv = torch.randn(2, 16, 2, 8)
@@ -100,25 +130,11 @@ def test_flash_runs_single_document_rows_on_its_dense_kernel(cpu_kernels) -> Non
     assert cpu_kernels == ["dense"]
 
 
-def test_max_seqlen_takes_few_values_so_compiled_blocks_do_not_recompile() -> None:
-    from slimtrain.modules.transformer.attention.base import varlen_mask
-
-    seen = set()
-    for longest in range(1, 4097, 7):
-        doc_ids = (torch.arange(4096) // longest).expand(2, 4096)  # documents of `longest` tokens, one shorter
-        cu, max_len = varlen_mask(doc_ids)
-        true_max = int((cu[1:] - cu[:-1]).max())
-        assert true_max <= max_len <= max(128, 2 * true_max) and max_len <= 4096
-        seen.add(max_len)
-    assert seen == {128, 256, 512, 1024, 2048, 4096}  # under torch.compile's 8 recompiles
-    assert varlen_mask(torch.zeros(1, 300, dtype=torch.long))[1] == 300  # never past the row
-
-
-def test_varlen_refuses_cpu_and_fp32_with_the_fix() -> None:
+def test_varlen_refuses_cpu_with_the_fix() -> None:
     call = varlen_mod._varlen_call()
     cu = torch.tensor([0, 5, 16], dtype=torch.int32)
     q = torch.randn(16, 4, 8)
-    with pytest.raises(RuntimeError, match=r"model.attention='varlen' runs on CUDA in bf16/fp16, got cpu torch.float32.*precision=bf16"):
+    with pytest.raises(RuntimeError, match=r"model.attention='varlen' runs on CUDA only, got cpu; choose attention 'sdpa'"):
         call(q, q, q, cu, 11)
 
 
@@ -166,16 +182,38 @@ def test_varlen_speaks_each_torch_versions_keywords(monkeypatch: pytest.MonkeyPa
         varlen_mod._varlen_call.cache_clear()
     assert {k: seen[k] for k in expected} == expected
     assert seen["cu_seq_q"] is cu and seen["max_q"] == seen["max_k"] == 16
-    assert set(inspect.signature(fake).parameters) >= set(expected)
+
+
+def test_varlen_call_binds_to_this_torchs_varlen_attn(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.nn.attention.varlen as torch_varlen
+
+    real = torch_varlen.varlen_attn
+    calls: list[tuple] = []
+
+    def recorder(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append((args, kwargs))
+        return args[0]
+
+    recorder.__signature__ = inspect.signature(real)  # what _varlen_call reads its keywords from
+    monkeypatch.setattr(torch_varlen, "varlen_attn", recorder)
+    monkeypatch.setattr(varlen_mod, "require_cuda_half", lambda q, backend: None)
+    varlen_mod._varlen_call.cache_clear()
+    try:
+        q, kv = torch.randn(16, 4, 8), torch.randn(16, 2, 8)
+        varlen_mod._varlen_call()(q, kv, kv, torch.tensor([0, 16], dtype=torch.int32), 16)
+    finally:
+        varlen_mod._varlen_call.cache_clear()
+    (args, kwargs), = calls
+    inspect.signature(real).bind(*args, **kwargs)  # raises TypeError on a keyword this torch does not take
 
 
 @pytest.mark.parametrize(
     "installed,major,forced,expected",
     [
         ({"fa2"}, 9, None, "fa2"),
-        ({"fa4"}, 8, None, "fa4"),
+        ({"fa4"}, 9, None, "fa4"),
         ({"fa2", "fa4"}, 9, None, "fa4"),  # Hopper: FA4's kernels
-        ({"fa2", "fa4"}, 8, None, "fa2"),  # Ampere: FA2's
+        ({"fa2", "fa4"}, 8, None, "fa2"),  # Ampere: FA2's (FA4 trains on Hopper and newer only)
         ({"fa2", "fa4"}, 9, "fa2", "fa2"),
     ],
 )
@@ -188,6 +226,19 @@ def test_flash_picks_its_package(monkeypatch: pytest.MonkeyPatch, installed: set
         monkeypatch.delenv("SLIMTRAIN_FLASH", raising=False)
     flash_mod.check_flash_available()
     assert flash_mod.flash_impl(torch.device("cuda", 0)) == expected
+    assert flash_mod.flash_usable(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("installed,forced", [({"fa4"}, None), ({"fa2", "fa4"}, "fa4")])
+def test_flash_refuses_fa4_below_hopper_with_the_fix(monkeypatch: pytest.MonkeyPatch, installed: set, forced) -> None:
+    monkeypatch.setattr(flash_mod, "_installed", lambda impl: impl in installed)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setenv("SLIMTRAIN_FLASH", forced or "")
+    with pytest.raises(RuntimeError, match=r"flash-attn-4, whose backward needs Hopper or newer, on NVIDIA A100; "
+                                           r"install flash-attn \(FA2\) or choose attention 'varlen' or 'flex'"):
+        flash_mod.flash_impl(torch.device("cuda", 0))
+    assert not flash_mod.flash_usable(torch.device("cuda", 0))  # so `auto` falls back to flex
 
 
 def test_flash_refuses_a_forced_package_that_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

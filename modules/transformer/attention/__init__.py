@@ -2,7 +2,8 @@
 
 `eager` is the reference; `sdpa` runs everywhere; `flex`, `varlen` and `flash` are the fast CUDA
 paths for packed rows. `auto` picks flash when installed (CUDA, bf16/fp16), else flex on CUDA, else
-sdpa. Every backend but eager sends rows of one unpadded document each to SDPA's causal kernel.
+sdpa. sdpa, flex and varlen send rows of one unpadded document each to SDPA's fused causal kernel,
+flash to its own dense causal kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from .base import AttentionBackend
 from .eager import EagerAttention
-from .flash import FlashAttention, check_flash_available, flash_attn_available
+from .flash import FlashAttention, check_flash_available, flash_usable
 from .flex import FlexAttention, check_flex_available
 from .sdpa import SdpaAttention
 from .varlen import VarlenAttention, check_varlen_available
@@ -44,7 +45,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name != "auto":
         return name
     if device.type == "cuda":
-        if flash_attn_available() and dtype in (torch.bfloat16, torch.float16):
+        if dtype in (torch.bfloat16, torch.float16) and flash_usable(device):
             return "flash"
         if torch.__version__ >= "2.5":
             return "flex"

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from slimtrain.data.batch import PAD_DOC_ID
-from slimtrain.data.masks import cu_seqlens
 
 # `enable_gqa` arrived in torch 2.5; before it, kv heads are repeated to the query heads' count.
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -56,8 +55,8 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain causal attention in the backend layout, on SDPA's fused causal kernels.
 
-    Every backend sends rows that hold one unpadded document each here: with no mask tensor SDPA
-    may pick its fastest kernel (cuDNN on Hopper, flash elsewhere on CUDA).
+    sdpa, flex and varlen send rows that hold one unpadded document each here: with no mask tensor
+    SDPA may pick its fastest fused kernel (its own choice by torch version: cuDNN or flash on CUDA).
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     groups = q.shape[1] // k.shape[1]
@@ -70,21 +69,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def require_cuda_half(q: torch.Tensor, backend: str) -> None:
     """The flash-attention kernels run on CUDA in bf16/fp16 only: say so, and what to change."""
-    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+    if q.device.type != "cuda":
         raise RuntimeError(
-            f"model.attention={backend!r} runs on CUDA in bf16/fp16, got {q.device.type} {q.dtype}; "
+            f"model.attention={backend!r} runs on CUDA only, got {q.device.type}; choose attention 'sdpa' (or 'auto')"
+        )
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(
+            f"model.attention={backend!r} runs in bf16/fp16, got {q.dtype}; "
             "set backend.precision=bf16 or choose attention 'sdpa'"
         )
-
-
-def varlen_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(cu_seqlens, max_seqlen) for the varlen kernels, max_seqlen rounded up to a power of two >= 128.
-
-    The kernels take max_seqlen as a Python int, and a compiled block (train.compile) recompiles for
-    every new int it sees; after 8 it silently runs uncompiled. Rounded, a row of S tokens gives at most
-    log2(S/128) + 1 values (6 for S = 4096). A larger max_seqlen only sizes the kernel's grid: the
-    blocks past a sequence's end exit at once.
-    """
-    cu, max_len = cu_seqlens(doc_ids)
-    rounded = max(128, 1 << (max_len - 1).bit_length())
-    return cu, min(rounded, doc_ids.shape[-1])

@@ -1,8 +1,11 @@
 """flash-attn varlen kernels: packed documents as separate sequences via cu_seqlens (CUDA, bf16/fp16).
 
 Two packages provide them: `flash-attn` (FA2, module `flash_attn`) and `flash-attn-4` (FA4, module
-`flash_attn.cute`, pure Python on the CUTLASS DSL, kernels for Ampere, Hopper and Blackwell). FA4 is
-used on Hopper and newer when installed, FA2 elsewhere; `SLIMTRAIN_FLASH=fa2|fa4` forces one.
+`flash_attn.cute`, pure Python on the CUTLASS DSL; it trains on Hopper and newer only). On Hopper and
+newer FA4 is used when installed, else FA2; below Hopper only FA2. `SLIMTRAIN_FLASH=fa2|fa4` forces one.
+
+The package and its kernels are chosen in `prepare`, once per forward and outside any compiled block,
+and travel with the mask: package lookups cannot be traced by Dynamo and cost host time per layer.
 
 Padding runs count as sequences of their own (see `slimtrain.data.masks.cu_seqlens`), so a padding
 position attends to the padding before it in its run rather than only to itself as in the other
@@ -18,11 +21,15 @@ from typing import Any, Callable
 
 import torch
 
-from .base import is_plain_causal, require_cuda_half, varlen_mask
+from slimtrain.data.masks import cu_seqlens
+
+from .base import is_plain_causal, require_cuda_half
 
 _DISTRIBUTIONS = {"fa2": "flash-attn", "fa4": "flash-attn-4"}
+Kernels = tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]
 
 
+@functools.cache
 def _installed(impl: str) -> bool:
     # Package metadata, not an import: importing flash-attn loads its CUDA extension.
     try:
@@ -37,9 +44,13 @@ def flash_attn_available() -> bool:
     return any(_installed(impl) for impl in _DISTRIBUTIONS)
 
 
+def _forced() -> str | None:
+    return os.environ.get("SLIMTRAIN_FLASH") or None
+
+
 def check_flash_available() -> None:
     """Raise a clear error when no flash-attn package is installed, or SLIMTRAIN_FLASH names a missing one."""
-    forced = os.environ.get("SLIMTRAIN_FLASH")
+    forced = _forced()
     if forced is not None and (forced not in _DISTRIBUTIONS or not _installed(forced)):
         raise RuntimeError(
             f"SLIMTRAIN_FLASH={forced!r} names no installed flash-attn package; installed: "
@@ -53,29 +64,44 @@ def check_flash_available() -> None:
 
 
 def flash_impl(device: torch.device) -> str:
-    """'fa4' or 'fa2': the package the flash backend calls on `device`."""
-    forced = os.environ.get("SLIMTRAIN_FLASH")
-    if forced:
-        return forced
-    if _installed("fa4") and (not _installed("fa2") or torch.cuda.get_device_capability(device)[0] >= 9):
-        return "fa4"
-    return "fa2"
+    """'fa4' or 'fa2': the package the flash backend calls on `device` (a CUDA device)."""
+    hopper = torch.cuda.get_device_capability(device)[0] >= 9
+    impl = _forced() or ("fa4" if _installed("fa4") and (hopper or not _installed("fa2")) else "fa2")
+    if impl == "fa4" and not hopper:
+        raise RuntimeError(
+            f"model.attention='flash' would run flash-attn-4, whose backward needs Hopper or newer, on "
+            f"{torch.cuda.get_device_name(device)}; install flash-attn (FA2) "
+            "or choose attention 'varlen' or 'flex' (and unset SLIMTRAIN_FLASH)"
+        )
+    return impl
+
+
+def flash_usable(device: torch.device) -> bool:
+    """True when a flash package is installed that can train on `device` (what `auto` asks)."""
+    try:
+        check_flash_available()
+        flash_impl(device)
+    except RuntimeError:
+        return False
+    return True
 
 
 @functools.cache
-def _kernels(impl: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _kernels(impl: str) -> Kernels:
     """(dense causal call, varlen causal call), each returning the attention output alone."""
     if impl == "fa4":
         from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
         # FA4 launches CUTLASS-DSL kernels from Python, which Dynamo cannot trace: inside a compiled
-        # block (train.compile) the call runs eagerly, between the block's two compiled halves.
+        # block (train.compile) the call runs eagerly between the block's compiled parts.
         @torch.compiler.disable
         def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            require_cuda_half(q, "flash")
             return flash_attn_func(q, k, v, causal=True)[0]  # FA4 returns (out, lse)
 
         @torch.compiler.disable
         def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+            require_cuda_half(q, "flash")
             return flash_attn_varlen_func(
                 q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True
             )[0]
@@ -83,17 +109,25 @@ def _kernels(impl: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
         return dense, varlen
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
-    return (
-        lambda q, k, v: flash_attn_func(q, k, v, causal=True),
-        lambda q, k, v, cu, max_len: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True),
-    )
+    def dense2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        require_cuda_half(q, "flash")
+        return flash_attn_func(q, k, v, causal=True)
+
+    def varlen2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+        require_cuda_half(q, "flash")
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+
+    return dense2, varlen2
 
 
-def _kernels_for(q: torch.Tensor) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The kernels for `q`'s device, after checking that a package is installed and q is CUDA bf16/fp16."""
+def _kernels_for(device: torch.device) -> Kernels:
+    """The kernels for `device`, after checking that a package that can train there is installed."""
     check_flash_available()
-    require_cuda_half(q, "flash")
-    return _kernels(flash_impl(q.device))
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"model.attention='flash' runs on CUDA only, got {device.type}; choose attention 'sdpa' (or 'auto')"
+        )
+    return _kernels(flash_impl(device))
 
 
 class FlashAttention:
@@ -101,13 +135,12 @@ class FlashAttention:
 
     name = "flash"
 
-    def prepare(
-        self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device
-    ) -> tuple[torch.Tensor, int] | None:
-        return None if is_plain_causal(doc_ids) else varlen_mask(doc_ids)
+    def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> tuple[Any, ...]:
+        dense, varlen = _kernels_for(device)
+        return dense, varlen, None if is_plain_causal(doc_ids) else cu_seqlens(doc_ids)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
-        dense, varlen = _kernels_for(q)
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: tuple[Any, ...]) -> torch.Tensor:
+        dense, varlen, mask = prepared
         if mask is None:
             return dense(q, k, v)
         cu, max_len = mask

@@ -5,7 +5,7 @@ No extra package: this is the flash-attention varlen path for machines where the
 cannot be installed. If FA3 or FA4 has been activated in torch
 (`torch.nn.attention.activate_flash_attention_impl`), the same call runs on those kernels.
 
-Rows that hold one unpadded document each take SDPA's causal kernel instead (cuDNN on Hopper),
+Rows that hold one unpadded document each take SDPA's fused causal kernel instead,
 which needs no cu_seqlens. Padding runs count as sequences of their own, as in `flash`.
 """
 
@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 import torch
 
-from .base import causal_attention, is_plain_causal, require_cuda_half, varlen_mask
+from slimtrain.data.masks import cu_seqlens
+
+from .base import causal_attention, is_plain_causal, require_cuda_half
 
 _NEEDS = (
     "model.attention='varlen' needs torch>=2.10 with torch.nn.attention.varlen (found {}); "
@@ -62,20 +64,23 @@ def _varlen_call() -> Callable[..., torch.Tensor]:
 
 
 class VarlenAttention:
-    """torch's varlen_attn over the flattened batch; SDPA causal for single-document rows."""
+    """torch's varlen_attn over the flattened batch; SDPA causal for single-document rows.
+
+    The kernel call is resolved in `prepare`, outside any compiled block (it inspects torch's signature).
+    """
 
     name = "varlen"
 
-    def prepare(
-        self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device
-    ) -> tuple[torch.Tensor, int] | None:
-        return None if is_plain_causal(doc_ids) else varlen_mask(doc_ids)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
-        if mask is None:
-            return causal_attention(q, k, v)
+    def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> tuple[Any, ...] | None:
+        if is_plain_causal(doc_ids):
+            return None
         check_varlen_available()
-        cu, max_len = mask
+        return (_varlen_call(), *cu_seqlens(doc_ids))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: tuple[Any, ...] | None) -> torch.Tensor:
+        if prepared is None:
+            return causal_attention(q, k, v)
+        call, cu, max_len = prepared
         b, s = q.shape[:2]
-        out = _varlen_call()(*(t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)), cu, max_len)
+        out = call(*(t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)), cu, max_len)
         return out.view(b, s, *out.shape[1:])
