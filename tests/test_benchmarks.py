@@ -13,12 +13,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_memory_benchmark_prints_the_estimate_it_compares_against() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), str(REPO / "recipes" / "llama-1b-dense.yaml"),
-                           "train.activation_checkpointing=true", "train.loss_chunk_tokens=4096"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # on a GPU it would train the 1B model
+def _benchmark_json(script: str, *args: str) -> dict:
+    """Run benchmarks/`script` on CPU (CUDA hidden: on a GPU some would train a 1B model) and return
+    the JSON line it ends with."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_memory_benchmark_prints_the_estimate_it_compares_against() -> None:
+    result = _benchmark_json("memory.py", str(REPO / "recipes" / "llama-1b-dense.yaml"),
+                             "train.activation_checkpointing=true", "train.loss_chunk_tokens=4096")
     est = result["estimate_gb"]
     assert result["params"] > 1e9 and result["overrides"][0] == "train.activation_checkpointing=true"
     # with checkpointing and a chunked loss the backward pass holds about what the optimizer step does
@@ -26,11 +32,7 @@ def test_memory_benchmark_prints_the_estimate_it_compares_against() -> None:
 
 
 def test_attention_benchmark_times_every_cpu_backend_against_causal_sdpa() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention.py"), "--reps", "1", "--warmup", "0",
-                           "--doc-len", "64"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _benchmark_json("attention.py", "--reps", "1", "--warmup", "0", "--doc-len", "64")
     assert {(r["backend"], r["layout"]) for r in result["rows"]} == {
         (b, layout) for b in ("eager", "sdpa") for layout in ("one_doc_per_row", "packed_mean_64")}
     assert all(r["ms"] > 0 and r["speedup_vs_causal_sdpa"] > 0 for r in result["rows"])
@@ -87,9 +89,5 @@ def test_profile_kinds_name_the_kernels_of_a_gpu_step() -> None:
 
 
 def test_loss_benchmark_compares_the_compiled_loss_with_the_eager_one() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loss.py"), "--tokens", "64", "--vocab", "512",
-                           "--reps", "1"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _benchmark_json("loss.py", "--tokens", "64", "--vocab", "512", "--reps", "1")
     assert result["eager"]["seconds"] > 0 and result["compiled"]["seconds"] > 0 and result["speedup"] > 0

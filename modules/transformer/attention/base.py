@@ -67,6 +67,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out.transpose(1, 2)
 
 
+def over_flat_batch(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                    max_len: int) -> torch.Tensor:
+    """A varlen kernel over the batch flattened to [B*S, heads, dim] (rows split by `cu`), unflattened."""
+    b, s = q.shape[:2]
+    out = kernel(*(t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)), cu, max_len)
+    return out.view(b, s, *out.shape[1:])
+
+
 def require_cuda_half(q: torch.Tensor, backend: str) -> None:
     """The flash-attention kernels run on CUDA in bf16/fp16 only: say so, and what to change."""
     if q.device.type != "cuda":

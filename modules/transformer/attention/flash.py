@@ -23,7 +23,7 @@ import torch
 
 from slimtrain.data.masks import cu_seqlens
 
-from .base import is_plain_causal, require_cuda_half
+from .base import is_plain_causal, over_flat_batch, require_cuda_half
 
 _DISTRIBUTIONS = {"fa2": "flash-attn", "fa4": "flash-attn-4"}
 Kernels = tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]
@@ -143,7 +143,4 @@ class FlashAttention:
         dense, varlen, mask = prepared
         if mask is None:
             return dense(q, k, v)
-        cu, max_len = mask
-        b, s = q.shape[:2]
-        out = varlen(*(t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)), cu, max_len)
-        return out.view(b, s, *out.shape[1:])
+        return over_flat_batch(varlen, q, k, v, *mask)

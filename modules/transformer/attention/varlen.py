@@ -19,7 +19,7 @@ import torch
 
 from slimtrain.data.masks import cu_seqlens
 
-from .base import causal_attention, is_plain_causal, require_cuda_half
+from .base import causal_attention, is_plain_causal, over_flat_batch, require_cuda_half
 
 _NEEDS = (
     "model.attention='varlen' needs torch>=2.10 with torch.nn.attention.varlen (found {}); "
@@ -81,6 +81,4 @@ class VarlenAttention:
         if prepared is None:
             return causal_attention(q, k, v)
         call, cu, max_len = prepared
-        b, s = q.shape[:2]
-        out = call(*(t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)), cu, max_len)
-        return out.view(b, s, *out.shape[1:])
+        return over_flat_batch(call, q, k, v, cu, max_len)
