@@ -23,5 +23,10 @@ def fp32_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 @functools.cache
 def compiled_cross_entropy_sum() -> CrossEntropySum:
     """`fp32_cross_entropy_sum` compiled (train.compile): one fused pass over the logits forward and one
-    backward, instead of materialising their fp32 upcast and log-softmax (8 bytes per logit each way)."""
-    return torch.compile(fp32_cross_entropy_sum)
+    backward, instead of materialising their fp32 upcast and log-softmax (8 bytes per logit each way).
+
+    Static shapes: each shape (the chunk, a short last chunk, eval) gets its own kernel whatever came
+    before it. With automatic dynamic shapes the first new shape would swap in a symbolic-shape kernel for
+    all later calls, so a resumed run, which starts on the static one, could sum in another order than
+    the straight run did at the same step and lose bitwise resume."""
+    return torch.compile(fp32_cross_entropy_sum, dynamic=False)

@@ -144,3 +144,19 @@ def test_compiled_loss_equals_the_eager_one_in_bf16(chunk_tokens: int) -> None:
     torch.testing.assert_close(compiled_sum, eager_sum, rtol=1e-5, atol=0)
     for g_eager, g_compiled in zip(eager_grads, compiled_grads):  # bf16 gradients: one rounding apart at most
         assert (g_compiled - g_eager).norm() <= 1e-2 * g_eager.norm()
+
+
+def test_compiled_cross_entropy_gives_every_shape_its_own_static_kernel() -> None:
+    """Exact resume under train.compile: the kernel a shape runs on must not depend on which shapes came
+    before (a resumed run has not seen the straight run's history). Automatic dynamic shapes would serve
+    the third shape below from the symbolic kernel compiled for the second; static shapes compile it."""
+    from torch._dynamo.utils import counters
+
+    from slimtrain.trainer.cross_entropy import compiled_cross_entropy_sum
+
+    torch._dynamo.reset()
+    counters.clear()
+    cross_entropy = compiled_cross_entropy_sum()
+    for rows in (8, 6, 5, 8):
+        cross_entropy(torch.randn(rows, 11), torch.randint(0, 11, (rows,)))
+    assert counters["stats"]["unique_graphs"] == 3

@@ -167,3 +167,18 @@ def test_bad_geometry_fails_before_any_process_starts(tmp_path: Path, data_cache
     assert proc.returncode == 2
     assert "train.global_batch_size=6 is not divisible" in proc.stdout
     assert not (tmp_path / "metrics.jsonl").exists() and "torch.distributed.run" not in proc.stdout
+
+
+def test_compiled_run_resumes_bitwise(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> None:
+    # The compiled graphs recompile for evaluation (no grad) and for the short last loss chunk (2 x 64 tokens
+    # in chunks of 48); the resumed run compiles them afresh and must still compute every step bit for bit.
+    compiled = ["train.compile=true", "train.loss_chunk_tokens=48", "eval.every=3", "train.steps=14",
+                "checkpoint.every=7"]
+    straight_dir, resumed_dir = tmp_path_factory.mktemp("compiled-straight"), tmp_path_factory.mktemp("compiled-resumed")
+    proc = run_train(straight_dir, data_cache, compiled)
+    assert proc.returncode == 0, proc.stdout
+    run_until_checkpoint_then_kill(resumed_dir, data_cache, 7, compiled)
+    proc = run_train(resumed_dir, data_cache, compiled)
+    assert proc.returncode == 0, proc.stdout
+    assert "resumed" in proc.stdout
+    assert losses(resumed_dir) == losses(straight_dir)  # every step, bitwise (fp32)
