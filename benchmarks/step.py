@@ -224,7 +224,7 @@ def main() -> None:
     kinds = profile(steps, batches) if args.profile else None
     hf_tps, ours_tps, plain_tps = rates["hf"], rates["ours"], rates.get("ours_plain")
     peak = Throughput(cfg.flops_per_token(seq)).peak
-    fpt = cfg.flops_per_token(seq)
+    fpt, fpt_palm = cfg.flops_per_token(seq), cfg.flops_per_token(seq, causal=False)
     result = {
         "device": torch.cuda.get_device_name() if gpu else "cpu", "preset": args.preset, "params": cfg.num_params(),
         "seq": seq, "micro": micro, "accum": args.accum, "precision": "bf16" if gpu else "fp32", "attention": args.attention,
@@ -237,12 +237,16 @@ def main() -> None:
         "ours_model_in_plain_loop_tokens_per_s": round(plain_tps, 1) if plain_tps else None,
         "ours_mfu": round(ours_tps * fpt / peak, 4) if peak else None,
         "hf_mfu": round(hf_tps * fpt / peak, 4) if peak else None,
+        "ours_mfu_palm": round(ours_tps * fpt_palm / peak, 4) if peak else None,
+        "hf_mfu_palm": round(hf_tps * fpt_palm / peak, 4) if peak else None,
         "profile_seconds_by_kind": {n: {k: round(v, 4) for k, v in d.items()} for n, d in kinds.items()} if kinds else None,
     }
-    print(f"{'':10} {'tokens/s':>12} {'MFU':>8}")
+    # MFU counts the causal half of attention; "PaLM MFU" whole rows, as torchtitan and nanoGPT report it.
+    print(f"{'':10} {'tokens/s':>12} {'MFU':>8} {'PaLM MFU':>9}")
     for who in ("ours", "hf"):
-        mfu = result[f"{who}_mfu"]
-        print(f"{who:10} {result[f'{who}_tokens_per_s']:12,.0f} {'' if mfu is None else f'{mfu:8.1%}'}")
+        mfus = [result[f"{who}_mfu"], result[f"{who}_mfu_palm"]]
+        cells = "".join(f" {m:8.1%}" if m is not None else "" for m in mfus)
+        print(f"{who:10} {result[f'{who}_tokens_per_s']:12,.0f}{cells}")
     print(f"ratio ours/hf: {result['ratio']:.3f}")
     print(json.dumps(result))
 

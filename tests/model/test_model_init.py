@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slimtrain.modules.transformer import Transformer, TransformerOutput
+from slimtrain.modules.transformer import ModelConfig, Transformer, TransformerOutput
 
 
 def _param_count(model: torch.nn.Module) -> int:
@@ -28,6 +28,16 @@ def test_flops_per_token_counts_the_head_once_and_not_the_embedding_lookup(make_
     untied, tied = make_config(), make_config(tie_embeddings=True)
     # Same matmuls either way: tying changes the parameter count, not the work per token.
     assert untied.flops_per_token(64) == tied.flops_per_token(64)
+
+
+def test_flops_per_token_for_the_1b_benchmark_model_in_both_conventions() -> None:
+    cfg = ModelConfig(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,
+                      vocab_size=32000)
+    n = cfg.num_params() - 32000 * 2048  # the head's matmul counts, the embedding lookup does not
+    full_rows = 12 * 22 * 32 * 64 * 4096  # attention FLOPs per token over whole rows
+    assert cfg.flops_per_token(4096) == 6 * n + full_rows / 2
+    assert cfg.flops_per_token(4096, causal=False) == 6 * n + full_rows
+    assert cfg.flops_per_token(4096, causal=False) / cfg.flops_per_token(4096) == pytest.approx(1.151, abs=1e-3)
 
 
 def test_same_seed_gives_bitwise_same_weights(make_model) -> None:
