@@ -56,7 +56,7 @@ class MemoryEstimate:
 
 
 def model_state_bytes(params: int, largest_layer: int, zero_stage: int, precision: str, world: int,
-                      offload_optimizer: bool = False) -> float:
+                      offload_optimizer: bool = False, fp32_grad_sums: bool = False) -> float:
     """Parameters, gradients and AdamW state per GPU, in the terms of DeepSpeed's estimators.
 
     bf16: 2-byte parameters and gradients plus 16 bytes of fp32 state per parameter (master weights 4,
@@ -66,14 +66,17 @@ def model_state_bytes(params: int, largest_layer: int, zero_stage: int, precisio
     the fp32 state (and, from stage 2, the gradients) in CPU memory. Stage 2 equals DeepSpeed's
     `estimate_zero2_model_states_mem_needs`; stage 3 is 2 bytes a parameter over `world` above
     `estimate_zero3_model_states_mem_needs`, which leaves out the bf16 parameter partition itself.
+    fp32_grad_sums (bf16 at ZeRO-2/3, `backend.grad_accum_dtype`): the micro-batches' gradients are summed
+    straight into the fp32 gradient partition, so the bf16 partition is not kept.
     """
     n = max(world, 1)
     w = 2 if precision == "bf16" else 4  # bytes of a parameter and of a gradient
     state = 0.0 if offload_optimizer else (16.0 if precision == "bf16" else 8.0)
+    grad_partition = 0 if offload_optimizer or (fp32_grad_sums and precision == "bf16") else w
     if zero_stage == 3:
-        return 2 * w * largest_layer + (w + (0 if offload_optimizer else w) + state) * params / n
+        return 2 * w * largest_layer + (w + grad_partition + state) * params / n
     if zero_stage == 2:
-        return w * params + ((0 if offload_optimizer else w) + state) * params / n
+        return w * params + (grad_partition + state) * params / n
     if zero_stage == 1:
         return 2 * w * params + state * params / n
     return 2 * w * params + state * params
@@ -124,14 +127,14 @@ def _zero_block(recipe: Recipe, params: int) -> tuple[dict, bool]:
 
 def gradient_bucket_bytes(recipe: Recipe, params: int) -> float:
     """DeepSpeed's gradient bucket: `reduce_bucket_size` elements of the block the backend uses, in the
-    gradient-accumulation dtype; ZeRO-1/2 hold it from the first gradient of a step to its end (two with
+    parameters' dtype (also with fp32 sums at ZeRO-2/3, which add into the fp32 partition); ZeRO-1/2 hold it from the first gradient of a step to its end (two with
     `overlap_comm`, none without `contiguous_gradients`), ZeRO-3 for the whole run. DeepSpeed's model-state
     estimators leave it out."""
     stage = recipe.backend.zero_stage
-    zo, fp32_accum = _zero_block(recipe, params)
+    zo, _ = _zero_block(recipe, params)
     if stage == 0 or (stage in (1, 2) and zo.get("contiguous_gradients") is False):
         return 0.0
-    w = 4 if recipe.backend.precision == "fp32" or fp32_accum else 2
+    w = 4 if recipe.backend.precision == "fp32" else 2
     copies = 2 if stage in (1, 2) and zo.get("overlap_comm") else 1
     return float(zo.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)) * w * copies
 
@@ -163,7 +166,7 @@ def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate
     chunk = min(tokens, train.loss_chunk_tokens) if train.loss_chunk_tokens else tokens
     logits = chunk * vocab_size * (w if train.compile else LOSS_BYTES_PER_LOGIT)
     states = model_state_bytes(params, largest, backend.zero_stage, backend.precision, world_size,
-                               backend.offload_optimizer)
+                               backend.offload_optimizer, _zero_block(recipe, params)[1])
     return MemoryEstimate(params, largest, states, activations, logits, gradient_bucket_bytes(recipe, params),
                           step_only_bytes(recipe, params, world_size))
 

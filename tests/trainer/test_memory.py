@@ -137,7 +137,8 @@ def test_the_peak_is_the_larger_of_the_backward_pass_and_the_optimizer_step() ->
     (["backend.zero_stage=3"], 0, 2 * 500_000_000),                                     # stage-3 terms; its bucket
     (["backend.raw={zero_optimization: {reduce_bucket_size: 1000, overlap_comm: true}}"], 4.0 / 8, 2 * 2 * 1000),
     (["backend.raw={zero_optimization: {contiguous_gradients: false}}"], 4.0 / 8, 0),
-    (["backend.raw={data_types: {grad_accum_dtype: fp32}}"], 0, 4 * 500_000_000),      # fp32 gradients all along
+    (["backend.zero_stage=2"], 0, 2 * 500_000_000),                                     # fp32 sums all along
+    (["backend.zero_stage=2", "backend.grad_accum_dtype=bf16"], 4.0 / 8, 2 * 500_000_000),  # bf16 sums
     (["backend.precision=fp32"], 0, 4 * 500_000_000),
 ])
 def test_deepspeed_buffers_follow_the_stage_and_the_raw_block(overrides: list[str], stage_only: float, bucket: int) -> None:
@@ -170,3 +171,14 @@ def test_a_raw_zero_block_that_would_contradict_the_recipe_is_refused(raw: str, 
 
     with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
         load_recipe(REPO / "recipes" / "llama-1b-dense.yaml", [f"backend.raw={raw}"])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fp32_gradient_sums_keep_no_bf16_gradient_partition(stage: int) -> None:
+    recipe = REPO / "recipes" / "llama-1b-dense.yaml"
+    fp32 = estimate(load_recipe(recipe, [f"backend.zero_stage={stage}"]), 8, 32000)
+    bf16 = estimate(load_recipe(recipe, [f"backend.zero_stage={stage}", "backend.grad_accum_dtype=bf16"]), 8, 32000)
+    # bf16 sums: a bf16 gradient partition, and the fp32 one made from it only at the step (ZeRO-2; the
+    # stage-3 terms count it in the state). fp32 sums: the fp32 partition all along, no bf16 one.
+    assert bf16.model_states - fp32.model_states == pytest.approx(2 * fp32.params / 8)
+    assert fp32.step_only == 0 and bf16.step_only == (4 * bf16.params / 8 if stage == 2 else 0)

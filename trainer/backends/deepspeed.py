@@ -42,6 +42,8 @@ def ds_config(cfg: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, worl
         "gradient_clipping": optim.grad_clip or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
+        **({"data_types": {"grad_accum_dtype": "fp32"}}
+           if cfg.precision == "bf16" and cfg.resolved_grad_accum_dtype() == "fp32" else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # we print our own progress
         "wall_clock_breakdown": False,
