@@ -123,7 +123,8 @@ class DeepSpeedConfig(_Strict):
         "auto", description="Dtype the micro-batches' gradients are summed in. auto: fp32 for bf16 training at "
         "ZeRO-2/3 (DeepSpeed's own default sums bf16 gradients in bf16, which loses precision with every "
         "micro-batch), bf16 at ZeRO-0/1 where DeepSpeed has no working fp32 sum for this model; fp32 for fp32 "
-        "training. bf16 saves 2 bytes per parameter (over the GPUs at ZeRO-2/3)."
+        "training. The reduction across ranks stays in bf16. fp32 sums hold a 4-byte gradient partition "
+        "through the backward pass, where bf16 sums hold a 2-byte one (`slimtrain validate` counts it)."
     )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
     raw: dict[str, Any] = Field(
@@ -159,8 +160,9 @@ class DeepSpeedConfig(_Strict):
         if self.grad_accum_dtype == "fp32" and self.precision == "bf16" and self.zero_stage in (0, 1):
             raise ValueError(
                 f"backend.grad_accum_dtype='fp32' with bf16 needs backend.zero_stage 2 or 3, got {self.zero_stage}: "
-                "DeepSpeed has no fp32 gradient sum at ZeRO-0, and its ZeRO-1 one (BF16_Optimizer) adds every "
-                "earlier micro-batch's gradients again for a model whose forward returns a dataclass; set "
+                "DeepSpeed has no fp32 gradient sum at ZeRO-0, and at ZeRO-1 it clears the bf16 gradients between "
+                "micro-batches in a hook that our model's output never triggers, so every micro-batch would add "
+                "the earlier ones again; set "
                 "backend.zero_stage=2 (same communication volume as ZeRO-1) or backend.grad_accum_dtype='auto'")
 
     def resolved_grad_accum_dtype(self) -> str:

@@ -28,5 +28,7 @@ def compiled_cross_entropy_sum() -> CrossEntropySum:
     Static shapes: each shape (the chunk, a short last chunk, eval) gets its own kernel whatever came
     before it. With automatic dynamic shapes the first new shape would swap in a symbolic-shape kernel for
     all later calls, so a resumed run, which starts on the static one, could sum in another order than
-    the straight run did at the same step and lose bitwise resume."""
+    the straight run did at the same step and lose bitwise resume. A run calls it with a handful of shapes
+    (with and without gradients), well under Dynamo's recompile limit (8), past which new shapes would
+    run eager."""
     return torch.compile(fp32_cross_entropy_sum, dynamic=False)

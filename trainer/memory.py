@@ -66,17 +66,20 @@ def model_state_bytes(params: int, largest_layer: int, zero_stage: int, precisio
     the fp32 state (and, from stage 2, the gradients) in CPU memory. Stage 2 equals DeepSpeed's
     `estimate_zero2_model_states_mem_needs`; stage 3 is 2 bytes a parameter over `world` above
     `estimate_zero3_model_states_mem_needs`, which leaves out the bf16 parameter partition itself.
-    fp32_grad_sums (bf16 at ZeRO-2/3, `backend.grad_accum_dtype`): the micro-batches' gradients are summed
-    straight into the fp32 gradient partition, so the bf16 partition is not kept.
+    fp32_grad_sums (bf16 at ZeRO-2/3, `backend.grad_accum_dtype`): ZeRO-2 sums the micro-batches' gradients
+    straight into the fp32 partition the step uses, so no bf16 one is kept; ZeRO-3 keeps its gradient
+    partition in fp32 instead of bf16 and still copies it for the step.
     """
     n = max(world, 1)
     w = 2 if precision == "bf16" else 4  # bytes of a parameter and of a gradient
     state = 0.0 if offload_optimizer else (16.0 if precision == "bf16" else 8.0)
-    grad_partition = 0 if offload_optimizer or (fp32_grad_sums and precision == "bf16") else w
+    fp32_sums = fp32_grad_sums and precision == "bf16"
     if zero_stage == 3:
-        return 2 * w * largest_layer + (w + grad_partition + state) * params / n
+        grads = 0 if offload_optimizer else (4 if fp32_sums else w)
+        return 2 * w * largest_layer + (w + grads + state) * params / n
     if zero_stage == 2:
-        return w * params + (grad_partition + state) * params / n
+        grads = 0 if offload_optimizer or fp32_sums else w
+        return w * params + (grads + state) * params / n
     if zero_stage == 1:
         return 2 * w * params + state * params / n
     return 2 * w * params + state * params

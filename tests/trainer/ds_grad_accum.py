@@ -21,7 +21,10 @@ from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from slimtrain.trainer.distributed import init_distributed
 
 MICRO_BATCHES = 64
-SETTINGS = [(2, "auto"), (2, "bf16"), (3, "auto"), (3, "bf16")]
+# (stage, grad_accum_dtype, offload_optimizer); offloading runs with a bucket smaller than the model, so that
+# gradients are reduced (and moved to the CPU) in the middle of each backward pass.
+SETTINGS = [(2, "auto", False), (2, "bf16", False), (3, "auto", False), (3, "bf16", False), (2, "auto", True),
+            (3, "auto", True)]
 
 
 def model() -> Transformer:
@@ -45,18 +48,20 @@ def reference(batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return total
 
 
-def accumulated(stage: int, accum_dtype: str, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def accumulated(stage: int, accum_dtype: str, offload: bool, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     train = TrainConfig(steps=1, global_batch_size=len(batches), micro_batch_size=1)
-    b = DeepSpeedBackend(DeepSpeedConfig(zero_stage=stage, precision="bf16", grad_accum_dtype=accum_dtype), train,
-                         OptimConfig(grad_clip=None))
+    raw = {"zero_optimization": {"reduce_bucket_size": 2048}, "zero_force_ds_cpu_optimizer": False} if offload else {}
+    cfg = DeepSpeedConfig(zero_stage=stage, precision="bf16", grad_accum_dtype=accum_dtype, offload_optimizer=offload,
+                          raw=raw)
+    b = DeepSpeedBackend(cfg, train, OptimConfig(grad_clip=None))
     m = model()
     b.setup(m, torch.optim.SGD(m.parameters(), lr=1.0), None)
     master = lambda: {n: safe_get_full_fp32_param(p).double().clone() for n, p in b.engine.module.named_parameters()}
     before = master()
     for ids in batches:
-        b.engine.backward(loss_of(b.engine, ids))
+        b.backward(loss_of(b.engine, ids))
         b.engine.step()
     assert b.engine.global_steps == 1
     return {n: before[n] - after for n, after in master().items()}
@@ -67,11 +72,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 64, (1, 16), generator=gen) for _ in range(MICRO_BATCHES)]
     ref = reference(batches)
-    for stage, accum_dtype in SETTINGS:
-        got = accumulated(stage, accum_dtype, batches)
+    for stage, accum_dtype, offload in SETTINGS:
+        got = accumulated(stage, accum_dtype, offload, batches)
         diff = torch.cat([(got[n] - ref[n]).flatten() for n in ref])
         error = float(diff.norm() / torch.cat([r.flatten() for r in ref.values()]).norm())
-        print(json.dumps({"stage": stage, "grad_accum_dtype": accum_dtype, "relative_error": error}), flush=True)
+        print(json.dumps({"stage": stage, "grad_accum_dtype": accum_dtype, "offload_optimizer": offload,
+                          "relative_error": error}), flush=True)
 
 
 if __name__ == "__main__":

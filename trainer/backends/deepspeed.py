@@ -113,7 +113,7 @@ class DeepSpeedBackend:
         self.engine.train()
         for batch in micro_batches:
             loss, token_loss_sum, terms = loss_fn(self.engine, batch.to(self.device), norm)
-            self.engine.backward(loss)
+            self.backward(loss)
             self.engine.step()
             loss_sum += token_loss_sum.detach().double().cpu()
             for name, value in terms.items():
@@ -130,6 +130,19 @@ class DeepSpeedBackend:
             applied=bool(self.engine.was_step_applied()),
             extras=extras,
         )
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`engine.backward`, with the ZeRO optimizer told first whether this micro-batch ends the step.
+
+        DeepSpeed tells it in a backward hook that it registers on the forward's output tensors, looking
+        only into tensors, tuples, lists and dicts; our model returns a dataclass, so that hook never
+        runs. The flag is otherwise set only after the backward, one micro-batch late, and with
+        `offload_optimizer` ZeRO-2/3 read it during the backward when moving gradients to the CPU: the
+        summed gradients were then wrong (0.76 relative error over 64 micro-batches, measured)."""
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "set_gradient_accumulation_boundary"):
+            optimizer.set_gradient_accumulation_boundary(self.engine.is_gradient_accumulation_boundary())
+        self.engine.backward(loss)
 
     @torch.no_grad()
     def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int]:
