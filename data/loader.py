@@ -275,7 +275,8 @@ def _check_state(loader: Loader, state: dict[str, Any]) -> None:
         diff = {k: (v, ours.get(k)) for k, v in state["stream"].items() if ours.get(k) != v}
         raise LoaderStateError(
             f"the loader state was saved for another data stream (saved vs now: {diff}); resume with the "
-            "recipe's original data, packer, seq_len and seed, or start a fresh run"
+            "recipe's original data, packer, seq_len and seed, or start a fresh run (a new run.output_dir, or "
+            "checkpoint.resume=never, which moves the old run into previous_N/)"
         )
     layout = ("world_size", "micro_batch_size", "global_batch_size")
     if state["micro_batches_in_step"] and any(state[k] != getattr(loader, k) for k in layout):

@@ -51,13 +51,29 @@ SHAPING = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_
            "tie_embeddings")
 
 
-def check_branch(recipe, step_dir: Path) -> None:
-    """Before any process starts: the branch must keep the source's model and have steps left to train."""
+def model_differences(recipe, step_dir: Path) -> str:
+    """The parameter-shaping model fields where `recipe` and the checkpoint's recipe differ ('' if none)."""
     saved = (yaml.safe_load((step_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("model") or {}
     ours = recipe.model.model_dump(mode="json")
     diff = [k for k in SHAPING if k in saved and None not in (saved[k], ours[k]) and saved[k] != ours[k]]
-    if diff:
-        shown = ", ".join(f"model.{k}={saved[k]!r} there, {ours[k]!r} here" for k in diff)
+    return ", ".join(f"model.{k}={saved[k]!r} there, {ours[k]!r} here" for k in diff)
+
+
+def check_resume(recipe, step_dir: Path) -> None:
+    """Before the backend loads anything: a resume continues the same model."""
+    shown = model_differences(recipe, step_dir)
+    if shown:
+        raise RecipeError(
+            f"run.output_dir holds a checkpoint ({step_dir}) of another model ({shown}); a resume continues "
+            "the same model. Set the same values, or train the new model from step 0 in a new run.output_dir "
+            "(or with checkpoint.resume=never, which moves the old run into previous_N/)"
+        )
+
+
+def check_branch(recipe, step_dir: Path) -> None:
+    """Before any process starts: the branch must keep the source's model and have steps left to train."""
+    shown = model_differences(recipe, step_dir)
+    if shown:
         raise RecipeError(f"{FIELD}={str(step_dir)!r}: the model differs ({shown}); a branch keeps the source's "
                           "parameters (plugins may add to them). Set the same values, or start a new run")
     step = int(source_state(step_dir)["step"])

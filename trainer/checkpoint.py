@@ -10,9 +10,10 @@ Layout under `{run}/checkpoints/`:
     step_00000100/manifest.json     every file and its size; written last: its presence means complete
     latest                          the name of the newest complete step directory
 
-A save writes into `step_X.tmp/` and renames it when complete, so a crash mid-save leaves the previous
-checkpoint as `latest`. On resume a checkpoint whose files do not match its manifest is skipped with
-a warning in favour of the previous complete one.
+A save writes into `step_X.tmp/`, flushes every file to disk, writes the manifest and renames the
+directory, so a crash mid-save (or a node losing power) leaves the previous checkpoint as `latest`. On
+resume a checkpoint whose files do not match its manifest is skipped with a warning in favour of the
+previous complete one; when none is complete the run stops rather than start again from step 0 over them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from slimtrain.trainer.backends.base import Backend
+from slimtrain.trainer.errors import CheckpointError
 from slimtrain.trainer.faults import maybe_fault
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -64,6 +66,7 @@ def save_checkpoint(root: Path, step: int, backend: Backend, state: dict[str, An
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         for name, src in (copy_dirs or {}).items():
             shutil.copytree(src, tmp / name, dirs_exist_ok=True)
+        _sync_tree(tmp)  # the manifest must not reach the disk before the files it vouches for
         _write_json(tmp / MANIFEST, {"step": step, "files": _file_sizes(tmp)})
         _replace_dir(tmp, final)
         _write_latest(root, final.name)
@@ -73,7 +76,11 @@ def save_checkpoint(root: Path, step: int, backend: Backend, state: dict[str, An
 
 
 def find_resumable(root: Path) -> Path | None:
-    """The newest complete checkpoint: `latest` if it verifies, else the newest step dir that does."""
+    """The newest complete checkpoint: `latest` if it verifies, else the newest step dir that does.
+
+    None when `root` holds no checkpoint at all (a fresh run). Raises CheckpointError when it holds some
+    but none is complete: starting from step 0 would overwrite them and mix two runs' metrics.
+    """
     if not root.is_dir():
         return None
     candidates = []
@@ -81,16 +88,55 @@ def find_resumable(root: Path) -> Path | None:
     if latest.is_file():
         candidates.append(root / latest.read_text().strip())
     candidates += sorted((p for p in root.iterdir() if STEP_RE.match(p.name)), reverse=True)
-    seen: set[Path] = set()
+    problems: dict[Path, str] = {}
     for path in candidates:
-        if path in seen:
+        if path in problems:
             continue
-        seen.add(path)
-        problem = verify_checkpoint(path)
+        problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
         if problem is None:
             return path
+        problems[path] = problem
         warnings.warn(f"skipping checkpoint {path}: {problem}; falling back to an older one", stacklevel=2)
-    return None
+    if not problems:
+        return None
+    shown = "; ".join(f"{p.name}: {why}" for p, why in problems.items())
+    raise CheckpointError(f"{root} holds checkpoints but none is complete ({shown})")
+
+
+def find_resume_point(root: Path) -> Path | None:
+    """`find_resumable` for a training run, whose error says how to go on."""
+    try:
+        return find_resumable(root)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}. Nothing was overwritten. To train from step 0, set checkpoint.resume=never (the old "
+            "checkpoints and metrics are moved into previous_N/) or choose a new run.output_dir; to keep "
+            "this run, put back a complete step directory"
+        ) from None
+
+
+def step_of(path: Path) -> int:
+    """The step number of a step directory `step_XXXXXXXX`."""
+    match = STEP_RE.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a step directory (step_XXXXXXXX)")
+    return int(match.group(1))
+
+
+def move_aside(run_dir: Path, names: tuple[str, ...]) -> Path | None:
+    """Move the named entries of `run_dir` (an earlier run's checkpoints, metrics...) into
+    `run_dir/previous_<n>/`; returns that directory, or None when there was nothing to move."""
+    present = [run_dir / n for n in names if (run_dir / n).exists()]
+    if not present:
+        return None
+    n = 1
+    while (run_dir / f"previous_{n}").exists():
+        n += 1
+    dest = run_dir / f"previous_{n}"
+    dest.mkdir()
+    for p in present:
+        os.replace(p, dest / p.name)
+    return dest
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -142,6 +188,28 @@ def _load_rng(path: Path) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sync_tree(directory: Path) -> None:
+    """fsync every file under `directory`, then the directories (the names), so a crash of the machine
+    cannot leave a manifest that lists files still only in the page cache. Rank 0 runs it after the
+    barrier: on a local disk fsync reaches every rank's writes; shared filesystems flush on close."""
+    dirs = [directory, *(p for p in directory.rglob("*") if p.is_dir())]
+    for p in directory.rglob("*"):
+        if p.is_file():
+            _fsync(p, os.O_RDONLY)
+    for d in dirs:
+        _fsync(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory; the files are what matters
+        pass
+    finally:
+        os.close(fd)
+
+
 def _file_sizes(directory: Path) -> dict[str, int]:
     return {
         str(p.relative_to(directory)): p.stat().st_size
@@ -171,12 +239,22 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / "latest.part"
-    tmp.write_text(name + "\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, root / "latest")
+    _fsync(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
 def _apply_retention(root: Path, keep: int, protect: str) -> None:
-    steps = sorted((p for p in root.iterdir() if STEP_RE.match(p.name)), reverse=True)
+    """Keep the newest `keep` step directories (by step number) and drop what crashed saves left behind
+    (`step_X.tmp`, `step_X.old`): only rank 0 writes here, and only after its own save completed."""
+    steps = sorted((p for p in root.iterdir() if STEP_RE.match(p.name)), key=step_of, reverse=True)
     for old in steps[keep:]:
         if old.name != protect:
             shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.iterdir():
+        base, dot, suffix = leftover.name.rpartition(".")
+        if dot and suffix in ("tmp", "old") and STEP_RE.match(base) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)

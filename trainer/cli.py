@@ -86,11 +86,14 @@ def _check_resume(recipe, world_size: int) -> None:
     """The checkpoint a run would resume (or branch) from must suit the recipe (checked again at load)."""
     from pathlib import Path
 
-    from slimtrain.trainer.checkpoint import find_resumable
+    from slimtrain.trainer.branch import check_resume
+    from slimtrain.trainer.checkpoint import find_resume_point
 
     path = None
     if recipe.checkpoint.resume != "never":
-        path = find_resumable(Path(recipe.run.resolved_output_dir) / "checkpoints")
+        path = find_resume_point(Path(recipe.run.resolved_output_dir) / "checkpoints")
+        if path is not None:
+            check_resume(recipe, path)
     if path is None and recipe.checkpoint.branch_from:
         from slimtrain.trainer.branch import check_branch, resolve_branch_source
 

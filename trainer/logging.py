@@ -82,6 +82,22 @@ class ProgressBar:
             self.progress.stop()
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run directory's wandb run id, made on its first start: every resumed job logs into the same
+    wandb run (wandb keeps only steps past the ones it has, so steps repeated after a crash are not doubled)."""
+    path = run_dir / WANDB_ID_FILE
+    if not path.is_file():
+        import uuid
+
+        part = path.with_suffix(".part")
+        part.write_text(uuid.uuid4().hex[:16] + "\n", encoding="utf-8")
+        os.replace(part, path)
+    return path.read_text(encoding="utf-8").strip()
+
+
 class Wandb:
     """Thin wrapper: offline unless a key is set (mode auto), never fatal when wandb is unavailable."""
 
@@ -96,7 +112,7 @@ class Wandb:
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         self.run = wandb.init(
             project=recipe.logging.wandb.project, name=recipe.run.name, dir=str(run_dir), mode=mode,
-            config=recipe.model_dump(mode="json"), resume="allow",
+            config=recipe.model_dump(mode="json"), id=wandb_run_id(run_dir), resume="allow",
         )
 
     def log(self, record: dict[str, Any]) -> None:

@@ -12,16 +12,24 @@ from typing import Any
 from slimtrain.trainer import signals
 from slimtrain.trainer.backends import Backend, StepResult
 from slimtrain.data.errors import LoaderStateError
-from slimtrain.trainer.branch import check_branch, check_same_tokenizer, pinned_source, source_state
-from slimtrain.trainer.checkpoint import find_resumable, load_checkpoint, load_rng, save_checkpoint
+from slimtrain.trainer.branch import check_branch, check_resume, check_same_tokenizer, pinned_source, source_state
+from slimtrain.trainer.checkpoint import (
+    find_resume_point, load_checkpoint, load_rng, move_aside, save_checkpoint, step_of,
+)
 from slimtrain.trainer.config import Recipe
-from slimtrain.trainer.errors import TrainingStopped
+from slimtrain.trainer.errors import CheckpointError, TrainingStopped
 from slimtrain.trainer.faults import fault_active, maybe_fault
-from slimtrain.trainer.logging import MetricsLog, ProgressBar, Throughput, Wandb, console, plot_losses
+from slimtrain.trainer.logging import (
+    WANDB_ID_FILE, MetricsLog, ProgressBar, Throughput, Wandb, console, plot_losses,
+)
 from slimtrain.trainer.losses import make_loss_fn
 from slimtrain.trainer.plugins import reduce_metrics
 from slimtrain.trainer.recipe import dump_recipe
 from slimtrain.trainer.run import RunParts
+
+
+# What an earlier run leaves in its run directory; checkpoint.resume=never moves these into previous_N/.
+EARLIER_RUN_FILES = ("checkpoints", "metrics.jsonl", "loss_curve.png", "wandb", WANDB_ID_FILE)
 
 
 @dataclass
@@ -34,6 +42,8 @@ class LoopState:
     nonfinite_in_a_row: int = 0
     elapsed_s: float = 0.0
     last_eval: dict[str, float] = field(default_factory=dict)
+    finished: bool = False
+    """True once the final evaluation and checkpoint are done: a rerun of a finished run does nothing."""
 
 
 class Trainer:
@@ -53,6 +63,8 @@ class Trainer:
         chunk, compiled = recipe.train.loss_chunk_tokens, recipe.train.compile
         self.loss_fn = make_loss_fn(self.plugins, chunk, compiled)
         self.eval_loss_fn = make_loss_fn((), chunk, compiled)
+        self.val_loader = None  # built at the first evaluation, restarted by every later one
+        self.started = time.monotonic()  # train.stop_after_minutes counts this process's time only
 
     def run(self) -> LoopState:
         """Train to `train.steps` (or until stopped by a signal or the time limit); returns the final state."""
@@ -78,11 +90,14 @@ class Trainer:
                 tput.add(result.tokens)
                 self._log_step(result, tput, bar, wandb)
                 stop_reason = self._stop_reason()
-                if self._eval_due():
+                # A stop saves at once (an evaluation first could outlast the scheduler's grace period);
+                # the last step's evaluation and save are _finish's.
+                if not stop_reason and self._eval_due():
                     self._evaluate(wandb)
-                if stop_reason or self.state.step % self.recipe.checkpoint.every == 0:
+                if stop_reason or self._save_due():
                     self._save()
                     maybe_fault("hang_after_save", self.state.step, self.backend.rank)
+                    stop_reason = stop_reason or self._stop_reason()  # a signal that came during the save
                 if stop_reason:
                     break
             if not stop_reason:
@@ -109,6 +124,7 @@ class Trainer:
     def _account(self, result: StepResult) -> None:
         self.state.step += 1
         self.state.tokens_seen += result.tokens
+        self.state.finished = False  # a run continued past its end (train.steps raised) finishes again
         finite = math.isfinite(result.loss)
         if finite and result.applied:
             self.state.nonfinite_in_a_row = 0
@@ -133,7 +149,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": self.state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "tokens": self.state.tokens_seen, "tokens_per_s": tps, "skipped": not result.applied,
-            "time_s": round(self.state.elapsed_s, 3), **result.extras,
+            "skipped_steps": self.state.skipped_steps, "time_s": round(self.state.elapsed_s, 3), **result.extras,
         }
         if mfu is not None:
             record["mfu"] = mfu
@@ -145,7 +161,7 @@ class Trainer:
         """Agreed over ranks: 'preempted' (SIGUSR1), 'terminated' (SIGTERM), 'time', or '' to go on."""
         sig = signals.pending()
         limit = self.recipe.train.stop_after_minutes
-        over = limit is not None and self.state.elapsed_s >= limit * 60
+        over = limit is not None and time.monotonic() - self.started >= limit * 60
         usr1, term, late = self.backend.all_reduce_sum(
             [float(sig == signal.SIGUSR1), float(sig == signal.SIGTERM), float(over)]
         )
@@ -155,15 +171,25 @@ class Trainer:
         every = self.recipe.eval.every
         return bool(every) and self.state.step % every == 0 and self.state.step != self.recipe.train.steps
 
+    def _save_due(self) -> bool:
+        return self.state.step % self.recipe.checkpoint.every == 0 and self.state.step != self.recipe.train.steps
+
     # -- eval, save, resume ------------------------------------------------------------------------
 
     def _evaluate(self, wandb: Wandb) -> dict[str, float]:
         loss_sum, tokens = 0.0, 0
-        for i, batch in enumerate(self.parts.make_val_loader()):
-            if i >= self.recipe.eval.batches:
-                break
-            s, n = self.backend.eval_step(batch, self.eval_loss_fn)
-            loss_sum, tokens = loss_sum + s, tokens + n
+        if self.val_loader is None:
+            self.val_loader = self.parts.make_val_loader()
+        try:
+            for i, batch in enumerate(self.val_loader):
+                if i >= self.recipe.eval.batches:
+                    break
+                s, n = self.backend.eval_step(batch, self.eval_loss_fn)
+                loss_sum, tokens = loss_sum + s, tokens + n
+        finally:  # a pass cut short by eval.batches would leave its prefetch thread waiting forever
+            close = getattr(self.val_loader, "close", None)
+            if close is not None:
+                close()
         loss_sum, tokens = self.backend.all_reduce_sum([loss_sum, float(tokens)])
         loss = loss_sum / max(tokens, 1.0)
         self.state.last_eval = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
@@ -178,7 +204,7 @@ class Trainer:
         state = {
             "step": self.state.step, "tokens_seen": self.state.tokens_seen,
             "skipped_steps": self.state.skipped_steps, "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
-            "elapsed_s": self.state.elapsed_s, "last_eval": self.state.last_eval,
+            "elapsed_s": self.state.elapsed_s, "last_eval": self.state.last_eval, "finished": self.state.finished,
             "world_size": self.backend.world_size, "loader": self.parts.train_loader.state_dict(),
             "model_config": self.parts.model_cfg.model_dump(mode="json"), "tokenizer": self.parts.tokenizer_ids,
         }
@@ -186,23 +212,57 @@ class Trainer:
                                self.recipe.checkpoint.keep, copy_dirs={"tokenizer": self.parts.tokenizer_dir})
 
     def _maybe_resume(self) -> None:
-        path = None if self.recipe.checkpoint.resume == "never" else find_resumable(self.ckpt_root)
+        if self.recipe.checkpoint.resume == "never":
+            self._move_earlier_run_aside()
+            path = None
+        else:
+            path = self._agreed_resume_point()
         if path is None:
+            self.metrics.truncate_after(0)  # lines of a start that crashed before its first checkpoint
             if self.recipe.checkpoint.branch_from:
                 self._branch(pinned_source(self.recipe, self.ckpt_root, self.is_main, self.backend.barrier))
             return
-        state = load_checkpoint(path, self.backend)
-        self.parts.train_loader.load_state_dict(state["loader"])
+        check_resume(self.recipe, path)
+        state = source_state(path)
+        self.parts.train_loader.load_state_dict(state["loader"])  # a changed data stream fails before the load
+        load_checkpoint(path, self.backend)
         self.state = LoopState(
             step=state["step"], tokens_seen=state["tokens_seen"], skipped_steps=state["skipped_steps"],
             nonfinite_in_a_row=state["nonfinite_in_a_row"], elapsed_s=state["elapsed_s"],
-            last_eval=state.get("last_eval", {}),
+            last_eval=state.get("last_eval", {}), finished=state.get("finished", False),
         )
         self.metrics.truncate_after(self.state.step)
         for plugin in self.plugins:  # re-derive step-dependent state (evaluation may follow without a step)
             plugin.on_step_start(self.state.step)
         if self.is_main:
             console.print(f"[green]resumed[/] from {path} at step {self.state.step}")
+
+    def _move_earlier_run_aside(self) -> None:
+        """checkpoint.resume=never: a fresh start next to an earlier run's files would mix the two."""
+        if self.is_main:
+            moved = move_aside(self.run_dir, EARLIER_RUN_FILES)
+            if moved is not None:
+                console.print(f"checkpoint.resume=never: the earlier run's files are now in {moved}")
+        self.backend.barrier()
+
+    def _agreed_resume_point(self) -> Path | None:
+        """The checkpoint every rank resumes from; they must all see the same one (a shared run.output_dir)."""
+        try:
+            path, error = find_resume_point(self.ckpt_root), None
+        except CheckpointError as exc:
+            path, error = None, exc
+        mine = -2 if error else -1 if path is None else step_of(path)
+        (total,) = self.backend.all_reduce_sum([float(mine)])
+        (disagree,) = self.backend.all_reduce_sum([float(mine * self.backend.world_size != total)])
+        if disagree:
+            raise CheckpointError(
+                f"the ranks see different checkpoints in {self.ckpt_root} (rank {self.backend.rank}: "
+                f"{path.name if path else 'none'}); run.output_dir must be one directory that every node "
+                "shares (a cluster filesystem), not a node-local disk"
+            )
+        if error is not None:
+            raise error
+        return path
 
     def _branch(self, source: Path) -> None:
         """Continue `source` (another run's checkpoint) under this recipe; see slimtrain.trainer.branch."""
@@ -228,8 +288,14 @@ class Trainer:
                           soft_wrap=True)
 
     def _finish(self, wandb: Wandb) -> None:
-        self._evaluate(wandb)
-        self._save()
+        if self.state.finished:
+            if self.is_main:
+                console.print(f"[green]finished[/] already at step {self.state.step}; nothing to train "
+                              f"(raise train.steps above {self.state.step} to train on)")
+        else:
+            self._evaluate(wandb)
+            self.state.finished = True
+            self._save()
         if self.is_main and self.recipe.logging.plot:
             plot = plot_losses(self.metrics.read(), self.run_dir / "loss_curve.png")
             if plot:

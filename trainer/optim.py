@@ -68,13 +68,15 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the decay/no-decay groups; the fused CUDA kernel when the parameters live on a GPU.
+    """AdamW over the decay/no-decay groups, on torch's fused kernel (CUDA and CPU).
 
     Fused AdamW is one kernel over all tensors instead of a loop of foreach kernels: for a 1B model
-    on an H100 it is the difference between the optimizer step costing ~25 ms and ~60 ms.
+    on an H100 it is the difference between the optimizer step costing ~25 ms and ~60 ms; on CPU
+    (`backend.offload_optimizer`'s partitions, CPU runs) 50M parameters take 49 ms against 216 ms
+    foreach and 152 ms with DeepSpeedCPUAdam (2-core machine).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
     return GuardedAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                         **({"fused": True} if fused else {}))
 

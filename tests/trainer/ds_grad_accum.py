@@ -52,7 +52,7 @@ def accumulated(stage: int, accum_dtype: str, offload: bool, batches: list[torch
     from deepspeed.utils import safe_get_full_fp32_param
 
     train = TrainConfig(steps=1, global_batch_size=len(batches), micro_batch_size=1)
-    raw = {"zero_optimization": {"reduce_bucket_size": 2048}, "zero_force_ds_cpu_optimizer": False} if offload else {}
+    raw = {"zero_optimization": {"reduce_bucket_size": 2048}} if offload else {}
     cfg = DeepSpeedConfig(zero_stage=stage, precision="bf16", grad_accum_dtype=accum_dtype, offload_optimizer=offload,
                           raw=raw)
     b = DeepSpeedBackend(cfg, train, OptimConfig(grad_clip=None))

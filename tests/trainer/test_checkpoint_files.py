@@ -4,7 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from slimtrain.trainer.checkpoint import find_resumable, save_checkpoint, verify_checkpoint
+from slimtrain.trainer.checkpoint import (
+    find_resumable, find_resume_point, move_aside, save_checkpoint, verify_checkpoint,
+)
+from slimtrain.trainer.errors import CheckpointError
 
 
 class FakeBackend:
@@ -59,5 +62,40 @@ def test_retention_keeps_the_newest(tmp_path: Path) -> None:
 def test_missing_manifest_is_reported(tmp_path: Path) -> None:
     (tmp_path / "step_00000005").mkdir()
     assert "no manifest" in verify_checkpoint(tmp_path / "step_00000005")
-    with pytest.warns(UserWarning):
-        assert find_resumable(tmp_path) is None
+
+
+def test_no_complete_checkpoint_stops_instead_of_training_over_them(tmp_path: Path) -> None:
+    for step in (4, 8):
+        with open(_save(tmp_path, step) / "ds" / "model.pt", "r+b") as f:
+            f.truncate(3)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError) as err:
+        find_resume_point(tmp_path)
+    message = str(err.value)
+    assert "step_00000008: file ds/model.pt has 3 bytes" in message and "step_00000004" in message
+    assert "checkpoint.resume=never" in message and "run.output_dir" in message
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000008"]
+
+
+def test_an_empty_checkpoint_directory_is_a_fresh_start(tmp_path: Path) -> None:
+    (tmp_path / "step_00000020.tmp").mkdir()  # the first save was killed: nothing to resume, nothing lost
+    (tmp_path / "branch.json").write_text("{}")
+    assert find_resume_point(tmp_path) is None
+
+
+def test_a_save_clears_what_crashed_saves_left(tmp_path: Path) -> None:
+    for leftover in ("step_00000030.tmp", "step_00000010.old"):
+        (tmp_path / leftover / "ds").mkdir(parents=True)
+    _save(tmp_path, 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000020"]
+
+
+def test_an_earlier_run_is_moved_aside_whole(tmp_path: Path) -> None:
+    _save(tmp_path / "checkpoints", 10)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert move_aside(tmp_path, ("checkpoints", "metrics.jsonl", "wandb")) == tmp_path / "previous_1"
+    assert (tmp_path / "previous_1" / "checkpoints" / "step_00000010" / "manifest.json").is_file()
+    assert (tmp_path / "previous_1" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert not (tmp_path / "checkpoints").exists()
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert move_aside(tmp_path, ("checkpoints", "metrics.jsonl")) == tmp_path / "previous_2"
+    assert move_aside(tmp_path, ("checkpoints",)) is None

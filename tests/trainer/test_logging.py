@@ -48,3 +48,18 @@ def test_wandb_runs_offline_without_a_key(tmp_path: Path, monkeypatch) -> None:
     while b"loss" not in record_file.read_bytes() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert b"loss" in record_file.read_bytes()
+
+
+def test_a_resumed_job_logs_into_the_same_wandb_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = load_recipe(TINY, ["logging.wandb.enabled=true", "logging.wandb.mode=offline"])
+    ids = []
+    for step in (1, 2):  # the first job, then its resume
+        run = Wandb(recipe, tmp_path, enabled=True)
+        ids.append(run.run.id)
+        run.log({"step": step, "loss": 3.0})
+        run.close()
+    assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(ids[0] in p.name for p in runs)  # one directory per job, one wandb run id

@@ -117,6 +117,16 @@ def test_zero_stages_agree(straight: dict, tmp_path_factory: pytest.TempPathFact
             assert curves[stage][step] == pytest.approx(curves[2][step], rel=1e-5), (stage, step)
 
 
+def test_offloaded_optimizer_trains_the_same(straight: dict, tmp_path: Path, data_cache: Path) -> None:
+    """`backend.offload_optimizer` as a recipe sets it (DeepSpeed refuses a client optimizer with offloading
+    unless the generated ds_config says otherwise): our fused AdamW steps the fp32 partitions in CPU memory."""
+    proc = run_train(tmp_path, data_cache, ["backend.zero_stage=2", "backend.offload_optimizer=true"])
+    assert proc.returncode == 0, proc.stdout
+    curve = losses(tmp_path)
+    for step in range(1, 21):
+        assert curve[step] == pytest.approx(straight[2][step], rel=1e-5), step
+
+
 def test_compiled_blocks_with_activation_checkpointing_train_the_same(straight: dict, tmp_path: Path,
                                                                       data_cache: Path) -> None:
     proc = run_train(tmp_path, data_cache, ["train.compile=true", "train.activation_checkpointing=true"])
