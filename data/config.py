@@ -118,7 +118,8 @@ class TokenizerConfig(BaseModel):
         if (self.path is None) == (self.train is None):
             raise ValueError(
                 "data.tokenizer: set exactly one of `path` (a local tokenizer.json or directory) or "
-                "`train: {vocab_size: N}` (train a byte-level BPE on the sources)"
+                "`train: {vocab_size: N}` (train a byte-level BPE on the sources); setting one in a recipe "
+                "that extends another, or on the command line, replaces the other"
             )
         return self
 
@@ -145,10 +146,10 @@ class DataConfig(BaseModel):
     )
     val_fraction: float = Field(
         0.005,
-        ge=0.0,
+        gt=0.0,
         lt=0.5,
         description="Fraction of documents held out for validation, chosen by a hash of the document text "
-        "(stable across runs, machines and worker counts).",
+        "(stable across runs, machines and worker counts). Above 0: every run ends with an evaluation.",
     )
     num_workers: int | None = Field(
         None, ge=1, description="Tokenizer worker processes for prepare; unset = number of CPU cores, at most 8."

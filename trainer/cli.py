@@ -44,7 +44,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from slimtrain.trainer.recipe import dump_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.world_size:
+    if not args.world_size:  # the world a plain `slimtrain train` starts; --world-size checks another
+        recipe.check_world(recipe.run.local_procs)
+    else:
         from slimtrain.trainer.memory import estimate, format_estimate, resolve_vocab_size
 
         gas = recipe.check_world(args.world_size)
@@ -190,6 +192,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(REPO_RECIPES / "quickstart.yaml", args.overrides)
 
 
+def _positive(text: str) -> int:
+    """argparse type: a whole number of processes or ranks, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,14 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe (resumes from the run's latest checkpoint)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=20")
-    p.add_argument("--nproc", type=int, default=None, help="local processes (default: run.local_procs)")
+    p.add_argument("--nproc", type=_positive, default=None, help="local processes (default: run.local_procs)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="validate a recipe and print it resolved")
     p.add_argument("recipe", nargs="?")
     p.add_argument("--reference", action="store_true", help="print the recipe reference (every key) instead")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--world-size", type=_positive, default=None,
                    help="also check the batch geometry for N ranks and estimate the memory per GPU")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU the estimate is held against")
     p.set_defaults(func=cmd_validate)

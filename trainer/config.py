@@ -1,7 +1,7 @@
 """The recipe schema: every block of a recipe YAML, validated strictly (unknown keys are errors).
 
 Loading, `extends:` and command-line overrides live in `recipe.py`; this file only says what a valid
-recipe is. Field descriptions are the recipe reference (`slimtrain validate --explain` prints them).
+recipe is. Field descriptions are the recipe reference (`slimtrain validate --reference` prints them).
 """
 
 from __future__ import annotations
@@ -264,6 +264,13 @@ class Recipe(_Strict):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "raise model.max_seq_len or lower data.seq_len"
+            )
+        trained = self.data.tokenizer.train
+        if trained is not None and self.model.vocab_size is not None and self.model.vocab_size < trained.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={self.model.vocab_size} is smaller than the tokenizer's "
+                f"data.tokenizer.train.vocab_size={trained.vocab_size}; set model.vocab_size to null (the "
+                "tokenizer's size) or to at least that"
             )
         if self.train.micro_batch_size > self.train.global_batch_size:
             raise ValueError(

@@ -18,6 +18,35 @@ from slimtrain.trainer.errors import RecipeError
 
 MAX_EXTENDS_DEPTH = 8
 
+# Keys of which a block takes exactly one: setting one (in a child recipe or an override) drops the others
+# a parent set, e.g. a tokenizer `path:` replaces an inherited `train:` block.
+ONE_OF = {("data", "tokenizer"): ("path", "train")}
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML for recipes: a key twice in one block is an error (YAML would keep the last silently), and
+    `5e7` is a number (YAML 1.1 wants `5.0e+7`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise RecipeError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in the same "
+                                  "block; YAML would keep only the last one. Merge them into one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """`text` parsed with the recipe rules (RecipeLoader)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read `path`, merge what it extends, apply overrides, validate."""
@@ -27,13 +56,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_recipe(raw, source=str(path))
 
 
-def load_raw(path: str | Path, _depth: int = 0) -> dict[str, Any]:
+def load_raw(path: str | Path, _depth: int = 0, _child: Path | None = None) -> dict[str, Any]:
     """The recipe as a plain dict with `extends:` resolved (the child wins, dicts merge deeply)."""
     path = Path(path)
     if not path.is_file():
+        if _child is not None:
+            raise RecipeError(f"{_child}: extends: {str(path)!r}, which does not exist; give a path relative to "
+                              f"{_child.resolve().parent} (or absolute)")
         raise RecipeError(f"recipe file {str(path)!r} does not exist; pass the path of a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except RecipeError as exc:
+        raise RecipeError(f"{path}, {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -41,10 +75,35 @@ def load_raw(path: str | Path, _depth: int = 0) -> dict[str, Any]:
     parent = data.pop("extends", None)
     if parent is None:
         return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: must be the path of one recipe file, got {parent!r}")
     if _depth >= MAX_EXTENDS_DEPTH:
         raise RecipeError(f"{path}: `extends:` chain deeper than {MAX_EXTENDS_DEPTH}; is there a cycle?")
-    base = load_raw((path.parent / parent).resolve(), _depth + 1)
-    return deep_merge(base, data)
+    base = load_raw((path.parent / parent).resolve(), _depth + 1, _child=path)
+    return merge_recipes(base, data)
+
+
+def merge_recipes(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`deep_merge` for recipes: a key of a ONE_OF group set by the child drops the group's other keys."""
+    merged = deep_merge(base, child)
+    for where, group in ONE_OF.items():
+        set_here = _block(child, where)
+        if set_here and any(k in set_here for k in group):
+            _drop_others(_block(merged, where), group, keep=[k for k in group if k in set_here])
+    return merged
+
+
+def _block(raw: dict[str, Any], where: tuple[str, ...]) -> dict[str, Any] | None:
+    node: Any = raw
+    for part in where:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+def _drop_others(block: dict[str, Any] | None, group: tuple[str, ...], keep: list[str]) -> None:
+    for key in group:
+        if block is not None and key not in keep:
+            block.pop(key, None)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -67,10 +126,16 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise RecipeError(f"override {item!r}: empty key segment in {key!r}")
+    if parts[0] == "extends":
+        raise RecipeError(f"override {item!r}: extends: is read from the recipe file before any override; "
+                          "write a recipe that extends the other one instead")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        value = parse_yaml(text)
+    except (yaml.YAMLError, RecipeError) as exc:
         raise RecipeError(f"override {item!r}: value {text!r} is not valid YAML: {exc}") from exc
+    group_of = {(*where, key): group for where, group in ONE_OF.items() for key in group}
+    if tuple(parts) in group_of:  # e.g. data.tokenizer.path=... replaces an inherited tokenizer train block
+        _drop_others(_block(raw, tuple(parts[:-1])), group_of[tuple(parts)], keep=[parts[-1]])
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -116,10 +181,17 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 
 def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+    loc = _recipe_path(err["loc"], raw)
     where = ".".join(loc) or "<top>"
+    if err["type"] == "union_tag_invalid":  # e.g. a source `type:` that names no source kind
+        ctx = err.get("ctx", {})
+        field = ctx.get("discriminator", "").strip("'")
+        choices = re.findall(r"'([^']*)'", ctx.get("expected_tags", ""))
+        close = difflib.get_close_matches(str(ctx.get("tag")), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{where}.{field}: got {ctx.get('tag')!r} — choose one of {', '.join(map(repr, choices))}{hint}"
     if err["type"] == "extra_forbidden":
-        choices = _fields_at(Recipe, loc[:-1])
+        choices = _fields_at(Recipe, loc[:-1], raw)
         hint = difflib.get_close_matches(loc[-1], choices, n=1)
         fix = f"did you mean {hint[0]!r}?" if hint else f"valid keys: {', '.join(sorted(choices))}"
         return f"{where}: unknown key — {fix}"
@@ -134,27 +206,63 @@ def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
         close = difflib.get_close_matches(str(got), choices, n=1)
         if close:
             msg += f" (did you mean {close[0]!r}?)"
+    if err["type"] == "string_type" and isinstance(got, (bool, int, float)):
+        # YAML read the text as a number or a boolean (2024, yes, off): quoting keeps it text.
+        msg += f"; to mean the text, quote it: {where}: \"{got}\" (on the command line: '{where}=\"{got}\"')"
     return f"{where}: got {got!r} — {msg}"
 
 
-def _is_union_tag(part: Any) -> bool:
-    # pydantic puts discriminator tags / union member names into `loc`; they are not recipe keys.
-    return isinstance(part, str) and ("[" in part or part.startswith("function-"))
+def _recipe_path(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[str]:
+    """pydantic's error location as the recipe's key path: the union members and discriminator tags it
+    inserts (`python-stdlib`, `function-after[...]`) are not keys of the recipe, so they are dropped."""
+    out: list[str] = []
+    node: Any = raw
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(part, str) and ("[" in part or part.startswith("function-") or
+                                        (isinstance(node, dict) and not last and part not in node)):
+            continue
+        else:
+            node = None
+        out.append(str(part))
+    return out
 
 
-def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
-    """Field names of the nested model at `path` (best effort, for did-you-mean)."""
+def _fields_at(model: type[BaseModel], path: list[str], raw: Any) -> list[str]:
+    """Field names of the nested model at `path` (best effort, for did-you-mean); a list item of a union
+    of models (data sources) is the member its `type:` names."""
     current: Any = model
     for part in path:
+        raw = raw[int(part)] if isinstance(raw, list) and part.isdigit() and int(part) < len(raw) else (
+            raw.get(part) if isinstance(raw, dict) else None)
+        if part.isdigit():
+            current = _member(getattr(current, "__args__", (current,))[0], raw)
+            continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
             return []
-        current = fields[part].annotation
-        for arg in getattr(current, "__args__", ()) or ():
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                current = arg
+        current = _member(fields[part].annotation, raw)
     fields = getattr(current, "model_fields", None) or {}
     return list(fields)
+
+
+def _member(annotation: Any, raw: Any) -> Any:
+    """The model in `annotation` (a model, Optional/Union of models, list of them) that `raw` is meant as."""
+    args = getattr(annotation, "__args__", ()) or ()
+    if getattr(annotation, "__origin__", None) is list:
+        return annotation
+    if hasattr(annotation, "__metadata__"):  # Annotated[Union[...], discriminator]
+        return _member(args[0] if args else annotation.__origin__, raw)
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    tag = raw.get("type") if isinstance(raw, dict) else None
+    for m in models:
+        if tag is not None and "type" in m.model_fields and m.model_fields["type"].default == tag:
+            return m
+    return models[0] if models else annotation
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -61,6 +61,14 @@ def _write(path: Path, text: str) -> Path:
          "granularity: tensor}}] ; train.loss_chunk_tokens=64",
          "plugins.0 (qat): lm_head now shares one input scale across tokens, so train.loss_chunk_tokens=64"),
         ("backend.zero_stage=3 ; train.compile=true", "train.compile=true with backend.zero_stage=3 is not supported"),
+        ("data.sources.0.type=file", "data.sources.0.type: got 'file' — choose one of 'python-stdlib', 'files', "
+                                     "'hub' (did you mean 'files'?)"),
+        ("data.sources.0.max_docs=3", "data.sources.0.max_docs: unknown key — did you mean 'max_documents'?"),
+        ("run.name=2024", """run.name: got 2024 — Input should be a valid string; to mean the text, quote it"""),
+        ("extends=other.yaml", "extends: is read from the recipe file before any override"),
+        ("model.vocab_size=100", "model.vocab_size=100 is smaller than the tokenizer's "
+                                 "data.tokenizer.train.vocab_size=512"),
+        ("data.val_fraction=0", "data.val_fraction: got 0"),
     ],
 )
 def test_bad_recipes_say_what_to_fix(override: str, expected: str) -> None:
@@ -109,3 +117,47 @@ def test_docs_recipe_reference_is_current() -> None:
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
     assert doc.read_text() == recipe_reference(), "regenerate: slimtrain validate --reference > docs/recipe.md"
+
+
+def test_yaml_rules_for_recipes(tmp_path: Path) -> None:
+    tiny = (RECIPES[0].parent / "tiny-cpu.yaml").read_text()
+    with pytest.raises(RecipeError, match="key 'model' appears twice in the same block"):
+        load_recipe(_write(tmp_path / "dup.yaml", tiny + "model: {num_layers: 3}\n"))
+    recipe = load_recipe(RECIPES[0].parent / "tiny-cpu.yaml", ["backend.raw={zero_optimization: {reduce_bucket_size: 5e7}}"])
+    assert recipe.backend.raw["zero_optimization"]["reduce_bucket_size"] == 5e7  # a number, as written
+
+
+def test_extends_errors_name_the_recipe_that_extends(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"child.yaml: extends: must be the path of one recipe file, got \[.a.yaml.\]"):
+        load_recipe(_write(tmp_path / "child.yaml", "extends: [a.yaml]\n"))
+    with pytest.raises(RecipeError, match=r"lost.yaml: extends: '.*nope.yaml', which does not exist; give a path "
+                                          r"relative to"):
+        load_recipe(_write(tmp_path / "lost.yaml", "extends: nope.yaml\n"))
+
+
+def test_a_tokenizer_path_replaces_an_inherited_trained_one(tmp_path: Path) -> None:
+    quickstart = RECIPES[0].parent / "quickstart.yaml"
+    child = _write(tmp_path / "child.yaml", f"extends: {quickstart}\ndata: {{tokenizer: {{path: tok/}}}}\n")
+    assert load_recipe(child).data.tokenizer.train is None
+    recipe = load_recipe(quickstart, ["data.tokenizer.path=tok/"])
+    assert str(recipe.data.tokenizer.path) == "tok" and recipe.data.tokenizer.train is None
+    assert load_recipe(child, ["data.tokenizer.train={vocab_size: 300}"]).data.tokenizer.path is None
+
+
+def test_the_readme_recipe_validates(tmp_path: Path) -> None:
+    readme = (RECIPES[0].parents[1] / "README.md").read_text()
+    block = readme.split("```yaml\nextends: quickstart.yaml", 1)[1].split("```", 1)[0]
+    child = _write(tmp_path / "readme.yaml", f"extends: {RECIPES[0].parent / 'quickstart.yaml'}" + block)
+    recipe = load_recipe(child)
+    assert recipe.model.hidden_size == 512 and recipe.data.tokenizer.path is not None
+
+
+def test_validate_checks_the_world_a_plain_train_starts(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "slimtrain.trainer.cli", "validate", str(RECIPES[0].parent / "quickstart.yaml")]
+    proc = subprocess.run([*cmd, "train.global_batch_size=24"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "world size (2) = 16" in proc.stderr  # run.local_procs: 2
+    proc = subprocess.run([*cmd, "--world-size", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "give a whole number of at least 1" in proc.stderr

@@ -123,3 +123,10 @@ def test_ranks_that_see_different_checkpoints_stop(tmp_path: Path) -> None:
     node_local = SimpleNamespace(ckpt_root=tmp_path, backend=TwoRanks(-1.0))  # the other rank sees no checkpoint
     with pytest.raises(CheckpointError, match="every node shares"):
         Trainer._agreed_resume_point(node_local)
+
+
+def test_a_ds_config_deepspeed_refuses_names_backend_raw(tmp_path: Path, data_cache: Path) -> None:
+    proc = run_train(tmp_path, data_cache, ["backend.raw.zero_optimization.reduce_bucket_size=abc"], nproc=1)
+    assert proc.returncode == 2, proc.stdout
+    assert "reduce_bucket_size: got 'abc'" in proc.stdout and "fix that key under backend.raw" in proc.stdout
+    assert "Traceback" not in proc.stdout

@@ -75,6 +75,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def grad_norms(run_dir: Path) -> dict[int, float | None]:
+    """step → gradient norm (before clipping) from metrics.jsonl."""
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["grad_norm"] for r in records if "loss" in r}
+
+
 def _env(fault: str | None) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("SLIMTRAIN_FAULT", None)

@@ -81,6 +81,7 @@ class DeepSpeedBackend:
         self.config = ds_config(cfg, train, optim, self.world_size)
         self.grad_accum = self.config["gradient_accumulation_steps"]
         self.engine = None
+        self.own_grad_norm = False
 
     @property
     def device(self) -> torch.device:
@@ -93,10 +94,20 @@ class DeepSpeedBackend:
         """Create the engine; the model's parameters are partitioned/wrapped from here on."""
         import deepspeed
 
+        from pydantic import ValidationError
+
         self.config = fit_gradient_bucket(self.config, sum(p.numel() for p in model.parameters()))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config, dist_init_required=False
-        )
+        try:
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config, dist_init_required=False
+            )
+        except ValidationError as exc:  # DeepSpeed's own config models: only backend.raw can feed them bad values
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: got {e.get('input')!r} — {e['msg']}"
+                                 for e in exc.errors())
+            raise RecipeError(f"DeepSpeed refused the ds_config (the recipe's, with backend.raw merged over it): "
+                              f"{problems}; fix that key under backend.raw") from None
+        # ZeRO-0 in fp32 steps our optimizer unwrapped, and DeepSpeed drops the norm it clips with.
+        self.own_grad_norm = self.engine.optimizer is optimizer
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepResult:
         """Forward/backward every micro-batch, then one optimizer step.
@@ -116,16 +127,19 @@ class DeepSpeedBackend:
         loss_sum = torch.zeros((), dtype=torch.float64)
         extras: dict[str, float] = {}
         self.engine.train()
-        for batch in micro_batches:
+        own_norm = None
+        for i, batch in enumerate(micro_batches):
             loss, token_loss_sum, terms = loss_fn(self.engine, batch.to(self.device), norm)
             self.backward(loss)
+            if self.own_grad_norm and i == len(micro_batches) - 1:
+                own_norm = self.grad_norm()  # reduced over ranks by the last backward, not yet clipped
             self.engine.step()
             loss_sum += token_loss_sum.detach().double().cpu()
             for name, value in terms.items():
                 extras[name] = extras.get(name, 0.0) + float(value) / len(micro_batches)
         total, *extra_vals = self.all_reduce_sum([float(loss_sum)] + list(extras.values()))
         extras = {k: v / self.world_size for k, v in zip(extras, extra_vals)}
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = own_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         return StepResult(
             loss=total / max(global_labels, 1.0),
@@ -135,6 +149,13 @@ class DeepSpeedBackend:
             applied=bool(self.engine.was_step_applied()),
             extras=extras,
         )
+
+    def grad_norm(self) -> float:
+        """The 2-norm of every parameter's gradient (ZeRO-0, where each rank holds them all)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()))
 
     def backward(self, loss: torch.Tensor) -> None:
         """`engine.backward`, with the ZeRO optimizer told first whether this micro-batch ends the step.
