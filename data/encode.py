@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ class ShardTask:
 def init_worker(tokenizer_json: str, single_thread: bool = True) -> None:
     """Process initializer: one single-threaded tokenizer per worker (the workers are the parallelism)."""
     global _TOKENIZER, _FAST
+    # SLURM's preemption warning (SIGUSR1) reaches every process of the job step; it is for the training
+    # process, which checkpoints. Its default action would kill this worker and break the whole pool.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if single_thread:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer

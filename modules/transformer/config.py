@@ -78,9 +78,12 @@ class ModelConfig(BaseModel):
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Training FLOPs per token (6N plus attention), for MFU.
 
-        causal=True counts the attention a causal mask leaves (half of each row), the FLOPs actually
-        needed. causal=False counts whole rows, PaLM's MFU convention that torchtitan and nanoGPT follow:
-        use it to compare with MFU figures published by those (1.15x higher for a 1B model at seq 4096)."""
+        causal=True counts the attention a causal mask leaves (half of each row): the FLOPs needed when a
+        row holds one document. causal=False counts whole rows, PaLM's MFU convention that torchtitan and
+        nanoGPT follow: use it to compare with MFU figures published by those (1.15x higher for a 1B model
+        at seq 4096). Both count attention over the whole `seq_len`, as those frameworks do with packed rows;
+        with a document mask the kernels skip the cross-document blocks, so short packed documents need less
+        attention work than counted here (for the 1B model at seq 4096, attention is 15% of the causal count)."""
         n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.hidden_size)
         attn = 12 * self.num_layers * self.num_heads * self.dim_per_head * seq_len / (2 if causal else 1)
         return 6 * n + attn

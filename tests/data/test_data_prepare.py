@@ -192,3 +192,20 @@ def test_hub_source_reads_a_dataset_repository_layout(data_config, tmp_path) -> 
     missing = data_config(sources=[{"type": "hub", "name": str(repo), "text_field": "body"}])
     with pytest.raises(SourceError, match=r"no field 'body'.*\['text'\]"):
         prepare(missing, progress=False)
+
+
+def test_tokenizer_workers_outlive_the_preemption_warning() -> None:
+    """SLURM's SIGUSR1 reaches every process of the job step: a pool worker it killed would break prepare."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal\n"
+        "from tokenizers import Tokenizer, models\n"
+        "from slimtrain.data.encode import init_worker\n"
+        "init_worker(Tokenizer(models.BPE()).to_str())\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "print('alive')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stderr
