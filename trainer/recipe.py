@@ -199,7 +199,7 @@ def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{where}: required but missing — add it to the recipe"
     got = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
-    if isinstance(got, dict):  # a whole-block check: its message names the fields itself
+    if isinstance(got, dict) and err["type"] == "value_error":  # a whole-block check names the fields itself
         return f"{where}: {msg}"
     if err["type"] == "literal_error":
         choices = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
