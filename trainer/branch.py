@@ -51,6 +51,28 @@ SHAPING = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_
            "tie_embeddings")
 
 
+def resume_mode(recipe) -> str:
+    """`checkpoint.resume`, except that a job SLURM requeued (preempted, or a node failed) always resumes:
+    `never` starts the run over once, not on every requeue."""
+    import os
+
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return "auto"
+    return recipe.checkpoint.resume
+
+
+def check_fresh_start(recipe) -> None:
+    """checkpoint.resume=never moves the run directory's checkpoints aside: a branch source among them would go."""
+    if resume_mode(recipe) != "never" or not recipe.checkpoint.branch_from:
+        return
+    run_dir = Path(recipe.run.resolved_output_dir).resolve()
+    source = Path(recipe.checkpoint.branch_from).resolve()
+    if source == run_dir or run_dir in source.parents:
+        raise RecipeError(f"{FIELD}={recipe.checkpoint.branch_from!r} is inside this run's directory, which "
+                          "checkpoint.resume=never moves into previous_N/ first; branch from "
+                          f"{run_dir / 'previous_N'} after a first start, or set another run.output_dir")
+
+
 def model_differences(recipe, step_dir: Path) -> str:
     """The parameter-shaping model fields where `recipe` and the checkpoint's recipe differ ('' if none)."""
     saved = (yaml.safe_load((step_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("model") or {}

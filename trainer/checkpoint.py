@@ -59,6 +59,8 @@ def save_checkpoint(root: Path, step: int, backend: Backend, state: dict[str, An
     backend.barrier()
     backend.save(tmp)
     _save_rng(tmp / "rng" / f"rank_{backend.rank:05d}.pt")
+    if int(os.environ.get("LOCAL_RANK", backend.rank)) == 0:
+        _sync_tree(tmp)  # one rank per node flushes what that node's ranks wrote (the page cache is per node)
     maybe_fault("die_during_save", step, backend.rank)
     backend.barrier()
     if backend.rank == 0:
@@ -66,7 +68,7 @@ def save_checkpoint(root: Path, step: int, backend: Backend, state: dict[str, An
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         for name, src in (copy_dirs or {}).items():
             shutil.copytree(src, tmp / name, dirs_exist_ok=True)
-        _sync_tree(tmp)  # the manifest must not reach the disk before the files it vouches for
+        _sync_tree(tmp)  # rank 0's own files too: the manifest must not reach the disk before what it lists
         _write_json(tmp / MANIFEST, {"step": step, "files": _file_sizes(tmp)})
         _replace_dir(tmp, final)
         _write_latest(root, final.name)
@@ -189,9 +191,9 @@ def _load_rng(path: Path) -> None:
 
 
 def _sync_tree(directory: Path) -> None:
-    """fsync every file under `directory`, then the directories (the names), so a crash of the machine
-    cannot leave a manifest that lists files still only in the page cache. Rank 0 runs it after the
-    barrier: on a local disk fsync reaches every rank's writes; shared filesystems flush on close."""
+    """fsync every file under `directory`, then the directories (the names), so a crash of a machine
+    cannot leave a manifest that lists files still only in its page cache. fsync flushes a file's dirty
+    pages whichever process wrote them, so one call per node covers all of that node's ranks."""
     dirs = [directory, *(p for p in directory.rglob("*") if p.is_dir())]
     for p in directory.rglob("*"):
         if p.is_file():

@@ -88,11 +88,12 @@ def _check_resume(recipe, world_size: int) -> None:
     """The checkpoint a run would resume (or branch) from must suit the recipe (checked again at load)."""
     from pathlib import Path
 
-    from slimtrain.trainer.branch import check_resume
+    from slimtrain.trainer.branch import check_fresh_start, check_resume, resume_mode
     from slimtrain.trainer.checkpoint import find_resume_point
 
+    check_fresh_start(recipe)
     path = None
-    if recipe.checkpoint.resume != "never":
+    if resume_mode(recipe) != "never":
         path = find_resume_point(Path(recipe.run.resolved_output_dir) / "checkpoints")
         if path is not None:
             check_resume(recipe, path)

@@ -49,8 +49,9 @@ class TrainConfig(_Strict):
         5, ge=1, description="Consecutive NaN/Inf-loss steps (each skipped and counted) after which the run stops."
     )
     stop_after_minutes: float | None = Field(
-        None, gt=0, description="Save a checkpoint and stop cleanly once this process has trained for this many "
-        "minutes (each resumed job gets the full time again, e.g. a SLURM time limit minus a margin)."
+        None, gt=0, description="Save a checkpoint and stop cleanly once this process has run for this many minutes "
+        "(start-up and data preparation included; each resumed job gets the full time again): e.g. a SLURM "
+        "time limit minus the time a checkpoint takes."
     )
     log_every: int = Field(1, gt=0, description="Write a metrics line every this many steps.")
     activation_checkpointing: bool = Field(
@@ -183,7 +184,7 @@ class CheckpointConfig(_Strict):
     resume: Literal["auto", "never"] = Field(
         "auto", description="auto: resume from the newest complete checkpoint in the run directory if any. "
         "never: train from step 0; an earlier run's checkpoints, metrics.jsonl and wandb run id are first moved "
-        "into previous_N/ in the run directory (a requeued SLURM job would start over each time: use auto there)."
+        "into previous_N/ in the run directory. A job SLURM requeued resumes all the same."
     )
     init_from_hf: str | None = Field(
         None, description="Initialise the weights from a local Hugging Face Llama-family directory "

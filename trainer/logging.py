@@ -86,7 +86,7 @@ WANDB_ID_FILE = "wandb_run_id"
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """The run directory's wandb run id, made on its first start: every resumed job logs into the same
+    """The run directory's wandb run id, made on its first online start: every resumed job logs into the same
     wandb run (wandb keeps only steps past the ones it has, so steps repeated after a crash are not doubled)."""
     path = run_dir / WANDB_ID_FILE
     if not path.is_file():
@@ -110,9 +110,12 @@ class Wandb:
         mode = recipe.logging.wandb.mode
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        # Online, every job of the run logs into one wandb run. Offline, each job keeps its own run: `wandb sync`
+        # of two offline directories under one id would keep only the later one's history.
+        same_run = {"id": wandb_run_id(run_dir), "resume": "allow"} if mode == "online" else {}
         self.run = wandb.init(
             project=recipe.logging.wandb.project, name=recipe.run.name, dir=str(run_dir), mode=mode,
-            config=recipe.model_dump(mode="json"), id=wandb_run_id(run_dir), resume="allow",
+            config=recipe.model_dump(mode="json"), **same_run,
         )
 
     def log(self, record: dict[str, Any]) -> None:

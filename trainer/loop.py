@@ -12,7 +12,9 @@ from typing import Any
 from slimtrain.trainer import signals
 from slimtrain.trainer.backends import Backend, StepResult
 from slimtrain.data.errors import LoaderStateError
-from slimtrain.trainer.branch import check_branch, check_resume, check_same_tokenizer, pinned_source, source_state
+from slimtrain.trainer.branch import (
+    check_branch, check_fresh_start, check_resume, check_same_tokenizer, pinned_source, resume_mode, source_state,
+)
 from slimtrain.trainer.checkpoint import (
     find_resume_point, load_checkpoint, load_rng, move_aside, save_checkpoint, step_of,
 )
@@ -64,7 +66,7 @@ class Trainer:
         self.loss_fn = make_loss_fn(self.plugins, chunk, compiled)
         self.eval_loss_fn = make_loss_fn((), chunk, compiled)
         self.val_loader = None  # built at the first evaluation, restarted by every later one
-        self.started = time.monotonic()  # train.stop_after_minutes counts this process's time only
+        self.started = signals.PROCESS_START  # train.stop_after_minutes counts this process's time only
 
     def run(self) -> LoopState:
         """Train to `train.steps` (or until stopped by a signal or the time limit); returns the final state."""
@@ -94,6 +96,7 @@ class Trainer:
                 # the last step's evaluation and save are _finish's.
                 if not stop_reason and self._eval_due():
                     self._evaluate(wandb)
+                    stop_reason = self._stop_reason()  # a signal that came during the evaluation
                 if stop_reason or self._save_due():
                     self._save()
                     maybe_fault("hang_after_save", self.state.step, self.backend.rank)
@@ -212,7 +215,8 @@ class Trainer:
                                self.recipe.checkpoint.keep, copy_dirs={"tokenizer": self.parts.tokenizer_dir})
 
     def _maybe_resume(self) -> None:
-        if self.recipe.checkpoint.resume == "never":
+        if resume_mode(self.recipe) == "never":
+            check_fresh_start(self.recipe)  # on every rank, before rank 0 moves anything
             self._move_earlier_run_aside()
             path = None
         else:

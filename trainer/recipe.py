@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,11 @@ class RecipeLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; it may come more than once
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise RecipeError(f"line {key_node.start_mark.line + 1}: a key must be a name, not a {key_node.id}")
             if key in seen:
                 raise RecipeError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in the same "
                                   "block; YAML would keep only the last one. Merge them into one")
@@ -133,9 +138,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = parse_yaml(text)
     except (yaml.YAMLError, RecipeError) as exc:
         raise RecipeError(f"override {item!r}: value {text!r} is not valid YAML: {exc}") from exc
-    group_of = {(*where, key): group for where, group in ONE_OF.items() for key in group}
-    if tuple(parts) in group_of:  # e.g. data.tokenizer.path=... replaces an inherited tokenizer train block
-        _drop_others(_block(raw, tuple(parts[:-1])), group_of[tuple(parts)], keep=[parts[-1]])
+    for where, group in ONE_OF.items():  # data.tokenizer.path=... (or .train.vocab_size=...) replaces the other
+        n = len(where)
+        if tuple(parts[:n]) == where and len(parts) > n and parts[n] in group:
+            _drop_others(_block(raw, where), group, keep=[parts[n]])
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -208,7 +214,8 @@ def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
             msg += f" (did you mean {close[0]!r}?)"
     if err["type"] == "string_type" and isinstance(got, (bool, int, float)):
         # YAML read the text as a number or a boolean (2024, yes, off): quoting keeps it text.
-        msg += f"; to mean the text, quote it: {where}: \"{got}\" (on the command line: '{where}=\"{got}\"')"
+        msg += f"; YAML read the value as {type(got).__name__}: to mean the text, quote it ({where}: \"...\" " \
+               f"in the recipe, '{where}=\"...\"' on the command line)"
     return f"{where}: got {got!r} — {msg}"
 
 
@@ -259,8 +266,8 @@ def _member(annotation: Any, raw: Any) -> Any:
         return _member(args[0] if args else annotation.__origin__, raw)
     models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
     tag = raw.get("type") if isinstance(raw, dict) else None
-    for m in models:
-        if tag is not None and "type" in m.model_fields and m.model_fields["type"].default == tag:
+    for m in models:  # the member whose `type: Literal[...]` admits the item's tag
+        if tag is not None and "type" in m.model_fields and tag in typing.get_args(m.model_fields["type"].annotation):
             return m
     return models[0] if models else annotation
 

@@ -6,8 +6,12 @@ Handlers only set a flag: saving from inside a signal handler would interleave w
 from __future__ import annotations
 
 import signal
+import time
 
 _received: list[int] = []
+# When this process started (near enough: the CLI imports this module first): train.stop_after_minutes
+# counts data preparation and start-up too, which the scheduler's time limit also counts.
+PROCESS_START = time.monotonic()
 
 
 def _handler(signum: int, _frame) -> None:

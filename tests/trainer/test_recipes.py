@@ -64,7 +64,8 @@ def _write(path: Path, text: str) -> Path:
         ("data.sources.0.type=file", "data.sources.0.type: got 'file' — choose one of 'python-stdlib', 'files', "
                                      "'hub' (did you mean 'files'?)"),
         ("data.sources.0.max_docs=3", "data.sources.0.max_docs: unknown key — did you mean 'max_documents'?"),
-        ("run.name=2024", """run.name: got 2024 — Input should be a valid string; to mean the text, quote it"""),
+        ("run.name=2024", "run.name: got 2024 — Input should be a valid string; YAML read the value as int: to mean "
+                          "the text, quote it"),
         ("extends=other.yaml", "extends: is read from the recipe file before any override"),
         ("model.vocab_size=100", "model.vocab_size=100 is smaller than the tokenizer's "
                                  "data.tokenizer.train.vocab_size=512"),
@@ -142,6 +143,7 @@ def test_a_tokenizer_path_replaces_an_inherited_trained_one(tmp_path: Path) -> N
     recipe = load_recipe(quickstart, ["data.tokenizer.path=tok/"])
     assert str(recipe.data.tokenizer.path) == "tok" and recipe.data.tokenizer.train is None
     assert load_recipe(child, ["data.tokenizer.train={vocab_size: 300}"]).data.tokenizer.path is None
+    assert load_recipe(child, ["data.tokenizer.train.vocab_size=300"]).data.tokenizer.path is None
 
 
 def test_the_readme_recipe_validates(tmp_path: Path) -> None:
@@ -161,3 +163,16 @@ def test_validate_checks_the_world_a_plain_train_starts(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "world size (2) = 16" in proc.stderr  # run.local_procs: 2
     proc = subprocess.run([*cmd, "--world-size", "0"], capture_output=True, text=True)
     assert proc.returncode == 2 and "give a whole number of at least 1" in proc.stderr
+
+
+def test_yaml_merge_keys_still_work_and_odd_keys_are_named(tmp_path: Path) -> None:
+    from slimtrain.trainer.recipe import parse_yaml
+
+    assert parse_yaml("base: &b {x: 1}\nc: {<<: *b, y: 2}\n")["c"] == {"x": 1, "y": 2}
+    with pytest.raises(RecipeError, match="line 1: a key must be a name, not a sequence"):
+        parse_yaml("? [1, 2]\n: 3\n")
+
+
+def test_a_source_kinds_own_keys_are_suggested() -> None:
+    with pytest.raises(RecipeError, match=r"data.sources.0.path: unknown key — did you mean 'paths'\?"):
+        load_recipe(RECIPES[0].parent / "tiny-cpu.yaml", ["data.sources=[{type: files, path: [a]}]"])

@@ -67,10 +67,11 @@ def test_the_end_is_evaluated_and_saved_once_and_a_finished_run_is_left_alone(tm
 
 
 def test_the_time_limit_is_each_jobs_own(tmp_path: Path, data_cache: Path) -> None:
-    # Steps slowed to over half a second; 0.05 minutes = 3 s per job.
+    # Steps slowed to over half a second; 0.3 minutes = 18 s per job, start-up included.
     stops = []
     for _ in range(2):
-        proc = run_train(tmp_path, data_cache, ["train.stop_after_minutes=0.05"], nproc=1, fault="slow_step@1-20")
+        proc = run_train(tmp_path, data_cache, ["train.stop_after_minutes=0.3", "train.steps=200"], nproc=1,
+                         fault="slow_step@1-200")
         assert proc.returncode == 0 and "(time)" in proc.stdout, proc.stdout
         stops.append(max(losses(tmp_path)))
     assert stops[0] >= 2 and stops[1] - stops[0] >= 2, stops  # not one step per resumed job
@@ -123,6 +124,27 @@ def test_ranks_that_see_different_checkpoints_stop(tmp_path: Path) -> None:
     node_local = SimpleNamespace(ckpt_root=tmp_path, backend=TwoRanks(-1.0))  # the other rank sees no checkpoint
     with pytest.raises(CheckpointError, match="every node shares"):
         Trainer._agreed_resume_point(node_local)
+
+
+def test_resume_never_starts_over_once_not_on_every_requeue(tmp_path: Path, monkeypatch) -> None:
+    from slimtrain.trainer.branch import check_fresh_start, resume_mode
+    from slimtrain.trainer.config import load_recipe
+    from slimtrain.trainer.errors import RecipeError
+
+    never = load_recipe(TINY, [f"run.output_dir={tmp_path}", "checkpoint.resume=never"])
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert resume_mode(never) == "never"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert resume_mode(never) == "never"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # preempted and requeued: go on from its checkpoint
+    assert resume_mode(never) == "auto"
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    own = load_recipe(TINY, [f"run.output_dir={tmp_path}", "checkpoint.resume=never",
+                             f"checkpoint.branch_from={tmp_path / 'checkpoints' / 'step_00000004'}"])
+    with pytest.raises(RecipeError, match="inside this run's directory"):
+        check_fresh_start(own)
+    check_fresh_start(load_recipe(TINY, [f"run.output_dir={tmp_path / 'new'}", "checkpoint.resume=never",
+                                         f"checkpoint.branch_from={tmp_path / 'checkpoints'}"]))
 
 
 def test_a_ds_config_deepspeed_refuses_names_backend_raw(tmp_path: Path, data_cache: Path) -> None:
