@@ -64,6 +64,17 @@ def test_the_finite_check_sees_every_nonfinite_value_in_mixed_dtypes(bad: float)
     assert not all_finite(grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_finite_check_sees_a_nan_anywhere_in_a_large_tensor(dtype: torch.dtype) -> None:
+    # Vectorised min/max kernels work in lanes and tails: a NaN must show wherever it sits.
+    g = torch.randn(1_000_003).to(dtype)
+    for at in (0, 1, 7, 15, 31, 63, 500_000, 1_000_000, 1_000_002):
+        g[at] = math.nan
+        assert not all_finite([g]), at
+        g[at] = 0.0
+    assert all_finite([g])
+
+
 def test_the_finite_check_allocates_nothing_the_size_of_the_gradients() -> None:
     from torch.profiler import ProfilerActivity, profile
 
