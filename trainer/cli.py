@@ -180,8 +180,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from slimtrain.trainer.export.verify import TOLERANCE, compare_logits
 
         ckpt = load_checkpoint_for_export(Path(args.checkpoint))
-        diff = compare_logits(out, ckpt.state_dict, ckpt.model_cfg)
-        verdict = "ok" if diff <= TOLERANCE or args.dtype != "fp32" else "MISMATCH"
+        import torch
+
+        stored = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        diff = compare_logits(out, ckpt.state_dict, ckpt.model_cfg, dtype=stored)
+        verdict = "ok" if diff <= TOLERANCE else "MISMATCH"
         print(f"verify: transformers vs slimtrain max |logit diff| = {diff:.2e} ({verdict})")
         return 0 if verdict == "ok" else 1
     return 0

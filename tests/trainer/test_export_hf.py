@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,11 @@ def test_zero3_export_equals_zero0_and_zero2_exports_and_import_roundtrips(tmp_p
         exported = load_file(export_checkpoint(run, tmp_path / f"e{stage}") / "model.safetensors")
         assert exported.keys() == reference.keys()
         assert all(torch.equal(exported[k], reference[k]) for k in reference), stage
+    from slimtrain.trainer.cli import main
+
+    assert main(["export", str(z3), str(tmp_path / "e3-bf16"), "--dtype", "bf16", "--verify"]) == 0
+    generation = json.loads((e3 / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == json.loads((e3 / "config.json").read_text())["eos_token_id"]
     for name in ("config.json", "generation_config.json", "tokenizer.json", "README.md"):
         assert (e3 / name).is_file(), name
     card = (e3 / "README.md").read_text()
@@ -70,6 +76,55 @@ def test_zero3_export_equals_zero0_and_zero2_exports_and_import_roundtrips(tmp_p
     tok = AutoTokenizer.from_pretrained(e3)
     assert tok.decode(tok("def f(x):\n    return x", add_special_tokens=False).input_ids) == "def f(x):\n    return x"
     assert json.loads((e3 / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.slow
+def test_a_zero0_bf16_export_carries_the_fp32_masters(tmp_path: Path, data_cache: Path) -> None:
+    """ZeRO-0 in bf16 keeps bf16 weights in the module and the fp32 masters in its optimizer state."""
+    from safetensors.torch import load_file
+
+    from slimtrain.trainer.export.consolidate import resolve_checkpoint
+
+    proc = run_train(tmp_path / "run", data_cache, ["backend.zero_stage=0", "backend.precision=bf16", "train.steps=3",
+                                                    "checkpoint.every=3", "optim.lr=1e-2"], nproc=1)
+    assert proc.returncode == 0, proc.stdout
+    exported = load_file(export_checkpoint(tmp_path / "run", tmp_path / "hf") / "model.safetensors")
+    saved = torch.load(next((resolve_checkpoint(tmp_path / "run") / "ds").glob("mp_rank_*_model_states.pt")),
+                       map_location="cpu", weights_only=False)
+    module = saved["module"]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert module["layers.0.attn.q_proj.weight"].dtype == torch.bfloat16
+    assert not torch.equal(exported[q], exported[q].bfloat16().float())  # more than bf16 holds: the masters
+    assert torch.equal(exported[q].bfloat16(), module["layers.0.attn.q_proj.weight"])  # whose rounding is the module
+
+
+def test_verify_holds_bf16_exports_to_the_fp32_tolerance(tmp_path: Path) -> None:
+    cfg = ModelConfig(max_seq_len=64, **CONFIGS["gqa-untied"])
+    torch.manual_seed(0)
+    model, other = Transformer(cfg).eval(), Transformer(cfg).eval()
+    out = write_hf_dir(model.state_dict(), cfg, tmp_path / "hf", tokenizer_dir=None, ids=IDS, dtype=torch.bfloat16)
+    assert compare_logits(out, model.state_dict(), cfg, dtype=torch.bfloat16) <= 1e-4
+    assert compare_logits(out, other.state_dict(), cfg, dtype=torch.bfloat16) > 1e-2  # other weights: caught
+
+
+def test_init_from_hf_refuses_what_the_decoder_would_compute_otherwise(tmp_path: Path) -> None:
+    from slimtrain.trainer.errors import RecipeError
+    from slimtrain.trainer.export.importer import check_hf_config
+
+    cfg = ModelConfig(max_seq_len=64, **CONFIGS["gqa-untied"])
+    out = write_hf_dir(Transformer(cfg).state_dict(), cfg, tmp_path / "hf", tokenizer_dir=None, ids=IDS)
+    check_hf_config(out, cfg)  # its own export matches
+    config = json.loads((out / "config.json").read_text())
+    for change, message in (
+        ({"rope_theta": 500000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+         "model.rope_theta=10000.0 but rope_theta=500000.0"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 32.0}}, "RoPE scaling 'llama3'"),
+        ({"rms_norm_eps": 1e-6}, "model.norm_eps=1e-05 but rms_norm_eps=1e-06"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ):
+        (out / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            check_hf_config(out, cfg)
 
 
 def test_bad_input_writes_nothing(tmp_path: Path) -> None:

@@ -76,14 +76,48 @@ def load_checkpoint_for_export(path: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(path, recipe, model_cfg, state, ctx.state, ctx)
 
 
+def zero0_fp32_masters(path: Path, saved: dict) -> dict[str, torch.Tensor]:
+    """ZeRO-0 in bf16/fp16: the module holds the rounded weights; the fp32 masters are in the optimizer
+    state, group by group in the order our param_groups gave them. {} when there are none (fp32)."""
+    masters = (saved.get("optimizer") or {}).get("fp32_groups")
+    if not masters:
+        return {}
+    from slimtrain.trainer.optim import param_groups
+    from slimtrain.modules.plugins import build_plugins
+    from slimtrain.trainer.plugins import model_skeleton
+
+    state = json.loads((path / STATE).read_text())
+    import yaml
+
+    recipe = validate_recipe(yaml.safe_load((path / "recipe.yaml").read_text()), source=str(path / "recipe.yaml"))
+    skeleton = model_skeleton(ModelConfig.model_validate(state["model_config"]), build_plugins(recipe.plugins))
+    names = {id(p): n for n, p in skeleton.named_parameters(remove_duplicate=False)}
+    aliases: dict[int, list[str]] = {}
+    for n, p in skeleton.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    groups = [g["params"] for g in param_groups(skeleton, 0.0)]
+    if [len(g) for g in groups] != [len(g) for g in masters]:
+        raise CheckpointError(f"{path}: the optimizer's fp32 master groups ({[len(g) for g in masters]} tensors) do "
+                              f"not match the model's parameter groups ({[len(g) for g in groups]})")
+    out: dict[str, torch.Tensor] = {}
+    for params, fp32 in zip(groups, masters):
+        for p, w in zip(params, fp32):
+            if tuple(w.shape) != tuple(p.shape):
+                raise CheckpointError(f"{path}: fp32 master of {names[id(p)]} has shape {tuple(w.shape)}, "
+                                      f"the model's is {tuple(p.shape)}")
+            out.update({n: w.float() for n in aliases[id(p)]})
+    return out
+
+
 def consolidate(path: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights. ZeRO 1-3: DeepSpeed's own merge of the fp32 master partitions."""
+    """Full fp32 weights: the fp32 masters of a bf16/fp16 run. ZeRO 1-3: DeepSpeed's own merge of the
+    fp32 master partitions; ZeRO-0: the module's weights, or the optimizer's fp32 copies of them."""
     if zero_stage == 0:
         files = sorted((path / DS_TAG).glob("mp_rank_*_model_states.pt"))
         if not files:
             raise CheckpointError(f"{path / DS_TAG} holds no mp_rank_*_model_states.pt; the checkpoint is damaged")
-        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in module.items()}
+        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in saved["module"].items()} | zero0_fp32_masters(path, saved)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file it reads

@@ -21,7 +21,12 @@ _MATCH = {
     "num_attention_heads": "num_heads",
     "num_key_value_heads": "kv_heads",
     "tie_word_embeddings": "tie_embeddings",
+    "head_dim": "dim_per_head",
+    "rms_norm_eps": "norm_eps",
 }
+# What our decoder computes and a Llama-family config may say otherwise: the weights would load into a
+# model that computes something else (e.g. Llama 3's `llama3` RoPE scaling, theta 500000).
+_PLAIN = {"hidden_act": ("silu", None), "attention_bias": (False, None), "mlp_bias": (False, None)}
 
 
 def read_hf_state(path: Path) -> dict[str, torch.Tensor]:
@@ -56,6 +61,15 @@ def check_hf_config(path: Path, cfg: ModelConfig) -> None:
             theirs = hf.get("num_attention_heads")
         if theirs is not None and theirs != mine:
             wrong.append(f"model.{ours}={mine} but {hf_key}={theirs}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta"))
+    if theta is not None and float(theta) != cfg.rope_theta:
+        wrong.append(f"model.rope_theta={cfg.rope_theta} but rope_theta={theta}")
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        wrong.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}, which slimtrain's decoder does "
+                     "not compute (plain RoPE only)")
+    wrong += [f"{key}={hf[key]!r}, which slimtrain's decoder does not compute" for key, ok in _PLAIN.items()
+              if key in hf and hf[key] not in ok]
     if wrong:
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} does not match the recipe's model: "
                           + "; ".join(wrong) + " — set these model fields to the checkpoint's values")

@@ -13,14 +13,18 @@ TOLERANCE = 1e-4
 
 @torch.no_grad()
 def compare_logits(out_dir: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, seq_len: int = 32,
-                   batch: int = 2, seed: int = 0) -> float:
-    """Max |logit difference| between our model (fp32, these weights) and the HF load of `out_dir`."""
+                   batch: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> float:
+    """Max |logit difference| between our model and the HF load of `out_dir`, both computing in fp32.
+
+    `dtype`: what the export stored. Our model gets the weights rounded the same way, so that a bf16 or
+    fp16 export is held to the same tolerance as an fp32 one (a wrong name or layout still shows)."""
     from transformers import AutoModelForCausalLM
 
     from slimtrain.modules.transformer import Transformer
 
     ours = Transformer(cfg.model_copy(update={"attention": "eager"}))
-    ours.load_state_dict(state, strict=not cfg.tie_embeddings)
+    ours.load_state_dict({k: v.to(dtype).float() if v.is_floating_point() else v for k, v in state.items()},
+                         strict=not cfg.tie_embeddings)
     ours.eval()
     theirs = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="eager")
     theirs.eval()
