@@ -19,7 +19,6 @@ matches added tokens before pre-tokenizing.
 from __future__ import annotations
 
 import array
-import bisect
 import json
 import re
 from typing import Any

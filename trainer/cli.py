@@ -62,17 +62,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _under_launcher() -> bool:
+def _under_launcher(nproc: int | None = None) -> bool:
+    """Whether a launcher (torchrun, srun) started this process as one rank of its job.
+
+    A SLURM step of one task (an interactive `srun --pty bash`, or a script's `srun slimtrain ...`) with an
+    explicit `--nproc N` is a machine to start N local ranks on, as outside SLURM.
+    """
     from slimtrain.trainer.distributed import resolve_dist_env
 
-    return resolve_dist_env().source != "single"
+    env = resolve_dist_env()
+    if env.source == "single" or not nproc or nproc == 1:
+        return env.source != "single"
+    if env.source == "slurm" and env.world_size == 1:
+        return False
+    raise SlimtrainError(f"--nproc {nproc}: this process is already rank {env.rank} of {env.world_size} started by "
+                         f"{env.source}; drop --nproc (each task of the launcher is one rank)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from slimtrain.trainer.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if not _under_launcher():
+    if not _under_launcher(args.nproc):
         nproc = args.nproc or recipe.run.local_procs
         recipe.check_world(nproc)  # fail before any process starts
         _check_resume(recipe, nproc)

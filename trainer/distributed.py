@@ -74,9 +74,11 @@ def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
     rank = _int(environ, "RANK")
     _check_rank(rank, world_size, "RANK", "WORLD_SIZE")
     if "MASTER_ADDR" not in environ or "MASTER_PORT" not in environ:
+        leaked = " (inside a SLURM step: if they are left over from another launcher, unset RANK WORLD_SIZE " \
+                 "to use SLURM's variables)" if "SLURM_STEP_ID" in environ else ""
         raise DistEnvError(
             "RANK and WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not: "
-            "launch with torchrun, or export both (e.g. MASTER_ADDR=127.0.0.1 MASTER_PORT=29500)"
+            f"launch with torchrun, or export both (e.g. MASTER_ADDR=127.0.0.1 MASTER_PORT=29500){leaked}"
         )
     return DistEnv(
         rank=rank,
@@ -254,6 +256,25 @@ def init_distributed(backend: str) -> DistEnv:
     return env
 
 
+def cuda_device_index(environ: Mapping[str, str] = os.environ, device_count: int | None = None) -> int:
+    """This rank's GPU: its local rank when it sees all of its node's GPUs (the default), or the one GPU it
+    sees when SLURM binds one per task (`--gpus-per-task=1`, `--gpu-bind=single:1`)."""
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count()
+    local = int(environ.get("LOCAL_RANK", 0))
+    if local < device_count:
+        return local
+    if device_count == 1:
+        return 0
+    raise DistEnvError(
+        f"LOCAL_RANK={local} but this process sees {device_count} GPUs (CUDA_VISIBLE_DEVICES="
+        f"{environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give every task all of its node's GPUs or exactly one "
+        "(check --gpus-per-task / --gpu-bind in the job's sbatch options)"
+    )
+
+
 def _print_master(environ: Mapping[str, str]) -> int:
     """``python -m slimtrain.trainer.distributed``: the rendezvous address of the current SLURM job as
     shell assignments, for the batch script (one rule for the script and the Python side)."""
@@ -263,9 +284,31 @@ def _print_master(environ: Mapping[str, str]) -> int:
         print("error: run inside a SLURM job (SLURM_JOB_NODELIST and SLURM_JOB_ID unset)", file=sys.stderr)
         return 2
     addr = environ.get("MASTER_ADDR") or first_host(nodelist)
-    port = environ.get("MASTER_PORT") or str(port_for_job(int(job_id)))
+    port = environ.get("MASTER_PORT") or str(free_port_from(port_for_job(int(job_id))))
     print(f"export MASTER_ADDR={addr} MASTER_PORT={port}")
     return 0
+
+
+# torchrun's defaults (c10d rendezvous and the process group): a job that also listens there would collide
+# with anyone running plain torchrun on the node.
+_TORCHRUN_DEFAULT_PORTS = (29400, 29500)
+
+
+def free_port_from(port: int, tries: int = 200) -> int:
+    """The first port from `port` on (wrapping within the job-port range) that nothing on this machine
+    listens on. The batch script runs on the first node, where rank 0 will listen, so two jobs sharing a
+    node whose ids map to the same port still get different ones."""
+    for i in range(tries):
+        candidate = SLURM_PORT_BASE + (port - SLURM_PORT_BASE + i) % SLURM_PORT_SPAN
+        if candidate in _TORCHRUN_DEFAULT_PORTS:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise DistEnvError(f"no free port among {tries} from {port}; export MASTER_PORT in the env file")
 
 
 if __name__ == "__main__":

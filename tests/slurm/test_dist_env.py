@@ -161,3 +161,48 @@ def test_init_distributed_single_process() -> None:
         finally:
             dist.destroy_process_group()
     assert "MASTER_PORT" not in os.environ or os.environ["MASTER_PORT"] != str(env.master_port)
+
+
+def test_the_batch_script_skips_a_port_another_job_listens_on(no_scontrol: None,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("", port_for_job(17)))
+    taken.listen()
+    try:  # job 10017 maps to the same port as job 17, which holds it on this node
+        assert distributed._print_master({"SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "10017"}) == 0
+    finally:
+        taken.close()
+    assert capsys.readouterr().out == f"export MASTER_ADDR=n1 MASTER_PORT={port_for_job(17) + 1}\n"
+    assert distributed.free_port_from(29400) not in (29400, 29500)  # torchrun's own defaults are left alone
+
+
+def test_leftover_launcher_variables_in_a_slurm_step_say_how_to_clear_them() -> None:
+    with pytest.raises(distributed.DistEnvError, match="unset RANK WORLD_SIZE"):
+        distributed.resolve_dist_env({"RANK": "0", "WORLD_SIZE": "1", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0",
+                                      "SLURM_NTASKS": "4"})
+
+
+def test_nproc_inside_a_one_task_slurm_step_starts_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimtrain.trainer.cli import _under_launcher
+    from slimtrain.trainer.errors import SlimtrainError
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    step = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
+            "SLURM_STEP_NODELIST": "n1"}
+    for key, value in {**step, "SLURM_NTASKS": "1"}.items():  # `srun --pty bash`, then `slimtrain train --nproc 8`
+        monkeypatch.setenv(key, value)
+    assert _under_launcher(8) is False
+    assert _under_launcher(None) is True  # no --nproc: the step's one task is the run's one rank
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(SlimtrainError, match="--nproc 8: this process is already rank 0 of 4 started by slurm"):
+        _under_launcher(8)
+
+
+def test_each_rank_finds_its_gpu_whether_it_sees_all_or_one() -> None:
+    assert distributed.cuda_device_index({"LOCAL_RANK": "3"}, device_count=8) == 3  # all of the node's GPUs
+    assert distributed.cuda_device_index({"LOCAL_RANK": "3"}, device_count=1) == 0  # --gpus-per-task=1
+    with pytest.raises(distributed.DistEnvError, match="LOCAL_RANK=3 but this process sees 2 GPUs"):
+        distributed.cuda_device_index({"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "4,5"}, device_count=2)

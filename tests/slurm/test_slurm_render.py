@@ -5,8 +5,10 @@ No cluster needed: submissions go to a fake `sbatch` on PATH that records what i
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,7 @@ def test_docs_show_the_current_dry_run_output(page: Path) -> None:
         (dict(overrides=("train.steps",)), "override 'train.steps'"),
         (dict(sbatch_args=("qos=high",)), "--sbatch 'qos=high'"),
         (dict(log_dir=Path("my logs")), "--log-dir 'my logs'"),
+        (dict(workdir=Path("/home/me/my proj")), "--log-dir 'runs/slurm' is '/home/me/my proj/runs/slurm'"),
     ],
 )
 def test_bad_options_name_the_flag(kw: dict[str, object], message: str) -> None:
@@ -152,7 +155,7 @@ def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     record = tmp_path / "sbatch-calls"
     record.mkdir()
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     sbatch = bin_dir / "sbatch"
     sbatch.write_text(f'#!/bin/sh\ncat > {record}/script\necho "$@" > {record}/args\necho 77\n')
     sbatch.chmod(0o755)
@@ -213,3 +216,36 @@ def test_bad_launches_are_refused_before_submission(
     assert message in capsys.readouterr().err
     assert not (fake_sbatch / "script").exists()
     assert not (tmp_path / "runs").exists()
+
+
+def _run_script_with_fakes(tmp_path: Path, scontrol_status: int, env_file_body: str = "") -> subprocess.CompletedProcess:
+    """The rendered batch script run by bash, with `srun` a stand-in for the step (it asks for a requeue as
+    the trainer does after SIGUSR1) and `scontrol` one that answers `scontrol_status`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "srun").write_text('#!/bin/bash\necho 1 > "$SLIMTRAIN_REQUEUE_REQUEST"\nexit 0\n')
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"scontrol $*\"\nexit {scontrol_status}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env_file = tmp_path / "env.sh"
+    env_file.write_text(env_file_body)
+    script = render_script(SlurmLaunch(recipe=Path("r.yaml"), workdir=tmp_path, python=sys.executable,
+                                       slimtrain="/st", log_dir=Path("logs"), env=str(env_file)))
+    (tmp_path / "logs").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="42", SLURM_JOB_NODELIST="localhost",
+               SLURM_JOB_NUM_NODES="1")
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_failed_requeue_does_not_end_the_job_completed(tmp_path: Path) -> None:
+    ok = _run_script_with_fakes(tmp_path / "ok", scontrol_status=0)
+    assert ok.returncode == 0 and "scontrol requeue 42" in ok.stdout, ok.stderr
+    failed = _run_script_with_fakes(tmp_path / "failed", scontrol_status=1)
+    assert failed.returncode == 1 and "requeue failed" in failed.stderr  # afterok dependents must not start
+
+
+def test_the_env_file_may_read_unset_variables(tmp_path: Path) -> None:
+    # conda's activation scripts (and some module systems) read variables that may be unset.
+    proc = _run_script_with_fakes(tmp_path, scontrol_status=0, env_file_body='echo "conda ${UNSET_THING}"\n')
+    assert proc.returncode == 0 and "conda " in proc.stdout, proc.stderr

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -87,7 +87,9 @@ class DeepSpeedBackend:
     def device(self) -> torch.device:
         """Where batches must be moved."""
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            from slimtrain.trainer.distributed import cuda_device_index
+
+            return torch.device("cuda", cuda_device_index())
         return torch.device("cpu")
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
@@ -98,8 +100,11 @@ class DeepSpeedBackend:
 
         self.config = fit_gradient_bucket(self.config, sum(p.numel() for p in model.parameters()))
         try:
+            # DeepSpeed would pick cuda:LOCAL_RANK, which a task bound to one GPU does not have.
+            args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
             self.engine, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config, dist_init_required=False
+                args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
+                dist_init_required=False,
             )
         except ValidationError as exc:  # DeepSpeed's own config models: only backend.raw can feed them bad values
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: got {e.get('input')!r} — {e['msg']}"

@@ -100,8 +100,10 @@ def _check_options(o: SlurmLaunch) -> None:
     for flag, value in (("--partition", o.partition), ("--account", o.account), ("--job-name", o.job_name)):
         if value is not None and not _SBATCH_WORD.fullmatch(value):
             raise LaunchError(f"{flag} {value!r}: use letters, digits and _.,:@%+=/- only (no spaces)")
-    if not _SBATCH_WORD.fullmatch(str(o.log_dir)):
-        raise LaunchError(f"--log-dir {str(o.log_dir)!r}: SLURM cannot write logs to a path with spaces; pick another")
+    log_dir = (o.workdir.resolve() / o.log_dir).resolve()  # what the script gets: the submit directory counts
+    if not _SBATCH_WORD.fullmatch(str(log_dir)):
+        raise LaunchError(f"--log-dir {str(o.log_dir)!r} is {str(log_dir)!r}: SLURM cannot write logs to a path "
+                          "with spaces or shell characters; pass an absolute --log-dir without them")
     for arg in o.sbatch_args:
         if not arg.startswith("-") or "\n" in arg:
             raise LaunchError(f"--sbatch {arg!r}: pass one sbatch option, e.g. --sbatch=--qos=high")
