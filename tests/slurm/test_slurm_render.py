@@ -224,7 +224,8 @@ def _run_script_with_fakes(tmp_path: Path, scontrol_status: int, env_file_body: 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True)
     (bin_dir / "srun").write_text('#!/bin/bash\necho 1 > "$SLIMTRAIN_REQUEUE_REQUEST"\nexit 0\n')
-    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"scontrol $*\"\nexit {scontrol_status}\n")
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nif [[ $1 == show ]]; then echo "$3"; exit 0; fi\n'
+                                      f'echo "scontrol $*"\nexit {scontrol_status}\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env_file = tmp_path / "env.sh"
@@ -249,3 +250,9 @@ def test_the_env_file_may_read_unset_variables(tmp_path: Path) -> None:
     # conda's activation scripts (and some module systems) read variables that may be unset.
     proc = _run_script_with_fakes(tmp_path, scontrol_status=0, env_file_body='echo "conda ${UNSET_THING}"\n')
     assert proc.returncode == 0 and "conda " in proc.stdout, proc.stderr
+
+
+def test_a_first_node_name_that_does_not_resolve_stops_the_job_with_the_fix(tmp_path: Path) -> None:
+    proc = _run_script_with_fakes(tmp_path, scontrol_status=0,
+                                  env_file_body="export MASTER_ADDR=no-such-node.invalid\n")
+    assert proc.returncode == 2 and "no-such-node.invalid does not resolve here" in proc.stderr
