@@ -91,8 +91,7 @@ def zero0_fp32_masters(path: Path, saved: dict) -> dict[str, torch.Tensor]:
 
     recipe = validate_recipe(yaml.safe_load((path / "recipe.yaml").read_text()), source=str(path / "recipe.yaml"))
     skeleton = model_skeleton(ModelConfig.model_validate(state["model_config"]), build_plugins(recipe.plugins))
-    names = {id(p): n for n, p in skeleton.named_parameters(remove_duplicate=False)}
-    aliases: dict[int, list[str]] = {}
+    aliases: dict[int, list[str]] = {}  # a tied weight has two names
     for n, p in skeleton.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
     groups = [g["params"] for g in param_groups(skeleton, 0.0)]
@@ -103,7 +102,7 @@ def zero0_fp32_masters(path: Path, saved: dict) -> dict[str, torch.Tensor]:
     for params, fp32 in zip(groups, masters):
         for p, w in zip(params, fp32):
             if tuple(w.shape) != tuple(p.shape):
-                raise CheckpointError(f"{path}: fp32 master of {names[id(p)]} has shape {tuple(w.shape)}, "
+                raise CheckpointError(f"{path}: fp32 master of {aliases[id(p)][0]} has shape {tuple(w.shape)}, "
                                       f"the model's is {tuple(p.shape)}")
             out.update({n: w.float() for n in aliases[id(p)]})
     return out
