@@ -63,12 +63,13 @@ def save_checkpoint(root: Path, step: int, backend: Backend, state: dict[str, An
         _sync_tree(tmp)  # one rank per node flushes what that node's ranks wrote (the page cache is per node)
     maybe_fault("die_during_save", step, backend.rank)
     backend.barrier()
-    if backend.rank == 0:
+    if backend.rank == 0:  # what it writes now is flushed too: the manifest must not reach the disk first
         _write_json(tmp / STATE, state)
-        (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+        _write_durably(tmp / "recipe.yaml", recipe_yaml)
         for name, src in (copy_dirs or {}).items():
             shutil.copytree(src, tmp / name, dirs_exist_ok=True)
-        _sync_tree(tmp)  # rank 0's own files too: the manifest must not reach the disk before what it lists
+            _sync_tree(tmp / name)
+        _fsync_dir(tmp)
         _write_json(tmp / MANIFEST, {"step": step, "files": _file_sizes(tmp)})
         _replace_dir(tmp, final)
         _write_latest(root, final.name)
@@ -199,7 +200,12 @@ def _sync_tree(directory: Path) -> None:
         if p.is_file():
             _fsync(p, os.O_RDONLY)
     for d in dirs:
-        _fsync(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        _fsync_dir(d)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (the names of files just created or renamed in it)."""
+    _fsync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
 def _fsync(path: Path, flags: int) -> None:
@@ -221,9 +227,14 @@ def _file_sizes(directory: Path) -> dict[str, int]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    _write_durably(path, json.dumps(obj, indent=1))
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """`text` into `path` through a flushed `.part` file and a rename: a reader sees all of it or none."""
     tmp = path.with_suffix(path.suffix + ".part")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -240,13 +251,8 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / "latest.part"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
-    _fsync(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    _write_durably(root / "latest", name + "\n")
+    _fsync_dir(root)
 
 
 def _apply_retention(root: Path, keep: int, protect: str) -> None:

@@ -62,11 +62,7 @@ def resolve_checkpoint(path: Path) -> Path:
 def load_checkpoint_for_export(path: Path) -> LoadedCheckpoint:
     """Read the recipe, the resolved model config and the consolidated fp32 weights."""
     path = resolve_checkpoint(path)
-    state = json.loads((path / STATE).read_text())
-    import yaml
-
-    recipe = validate_recipe(yaml.safe_load((path / "recipe.yaml").read_text()), source=str(path / "recipe.yaml"))
-    model_cfg = ModelConfig.model_validate(state["model_config"])
+    recipe, model_cfg, state = checkpoint_recipe(path)
     weights = consolidate(path, recipe.backend.zero_stage)
     if not recipe.plugins:
         return LoadedCheckpoint(path, recipe, model_cfg, state, weights)
@@ -74,6 +70,15 @@ def load_checkpoint_for_export(path: Path) -> LoadedCheckpoint:
 
     ctx = run_export_hooks(recipe.plugins, model_cfg, weights, int(state.get("step", 0)))
     return LoadedCheckpoint(path, recipe, model_cfg, state, ctx.state, ctx)
+
+
+def checkpoint_recipe(path: Path) -> tuple[Recipe, ModelConfig, dict[str, Any]]:
+    """The recipe a checkpoint was saved under, its resolved model config and its trainer state."""
+    import yaml
+
+    state = json.loads((path / STATE).read_text())
+    recipe = validate_recipe(yaml.safe_load((path / "recipe.yaml").read_text()), source=str(path / "recipe.yaml"))
+    return recipe, ModelConfig.model_validate(state["model_config"]), state
 
 
 def zero0_fp32_masters(path: Path, saved: dict) -> dict[str, torch.Tensor]:
@@ -86,11 +91,8 @@ def zero0_fp32_masters(path: Path, saved: dict) -> dict[str, torch.Tensor]:
     from slimtrain.modules.plugins import build_plugins
     from slimtrain.trainer.plugins import model_skeleton
 
-    state = json.loads((path / STATE).read_text())
-    import yaml
-
-    recipe = validate_recipe(yaml.safe_load((path / "recipe.yaml").read_text()), source=str(path / "recipe.yaml"))
-    skeleton = model_skeleton(ModelConfig.model_validate(state["model_config"]), build_plugins(recipe.plugins))
+    recipe, model_cfg, _ = checkpoint_recipe(path)
+    skeleton = model_skeleton(model_cfg, build_plugins(recipe.plugins))
     aliases: dict[int, list[str]] = {}  # a tied weight has two names
     for n, p in skeleton.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
