@@ -10,7 +10,7 @@ Three launchers are understood, in this order:
 
 :func:`resolve_dist_env` only reads a mapping, so every launcher can be tested without one;
 :func:`init_distributed` exports the result in the variables torch expects and initialises the
-process group through DeepSpeed.
+process group through DeepSpeed (NCCL bound to the rank's own GPU first).
 """
 
 from __future__ import annotations
@@ -249,11 +249,37 @@ def init_distributed(backend: str) -> DistEnv:
     import deepspeed  # imported here: resolving the environment must not need DeepSpeed
 
     env = export_dist_env(resolve_dist_env(os.environ))
-    # Every variable is exported above, so DeepSpeed's MPI/AzureML discovery must not run.
+    if backend == "nccl":
+        init_nccl(env)
+    # Every variable is exported above, so DeepSpeed's MPI/AzureML discovery must not run. After
+    # init_nccl, DeepSpeed wraps the process group that is already there.
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=env.rank, world_size=env.world_size
     )
     return env
+
+
+def init_nccl(env: DistEnv) -> None:
+    """The NCCL process group, bound to this rank's own GPU (`cuda_device_index`).
+
+    DeepSpeed would bind `cuda:LOCAL_RANK`, a device that does not exist when SLURM gives each task
+    one GPU; unbound, NCCL guesses the device from the global rank, which can hang on such a mapping.
+    As in DeepSpeed, no device is bound in a single-rank job (torch would then build every later
+    group by splitting a communicator that has no peer) nor on the torch versions where that hangs.
+    """
+    import torch
+    import torch.distributed as dist
+    from deepspeed.constants import default_pg_timeout
+
+    if dist.is_initialized():
+        return
+    device = torch.device("cuda", cuda_device_index())
+    torch.cuda.set_device(device)
+    bind = env.world_size > 1 and not ("2.6.0" < torch.__version__ < "2.7.1")  # TorchVersion compares
+    dist.init_process_group(
+        "nccl", init_method="env://", rank=env.rank, world_size=env.world_size, timeout=default_pg_timeout,
+        **({"device_id": device} if bind else {}),
+    )
 
 
 def cuda_device_index(environ: Mapping[str, str] = os.environ, device_count: int | None = None) -> int:

@@ -64,3 +64,39 @@ def test_batch_counts_and_device_move() -> None:
     assert batch.num_tokens == 3 and batch.num_label_tokens == 1
     moved = batch.to("cpu")
     assert torch.equal(moved.doc_ids, doc_ids)
+
+
+def _batch(doc_ids: torch.Tensor) -> Batch:
+    ids = torch.zeros_like(doc_ids)
+    return Batch(input_ids=ids, labels=ids, position_ids=ids, doc_ids=doc_ids)
+
+
+def test_to_finds_single_document_rows_on_the_host_and_keeps_the_answer() -> None:
+    one_each = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0]])
+    two_docs = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
+    padded = torch.tensor([[0, 0, 0, PAD_DOC_ID], [0, 0, 0, 0]])
+    assert _batch(one_each).single_document_rows is None  # not checked until it moves
+    assert _batch(one_each).to("cpu").single_document_rows is True
+    assert _batch(two_docs).to("cpu").single_document_rows is False
+    assert _batch(padded).to("cpu").single_document_rows is False
+    on_meta = _batch(one_each).to("meta")  # a device tensor is never read back to find out
+    assert on_meta.single_document_rows is True and on_meta.to("meta").single_document_rows is True
+    assert _batch(one_each.to("meta")).to("meta").single_document_rows is None
+
+
+def test_the_loss_runs_single_document_rows_without_a_mask() -> None:
+    """lm_loss hands the model doc_ids=None (plain causal, no device sync) for rows checked on the host."""
+    from types import SimpleNamespace
+
+    from slimtrain.trainer.losses import lm_loss
+
+    seen = []
+
+    def model(input_ids, position_ids, doc_ids, with_logits):
+        seen.append(doc_ids)
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 5, requires_grad=True))
+
+    for doc_ids in (torch.zeros(2, 4, dtype=torch.int64), torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])):
+        batch = _batch(doc_ids).to("cpu")
+        lm_loss(model, batch, label_norm=1.0)
+    assert seen[0] is None and torch.equal(seen[1], torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]))

@@ -206,3 +206,24 @@ def test_each_rank_finds_its_gpu_whether_it_sees_all_or_one() -> None:
     assert distributed.cuda_device_index({"LOCAL_RANK": "3"}, device_count=1) == 0  # --gpus-per-task=1
     with pytest.raises(distributed.DistEnvError, match="LOCAL_RANK=3 but this process sees 2 GPUs"):
         distributed.cuda_device_index({"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "4,5"}, device_count=2)
+
+
+@pytest.mark.parametrize("world_size, bound", [(8, True), (1, False)])
+def test_nccl_is_bound_to_the_rank_s_own_gpu(monkeypatch: pytest.MonkeyPatch, world_size: int, bound: bool) -> None:
+    """With one GPU per task, local rank 3 runs on cuda:0 (DeepSpeed alone would bind cuda:3, which does not
+    exist); a single-rank job binds none, as DeepSpeed does."""
+    import torch
+    import torch.distributed as dist
+
+    calls: dict[str, object] = {}
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    env = DistEnv(rank=3, world_size=world_size, local_rank=3, local_world_size=4, master_addr="n1",
+                  master_port=20001, source="slurm")
+    distributed.init_nccl(env)
+    assert calls["set_device"] == torch.device("cuda", 0)
+    assert (calls["backend"], calls["rank"], calls["world_size"]) == ("nccl", 3, world_size)
+    assert calls.get("device_id") == (torch.device("cuda", 0) if bound else None)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from slimtrain.data.batch import PAD_DOC_ID
+from slimtrain.data.batch import single_document_rows
 
 # `enable_gqa` arrived in torch 2.5; before it, kv heads are repeated to the query heads' count.
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -40,11 +40,10 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def is_plain_causal(doc_ids: torch.Tensor | None) -> bool:
     """True when the document mask equals the causal mask: one document per row, no padding.
 
-    Syncs with the device once per forward; worth it because it unlocks the `is_causal` kernels.
+    On a device tensor this syncs once per forward (the trainer passes None for batches it checked on
+    the host); worth it because it unlocks the `is_causal` kernels.
     """
-    if doc_ids is None:
-        return True
-    return bool(((doc_ids == doc_ids[:, :1]) & (doc_ids != PAD_DOC_ID)).all())
+    return doc_ids is None or single_document_rows(doc_ids)
 
 
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
