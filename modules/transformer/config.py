@@ -30,7 +30,8 @@ class ModelConfig(BaseModel):
     init_std: float = Field(0.02, gt=0, description="Std of the normal init; output projections are scaled by 1/sqrt(2*num_layers).")
     attention: Literal["auto", "sdpa", "flex", "varlen", "flash", "eager"] = Field(
         "auto",
-        description="Attention backend: auto (on CUDA in bf16/fp16: flash if installed, else varlen on torch>=2.10; "
+        description="Attention backend: auto (on CUDA in bf16/fp16: flash if flash-attn (FA2) is installed, else varlen "
+        "on torch>=2.10 and Ampere or newer; "
         "else flex on CUDA; else sdpa), "
         "sdpa (document mask, CPU and GPU), flex (flex-attention block mask, CUDA), "
         "varlen (torch's built-in flash-attention varlen, torch>=2.10, CUDA), "

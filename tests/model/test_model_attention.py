@@ -10,7 +10,7 @@ import torch
 from slimtrain.modules.transformer import Transformer
 from slimtrain.modules.transformer.attention import bind_attention, resolve_backend
 from slimtrain.modules.transformer.attention.base import is_plain_causal
-from slimtrain.modules.transformer.attention.flash import flash_attn_available, flash_usable
+from slimtrain.modules.transformer.attention.flash import flash_attn_available, flash_impl, flash_usable
 from slimtrain.modules.transformer.attention.varlen import varlen_available
 
 from attention_helpers import random_layout as _random_layout, with_backend as _with_backend
@@ -150,8 +150,10 @@ def test_fused_backends_equal_sdpa_on_cuda_bf16(make_model, backend: str, kv_hea
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_fused_backends_train_like_sdpa_on_cuda(make_model, backend: str) -> None:
+def test_fused_backends_train_like_sdpa_on_cuda(make_model, backend: str, request: pytest.FixtureRequest) -> None:
     """Same parameter gradients as SDPA (loss on real tokens), within bf16 noise; q shorter than one block."""
+    if backend == "flash" and flash_impl(torch.device("cuda")) == "fa4":  # seen on an H100; auto leaves FA4 out
+        request.applymarker(pytest.mark.xfail(reason="flash-attn-4 4.0.0b36 gradients disagree with SDPA's"))
     sdpa = make_model(attention="sdpa", init_std=0.1).to("cuda", torch.bfloat16).train()
     other = _with_backend(sdpa, backend).train()
     ids, position_ids, doc_ids = _cuda_inputs(sdpa.cfg.vocab_size)
@@ -166,17 +168,20 @@ def test_fused_backends_train_like_sdpa_on_cuda(make_model, backend: str) -> Non
         assert (got - ref).norm() <= 3e-2 * ref.norm() + 1e-6
 
 
-@pytest.mark.parametrize("flash, varlen, dtype, expected", [
-    (True, True, torch.bfloat16, "flash"), (False, True, torch.bfloat16, "varlen"),
-    (False, False, torch.bfloat16, "flex"), (True, True, torch.float32, "flex"),
+@pytest.mark.parametrize("flash, varlen, sm80, dtype, expected", [
+    (True, True, True, torch.bfloat16, "flash"), (False, True, True, torch.bfloat16, "varlen"),
+    (False, True, False, torch.bfloat16, "flex"), (False, False, True, torch.bfloat16, "flex"),
+    (True, True, True, torch.float32, "flex"),
 ])
-def test_auto_order_on_cuda(monkeypatch: pytest.MonkeyPatch, flash: bool, varlen: bool, dtype: torch.dtype,
-                            expected: str) -> None:
-    """flash, then torch's varlen (8% faster than flex in the 1B step on an H100), then flex; half only."""
+def test_auto_order_on_cuda(monkeypatch: pytest.MonkeyPatch, flash: bool, varlen: bool, sm80: bool,
+                            dtype: torch.dtype, expected: str) -> None:
+    """FA2, then torch's varlen (8% faster than flex in the 1B step on an H100; Ampere or newer), then
+    flex; the first two in bf16/fp16 only."""
     import slimtrain.modules.transformer.attention as attention
 
     monkeypatch.setattr(attention, "flash_usable", lambda device: flash)
     monkeypatch.setattr(attention, "varlen_available", lambda: varlen)
+    monkeypatch.setattr(attention, "_sm80_or_newer", lambda device: sm80)
     assert resolve_backend("auto", torch.device("cuda"), dtype) == expected
 
 

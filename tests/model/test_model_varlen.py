@@ -226,7 +226,8 @@ def test_flash_picks_its_package(monkeypatch: pytest.MonkeyPatch, installed: set
         monkeypatch.delenv("SLIMTRAIN_FLASH", raising=False)
     flash_mod.check_flash_available()
     assert flash_mod.flash_impl(torch.device("cuda", 0)) == expected
-    assert flash_mod.flash_usable(torch.device("cuda", 0))
+    # `auto` takes FA2 only: FA4's gradients disagreed with SDPA's on an H100 (flash.py, _FA4_GRADIENTS)
+    assert flash_mod.flash_usable(torch.device("cuda", 0)) == (expected == "fa2")
 
 
 @pytest.mark.parametrize("installed,forced", [({"fa4"}, None), ({"fa2", "fa4"}, "fa4")])
@@ -238,7 +239,7 @@ def test_flash_refuses_fa4_below_hopper_with_the_fix(monkeypatch: pytest.MonkeyP
     with pytest.raises(RuntimeError, match=r"flash-attn-4, whose backward needs Hopper or newer, on NVIDIA A100; "
                                            r"install flash-attn \(FA2\) or choose attention 'varlen' or 'flex'"):
         flash_mod.flash_impl(torch.device("cuda", 0))
-    assert not flash_mod.flash_usable(torch.device("cuda", 0))  # so `auto` falls back to flex
+    assert not flash_mod.flash_usable(torch.device("cuda", 0))  # so `auto` falls back to varlen or flex
 
 
 def test_flash_refuses_a_forced_package_that_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,3 +247,17 @@ def test_flash_refuses_a_forced_package_that_is_missing(monkeypatch: pytest.Monk
     monkeypatch.setenv("SLIMTRAIN_FLASH", "fa4")
     with pytest.raises(RuntimeError, match=r"SLIMTRAIN_FLASH='fa4'.*installed: \['fa2'\]"):
         flash_mod.check_flash_available()
+
+
+def test_choosing_fa4_warns_that_its_gradients_disagreed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen on an H100: FA4's forward matched SDPA's, its gradients did not; `flash` with FA4 says so."""
+    import sys
+    import types
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = cute.flash_attn_varlen_func = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    with pytest.warns(UserWarning, match="flash-attn-4: on an H100 .* its forward matched SDPA's but its parameter "
+                                         "gradients did not.*choose attention 'varlen'"):
+        flash_mod._kernels.__wrapped__("fa4")

@@ -1,8 +1,8 @@
 """Attention backends, chosen by `ModelConfig.attention` and bound once per forward.
 
 `eager` is the reference; `sdpa` runs everywhere; `flex`, `varlen` and `flash` are the fast CUDA
-paths for packed rows. `auto` picks flash when installed (CUDA, bf16/fp16), else torch's varlen
-(CUDA, bf16/fp16, torch >= 2.10), else flex on CUDA, else sdpa. On an H100 varlen ran the 1B model's
+paths for packed rows. `auto` picks flash when FA2 is installed (CUDA, bf16/fp16; not FA4, see
+flash.py), else torch's varlen (CUDA Ampere+, bf16/fp16, torch >= 2.10), else flex on CUDA, else sdpa. On an H100 varlen ran the 1B model's
 training step 8% faster than flex on rows packed with 1k-token documents (docs/model.md). sdpa, flex and varlen send rows of one unpadded document each to SDPA's fused causal kernel,
 flash to its own dense causal kernel.
 """
@@ -49,11 +49,16 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
         half = dtype in (torch.bfloat16, torch.float16)
         if half and flash_usable(device):
             return "flash"
-        if half and varlen_available():
+        if half and varlen_available() and _sm80_or_newer(device):
             return "varlen"
         if torch.__version__ >= "2.5":  # a TorchVersion: compares as a version, not as a string
             return "flex"
     return "sdpa"
+
+
+def _sm80_or_newer(device: torch.device) -> bool:
+    """torch's flash-attention kernels (behind varlen_attn) need Ampere or newer."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 class BoundAttention:
