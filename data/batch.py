@@ -9,13 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-IGNORE_INDEX = -100
-PAD_DOC_ID = -1
+from slimtrain.data.documents import Documents
+from slimtrain.data.sentinels import IGNORE_INDEX, PAD_DOC_ID
 
-
-def single_document_rows(doc_ids: torch.Tensor) -> bool:
-    """True when every row holds one document and no padding: the document mask is the causal mask."""
-    return bool(((doc_ids == doc_ids[:, :1]) & (doc_ids != PAD_DOC_ID)).all())
+__all__ = ["IGNORE_INDEX", "PAD_DOC_ID", "Batch"]
 
 
 @dataclass
@@ -28,8 +25,9 @@ class Batch:
     position_ids: [B, S] int64, restarting at 0 at the start of every document (or document piece).
     doc_ids:      [B, S] int64, the index of the document within its row (0, 1, 2, ...), PAD_DOC_ID on padding.
     extras:       named extra fields a plugin declares (e.g. a compressor's context spans).
-    single_document_rows: True when every row is one unpadded document, found on the host by `to()`
-                  so that the model need not wait for the GPU to learn it; None when not checked.
+    documents:    `doc_ids` with the answers the attention backends need (one document per row? where do
+                  documents start?), found on the host by the loader or by `to()` so that the model
+                  need not wait for the GPU to learn them; None when not checked.
     """
 
     input_ids: torch.Tensor
@@ -37,22 +35,38 @@ class Batch:
     position_ids: torch.Tensor
     doc_ids: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    single_document_rows: bool | None = None
+    documents: Documents | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        """The same batch on `device`."""
+        """The same batch on `device`, its document layout checked on the host if it was there."""
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        single = self.single_document_rows
-        if single is None and self.doc_ids.device.type == "cpu":  # free here, a device sync later
-            single = single_document_rows(self.doc_ids)
+        documents = self.documents
+        if documents is not None and documents.ids is not self.doc_ids:
+            documents = None  # doc_ids was replaced after the layout was found: find it again
+        if documents is None and self.doc_ids.device.type == "cpu":  # free here, a device sync later
+            documents = Documents.checked_on_host(self.doc_ids)
+        documents = None if documents is None else documents.to(device)
         return Batch(
             input_ids=move(self.input_ids),
             labels=move(self.labels),
             position_ids=move(self.position_ids),
-            doc_ids=move(self.doc_ids),
+            doc_ids=move(self.doc_ids) if documents is None else documents.ids,
             extras={k: move(v) for k, v in self.extras.items()},
-            single_document_rows=single,
+            documents=documents,
         )
+
+    @property
+    def single_document_rows(self) -> bool | None:
+        """True when every row is one unpadded document (None: not checked on the host)."""
+        return None if self.documents is None else self.documents.single
+
+    @property
+    def attention_documents(self) -> Documents | torch.Tensor | None:
+        """What the model's `doc_ids` argument should be: None (plain causal) for rows known to be
+        one document each, else the layout with its host answers, else the bare ids."""
+        if self.single_document_rows:
+            return None
+        return self.documents if self.documents is not None else self.doc_ids
 
     @property
     def num_tokens(self) -> int:

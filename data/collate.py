@@ -7,6 +7,7 @@ import torch
 
 from slimtrain.data.batch import IGNORE_INDEX, PAD_DOC_ID, Batch
 from slimtrain.data.dataset import TokenDataset
+from slimtrain.data.documents import Documents
 from slimtrain.data.packing import PackPlan
 
 
@@ -52,4 +53,7 @@ def build_batch(
     for b, entry in enumerate(rows):
         if entry is not None:
             _fill_row(out, b, dataset, entry[0], entry[1], mask_cross_doc)
-    return Batch(**{k: torch.from_numpy(v) for k, v in out.items()})
+    tensors = {k: torch.from_numpy(v) for k, v in out.items()}
+    # The layout the attention backends need, found here (in the loader's prefetch thread) rather than
+    # by `Batch.to` on the training thread: 0.1-0.2 ms per packed micro-batch of 2 x 4096 tokens.
+    return Batch(**tensors, documents=Documents.checked_on_host(tensors["doc_ids"]))

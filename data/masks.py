@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtrain.data.batch import PAD_DOC_ID
+from slimtrain.data.sentinels import PAD_DOC_ID
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,11 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(s, dtype=torch.bool, device=doc_ids.device)
     mask = (same_doc & causal & real) | (~real & eye)
     return mask[:, None, :, :]
+
+
+def single_document_rows(doc_ids: torch.Tensor) -> bool:
+    """True when every row holds one document and no padding: the document mask is the causal mask."""
+    return bool(((doc_ids == doc_ids[:, :1]) & (doc_ids != PAD_DOC_ID)).all())
 
 
 def segment_lengths(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,10 @@ def lm_loss(model: nn.Module, batch: Batch, label_norm: float, plugins: Sequence
     `fp32_cross_entropy_sum` or its compiled twin (train.compile).
     """
     chunked = chunk_tokens > 0
-    # Rows known (on the host) to be one document each attend plainly causally: no mask, no device sync.
-    doc_ids = None if batch.single_document_rows else batch.doc_ids
-    out = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids, with_logits=not chunked)
+    # The layout found on the host when the batch moved: no mask for rows of one document each, and
+    # the varlen boundaries ready for packed rows, so the forward never waits on the device to learn them.
+    out = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.attention_documents,
+                with_logits=not chunked)
     if chunked:
         head = getattr(model, "module", model).lm_head  # the DeepSpeed engine wraps the Transformer
         token_loss_sum = chunked_lm_loss_sum(head, out.hidden_states, batch.labels, chunk_tokens, cross_entropy)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimtrain.data.documents import Documents, as_documents
+
 from .attention import bind_attention, check_backend
 from .config import ModelConfig
 from .init import init_weights
@@ -76,23 +78,25 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | Documents | None = None,
         with_logits: bool = True,
     ) -> TransformerOutput:
         """Logits for `input_ids` [B, S].
 
         position_ids [B, S]: RoPE positions (default 0..S-1 in every row).
         doc_ids [B, S]: document of each token (-1 = padding); attention never crosses a document
-        and padding attends only to itself. None means one causal document per row.
+        and padding attends only to itself. None means one causal document per row. The trainer passes
+        `Documents` (the ids with their layout found on the host, so that no forward waits on the GPU).
         with_logits=False: skip the LM head (logits=None); the caller applies `lm_head` to the hidden states.
         """
         b, s = input_ids.shape
-        self._check_inputs(input_ids, position_ids, doc_ids)
+        docs = as_documents(doc_ids)
+        self._check_inputs(input_ids, position_ids, None if docs is None else docs.ids)
         x = self.embed(input_ids)
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         cos, sin = rope_cos_sin(position_ids, self.cfg.dim_per_head, self.cfg.rope_theta, x.dtype)
-        attend = bind_attention(self.cfg.attention, doc_ids, s, x.device, x.dtype)
+        attend = bind_attention(self.cfg.attention, docs, s, x.device, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, attend)
         hidden = self.norm(x)

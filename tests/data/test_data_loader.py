@@ -81,6 +81,27 @@ def test_batch_labels_positions_and_doc_ids(unique_dataset, mask: bool) -> None:
                     assert labels[t] == ids[t + 1]  # unmasked: predict the next document's first token
 
 
+def test_batches_carry_their_attention_layout_found_in_the_loader(unique_dataset) -> None:
+    """The loader answers the attention backends' questions (one document per row? cu_seqlens?) as it
+    builds each batch, so the training thread and the GPU never have to; the answers are the masks'."""
+    from slimtrain.data.masks import cu_seqlens, single_document_rows
+
+    dataset = unique_dataset([_lengths()])
+    loader = _loader(dataset, packer="concat", prefetch=2)
+    for _ in range(6):
+        b = next(loader)
+        docs = b.documents
+        assert docs is not None and docs.ids is b.doc_ids and docs.single == single_document_rows(b.doc_ids)
+        if not docs.single:
+            cu, max_len = cu_seqlens(b.doc_ids)
+            assert torch.equal(docs.varlen[0], cu) and docs.varlen[1] == max_len
+        moved = b.to("cpu").documents  # the answers travel with the batch
+        assert moved.single == docs.single and (docs.varlen is None or torch.equal(moved.varlen[0], docs.varlen[0]))
+    b.doc_ids = torch.zeros_like(b.doc_ids)  # replaced after the fact: the stale layout is not trusted
+    assert b.to("cpu").single_document_rows is True
+    loader.close()
+
+
 def test_restored_loader_yields_what_an_uninterrupted_one_would(unique_dataset) -> None:
     dataset = unique_dataset([_lengths()])
     reference = [next(_it) for _it in [_loader(dataset, mb=2, gb=4)] for _ in range(40)]

@@ -99,4 +99,25 @@ def test_the_loss_runs_single_document_rows_without_a_mask() -> None:
     for doc_ids in (torch.zeros(2, 4, dtype=torch.int64), torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])):
         batch = _batch(doc_ids).to("cpu")
         lm_loss(model, batch, label_norm=1.0)
-    assert seen[0] is None and torch.equal(seen[1], torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]))
+    assert seen[0] is None
+    assert torch.equal(seen[1].ids, torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])) and seen[1].single is False
+    assert seen[1].varlen[0].tolist() == [0, 2, 4, 8] and seen[1].varlen[1] == 4
+
+
+def test_to_finds_the_varlen_boundaries_on_the_host() -> None:
+    """Packed rows reach the device with cu_seqlens and their max length already known: on a meta
+    device (where any read of a value fails, as a GPU would have to sync) they equal the host's."""
+    for seed in range(5):
+        doc_ids = _random_doc_ids(3, 24, seed)
+        moved = _batch(doc_ids).to("meta")
+        docs = moved.documents
+        assert docs.ids is moved.doc_ids and docs.ids.device.type == "meta"
+        cu, max_len = cu_seqlens(doc_ids)
+        assert docs.varlen[0].device.type == "meta" and docs.varlen[1] == max_len
+        assert docs.cu_seqlens()[0] is docs.varlen[0] and moved.attention_documents is docs
+        again = moved.to("meta").documents  # the answers travel with the batch
+        assert again.varlen[1] == max_len and again.single is False
+    unchecked = _batch(torch.tensor([[0, 0, 1, 1]]).to("meta")).to("meta")
+    assert unchecked.documents is None and unchecked.attention_documents is unchecked.doc_ids
+    single = _batch(torch.zeros(2, 4, dtype=torch.int64)).to("meta")
+    assert single.documents.varlen is None and single.attention_documents is None

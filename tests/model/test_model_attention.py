@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 import torch
 
-from slimtrain.modules.transformer import Transformer
 from slimtrain.modules.transformer.attention import bind_attention, resolve_backend
 from slimtrain.modules.transformer.attention.base import is_plain_causal
 from slimtrain.modules.transformer.attention.flash import flash_attn_available, flash_impl, flash_usable
@@ -61,9 +60,12 @@ def test_padding_rows_give_finite_logits_and_gradients(make_model, backend: str)
 
 
 def test_single_document_rows_take_the_causal_fast_path(make_model) -> None:
-    assert is_plain_causal(None) and is_plain_causal(torch.zeros(2, 8, dtype=torch.long))
-    assert not is_plain_causal(torch.tensor([[0, 0, 1, 1]]))
-    assert not is_plain_causal(torch.tensor([[0, 0, 0, -1]]))
+    from slimtrain.data.documents import Documents
+
+    assert is_plain_causal(None) and is_plain_causal(Documents(torch.zeros(2, 8, dtype=torch.long)))
+    assert not is_plain_causal(Documents(torch.tensor([[0, 0, 1, 1]])))
+    assert not is_plain_causal(Documents(torch.tensor([[0, 0, 0, -1]])))
+    assert not is_plain_causal(Documents(torch.zeros(2, 8, dtype=torch.long), single=False))  # the host's word
     bound = bind_attention("sdpa", torch.full((2, 8), 3), 8, torch.device("cpu"), torch.float32)
     assert bound.mask is None  # no mask tensor: SDPA may use its causal kernels
     model = make_model(attention="sdpa")

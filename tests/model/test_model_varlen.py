@@ -122,6 +122,32 @@ def test_compiled_blocks_run_the_varlen_backends(make_model, cpu_kernels, backen
     assert "varlen" in cpu_kernels
 
 
+@pytest.mark.parametrize("backend", ["varlen", "flash", "sdpa", "flex"])
+def test_a_layout_found_on_the_host_is_not_found_again(make_model, cpu_kernels, monkeypatch, backend: str) -> None:
+    """The trainer hands the model `Documents` checked on the host (`Batch.to`): the forward uses
+    those answers, so on a GPU it never waits to learn whether rows are packed or where documents start."""
+    from slimtrain.data import documents as documents_mod
+    from slimtrain.data.documents import Documents
+
+    eager = make_model(attention="eager")
+    twin = with_backend(eager, "sdpa")
+    twin.cfg = twin.cfg.model_copy(update={"attention": backend})
+    gen = torch.Generator().manual_seed(11)
+    doc_ids, position_ids = random_layout(3, 32, gen)
+    ids = torch.randint(0, eager.cfg.vocab_size, doc_ids.shape, generator=gen)
+    docs = Documents.checked_on_host(doc_ids)
+    assert docs.single is False and docs.varlen is not None
+    for name in ("single_document_rows", "cu_seqlens"):  # asking the tensor again now fails the test
+        monkeypatch.setattr(documents_mod, name, lambda *a, name=name: pytest.fail(f"{name} recomputed"))
+    with torch.no_grad():
+        ref = eager(ids, position_ids=position_ids, doc_ids=doc_ids).logits
+        out = twin(ids, position_ids=position_ids, doc_ids=docs).logits
+    real = doc_ids != -1
+    assert (ref - out)[real].abs().max() <= 1e-5
+    with pytest.raises(BaseException, match="single_document_rows recomputed"):
+        twin(ids, position_ids=position_ids, doc_ids=doc_ids)  # a bare tensor is asked (the check can fail)
+
+
 def test_flash_runs_single_document_rows_on_its_dense_kernel(cpu_kernels) -> None:
     q = torch.randn(2, 16, 4, 8)
     kv = torch.randn(2, 16, 2, 8)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from slimtrain.data.documents import Documents, as_documents
+
 from .base import AttentionBackend
 from .eager import EagerAttention
 from .flash import FlashAttention, check_flash_available, flash_usable
@@ -77,11 +79,11 @@ class BoundAttention:
 
 
 def bind_attention(
-    name: str, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device, dtype: torch.dtype
+    name: str, doc_ids: torch.Tensor | Documents | None, seq_len: int, device: torch.device, dtype: torch.dtype
 ) -> BoundAttention:
     """Resolve `name` and prepare its mask once, for all layers of one forward."""
     backend = BACKENDS[resolve_backend(name, device, dtype)]
-    return BoundAttention(backend, backend.prepare(doc_ids, seq_len, device))
+    return BoundAttention(backend, backend.prepare(as_documents(doc_ids), seq_len, device))
 
 
 __all__ = ["BACKENDS", "AttentionBackend", "BoundAttention", "bind_attention", "check_backend", "resolve_backend"]

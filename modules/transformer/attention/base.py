@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from slimtrain.data.batch import single_document_rows
+from slimtrain.data.documents import Documents
 
 # `enable_gqa` arrived in torch 2.5; before it, kv heads are repeated to the query heads' count.
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -23,8 +23,8 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> Any:
-        """The mask structure for this forward (shared by all layers); doc_ids None = plain causal."""
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> Any:
+        """The mask structure for this forward (shared by all layers); docs None = plain causal."""
         ...
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
@@ -37,13 +37,13 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def is_plain_causal(doc_ids: torch.Tensor | None) -> bool:
+def is_plain_causal(docs: Documents | None) -> bool:
     """True when the document mask equals the causal mask: one document per row, no padding.
 
-    On a device tensor this syncs once per forward (the trainer passes None for batches it checked on
-    the host); worth it because it unlocks the `is_causal` kernels.
+    Unless the host already knows (`Batch.to`), this syncs once per forward on a device tensor;
+    worth it because it unlocks the `is_causal` kernels.
     """
-    return doc_ids is None or single_document_rows(doc_ids)
+    return docs is None or docs.single_rows()
 
 
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from slimtrain.data.documents import Documents
 from slimtrain.data.masks import document_causal_mask
 
 from .base import causal_mask, repeat_kv
@@ -16,8 +17,8 @@ class EagerAttention:
 
     name = "eager"
 
-    def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor:
-        return causal_mask(seq_len, device) if doc_ids is None else document_causal_mask(doc_ids)
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> torch.Tensor:
+        return causal_mask(seq_len, device) if docs is None else document_causal_mask(docs.ids)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

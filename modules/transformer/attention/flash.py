@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from slimtrain.data.masks import cu_seqlens
+from slimtrain.data.documents import Documents
 
 from .base import is_plain_causal, over_flat_batch, require_cuda_half
 
@@ -146,9 +146,9 @@ class FlashAttention:
 
     name = "flash"
 
-    def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> tuple[Any, ...]:
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> tuple[Any, ...]:
         dense, varlen = _kernels_for(device)
-        return dense, varlen, None if is_plain_causal(doc_ids) else cu_seqlens(doc_ids)
+        return dense, varlen, None if is_plain_causal(docs) else docs.cu_seqlens()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: tuple[Any, ...]) -> torch.Tensor:
         dense, varlen, mask = prepared

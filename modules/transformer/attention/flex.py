@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from slimtrain.data.batch import PAD_DOC_ID
+from slimtrain.data.documents import Documents
+from slimtrain.data.sentinels import PAD_DOC_ID
 
 from .base import causal_attention, is_plain_causal
 
@@ -55,11 +56,12 @@ class FlexAttention:
 
     name = "flex"
 
-    def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> Any:
-        if is_plain_causal(doc_ids):
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> Any:
+        if is_plain_causal(docs):
             return None  # SDPA's fused causal kernel beats a causal block mask (2x on an H100)
         _, create_block_mask = _kernels(device.type == "cuda")
-        return create_block_mask(_document_mask_mod(doc_ids), doc_ids.shape[0], None, seq_len, seq_len, device=device)
+        ids = docs.ids
+        return create_block_mask(_document_mask_mod(ids), ids.shape[0], None, seq_len, seq_len, device=device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
         if mask is None:

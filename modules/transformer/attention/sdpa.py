@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slimtrain.data.documents import Documents
 from slimtrain.data.masks import document_causal_mask
 
 from .base import causal_attention, is_plain_causal, repeat_kv
@@ -15,8 +16,8 @@ class SdpaAttention:
 
     name = "sdpa"
 
-    def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
-        return None if is_plain_causal(doc_ids) else document_causal_mask(doc_ids)
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        return None if is_plain_causal(docs) else document_causal_mask(docs.ids)
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None

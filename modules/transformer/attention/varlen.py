@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from slimtrain.data.masks import cu_seqlens
+from slimtrain.data.documents import Documents
 
 from .base import causal_attention, is_plain_causal, over_flat_batch, require_cuda_half
 
@@ -71,11 +71,11 @@ class VarlenAttention:
 
     name = "varlen"
 
-    def prepare(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> tuple[Any, ...] | None:
-        if is_plain_causal(doc_ids):
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> tuple[Any, ...] | None:
+        if is_plain_causal(docs):
             return None
         check_varlen_available()
-        return (_varlen_call(), *cu_seqlens(doc_ids))
+        return (_varlen_call(), *docs.cu_seqlens())
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: tuple[Any, ...] | None) -> torch.Tensor:
         if prepared is None:
