@@ -109,16 +109,16 @@ def time_mask(name: str, doc_ids: torch.Tensor, device: torch.device, reps: int,
               on_host: bool = False) -> float:
     """Median seconds to build `name`'s mask structure from CPU `doc_ids`: paid once per forward, not per
     layer. on_host: the trainer's way (`Batch.to`), the layout found on the CPU and moved with the
-    ids; else the ids are moved first and the backend asks the device (a wait on a GPU)."""
+    ids; else the ids are moved first and the backend asks the device. Timed with an idle GPU queue, so
+    the device-asking column counts its round trips, not the wait behind queued work a training step adds."""
     from slimtrain.data.documents import Documents
     from slimtrain.modules.transformer.attention import bind_attention
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     s = doc_ids.shape[1]
-    if on_host:
-        return _timed(lambda: bind_attention(name, Documents.checked_on_host(doc_ids).to(device), s, device, dtype),
-                      reps, warmup)
-    return _timed(lambda: bind_attention(name, doc_ids.to(device, non_blocking=True), s, device, dtype), reps, warmup)
+    layout = (lambda: Documents.checked_on_host(doc_ids).to(device)) if on_host else (
+        lambda: doc_ids.to(device, non_blocking=True))
+    return _timed(lambda: bind_attention(name, layout(), s, device, dtype), reps, warmup)
 
 
 def main() -> None:

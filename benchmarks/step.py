@@ -97,7 +97,7 @@ def make_plain_ours(cfg, device: torch.device, bf16: bool, attention: str, compi
     """Our model inside the baseline's plain loop: separates model speed from engine overhead."""
     model = _model(cfg, attention, compile_blocks, recompute).to(device)
     return _plain_step(model, device, bf16,
-                       lambda m, b: m(b.input_ids, position_ids=b.position_ids, doc_ids=b.doc_ids).logits)
+                       lambda m, b: m(b.input_ids, position_ids=b.position_ids, doc_ids=b.attention_documents).logits)
 
 
 def make_hf(cfg, device: torch.device, bf16: bool):

@@ -40,10 +40,9 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         """The same batch on `device`, its document layout checked on the host if it was there."""
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        documents = self.documents
-        if documents is not None and documents.ids is not self.doc_ids:
-            documents = None  # doc_ids was replaced after the layout was found: find it again
-        if documents is None and self.doc_ids.device.type == "cpu":  # free here, a device sync later
+        documents = self._layout()
+        unanswered = documents is None or documents.single is None
+        if unanswered and self.doc_ids.device.type == "cpu":  # free here, a device sync later
             documents = Documents.checked_on_host(self.doc_ids)
         documents = None if documents is None else documents.to(device)
         return Batch(
@@ -55,18 +54,25 @@ class Batch:
             documents=documents,
         )
 
+    def _layout(self) -> Documents | None:
+        """`documents` while it still describes `doc_ids` (a replaced `doc_ids` makes it stale; an
+        in-place edit cannot be seen without reading the tensor, so batches are not edited in place)."""
+        return self.documents if self.documents is not None and self.documents.ids is self.doc_ids else None
+
     @property
     def single_document_rows(self) -> bool | None:
         """True when every row is one unpadded document (None: not checked on the host)."""
-        return None if self.documents is None else self.documents.single
+        layout = self._layout()
+        return None if layout is None else layout.single
 
     @property
     def attention_documents(self) -> Documents | torch.Tensor | None:
         """What the model's `doc_ids` argument should be: None (plain causal) for rows known to be
         one document each, else the layout with its host answers, else the bare ids."""
-        if self.single_document_rows:
+        layout = self._layout()
+        if layout is not None and layout.single:
             return None
-        return self.documents if self.documents is not None else self.doc_ids
+        return layout if layout is not None else self.doc_ids
 
     @property
     def num_tokens(self) -> int:

@@ -30,6 +30,11 @@ class Documents:
     @classmethod
     def checked_on_host(cls, ids: torch.Tensor) -> "Documents":
         """Both answers for `ids` (a CPU tensor): the varlen boundaries only where rows are packed."""
+        if ids.device.type != "cpu":
+            raise ValueError(
+                f"Documents.checked_on_host needs CPU doc_ids, got them on {ids.device}; check them before "
+                "moving the batch (Batch.to does), or pass Documents(ids) to let the backend ask the device"
+            )
         single = single_document_rows(ids)
         return cls(ids, single, None if single else cu_seqlens(ids))
 
@@ -43,7 +48,7 @@ class Documents:
         """True when the document mask is the causal mask; asks the device only when not known."""
         return self.single if self.single is not None else single_document_rows(self.ids)
 
-    def cu_seqlens(self) -> tuple[torch.Tensor, int]:
+    def varlen_args(self) -> tuple[torch.Tensor, int]:
         """(cu_seqlens, max_seqlen) for varlen kernels; computed on `ids`' device only when not known."""
         return self.varlen if self.varlen is not None else cu_seqlens(self.ids)
 

@@ -91,7 +91,7 @@ class Transformer(nn.Module):
         """
         b, s = input_ids.shape
         docs = as_documents(doc_ids)
-        self._check_inputs(input_ids, position_ids, None if docs is None else docs.ids)
+        self._check_inputs(input_ids, position_ids, docs)
         x = self.embed(input_ids)
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
@@ -103,7 +103,7 @@ class Transformer(nn.Module):
         return TransformerOutput(logits=self.lm_head(hidden) if with_logits else None, hidden_states=hidden)
 
     def _check_inputs(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, docs: Documents | None
     ) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -112,6 +112,14 @@ class Transformer(nn.Module):
                 f"sequence length {input_ids.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "raise model.max_seq_len or shorten the data's seq_len"
             )
+        doc_ids = None if docs is None else docs.ids
         for name, t in (("position_ids", position_ids), ("doc_ids", doc_ids)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} shape {tuple(t.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        boundaries = None if docs is None or docs.varlen is None else docs.varlen[0]
+        for name, t in (("doc_ids", doc_ids), ("doc_ids' cu_seqlens", boundaries)):
+            if t is not None and t.device != input_ids.device:  # a kernel would fail far from the cause
+                raise ValueError(
+                    f"{name} on {t.device} but input_ids on {input_ids.device}; move the batch with "
+                    "Batch.to(device), or the Documents with .to(device)"
+                )

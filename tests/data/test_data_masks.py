@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from slimtrain.data.batch import IGNORE_INDEX, PAD_DOC_ID, Batch
+from slimtrain.data.documents import Documents
 from slimtrain.data.masks import cu_seqlens, document_causal_mask, segment_lengths
 
 
@@ -114,10 +116,27 @@ def test_to_finds_the_varlen_boundaries_on_the_host() -> None:
         assert docs.ids is moved.doc_ids and docs.ids.device.type == "meta"
         cu, max_len = cu_seqlens(doc_ids)
         assert docs.varlen[0].device.type == "meta" and docs.varlen[1] == max_len
-        assert docs.cu_seqlens()[0] is docs.varlen[0] and moved.attention_documents is docs
+        assert docs.varlen_args()[0] is docs.varlen[0] and moved.attention_documents is docs
         again = moved.to("meta").documents  # the answers travel with the batch
         assert again.varlen[1] == max_len and again.single is False
     unchecked = _batch(torch.tensor([[0, 0, 1, 1]]).to("meta")).to("meta")
     assert unchecked.documents is None and unchecked.attention_documents is unchecked.doc_ids
     single = _batch(torch.zeros(2, 4, dtype=torch.int64)).to("meta")
     assert single.documents.varlen is None and single.attention_documents is None
+
+
+def test_a_stale_or_unanswered_layout_is_never_trusted() -> None:
+    """A batch whose doc_ids were replaced after its layout was found hands the model the new ids (the
+    old answers would let attention cross documents); a layout without answers is checked as it moves;
+    asking the host to check ids that already left it is refused with the fix."""
+    batch = _batch(torch.zeros(2, 4, dtype=torch.int64)).to("cpu")
+    assert batch.attention_documents is None
+    batch.doc_ids = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
+    assert batch.single_document_rows is None and batch.attention_documents is batch.doc_ids
+    moved = batch.to("meta")
+    assert moved.documents.single is False and moved.documents.varlen[1] == 4
+    bare = _batch(torch.tensor([[0, 0, 1, 1]]))
+    bare.documents = Documents(bare.doc_ids)  # ids without answers
+    assert bare.to("meta").documents.single is False
+    with pytest.raises(ValueError, match="needs CPU doc_ids, got them on meta"):
+        Documents.checked_on_host(moved.doc_ids)

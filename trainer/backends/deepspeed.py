@@ -129,8 +129,10 @@ class DeepSpeedBackend:
         global_labels, global_tokens = self.all_reduce_sum([local_labels, local_tokens])
         norm = max(global_labels, 1.0) / (self.world_size * self.grad_accum)
         lr = float(self.engine.get_lr()[0])
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        extras: dict[str, float] = {}
+        # Summed on the device and read once after the last micro-batch: a read per micro-batch would
+        # make the host wait for each backward before it could queue the next forward.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        term_sums: dict[str, torch.Tensor] = {}
         self.engine.train()
         own_norm = None
         for i, batch in enumerate(micro_batches):
@@ -139,11 +141,13 @@ class DeepSpeedBackend:
             if self.own_grad_norm and i == len(micro_batches) - 1:
                 own_norm = self.grad_norm()  # reduced over ranks by the last backward, not yet clipped
             self.engine.step()
-            loss_sum += token_loss_sum.detach().double().cpu()
+            loss_sum += token_loss_sum.detach().double()
             for name, value in terms.items():
-                extras[name] = extras.get(name, 0.0) + float(value) / len(micro_batches)
-        total, *extra_vals = self.all_reduce_sum([float(loss_sum)] + list(extras.values()))
-        extras = {k: v / self.world_size for k, v in zip(extras, extra_vals)}
+                share = value.detach().double().to(self.device) / len(micro_batches)
+                term_sums[name] = term_sums.get(name, 0.0) + share
+        local = torch.stack([loss_sum, *term_sums.values()]).tolist()
+        total, *extra_vals = self.all_reduce_sum(local)
+        extras = {k: v / self.world_size for k, v in zip(term_sums, extra_vals)}
         grad_norm = own_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         return StepResult(

@@ -148,7 +148,7 @@ class FlashAttention:
 
     def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> tuple[Any, ...]:
         dense, varlen = _kernels_for(device)
-        return dense, varlen, None if is_plain_causal(docs) else docs.cu_seqlens()
+        return dense, varlen, None if is_plain_causal(docs) else docs.varlen_args()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: tuple[Any, ...]) -> torch.Tensor:
         dense, varlen, mask = prepared

@@ -75,7 +75,7 @@ class VarlenAttention:
         if is_plain_causal(docs):
             return None
         check_varlen_available()
-        return (_varlen_call(), *docs.cu_seqlens())
+        return (_varlen_call(), *docs.varlen_args())
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: tuple[Any, ...] | None) -> torch.Tensor:
         if prepared is None:
