@@ -70,9 +70,9 @@ class Batch:
         """What the model's `doc_ids` argument should be: None (plain causal) for rows known to be
         one document each, else the layout with its host answers, else the bare ids."""
         layout = self._layout()
-        if layout is not None and layout.single:
-            return None
-        return layout if layout is not None else self.doc_ids
+        if layout is None:
+            return self.doc_ids
+        return None if layout.single else layout
 
     @property
     def num_tokens(self) -> int:
