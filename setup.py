@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-TOP_LEVEL = ("trainer", "modules", "data")
+TOP_LEVEL = ("core", "trainer", "modules", "data")
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:

@@ -49,7 +49,7 @@ def packed_doc_ids(batch: int, seq: int, mean_len: int, seed: int = 0) -> torch.
 
 def masked_flops(doc_ids: torch.Tensor, heads: int, head_dim: int) -> float:
     """Forward + backward FLOPs of causal attention within each document of `doc_ids`."""
-    from slimtrain.data.masks import segment_lengths
+    from slimtrain.core.masks import segment_lengths
 
     n = segment_lengths(doc_ids).double()
     forward = float((4 * n * (n + 1) / 2).sum()) * heads * head_dim
@@ -111,7 +111,7 @@ def time_mask(name: str, doc_ids: torch.Tensor, device: torch.device, reps: int,
     layer. on_host: the trainer's way (`Batch.to`), the layout found on the CPU and moved with the
     ids; else the ids are moved first and the backend asks the device. Timed with an idle GPU queue, so
     the device-asking column counts its round trips, not the wait behind queued work a training step adds."""
-    from slimtrain.data.documents import Documents
+    from slimtrain.core.documents import Documents
     from slimtrain.modules.transformer.attention import bind_attention
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -75,7 +75,7 @@ def eval_loss(run_dir: Path, plugin_blocks: list[dict] | None, batches: int) -> 
     """Mean token loss on the first `batches` validation micro-batches, with the checkpoint's plugins
     (or `plugin_blocks` applied to its weights, e.g. RTN PTQ) active."""
     from slimtrain.data import build_loader, prepare
-    from slimtrain.modules.plugins import build_plugins, validate_plugin_config
+    from slimtrain.modules.plugin_registry import build_plugins, validate_plugin_config
     from slimtrain.modules.transformer import Transformer
     from slimtrain.trainer.export.consolidate import consolidate, load_checkpoint_for_export
 
@@ -87,7 +87,7 @@ def eval_loss(run_dir: Path, plugin_blocks: list[dict] | None, batches: int) -> 
         plugin.apply(model)
     model.load_state_dict(consolidate(ckpt.path, ckpt.recipe.backend.zero_stage))
     for plugin in plugins:
-        plugin.on_step_start(ckpt.trainer_state["step"] + 1)  # fake-quant on, as in serving
+        plugin.set_step(ckpt.trainer_state["step"] + 1)  # fake-quant on, as in serving
     model.eval()
     prepared = prepare(ckpt.recipe.data, progress=False)
     loader = build_loader(prepared, "val", rank=0, world_size=1, micro_batch_size=8, global_batch_size=8,
@@ -188,7 +188,7 @@ def overhead(args: argparse.Namespace) -> dict:
     tokens: dense vs QAT, each eager or with `--compile` (every block compiled, as `train.compile` does).
     The fake-quant cost is per weight, so its share falls as tokens per step grow. Without CUDA: a
     2-layer smoke run on CPU (fp32, PyTorch kernels) that only checks the contenders run."""
-    from slimtrain.modules.plugins import build_plugins, validate_plugin_config
+    from slimtrain.modules.plugin_registry import build_plugins, validate_plugin_config
     from slimtrain.modules.transformer import ModelConfig, Transformer
 
     gpu = torch.cuda.is_available()
@@ -206,7 +206,7 @@ def overhead(args: argparse.Namespace) -> dict:
         plugins = build_plugins([validate_plugin_config(block)]) if block else []
         for p in plugins:
             p.apply(model)
-            p.on_step_start(1)
+            p.set_step(1)
         model.to(device, dtype)
         if args.compile:
             model.compile_blocks()

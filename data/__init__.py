@@ -18,8 +18,8 @@ _EXPORTS = {
     "prepare": "slimtrain.data.pipeline",
     "build_loader": "slimtrain.data.pipeline",
     "PACKERS": "slimtrain.data.packing",
-    "document_causal_mask": "slimtrain.data.masks",
-    "cu_seqlens": "slimtrain.data.masks",
+    "document_causal_mask": "slimtrain.core.masks",
+    "cu_seqlens": "slimtrain.core.masks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimtrain.data.documents import Documents
-from slimtrain.data.sentinels import IGNORE_INDEX, PAD_DOC_ID
+from slimtrain.core.documents import Documents
+from slimtrain.core.sentinels import IGNORE_INDEX, PAD_DOC_ID
 
 __all__ = ["IGNORE_INDEX", "PAD_DOC_ID", "Batch"]
 

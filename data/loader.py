@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from slimtrain.core.transforms import BatchTransform
 from slimtrain.data.batch import Batch
 from slimtrain.data.collate import build_batch
 from slimtrain.data.dataset import Split, TokenDataset
@@ -33,7 +34,7 @@ STATE_VERSION = 1
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything that determines the global row stream."""
+    """Everything that determines the global row stream and the batches built from it."""
 
     dataset: TokenDataset
     packer: str
@@ -41,11 +42,16 @@ class StreamSpec:
     weights: list[float] | None
     seed: int
     buffer_docs: int
+    transforms: tuple[BatchTransform, ...] = ()
+    """The plugins' batch transforms (slimtrain.core.transforms), run in collate in this order."""
 
     def identity(self) -> dict[str, Any]:
         """The stream's defining settings, JSON-serialisable (stored in loader states)."""
-        return {"data": self.dataset.fingerprint, "split": self.dataset.split, "packer": self.packer,
-                "seq_len": self.seq_len, "weights": self.weights, "seed": self.seed, "buffer_docs": self.buffer_docs}
+        ident = {"data": self.dataset.fingerprint, "split": self.dataset.split, "packer": self.packer,
+                 "seq_len": self.seq_len, "weights": self.weights, "seed": self.seed, "buffer_docs": self.buffer_docs}
+        if self.transforms:  # absent without transforms: states saved before transforms existed still match
+            ident["transforms"] = [{"name": t.name, **t.identity()} for t in self.transforms]
+        return ident
 
     def fingerprint(self) -> str:
         return digest(self.identity())
@@ -188,8 +194,10 @@ class Loader:
         per_rank = self.global_batch_size // self.world_size
         while self.split == "train" or cursor.consumed < self._val_steps() * self.global_batch_size:
             first = cursor.consumed + self.rank * per_rank + cursor.micro * self.micro_batch_size
-            rows = [self._row(cursor, g) for g in range(first, first + self.micro_batch_size)]
-            batch = build_batch(self.spec.dataset, rows, self.spec.seq_len, self.pad_id, self.mask_cross_doc_labels)
+            keys = list(range(first, first + self.micro_batch_size))
+            rows = [self._row(cursor, g) for g in keys]
+            batch = build_batch(self.spec.dataset, rows, self.spec.seq_len, self.pad_id, self.mask_cross_doc_labels,
+                                self.spec.transforms, [k if r is not None else None for k, r in zip(keys, rows)])
             if cursor.micro + 1 < self.micro_batches_per_step:
                 cursor = replace(cursor, micro=cursor.micro + 1)
             else:

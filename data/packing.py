@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from slimtrain.modules.registry import Registry
+from slimtrain.core.registry import Registry
 
 Packer = Callable[[np.ndarray, np.ndarray, int], "PackPlan"]
 PACKERS: Registry = Registry("packer")

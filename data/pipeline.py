@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Sequence
 
+from slimtrain.core.transforms import BatchTransform
 from slimtrain.data.config import DataConfig
 from slimtrain.data.dataset import TokenDataset
 from slimtrain.data.loader import Loader, StreamSpec
@@ -79,14 +80,15 @@ def prepare(cfg: DataConfig, progress: bool = True, rebuild: bool = False) -> Pr
 
 def build_loader(
     prepared: PreparedData, split: Literal["train", "val"], *, rank: int, world_size: int, micro_batch_size: int,
-    global_batch_size: int, seed: int, prefetch: int = 2,
+    global_batch_size: int, seed: int, prefetch: int = 2, transforms: Sequence[BatchTransform] = (),
 ) -> Loader:
-    """This rank's loader over `split` (see `Loader` for the global stream it takes its share of)."""
+    """This rank's loader over `split` (see `Loader` for the global stream it takes its share of);
+    `transforms` add the plugins' batch fields (slimtrain.core.transforms)."""
     cfg = prepared.config
     weights = [s.weight for s in cfg.sources] if split == "train" and cfg.sources[0].weight is not None else None
     spec = StreamSpec(
         dataset=prepared.train if split == "train" else prepared.val, packer=cfg.packer, seq_len=cfg.seq_len,
-        weights=weights, seed=seed, buffer_docs=cfg.pack_buffer_docs,
+        weights=weights, seed=seed, buffer_docs=cfg.pack_buffer_docs, transforms=tuple(transforms),
     )
     return Loader(spec, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
                   global_batch_size=global_batch_size, pad_id=prepared.tokenizer.pad_id,

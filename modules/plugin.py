@@ -1,25 +1,32 @@
-"""The plugin protocol (DESIGN.md, seam 4): how a compression method joins a run without editing the loop.
+"""The plugin protocol (DESIGN.md, seam 4): how a compression method joins a run without editing the core.
 
 A plugin is a config class (a pydantic model with `type: Literal["name"]`) and a `Plugin` subclass,
-registered together under that name (`slimtrain.modules.plugins.register_plugin`, or the entry-point
-group `slimtrain.plugins` for a third-party package). Every hook is optional; the base class
-implements each as a no-op. The trainer calls them in this order:
+registered together under that name (`slimtrain.modules.plugin_registry.register_plugin`, or the
+entry-point group `slimtrain.plugins` for a third-party package). Every hook is optional; the base
+class implements each as a no-op. docs/plugins.md says when the trainer calls each one.
 
-    configure(model_cfg)       before the model is built: may return a changed ModelConfig
-    apply(model)               after the dense model is built and initialised, before the optimizer:
-                               swap or add modules (parameters added here are trained and checkpointed)
-    on_step_start(step)        before each optimizer step (1-based step about to run; also after a resume)
-    losses(outputs, batch)     each micro-batch: named LossTerms the loop adds (weight x value) and logs
-    after_optimizer_step(step) after each optimizer step
-    metrics()                  after each step: named floats, averaged over ranks and logged
-    export(ctx)                `slimtrain export`: rewrite the state dict, add config.json keys, add
-                               extra output directories (e.g. a packed low-bit checkpoint)
+Build (every rank, and on the meta device when a recipe is validated or a checkpoint exported):
 
-Plugins compose in ascending `order`, whatever order the recipe lists them in: a plugin that changes
-the model's structure must run before one that wraps its layers. The numbers in use:
+    configure(model_cfg)        -> ModelConfig   before the model is built
+    apply(model)                                 swap or add modules (the model may be on the meta device)
+    init_weights(model, init)                    after the weights exist: initialise what `apply` added
+    param_groups(model)         -> [ParamGroup]  own learning-rate scale, weight decay, freezing, engine flags
+    batch_transforms()          -> [BatchTransform]  extra per-row batch fields, built by the data path
+
+Each micro-batch (train and eval), inside the loss:
+
+    model_inputs(inputs, batch, ctx) -> ModelInputs   what the model is called with
+    losses(outputs, batch, ctx)      -> {name: LossTerm}
+
+Around each optimizer step: on_step_start(ctx), after_optimizer_step(ctx), metrics(ctx).
+At each evaluation: the loss terms on held-out data, then evaluate(ctx, batches) -> {name: float}.
+Accounting: counts(model_cfg, counts, seq_len, causal) -> ModelCounts (FLOPs, active parameters).
+Export and import: hf_architecture(model_cfg), hf_adapter(), export(ctx: ExportContext).
+
+Plugins compose in ascending `order`, whatever order the recipe lists them in:
 
     moe = 10   (replaces MLPs by experts)       qat = 20          (quantizes every Linear, experts included)
-    draft = 30 (adds heads on the final hidden) compressor = 40   (adds an encoder in front)
+    draft = 30 (adds heads on hidden states)    compressor = 40   (adds an encoder in front)
 
 Plugin state that must survive a resume lives in the model (parameters and buffers, saved by the
 backend) or is derived from the step number in `on_step_start`; plugins keep no other state.
@@ -28,13 +35,17 @@ backend) or is derived from the step number in `on_step_start`; plugins keep no 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from slimtrain.modules.context import Communicator, LocalCommunicator
+from slimtrain.modules.transformer.io import ModelInputs, TransformerOutput
+
 if TYPE_CHECKING:
+    from slimtrain.core.transforms import BatchTransform
     from slimtrain.modules.transformer.config import ModelConfig
 
 StateDict = dict[str, torch.Tensor]
@@ -58,6 +69,90 @@ class LossTerm(NamedTuple):
 
     value: torch.Tensor
     weight: float = 1.0
+
+
+@dataclass
+class PluginContext:
+    """What every per-step hook gets: the run around the plugin, without global distributed state.
+
+    model: the model with every plugin applied (unwrapped from the engine).
+    step: the 1-based optimizer step about to run (on_step_start, the loss) or just run
+        (after_optimizer_step, metrics); after a resume, the checkpoint's step.
+    device: where the model's parameters and the batches live.
+    comm: reduces tensors over the ranks of a named process group (`comm.all_reduce(t, group="data")`).
+    groups: the backend's named process groups ("data"; "expert", "sequence" where the engine has them);
+        hand them to `comm` by name, never to torch.distributed directly.
+    training: False during an evaluation.
+    """
+
+    model: nn.Module
+    step: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    comm: Communicator = field(default_factory=LocalCommunicator)
+    groups: Mapping[str, Any] = field(default_factory=dict)
+    training: bool = True
+
+
+@dataclass
+class WeightInit:
+    """What `Plugin.init_weights` needs: a seeded generator, and the tensors a checkpoint import filled
+    (`checkpoint.init_from_hf`; our names), which keep their imported values."""
+
+    generator: torch.Generator
+    imported: frozenset[str] = frozenset()
+
+
+@dataclass
+class ParamGroup:
+    """Parameters a plugin puts in an optimizer group of their own.
+
+    name: shown in logs and errors; unique per run (prefix it with the plugin's name).
+    params: the parameters (each in at most one plugin group).
+    lr_scale: multiplies the recipe's learning rate (and so follows its schedule).
+    weight_decay: None applies the recipe's rule (matrices decay, vectors and embeddings do not);
+        a number applies to every parameter of the group.
+    frozen: requires_grad is switched off: never updated, never decayed, no optimizer state.
+    engine: extra keys for the engine's optimizer group (e.g. DeepSpeed's `{"moe": True}` for experts).
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+    frozen: bool = False
+    engine: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """What a model costs, for MFU, tokens/s per active parameter, the memory estimate and the model card.
+
+    total_params: parameters stored (memory, checkpoint size; a tied embedding counted once).
+    active_params: parameters one token passes through (an MoE's routed experts count top-k of them).
+    flops_per_token: training FLOPs of one token (forward and backward).
+    """
+
+    total_params: int
+    active_params: int
+    flops_per_token: float
+
+
+@dataclass(frozen=True)
+class HFAdapter:
+    """How a plugin's own tensors enter and leave a Hugging Face directory: `slimtrain export`, its
+    `--verify`, and `checkpoint.init_from_hf` all go through it.
+
+    owns(name): whether our tensor `name` is this plugin's (the architecture's adapter maps the rest).
+    to_hf(state, cfg): its tensors (our names) -> the names they take in the HF directory.
+    from_hf(hf_state, cfg): the HF tensors it recognises -> our names (it ignores the others); the
+        inverse of `to_hf`.
+    config(cfg): keys it adds to config.json (e.g. where its heads sit).
+    """
+
+    owns: Callable[[str], bool]
+    to_hf: Callable[[StateDict, "ModelConfig"], StateDict]
+    from_hf: Callable[[StateDict, "ModelConfig"], StateDict]
+    config: Callable[["ModelConfig"], dict[str, Any]] = lambda cfg: {}
 
 
 @dataclass
@@ -107,6 +202,8 @@ class Plugin:
     def __init__(self, cfg: PluginConfig) -> None:
         self.cfg = cfg
 
+    # -- build ---------------------------------------------------------------------------------
+
     def configure(self, model_cfg: "ModelConfig") -> "ModelConfig":
         """Change the model config before the model is built (default: unchanged)."""
         return model_cfg
@@ -114,20 +211,63 @@ class Plugin:
     def apply(self, model: nn.Module) -> None:
         """Swap or add modules of the built model (it may live on the meta device: a dry run)."""
 
-    def on_step_start(self, step: int) -> None:
-        """Called before optimizer step `step` (1-based) runs, on every rank."""
+    def init_weights(self, model: nn.Module, init: WeightInit) -> None:
+        """Initialise the parameters and buffers `apply` added, once the model's own weights are initialised
+        and imported (a model built on the meta device holds no values before). Draw from `init.generator`
+        (seeded from the recipe); leave the tensors named in `init.imported` as they are."""
 
-    def losses(self, outputs: Any, batch: Any) -> dict[str, LossTerm]:
+    def param_groups(self, model: nn.Module) -> list[ParamGroup]:
+        """Optimizer groups of this plugin's parameters (default: none; they join the recipe's groups)."""
+        return []
+
+    def batch_transforms(self) -> list["BatchTransform"]:
+        """Data-side transforms that add per-row batch fields (see slimtrain.core.transforms)."""
+        return []
+
+    # -- each micro-batch ------------------------------------------------------------------------
+
+    def model_inputs(self, inputs: ModelInputs, batch: Any, ctx: PluginContext) -> ModelInputs:
+        """What the model is called with for `batch` (default: unchanged). E.g. encoder outputs spliced
+        in place of context tokens, hidden states of chosen layers requested, labels re-targeted."""
+        return inputs
+
+    def losses(self, outputs: TransformerOutput, batch: Any, ctx: PluginContext) -> dict[str, LossTerm]:
         """Extra loss terms for one micro-batch (`outputs` is the model's output, `batch` the Batch).
         `outputs.hidden_states` is always there; `outputs.logits` only when `needs_logits` is set."""
         return {}
 
-    def after_optimizer_step(self, step: int) -> None:
-        """Called after optimizer step `step` was taken (or skipped), on every rank."""
+    # -- around each step --------------------------------------------------------------------------
 
-    def metrics(self) -> dict[str, float]:
+    def on_step_start(self, ctx: PluginContext) -> None:
+        """Called before optimizer step `ctx.step` (1-based) runs, on every rank; also after a resume."""
+
+    def after_optimizer_step(self, ctx: PluginContext) -> None:
+        """Called after optimizer step `ctx.step` was taken (or skipped), on every rank."""
+
+    def metrics(self, ctx: PluginContext) -> dict[str, float]:
         """Named values to log after a step; every rank must return the same keys (they are averaged)."""
         return {}
 
+    # -- evaluation, accounting, export ------------------------------------------------------------
+
+    def evaluate(self, ctx: PluginContext, batches: Iterable[Any]) -> dict[str, float]:
+        """An evaluation of the plugin's own on held-out batches (the model is in eval mode, gradients
+        off). Reduce over ranks with `ctx.comm`; every rank returns the same keys."""
+        return {}
+
+    def counts(self, model_cfg: "ModelConfig", counts: ModelCounts, seq_len: int, causal: bool) -> ModelCounts:
+        """The model's cost with this plugin applied (default: unchanged)."""
+        return counts
+
+    def hf_architecture(self, model_cfg: "ModelConfig") -> str | None:
+        """The registered architecture adapter (`slimtrain.modules.hf_adapters`) the model with this plugin
+        exports as, e.g. an MoE layout; None leaves the choice to the others (default: the dense llama)."""
+        return None
+
+    def hf_adapter(self) -> HFAdapter | None:
+        """How this plugin's own tensors map into the Hugging Face directory (default: it adds none)."""
+        return None
+
     def export(self, ctx: ExportContext) -> None:
-        """Contribute to the Hugging Face export (default: nothing)."""
+        """Contribute to the Hugging Face export: rewrite `ctx.state`, add config keys and serving
+        variants (default: nothing)."""

@@ -113,13 +113,10 @@ def _check_resume(recipe, world_size: int) -> None:
 
         path = resolve_branch_source(recipe.checkpoint.branch_from)
         check_branch(recipe, path)
-    if path is not None and recipe.backend.type == "deepspeed":
-        from slimtrain.trainer.backends.deepspeed import DS_TAG, ds_config
-        from slimtrain.trainer.backends.deepspeed_reshard import check_resumable_into
+    if path is not None:
+        from slimtrain.trainer.backends import BACKENDS
 
-        # The stage the engine will run (backend.raw may override it), from the same generated ds_config.
-        stage = ds_config(recipe.backend, recipe.train, recipe.optim, world_size)["zero_optimization"]["stage"]
-        check_resumable_into(path / DS_TAG, stage, recipe.backend.precision, world_size)
+        BACKENDS.get(recipe.backend.type).check_resumable(recipe, path, world_size)
 
 
 def train_worker(recipe) -> int:

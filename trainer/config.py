@@ -12,9 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 
 from slimtrain.data.config import DataConfig
 from slimtrain.modules.plugin import PluginConfig
-from slimtrain.modules.plugins import validate_plugin_config
+from slimtrain.modules.plugin_registry import validate_plugin_config
 from slimtrain.modules.transformer.config import ModelConfig
 
+from slimtrain.trainer.backends.deepspeed_config import DeepSpeedConfig
+from slimtrain.trainer.backends.registry import validate_backend_config
 from slimtrain.trainer.errors import RecipeError
 
 
@@ -114,68 +116,6 @@ class OptimConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
 
 
-class DeepSpeedConfig(_Strict):
-    """The DeepSpeed engine (CPU with gloo, GPUs with NCCL)."""
-
-    type: Literal["deepspeed"] = Field("deepspeed", description="Backend name.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters.")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="Training precision (master weights stay fp32).")
-    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO 1-3).")
-    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Dtype the micro-batches' gradients are summed in. auto: fp32 for bf16 training at "
-        "ZeRO-2/3 (DeepSpeed's own default sums bf16 gradients in bf16, which loses precision with every "
-        "micro-batch), bf16 at ZeRO-0/1 where DeepSpeed has no working fp32 sum for this model; fp32 for fp32 "
-        "training. The reduction across ranks stays in bf16. fp32 sums hold a 4-byte gradient partition "
-        "through the backward pass, where bf16 sums hold a 2-byte one (`slimtrain validate` counts it)."
-    )
-    dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
-    raw: dict[str, Any] = Field(
-        default_factory=dict, description="Deep-merged into the generated ds_config last (for experts; "
-        "keys the recipe already controls are refused)."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> "DeepSpeedConfig":
-        owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16"}
-        clash = sorted(owned & set(self.raw))
-        if clash:
-            raise ValueError(f"backend.raw sets {clash}, which the recipe controls; set train.*/optim.* instead")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("backend.offload_optimizer=true needs backend.zero_stage >= 1")
-        self._check_grad_accum_dtype()
-        zero = self.raw.get("zero_optimization", {})
-        if not isinstance(zero, dict):
-            raise ValueError(f"backend.raw.zero_optimization must be a mapping of DeepSpeed ZeRO settings, got {zero!r}")
-        if "stage" in zero:  # checkpoint layout checks and the memory estimate read backend.zero_stage
-            raise ValueError(f"backend.raw.zero_optimization.stage={zero['stage']!r} is set by the recipe; "
-                             "use backend.zero_stage instead")
-        return self
-
-    def _check_grad_accum_dtype(self) -> None:
-        if "grad_accum_dtype" in (self.raw.get("data_types") or {}):
-            raise ValueError("backend.raw.data_types.grad_accum_dtype is set by the recipe; "
-                             "use backend.grad_accum_dtype (auto, fp32 or bf16) instead")
-        if self.grad_accum_dtype == "bf16" and self.precision == "fp32":
-            raise ValueError("backend.grad_accum_dtype='bf16' needs backend.precision='bf16'; fp32 training sums its "
-                             "gradients in fp32: remove the setting or set it to 'auto'")
-        if self.grad_accum_dtype == "fp32" and self.precision == "bf16" and self.zero_stage in (0, 1):
-            raise ValueError(
-                f"backend.grad_accum_dtype='fp32' with bf16 needs backend.zero_stage 2 or 3, got {self.zero_stage}: "
-                "DeepSpeed has no fp32 gradient sum at ZeRO-0, and at ZeRO-1 it clears the bf16 gradients between "
-                "micro-batches in a hook that our model's output never triggers, so every micro-batch would add "
-                "the earlier ones again; set "
-                "backend.zero_stage=2 (same communication volume as ZeRO-1) or backend.grad_accum_dtype='auto'")
-
-    def resolved_grad_accum_dtype(self) -> str:
-        """'fp32' or 'bf16': the dtype `auto` stands for under this precision and stage."""
-        if self.grad_accum_dtype != "auto":
-            return self.grad_accum_dtype
-        if self.precision == "fp32" or self.zero_stage in (2, 3):
-            return "fp32"
-        return "bf16"
-
-
 class CheckpointConfig(_Strict):
     """Checkpoints: a directory per step, `latest` written atomically after every rank finished."""
 
@@ -232,6 +172,13 @@ class LoggingConfig(_Strict):
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="wandb settings.")
 
 
+# The backend block likewise, by the engine registered under its `type:` (slimtrain.trainer.backends.registry).
+BackendSpec = Annotated[
+    BaseModel,
+    PlainValidator(validate_backend_config),
+    PlainSerializer(lambda cfg: cfg.model_dump(mode="json"), return_type=dict),
+]
+
 # A plugin block is validated by the config class registered under its `type:` (built-ins and the
 # `slimtrain.plugins` entry points), so the schema stays open to plugins this file does not know.
 PluginSpec = Annotated[
@@ -250,7 +197,10 @@ class Recipe(_Strict):
     data: DataConfig = Field(description="Sources, tokenizer, packing.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Steps and batch geometry.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
-    backend: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="Distributed engine.")
+    backend: BackendSpec = Field(
+        default_factory=DeepSpeedConfig, description="Distributed engine, chosen by `type:` (deepspeed; see "
+        "docs/backends.md). Each engine's own keys follow."
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
@@ -278,13 +228,9 @@ class Recipe(_Strict):
                 f"train.micro_batch_size={self.train.micro_batch_size} exceeds "
                 f"train.global_batch_size={self.train.global_batch_size}"
             )
-        if self.train.compile and self.backend.zero_stage == 3:
-            raise ValueError(
-                "train.compile=true with backend.zero_stage=3 is not supported (ZeRO-3 gathers parameters in hooks "
-                "that break the compiled graphs); use backend.zero_stage 0, 1 or 2, or set train.compile=false"
-            )
+        self.backend.check_recipe(self)
         if self.plugins:
-            from slimtrain.trainer.plugins import check_plugins
+            from slimtrain.modules.plugin_stack import check_plugins
 
             check_plugins(self.plugins, self.model, self.train.loss_chunk_tokens)
         return self

@@ -24,8 +24,8 @@ from slimtrain.trainer.faults import fault_active, maybe_fault
 from slimtrain.trainer.logging import (
     WANDB_ID_FILE, MetricsLog, ProgressBar, Throughput, Wandb, console, plot_losses,
 )
+from slimtrain.modules.plugin import PluginContext
 from slimtrain.trainer.losses import make_loss_fn
-from slimtrain.trainer.plugins import reduce_metrics
 from slimtrain.trainer.recipe import dump_recipe
 from slimtrain.trainer.run import RunParts
 
@@ -47,6 +47,24 @@ class LoopState:
     finished: bool = False
     """True once the final evaluation and checkpoint are done: a rerun of a finished run does nothing."""
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields `trainer_state.json` holds."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "elapsed_s": self.elapsed_s,
+                "last_eval": self.last_eval, "finished": self.finished}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], keep_time: bool = True) -> "LoopState":
+        """The state a checkpoint's `trainer_state.json` holds. keep_time=False (a branch): the clock, the
+        streak of non-finite steps and `finished` start afresh, since they belong to the source run."""
+        restored = cls(step=state["step"], tokens_seen=state["tokens_seen"], skipped_steps=state["skipped_steps"],
+                       last_eval=state.get("last_eval", {}))
+        if keep_time:
+            restored.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+            restored.elapsed_s = state["elapsed_s"]
+            restored.finished = state.get("finished", False)
+        return restored
+
 
 class Trainer:
     """Runs `recipe` with the already built parts (model, backend, loaders) of this rank."""
@@ -62,9 +80,10 @@ class Trainer:
         self.state = LoopState()
         self.recipe_yaml = dump_recipe(recipe)
         self.plugins = parts.plugins
-        chunk, compiled = recipe.train.loss_chunk_tokens, recipe.train.compile
-        self.loss_fn = make_loss_fn(self.plugins, chunk, compiled)
-        self.eval_loss_fn = make_loss_fn((), chunk, compiled)
+        self.ctx = PluginContext(model=self.backend.module, device=self.backend.device, comm=self.backend.comm,
+                                 groups=self.backend.process_groups)
+        # One loss for training and evaluation: the plugins' terms are measured on held-out data too.
+        self.loss_fn = make_loss_fn(self.plugins, self.ctx, recipe.train.loss_chunk_tokens, recipe.train.compile)
         self.val_loader = None  # built at the first evaluation, restarted by every later one
         self.started = signals.PROCESS_START  # train.stop_after_minutes counts this process's time only
 
@@ -75,18 +94,17 @@ class Trainer:
         cfg = self.recipe.train
         wandb = Wandb(self.recipe, self.run_dir, enabled=self.is_main)
         bar = ProgressBar(cfg.steps, self.state.step, enabled=self.is_main and self.recipe.logging.progress)
-        tput = Throughput(self.parts.model_cfg.flops_per_token(self.recipe.data.seq_len))
+        tput = Throughput(self.plugins.counts(self.parts.model_cfg, self.recipe.data.seq_len).flops_per_token)
         started = time.monotonic() - self.state.elapsed_s
         batches = iter(self.parts.train_loader)
         stop_reason = ""
         try:
             while self.state.step < cfg.steps:
                 micro = [next(batches) for _ in range(self.parts.grad_accum)]
-                for plugin in self.plugins:
-                    plugin.on_step_start(self.state.step + 1)
-                result = self.backend.train_step(micro, self._loss_fn(self.state.step + 1))
-                for plugin in self.plugins:
-                    plugin.after_optimizer_step(self.state.step + 1)
+                self.ctx.step = self.state.step + 1
+                self.plugins.on_step_start(self.ctx)
+                result = self.backend.train_step(micro, self._loss_fn(self.ctx.step))
+                self.plugins.after_optimizer_step(self.ctx)
                 self.state.elapsed_s = time.monotonic() - started
                 self._account(result)
                 tput.add(result.tokens)
@@ -156,7 +174,7 @@ class Trainer:
         }
         if mfu is not None:
             record["mfu"] = mfu
-        record.update(reduce_metrics(self.plugins, self.backend.all_reduce_sum, self.backend.world_size))
+        record.update(self._mean_over_ranks(self.plugins.metrics(self.ctx)))
         self.metrics.write(record)
         wandb.log(record)
 
@@ -179,40 +197,78 @@ class Trainer:
 
     # -- eval, save, resume ------------------------------------------------------------------------
 
-    def _evaluate(self, wandb: Wandb) -> dict[str, float]:
-        loss_sum, tokens = 0.0, 0
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """`values` (the same keys on every rank) averaged over the ranks, in one collective."""
+        if not values:
+            return {}
+        keys = sorted(values)
+        summed = self.backend.all_reduce_sum([float(values[k]) for k in keys])
+        return {k: v / self.backend.world_size for k, v in zip(keys, summed)}
+
+    def _val_batches(self):
+        """One pass of at most `eval.batches` held-out micro-batches (the val loader restarts on each pass)."""
         if self.val_loader is None:
             self.val_loader = self.parts.make_val_loader()
         try:
             for i, batch in enumerate(self.val_loader):
                 if i >= self.recipe.eval.batches:
                     break
-                s, n = self.backend.eval_step(batch, self.eval_loss_fn)
-                loss_sum, tokens = loss_sum + s, tokens + n
+                yield batch
         finally:  # a pass cut short by eval.batches would leave its prefetch thread waiting forever
             close = getattr(self.val_loader, "close", None)
             if close is not None:
                 close()
-        loss_sum, tokens = self.backend.all_reduce_sum([loss_sum, float(tokens)])
-        loss = loss_sum / max(tokens, 1.0)
-        self.state.last_eval = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
-        record = {"step": self.state.step, **self.state.last_eval}
+
+    def _evaluate(self, wandb: Wandb) -> dict[str, float]:
+        """The held-out loss, every plugin's loss terms on the same batches, then the plugins' own evaluations."""
+        loss_sum, tokens, batches, term_sums = 0.0, 0, 0, {}
+        self.ctx.training = False
+        try:
+            for batch in self._val_batches():
+                s, n, terms = self.backend.eval_step(batch, self.loss_fn)
+                loss_sum, tokens, batches = loss_sum + s, tokens + n, batches + 1
+                for name, value in terms.items():
+                    term_sums[name] = term_sums.get(name, 0.0) + value
+            names = sorted(term_sums)
+            loss_sum, tokens, batches, *summed = self.backend.all_reduce_sum(
+                [loss_sum, float(tokens), float(batches), *(term_sums[k] for k in names)])
+            loss = loss_sum / max(tokens, 1.0)
+            results = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+            results.update({f"eval/{k}": v / max(batches, 1.0) for k, v in zip(names, summed)})
+            results.update({f"eval/{k}": v for k, v in self.plugins.evaluate(self.ctx, self._device_batches).items()})
+        finally:
+            self.ctx.training = True
+        self.state.last_eval = results
+        record = {"step": self.state.step, **results}
         self.metrics.write(record)
         wandb.log(record)
         if self.is_main:
-            console.print(f"[cyan]eval[/] step {self.state.step}: loss {loss:.4f}  ppl {record['eval_ppl']:.2f}")
-        return self.state.last_eval
+            extra = "".join(f"  {k.removeprefix('eval/')} {v:.4g}" for k, v in results.items() if k.startswith("eval/"))
+            console.print(f"[cyan]eval[/] step {self.state.step}: loss {loss:.4f}  ppl {results['eval_ppl']:.2f}{extra}",
+                          soft_wrap=True)
+        return results
+
+    def _device_batches(self):
+        """Held-out batches on the model's device, with the model in eval mode (for `Plugin.evaluate`)."""
+        self.ctx.model.eval()
+        for batch in self._val_batches():
+            yield batch.to(self.backend.device)
 
     def _save(self) -> Path:
         state = {
-            "step": self.state.step, "tokens_seen": self.state.tokens_seen,
-            "skipped_steps": self.state.skipped_steps, "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
-            "elapsed_s": self.state.elapsed_s, "last_eval": self.state.last_eval, "finished": self.state.finished,
-            "world_size": self.backend.world_size, "loader": self.parts.train_loader.state_dict(),
+            **self.state.to_dict(), "world_size": self.backend.world_size,
+            "loader": self.parts.train_loader.state_dict(),
             "model_config": self.parts.model_cfg.model_dump(mode="json"), "tokenizer": self.parts.tokenizer_ids,
         }
         return save_checkpoint(self.ckpt_root, self.state.step, self.backend, state, self.recipe_yaml,
                                self.recipe.checkpoint.keep, copy_dirs={"tokenizer": self.parts.tokenizer_dir})
+
+    def _continue_from(self, state: LoopState) -> None:
+        """Take over a checkpoint's loop state (a resume or a branch), after the backend loaded its weights."""
+        self.state = state
+        self.metrics.truncate_after(state.step)
+        self.ctx.step = state.step  # re-derive step-dependent plugin state (evaluation may follow without a step)
+        self.plugins.on_step_start(self.ctx)
 
     def _maybe_resume(self) -> None:
         if resume_mode(self.recipe) == "never":
@@ -230,14 +286,7 @@ class Trainer:
         state = source_state(path)
         self.parts.train_loader.load_state_dict(state["loader"])  # a changed data stream fails before the load
         load_checkpoint(path, self.backend)
-        self.state = LoopState(
-            step=state["step"], tokens_seen=state["tokens_seen"], skipped_steps=state["skipped_steps"],
-            nonfinite_in_a_row=state["nonfinite_in_a_row"], elapsed_s=state["elapsed_s"],
-            last_eval=state.get("last_eval", {}), finished=state.get("finished", False),
-        )
-        self.metrics.truncate_after(self.state.step)
-        for plugin in self.plugins:  # re-derive step-dependent state (evaluation may follow without a step)
-            plugin.on_step_start(self.state.step)
+        self._continue_from(LoopState.from_dict(state))
         if self.is_main:
             console.print(f"[green]resumed[/] from {path} at step {self.state.step}")
 
@@ -281,11 +330,7 @@ class Trainer:
         except LoaderStateError as exc:
             data = f"the data stream starts from its beginning ({str(exc).split(';')[0]})"
         # elapsed_s restarts: train.stop_after_minutes limits this run, not the source's time.
-        self.state = LoopState(step=state["step"], tokens_seen=state["tokens_seen"],
-                               skipped_steps=state["skipped_steps"], last_eval=state.get("last_eval", {}))
-        self.metrics.truncate_after(self.state.step)
-        for plugin in self.plugins:
-            plugin.on_step_start(self.state.step)
+        self._continue_from(LoopState.from_dict(state, keep_time=False))
         if self.is_main:
             added = f"{len(fresh)} new parameter tensor(s) start fresh" if fresh else "no new parameters"
             console.print(f"[green]branched[/] from {source} at step {self.state.step}: {added}; {data}",

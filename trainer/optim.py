@@ -3,32 +3,66 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from slimtrain.modules.plugin import ParamGroup
 from slimtrain.trainer.config import OptimConfig, ScheduleConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; norms, biases and embeddings do not.
+def param_groups(model: nn.Module, weight_decay: float, plugin_groups: Sequence[ParamGroup] = (),
+                 lr: float | None = None) -> list[dict]:
+    """The optimizer's groups: matrices decay; norms, biases and embeddings do not. A plugin's groups
+    (`Plugin.param_groups`) come after, each with its learning-rate scale, weight decay and engine keys;
+    a frozen group's parameters are left out (they are neither updated nor decayed).
 
     Embeddings are excluded by module type (not by name) so that a tied output head, which shares
     the embedding's tensor, is treated the same way.
     """
-    no_decay_ids = set()
+    no_decay_ids = _no_decay_ids(model)
+    claimed = {id(p) for g in plugin_groups for p in g.params}
+    seen = set(claimed)
+    rest = []
+    for _, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            rest.append(p)
+    groups = _split_decay(rest, no_decay_ids, weight_decay, {})
+    for group in plugin_groups:
+        if group.frozen:
+            continue
+        keys = {"name": group.name, **({"lr": lr * group.lr_scale} if lr is not None else {}), **group.engine}
+        if group.weight_decay is None:
+            groups += _split_decay(group.params, no_decay_ids, weight_decay, keys)
+        else:
+            groups.append({"params": list(group.params), "weight_decay": group.weight_decay, **keys})
+    return [g for g in groups if g["params"]]
+
+
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    ids = set()
     for module in model.modules():
         if isinstance(module, nn.Embedding):
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
+            ids.update(id(p) for p in module.parameters(recurse=False))
+    return ids
+
+
+def _split_decay(params: list[nn.Parameter], no_decay_ids: set[int], weight_decay: float, keys: dict) -> list[dict]:
+    """A decaying group of the matrices and a non-decaying one of the rest (vectors, embeddings)."""
+    decay, no_decay = [], []
+    for p in params:
         (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    return [{"params": decay, "weight_decay": weight_decay, **keys}, {"params": no_decay, "weight_decay": 0.0, **keys}]
+
+
+def freeze(plugin_groups: Sequence[ParamGroup]) -> None:
+    """Switch gradients off for the parameters of frozen groups (before the engine sees the model)."""
+    for group in plugin_groups:
+        if group.frozen:
+            for p in group.params:
+                p.requires_grad_(False)
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -78,18 +112,20 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the decay/no-decay groups, on torch's fused kernel (CUDA and CPU).
+def build_optimizer(model: nn.Module, cfg: OptimConfig, plugin_groups: Sequence[ParamGroup] = ()
+                    ) -> torch.optim.Optimizer:
+    """AdamW over the decay/no-decay groups and the plugins' groups, on torch's fused kernel (CUDA and CPU).
 
-    Fused AdamW is one kernel over all tensors instead of a loop of foreach kernels: for a 1B model
-    on an H100 it is the difference between the optimizer step costing ~25 ms and ~60 ms; on CPU
-    (`backend.offload_optimizer`'s partitions, CPU runs) 50M parameters take 49 ms against 216 ms
-    foreach and 152 ms with DeepSpeedCPUAdam (2-core machine).
+    Frozen groups are switched off first (`freeze`). Fused AdamW is one kernel over all tensors instead of
+    a loop of foreach kernels: for a 1B model on an H100 it is the difference between the optimizer step
+    costing ~25 ms and ~60 ms; on CPU (`backend.offload_optimizer`'s partitions, CPU runs) 50M parameters
+    take 49 ms against 216 ms foreach and 152 ms with DeepSpeedCPUAdam (2-core machine).
     """
+    freeze(plugin_groups)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
-    return GuardedAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                        **({"fused": True} if fused else {}))
+    groups = param_groups(model, cfg.weight_decay, plugin_groups, lr=cfg.lr)
+    return GuardedAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **({"fused": True} if fused else {}))
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:

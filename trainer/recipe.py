@@ -5,7 +5,6 @@ Every failure is a `RecipeError` whose lines read `field.path: got VALUE — wha
 
 from __future__ import annotations
 
-import difflib
 import re
 import typing
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from slimtrain.core.registry import did_you_mean
 from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import RecipeError
 
@@ -193,13 +193,12 @@ def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
         ctx = err.get("ctx", {})
         field = ctx.get("discriminator", "").strip("'")
         choices = re.findall(r"'([^']*)'", ctx.get("expected_tags", ""))
-        close = difflib.get_close_matches(str(ctx.get("tag")), choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(str(ctx.get("tag")), choices)
+        hint = f" ({hint})" if hint else ""
         return f"{where}.{field}: got {ctx.get('tag')!r} — choose one of {', '.join(map(repr, choices))}{hint}"
     if err["type"] == "extra_forbidden":
         choices = _fields_at(Recipe, loc[:-1], raw)
-        hint = difflib.get_close_matches(loc[-1], choices, n=1)
-        fix = f"did you mean {hint[0]!r}?" if hint else f"valid keys: {', '.join(sorted(choices))}"
+        fix = did_you_mean(loc[-1], choices) or f"valid keys: {', '.join(sorted(choices))}"
         return f"{where}: unknown key — {fix}"
     if err["type"] == "missing":
         return f"{where}: required but missing — add it to the recipe"
@@ -209,9 +208,9 @@ def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{where}: {msg}"
     if err["type"] == "literal_error":
         choices = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
-        close = difflib.get_close_matches(str(got), choices, n=1)
-        if close:
-            msg += f" (did you mean {close[0]!r}?)"
+        hint = did_you_mean(str(got), choices)
+        if hint:
+            msg += f" ({hint})"
     if err["type"] == "string_type" and isinstance(got, (bool, int, float)):
         # YAML read the text as a number or a boolean (2024, yes, off): quoting keeps it text.
         msg += f"; YAML read the value as {type(got).__name__}: to mean the text, quote it ({where}: \"...\" " \

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from slimtrain.trainer.backends import BACKENDS
 from slimtrain.trainer.config import Recipe
 
 
@@ -50,7 +51,11 @@ def recipe_reference() -> str:
     for name, field in Recipe.model_fields.items():
         if name in ("data", "extends"):
             continue
-        subs = _submodels(field.annotation)
         lines.append(f"| **`{name}`** | | {field.description} |")
+        if name == "backend":  # chosen by `type:` from the engine registry: every engine's keys
+            for engine in BACKENDS.names():
+                lines += _rows(BACKENDS.get(engine).config, f"{name}.")
+            continue
+        subs = _submodels(field.annotation)
         lines += _rows(subs[0], name + ".") if subs else []
     return "\n".join(lines) + "\n"

@@ -10,14 +10,13 @@ from typing import Any, Callable, Iterable
 import torch
 
 from slimtrain.data.batch import Batch
-from slimtrain.modules.plugin import Plugin
-from slimtrain.modules.plugins import build_plugins
+from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends import Backend, build_backend
+from slimtrain.trainer.backends.build import ModelInit
 from slimtrain.trainer.config import Recipe
 from slimtrain.trainer.errors import RecipeError
 from slimtrain.trainer.optim import build_optimizer, build_scheduler
-from slimtrain.trainer.plugins import apply_plugins, configure_model
 
 
 @dataclass
@@ -30,7 +29,7 @@ class RunParts:
     make_val_loader: Callable[[], Iterable[Batch]]
     grad_accum: int
     prepared: Any
-    plugins: list[Plugin] = field(default_factory=list)
+    plugins: PluginStack = field(default_factory=PluginStack)
     """The recipe's plugins in composition order, applied to the model."""
 
     @property
@@ -71,40 +70,33 @@ def prepare_data(recipe: Recipe, rank: int, barrier: Callable[[], None]):
 
 
 def build_parts(recipe: Recipe) -> RunParts:
-    """Called on every rank after torch.distributed is initialised."""
+    """Called on every rank after torch.distributed is initialised. The backend builds the model
+    (`slimtrain.trainer.backends.build`); loaders shard by its data-parallel rank."""
     import torch.distributed as dist
 
     from slimtrain.data import build_loader
-    from slimtrain.modules.transformer import Transformer
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    grad_accum = recipe.check_world(world)
-    prepared = prepare_data(recipe, rank, dist.barrier)
-    plugins = build_plugins(recipe.plugins)
-    model_cfg = configure_model(plugins, resolve_model_config(recipe, prepared.tokenizer.vocab_size))
     backend = build_backend(recipe.backend.type, cfg=recipe.backend, train=recipe.train, optim=recipe.optim)
+    grad_accum = recipe.check_world(backend.dp_size)
+    prepared = prepare_data(recipe, dist.get_rank(), dist.barrier)
+    plugins = PluginStack.from_configs(recipe.plugins)
+    model_cfg = plugins.configure(resolve_model_config(recipe, prepared.tokenizer.vocab_size))
     torch.manual_seed(recipe.run.seed)
-    model = Transformer(model_cfg)
-    model.init_weights(seed=recipe.run.seed)
-    if recipe.checkpoint.init_from_hf:
-        from slimtrain.trainer.export.importer import load_hf_into
-
-        load_hf_into(model, model_cfg, Path(recipe.checkpoint.init_from_hf))
-    apply_plugins(plugins, model)  # after init and import: swapped layers keep the weights just loaded
-    model.set_activation_checkpointing(recipe.train.activation_checkpointing)
-    if recipe.train.compile:
-        model.compile_blocks()  # after the plugins' swaps, so the compiled graphs contain them
-    model.to(backend.device)  # before the optimizer, so that it can pick its fused GPU kernel
-    optimizer = build_optimizer(model, recipe.optim)
+    hf = recipe.checkpoint.init_from_hf
+    init = ModelInit(seed=recipe.run.seed, init_from_hf=Path(hf) if hf else None,
+                     activation_checkpointing=recipe.train.activation_checkpointing, compile=recipe.train.compile)
+    model = backend.build_model(model_cfg, plugins, init)
+    optimizer = build_optimizer(model, recipe.optim, plugins.param_groups(model))
     scheduler = build_scheduler(optimizer, recipe.optim.schedule, recipe.train.steps)
     backend.setup(model, optimizer, scheduler)
-    mb = recipe.train.micro_batch_size
-    loader = build_loader(prepared, "train", rank=rank, world_size=world, micro_batch_size=mb,
-                          global_batch_size=recipe.train.global_batch_size, seed=recipe.run.seed)
+    mb, rank, replicas = recipe.train.micro_batch_size, backend.dp_rank, backend.dp_size
+    transforms = plugins.batch_transforms()
+    loader = build_loader(prepared, "train", rank=rank, world_size=replicas, micro_batch_size=mb,
+                          global_batch_size=recipe.train.global_batch_size, seed=recipe.run.seed, transforms=transforms)
 
     def make_val_loader() -> Iterable[Batch]:
-        return build_loader(prepared, "val", rank=rank, world_size=world, micro_batch_size=mb,
-                            global_batch_size=mb * world, seed=recipe.run.seed)
+        return build_loader(prepared, "val", rank=rank, world_size=replicas, micro_batch_size=mb,
+                            global_batch_size=mb * replicas, seed=recipe.run.seed, transforms=transforms)
 
     return RunParts(model_cfg, backend, loader, make_val_loader, grad_accum, prepared, plugins)
 

@@ -57,6 +57,17 @@ class QATLinear(nn.Linear):
         # 1 once the base holds the step calibrated when fake-quant started (saved, so a resume never recalibrates)
         self.register_buffer("weight_step_calibrated", torch.tensor(float(calibrated), device=step.device))
         self.weight_step_gain = nn.Parameter(torch.ones(step.numel(), device=step.device))
+        self._starts_calibrated = calibrated
+
+    @torch.no_grad()
+    def reset_lsq_step(self) -> None:
+        """The LSQ state a layer built from the current weights starts with (after a meta build is
+        materialised, or weights imported): the step from the weights, gain 1, the calibration flag."""
+        if self.estimator != "lsq":
+            return
+        self.weight_step_base.copy_(lsq_init_step(self.weight, self.weight_spec, self.lsq_init))
+        self.weight_step_calibrated.fill_(float(self._starts_calibrated))
+        self.weight_step_gain.fill_(1.0)
 
     @property
     def mixes_tokens(self) -> bool:

@@ -6,8 +6,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from slimtrain.modules.plugin import ExportContext, Plugin
-from slimtrain.modules.plugins import register_plugin
+from slimtrain.modules.plugin import ExportContext, Plugin, PluginContext, WeightInit
+from slimtrain.modules.plugin_registry import register_plugin
 
 from .config import QATConfig, QuantSpec
 from .linear import QATLinear
@@ -78,9 +78,19 @@ class QATPlugin(Plugin):
             self.layers[name] = QATLinear(layer, self.cfg)
             setattr(parent, attr, self.layers[name])
 
-    def on_step_start(self, step: int) -> None:
+    def init_weights(self, model: nn.Module, init: WeightInit) -> None:
+        # LSQ's step starts from the weights, which exist only now when the model was built on the meta device.
+        for name, layer in self.layers.items():
+            if f"{name}.weight_step_base" not in init.imported:
+                layer.reset_lsq_step()
+
+    def on_step_start(self, ctx: PluginContext) -> None:
         # "active" derives from the step alone and the calibrated LSQ steps (with their flag) are
         # buffers in the checkpoint, so a resumed run is in the same state as an uninterrupted one.
+        self.set_step(ctx.step)
+
+    def set_step(self, step: int) -> None:
+        """Fake-quant on from `start_step` + 1 (what `on_step_start` does; also for tools outside a run)."""
         self.active = step > self.cfg.start_step
         for layer in self.layers.values():
             layer.active = self.active
@@ -89,7 +99,7 @@ class QATPlugin(Plugin):
             for layer in self.layers.values():
                 layer.calibrate_pending = not bool(layer.weight_step_calibrated)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, ctx: PluginContext) -> dict[str, float]:
         return {"qat/active": float(self.active)}
 
     def export(self, ctx: ExportContext) -> None:

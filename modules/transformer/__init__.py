@@ -1,6 +1,7 @@
 """The Llama-family decoder (single-device PyTorch) and its configuration."""
 
 from .config import ModelConfig
-from .model import Transformer, TransformerOutput
+from .io import ModelInputs, Splice, TransformerOutput
+from .model import Transformer
 
-__all__ = ["ModelConfig", "Transformer", "TransformerOutput"]
+__all__ = ["ModelConfig", "ModelInputs", "Splice", "Transformer", "TransformerOutput"]

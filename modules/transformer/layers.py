@@ -16,6 +16,9 @@ from .attention import BoundAttention
 from .config import ModelConfig
 from .rope import apply_rope
 
+Aux = dict[str, torch.Tensor]
+BlockOutput = tuple[torch.Tensor, Aux]
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale."""
@@ -80,11 +83,28 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.recompute = False  # activation checkpointing: see Transformer.set_activation_checkpointing
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> BlockOutput:
+        """(new residual stream, aux): aux holds what the sub-layers reported (see `with_aux`)."""
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(self._forward, x, cos, sin, attend, use_reentrant=False)
         return self._forward(x, cos, sin, attend)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attn_norm(x))
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> BlockOutput:
+        out, aux = with_aux(self.attn(self.input_norm(x), cos, sin, attend), {})
+        x = x + out
+        out, aux = with_aux(self.mlp(self.post_attn_norm(x)), aux)
+        return x + out, aux
+
+
+def with_aux(out: torch.Tensor | tuple[torch.Tensor, Aux], aux: Aux) -> tuple[torch.Tensor, Aux]:
+    """A sub-layer's output and `aux` with what it reported added.
+
+    A sub-layer a plugin swaps in (an MoE MLP) may return `(output, {name: tensor})` instead of a tensor:
+    its router logits or expert loads then reach `TransformerOutput.aux` as return values, which
+    activation checkpointing and torch.compile keep intact (state stashed on a module would be written
+    again by the recomputation, and breaks the compiled graph).
+    """
+    if isinstance(out, tuple):
+        out, more = out
+        return out, {**aux, **more}
+    return out, aux

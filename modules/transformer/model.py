@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from slimtrain.data.documents import Documents, as_documents
+from slimtrain.core.documents import Documents, as_documents
 
 from .attention import bind_attention, check_backend
 from .config import ModelConfig
 from .init import init_weights
+from .io import Splice, TransformerOutput
 from .layers import DecoderBlock, RMSNorm
 from .rope import rope_cos_sin
-
-
-@dataclass
-class TransformerOutput:
-    """logits: [B, S, V] in the compute dtype (None when the caller applies the head itself, e.g. the
-    chunked loss); hidden_states: final normed hidden [B, S, H]."""
-
-    logits: torch.Tensor | None
-    hidden_states: torch.Tensor
 
 
 class Transformer(nn.Module):
@@ -76,50 +66,93 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | Documents | None = None,
         with_logits: bool = True,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        splice: Splice | None = None,
+        hidden_layers: tuple[int, ...] = (),
     ) -> TransformerOutput:
-        """Logits for `input_ids` [B, S].
+        """Logits for `input_ids` [B, S] (or for `inputs_embeds` [B, S, H]).
 
         position_ids [B, S]: RoPE positions (default 0..S-1 in every row).
         doc_ids [B, S]: document of each token (-1 = padding); attention never crosses a document
         and padding attends only to itself. None means one causal document per row. The trainer passes
         `Documents` (the ids with their layout found on the host, so that no forward waits on the GPU).
         with_logits=False: skip the LM head (logits=None); the caller applies `lm_head` to the hidden states.
+        splice: embeddings that replace the token embeddings at the splice's positions (with input_ids).
+        hidden_layers: layers (negative: from the end) whose output hidden states `layer_hidden` returns.
+        See `ModelInputs` for the same arguments as one object.
         """
-        b, s = input_ids.shape
         docs = as_documents(doc_ids)
-        self._check_inputs(input_ids, position_ids, docs)
-        x = self.embed(input_ids)
+        x = self._embed(input_ids, inputs_embeds, splice)
+        b, s = x.shape[:2]
+        self._check_inputs((b, s), x.device, position_ids, docs)
+        wanted = self._layer_indices(hidden_layers)
         if position_ids is None:
-            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+            position_ids = torch.arange(s, device=x.device).expand(b, s)
         cos, sin = rope_cos_sin(position_ids, self.cfg.dim_per_head, self.cfg.rope_theta, x.dtype)
         attend = bind_attention(self.cfg.attention, docs, s, x.device, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attend)
+        layer_hidden: dict[int, torch.Tensor] = {}
+        aux: dict[str, list[torch.Tensor]] = {}
+        for i, layer in enumerate(self.layers):
+            x, reported = layer(x, cos, sin, attend)
+            for name, value in reported.items():
+                aux.setdefault(name, []).append(value)
+            for asked in wanted.get(i, ()):
+                layer_hidden[asked] = x
         hidden = self.norm(x)
-        return TransformerOutput(logits=self.lm_head(hidden) if with_logits else None, hidden_states=hidden)
+        return TransformerOutput(logits=self.lm_head(hidden) if with_logits else None, hidden_states=hidden,
+                                 last_hidden=x, layer_hidden=layer_hidden, aux=aux)
 
-    def _check_inputs(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, docs: Documents | None
-    ) -> None:
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+               splice: Splice | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give the model exactly one of input_ids [batch, seq] and inputs_embeds [batch, seq, hidden]")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
+                raise ValueError(f"inputs_embeds must be [batch, seq, {self.cfg.hidden_size}], got shape "
+                                 f"{tuple(inputs_embeds.shape)}")
+            if splice is not None:
+                raise ValueError("splice replaces token embeddings: give it with input_ids, not inputs_embeds")
+            return inputs_embeds.to(self.embed.weight.dtype)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.cfg.max_seq_len:
+        x = self.embed(input_ids)
+        if splice is None:
+            return x
+        if splice.mask.shape != input_ids.shape or splice.embeds.dim() != 2 or splice.embeds.shape[-1] != x.shape[-1]:
+            raise ValueError(f"splice: mask must be [batch, seq] = {tuple(input_ids.shape)} and embeds [positions, "
+                             f"{x.shape[-1]}]; got {tuple(splice.mask.shape)} and {tuple(splice.embeds.shape)}")
+        return x.masked_scatter(splice.mask.unsqueeze(-1), splice.embeds.to(x.dtype))
+
+    def _layer_indices(self, hidden_layers: tuple[int, ...]) -> dict[int, list[int]]:
+        """Layer index -> the requested indices it answers (a request may count from the end)."""
+        n, wanted = len(self.layers), {}
+        for asked in hidden_layers:
+            if not -n <= asked < n:
+                raise ValueError(f"hidden_layers asks for layer {asked}, but the model has {n} layers "
+                                 f"(valid: {-n}..{n - 1})")
+            wanted.setdefault(asked % n, []).append(asked)
+        return wanted
+
+    def _check_inputs(self, shape: tuple[int, int], device: torch.device, position_ids: torch.Tensor | None,
+                      docs: Documents | None) -> None:
+        if shape[1] > self.cfg.max_seq_len:
             raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                f"sequence length {shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "raise model.max_seq_len or shorten the data's seq_len"
             )
         doc_ids = None if docs is None else docs.ids
         for name, t in (("position_ids", position_ids), ("doc_ids", doc_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} shape {tuple(t.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name} shape {tuple(t.shape)} != input shape {shape}")
         boundaries = None if docs is None or docs.varlen is None else docs.varlen[0]
         for name, t in (("doc_ids", doc_ids), ("doc_ids' cu_seqlens", boundaries)):
-            if t is not None and t.device != input_ids.device:  # a kernel would fail far from the cause
+            if t is not None and t.device != device:  # a kernel would fail far from the cause
                 raise ValueError(
-                    f"{name} on {t.device} but input_ids on {input_ids.device}; move the batch with "
+                    f"{name} on {t.device} but the inputs on {device}; move the batch with "
                     "Batch.to(device), or the Documents with .to(device)"
                 )

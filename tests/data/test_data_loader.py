@@ -84,7 +84,7 @@ def test_batch_labels_positions_and_doc_ids(unique_dataset, mask: bool) -> None:
 def test_batches_carry_their_attention_layout_found_in_the_loader(unique_dataset) -> None:
     """The loader answers the attention backends' questions (one document per row? cu_seqlens?) as it
     builds each batch, so the training thread and the GPU never have to; the answers are the masks'."""
-    from slimtrain.data.masks import cu_seqlens, single_document_rows
+    from slimtrain.core.masks import cu_seqlens, single_document_rows
 
     dataset = unique_dataset([_lengths()])
     loader = _loader(dataset, packer="concat", prefetch=2)

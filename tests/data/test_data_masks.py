@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from slimtrain.core.documents import Documents
+from slimtrain.core.masks import cu_seqlens, document_causal_mask, segment_lengths
 from slimtrain.data.batch import IGNORE_INDEX, PAD_DOC_ID, Batch
-from slimtrain.data.documents import Documents
-from slimtrain.data.masks import cu_seqlens, document_causal_mask, segment_lengths
 
 
 def _random_doc_ids(b: int, s: int, seed: int) -> torch.Tensor:

@@ -60,7 +60,7 @@ def test_padding_rows_give_finite_logits_and_gradients(make_model, backend: str)
 
 
 def test_single_document_rows_take_the_causal_fast_path(make_model) -> None:
-    from slimtrain.data.documents import Documents
+    from slimtrain.core.documents import Documents
 
     assert is_plain_causal(None) and is_plain_causal(Documents(torch.zeros(2, 8, dtype=torch.long)))
     assert not is_plain_causal(Documents(torch.tensor([[0, 0, 1, 1]])))

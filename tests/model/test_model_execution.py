@@ -39,7 +39,7 @@ def test_activation_checkpointing_gives_identical_gradients(make_model: Callable
 def test_compiled_blocks_match_eager(make_model: Callable, packed: Callable) -> None:
     """Dense, int4-LSQ and ternary-with-int8-activations QAT models, compiled with activation checkpointing,
     over two steps (the LSQ one calibrates its step sizes in the first forward)."""
-    from slimtrain.modules.plugins import build_plugins, validate_plugin_config
+    from slimtrain.modules.plugin_registry import build_plugins, validate_plugin_config
 
     from torch._dynamo.utils import counters
 
@@ -54,7 +54,7 @@ def test_compiled_blocks_match_eager(make_model: Callable, packed: Callable) -> 
             model = make_model(attention="sdpa").train()
             for plugin in build_plugins([validate_plugin_config(block)]) if block else []:
                 plugin.apply(model)
-                plugin.on_step_start(1)
+                plugin.set_step(1)
             if compiled:
                 keys = list(model.state_dict())
                 model.set_activation_checkpointing()

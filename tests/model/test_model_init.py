@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slimtrain.data.documents import Documents
+from slimtrain.core.documents import Documents
 from slimtrain.modules.transformer import ModelConfig, Transformer, TransformerOutput
 
 
@@ -118,9 +118,9 @@ def test_bad_inputs_are_named(make_model) -> None:
     with pytest.raises(ValueError, match="doc_ids shape"):
         model(torch.zeros(1, 8, dtype=torch.long), doc_ids=torch.zeros(1, 7, dtype=torch.long))
     ids = torch.zeros(1, 8, dtype=torch.long)
-    with pytest.raises(ValueError, match="doc_ids on meta but input_ids on cpu; move the batch"):
+    with pytest.raises(ValueError, match="doc_ids on meta but the inputs on cpu; move the batch"):
         model(ids, doc_ids=ids.to("meta"))
     packed = Documents.checked_on_host(torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]]))
     stray = Documents(packed.ids, packed.single, (packed.varlen[0].to("meta"), packed.varlen[1]))
-    with pytest.raises(ValueError, match="cu_seqlens on meta but input_ids on cpu"):
+    with pytest.raises(ValueError, match="cu_seqlens on meta but the inputs on cpu"):
         model(ids, doc_ids=stray)

@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from slimtrain.core.registry import UnknownNameError  # noqa: E402
 from slimtrain.modules.transformer import Transformer  # noqa: E402
 from slimtrain.modules.transformer.generate import greedy_generate  # noqa: E402
 from slimtrain.trainer.export import get_adapter  # noqa: E402
@@ -134,7 +135,7 @@ def test_to_hf_rejects_untied_copies_when_tied(make_model) -> None:
 def test_adapter_registry() -> None:
     adapter = get_adapter("llama")
     assert adapter.hf_architecture == "LlamaForCausalLM" and adapter.to_hf is to_hf
-    with pytest.raises(LookupError, match="did you mean 'llama'"):
+    with pytest.raises(UnknownNameError, match="did you mean 'llama'"):
         get_adapter("lama")
 
 

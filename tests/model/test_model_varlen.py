@@ -126,8 +126,8 @@ def test_compiled_blocks_run_the_varlen_backends(make_model, cpu_kernels, backen
 def test_a_layout_found_on_the_host_is_not_found_again(make_model, cpu_kernels, monkeypatch, backend: str) -> None:
     """The trainer hands the model `Documents` checked on the host (`Batch.to`): the forward uses
     those answers, so on a GPU it never waits to learn whether rows are packed or where documents start."""
-    from slimtrain.data import documents as documents_mod
-    from slimtrain.data.documents import Documents
+    from slimtrain.core import documents as documents_mod
+    from slimtrain.core.documents import Documents
 
     eager = make_model(attention="eager")
     twin = with_backend(eager, "sdpa")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from slimtrain.data.batch import Batch
-from slimtrain.modules import plugins as registry
+from slimtrain.modules import plugin_registry as registry
 from slimtrain.modules.plugin import Plugin, PluginConfig
 from slimtrain.modules.transformer import ModelConfig, Transformer
 from slimtrain.trainer.config import RecipeError, load_recipe
@@ -57,7 +57,7 @@ def test_example_plugin_validates_composes_in_order_and_adds_its_loss(zloss) -> 
     loss, token_sum2, terms = make_loss_fn([built[1]])(model, batch, 7.0)
     assert torch.equal(token_sum, token_sum2) and set(terms) == {"zloss/z"}
     assert torch.equal(loss, plain + 0.5 * terms["zloss/z"])
-    assert built[1].metrics() == {"zloss/last": float(terms["zloss/z"])}
+    assert built[1].metrics(None) == {"zloss/last": float(terms["zloss/z"])}
 
 
 def test_no_plugins_is_the_plain_loss_function() -> None:
@@ -127,7 +127,7 @@ def test_a_config_without_a_literal_type_cannot_register() -> None:
 def test_the_loop_and_assembly_name_no_plugin() -> None:
     names = registry.plugin_names()
     for rel in ("trainer/loop.py", "trainer/run.py", "trainer/losses.py", "trainer/export/hf.py",
-                "trainer/plugins.py", "trainer/export/consolidate.py"):
+                "modules/plugin_stack.py", "trainer/export/consolidate.py"):
         text = (REPO / rel).read_text().lower()
         for name in names:
             assert not re.search(rf"\b{re.escape(name)}\b", text), (rel, name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtrain.modules.plugins import build_plugins, validate_plugin_config
+from slimtrain.modules.plugin_registry import build_plugins, validate_plugin_config
 from slimtrain.modules.transformer import ModelConfig, Transformer
 
 TINY = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -20,12 +20,12 @@ def qat_model(block: dict, cfg: ModelConfig = TINY, steps: int = 3, seed: int = 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
-        plugin.on_step_start(step)
+        plugin.set_step(step)
         ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
         logits = model(ids[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    plugin.on_step_start(steps)
+    plugin.set_step(steps)
     return model.eval(), plugin

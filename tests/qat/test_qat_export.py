@@ -11,7 +11,7 @@ import torch
 
 from slimtrain.modules.qat.export import dequantize_packed, scheme
 from slimtrain.trainer.export.hf import write_hf_dir
-from slimtrain.trainer.plugins import run_export_hooks
+from slimtrain.modules.plugin_stack import PluginStack
 from qat_helpers import TINY, qat_model
 
 IDS = {"bos_id": None, "eos_id": 0, "pad_id": 1}
@@ -33,7 +33,7 @@ CASES = {
 def _export(block: dict, out: Path):
     model, plugin = qat_model(block)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ctx = run_export_hooks([plugin.cfg], TINY, state, step=3)
+    ctx = PluginStack.from_configs([plugin.cfg]).export(state, TINY, step=3)
     write_hf_dir(ctx.state, TINY, out, tokenizer_dir=None, ids=IDS, plugin_export=ctx)
     return model, plugin, ctx
 
@@ -87,6 +87,6 @@ def test_export_before_fake_quant_started_uses_the_first_quantized_steps(init: s
     block = {"weights": {"format": "int", "bits": 4, "group_size": 32}, "estimator": "lsq", "lsq_init": init,
              "start_step": 100}
     model, plugin, ctx = _export(block, tmp_path / "hf")
-    plugin.on_step_start(101)  # fake-quant starts: the first forward calibrates from these weights
+    plugin.set_step(101)  # fake-quant starts: the first forward calibrates from these weights
     for name, layer in plugin.layers.items():
         assert torch.equal(ctx.state[f"{name}.weight"], layer.quantized_weight().detach().float()), name

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimtrain.modules.plugins import build_plugins, validate_plugin_config
+from slimtrain.modules.plugin_registry import build_plugins, validate_plugin_config
 from slimtrain.modules.qat.config import QATConfig, QuantSpec
 from slimtrain.modules.qat.estimators import fake_quant_lsq, fake_quant_ste, lsq_grad_scale, lsq_init_step
 from slimtrain.modules.qat.formats import round_fp4_e2m1
@@ -112,7 +112,7 @@ def test_lsq_starts_from_the_round_to_nearest_grid() -> None:
         m = Transformer(TINY)
         m.load_state_dict(model.state_dict())
         plugin.apply(m)
-        plugin.on_step_start(1)
+        plugin.set_step(1)
         logits.append(m(ids).logits)
         layer = next(iter(plugin.layers.values()))
         if plugin is not rtn:
@@ -134,7 +134,7 @@ def test_lsq_lr_scale_moves_the_learned_steps_that_many_times_as_far() -> None:
         [plugin] = build_plugins([validate_plugin_config({"type": "qat", "estimator": "lsq", "start_step": 0,
                                                           "lsq_lr_scale": scale})])
         plugin.apply(model)
-        plugin.on_step_start(1)
+        plugin.set_step(1)
         opt = torch.optim.Adam([p for n, p in model.named_parameters() if n.endswith("weight_step_gain")], lr=1e-3,
                                eps=1e-30)  # no eps: the first update is exactly lr x sign(gradient)
         layer = model.layers[0].mlp.up_proj
@@ -164,7 +164,7 @@ def test_fake_quant_starts_after_start_step() -> None:
     dense = model(torch.arange(8)[None]).logits
     plugin.apply(model)
     for step, changed in ((1, False), (2, False), (3, True)):
-        plugin.on_step_start(step)
+        plugin.set_step(step)
         assert (not torch.equal(model(torch.arange(8)[None]).logits, dense)) == changed, step
 
 

@@ -101,7 +101,7 @@ def test_qat_branched_from_a_dense_checkpoint_equals_one_qat_run(straight: Path,
 def _check_export(run_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from slimtrain.modules.plugins import build_plugins
+    from slimtrain.modules.plugin_registry import build_plugins
     from slimtrain.modules.transformer import Transformer
     from slimtrain.trainer.export.consolidate import consolidate, load_checkpoint_for_export
     from slimtrain.trainer.export.hf import export_checkpoint
@@ -113,7 +113,7 @@ def _check_export(run_dir: Path, out: Path) -> None:
     model = Transformer(ckpt.model_cfg.model_copy(update={"attention": "eager"}))
     plugin.apply(model)
     model.load_state_dict(consolidate(ckpt.path, ckpt.recipe.backend.zero_stage))
-    plugin.on_step_start(6)
+    plugin.set_step(6)
     model.eval()
     ids = torch.randint(0, ckpt.model_cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
 
 from slimtrain.data.batch import Batch
+from slimtrain.modules.context import Communicator
+from slimtrain.modules.transformer.config import ModelConfig
+
+if TYPE_CHECKING:
+    from slimtrain.modules.plugin_stack import PluginStack
+    from slimtrain.trainer.backends.build import ModelInit
 
 # (model, batch, label_norm) -> (loss to backpropagate, sum of the token losses as a float tensor,
 # named extra terms for logging). label_norm turns sums into the mean over the global step.
@@ -35,16 +41,43 @@ class StepResult:
 
 
 class Backend(Protocol):
-    """A distributed engine. Parameter names in `full_state_dict` are the model's own, backend-free."""
+    """A distributed engine. Parameter names in `full_state_dict` are the model's own, backend-free.
+
+    The backend owns the build (`build_model`, in the order of `slimtrain.trainer.backends.build`), says
+    which ranks hold replicas of the data (`dp_rank`, `dp_size`: loaders shard by them and gradient
+    accumulation is computed from them), and hands plugins its process groups through `comm`.
+    """
 
     rank: int
     world_size: int
+    device: torch.device
+    comm: Communicator
+    """Collectives over the named groups below, for plugins (`PluginContext.comm`)."""
+    process_groups: Mapping[str, Any]
+    """Named process groups: "data" always; "expert", "sequence", ... where the engine has them."""
+
+    @property
+    def dp_rank(self) -> int: ...
+
+    @property
+    def dp_size(self) -> int: ...
+
+    @property
+    def module(self) -> nn.Module:
+        """The model inside the engine (after `setup`)."""
+        ...
+
+    def build_model(self, model_cfg: ModelConfig, plugins: "PluginStack", init: "ModelInit") -> nn.Module:
+        """This rank's model: meta build, plugins applied, parallelised, materialised and initialised."""
+        ...
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None: ...
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepResult: ...
 
-    def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int]: ...
+    def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int, dict[str, float]]:
+        """(sum of token losses, label tokens, plugin loss terms) of one micro-batch on this rank."""
+        ...
 
     def all_reduce_sum(self, values: list[float]) -> list[float]: ...
 

@@ -14,7 +14,11 @@ import torch.distributed as dist
 from torch import nn
 
 from slimtrain.data.batch import Batch
+from slimtrain.modules.plugin_stack import PluginStack
+from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends.base import LossFn, StepResult
+from slimtrain.trainer.backends.build import ModelInit, build_model
+from slimtrain.trainer.backends.communicator import TorchCommunicator
 from slimtrain.trainer.backends.deepspeed_branch import add_fresh_entries, fresh_parameters, saved_param_shapes
 from slimtrain.trainer.backends.deepspeed_reshard import (
     UNIVERSAL_TAG, current_layout, needs_conversion, saved_buffers, saved_layout, universal_on_every_rank,
@@ -24,7 +28,6 @@ from slimtrain.trainer.errors import RecipeError
 from slimtrain.trainer.faults import maybe_fault
 from slimtrain.trainer.logging import console
 from slimtrain.trainer.recipe import deep_merge
-from slimtrain.trainer.registry import BACKENDS
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 DS_TAG = "ds"  # sub-directory of a checkpoint step directory that holds DeepSpeed's files
@@ -70,7 +73,6 @@ def fit_gradient_bucket(config: dict[str, Any], num_params: int) -> dict[str, An
     return {**config, "zero_optimization": {**zero, "reduce_bucket_size": max(1, min(DEEPSPEED_REDUCE_BUCKET, num_params))}}
 
 
-@BACKENDS.register("deepspeed")
 class DeepSpeedBackend:
     """Wraps a single-device model into a DeepSpeed engine after it is built (seam 3)."""
 
@@ -82,6 +84,24 @@ class DeepSpeedBackend:
         self.grad_accum = self.config["gradient_accumulation_steps"]
         self.engine = None
         self.own_grad_norm = False
+        # Every rank holds a replica of the model's computation: the data-parallel group is the world.
+        self.process_groups: dict[str, Any] = {"data": None}
+        self.comm = TorchCommunicator(self.process_groups)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (what the loader shards by)."""
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas (what gradient accumulation is computed from)."""
+        return self.world_size
+
+    @property
+    def module(self) -> nn.Module:
+        """The model inside the engine (with every plugin applied)."""
+        return self.engine.module
 
     @property
     def device(self) -> torch.device:
@@ -91,6 +111,10 @@ class DeepSpeedBackend:
 
             return torch.device("cuda", cuda_device_index())
         return torch.device("cpu")
+
+    def build_model(self, model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit) -> nn.Module:
+        """The whole model on every rank: ZeRO partitions it when the engine starts (`setup`)."""
+        return build_model(model_cfg, plugins, init, self.device)
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
         """Create the engine; the model's parameters are partitioned/wrapped from here on."""
@@ -180,11 +204,11 @@ class DeepSpeedBackend:
         self.engine.backward(loss)
 
     @torch.no_grad()
-    def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int]:
-        """(sum of token losses, label tokens) of one micro-batch on this rank."""
+    def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int, dict[str, float]]:
+        """(sum of token losses, label tokens, the plugins' loss terms) of one micro-batch on this rank."""
         self.engine.eval()
-        _, token_loss_sum, _ = loss_fn(self.engine, batch.to(self.device), 1.0)
-        return float(token_loss_sum), batch.num_label_tokens
+        _, token_loss_sum, terms = loss_fn(self.engine, batch.to(self.device), 1.0)
+        return float(token_loss_sum), batch.num_label_tokens, {k: float(v) for k, v in terms.items()}
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks, in float64 so token counts stay exact."""

@@ -6,12 +6,12 @@ code looks it up by that name and never needs to know the architecture itself.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from slimtrain.core.registry import Registry
 from slimtrain.modules.transformer.config import ModelConfig
 
 if TYPE_CHECKING:  # transformers is slow to import; adapters import it only when building a config
@@ -36,23 +36,16 @@ class Adapter:
     hf_config: Callable[..., "PretrainedConfig"]
 
 
-ADAPTERS: dict[str, Adapter] = {}
+ADAPTERS: Registry[Adapter] = Registry("export adapter")
 
 
 def register_adapter(name: str, adapter: Adapter) -> Adapter:
-    """Register `adapter` under `name`; a name is registered once."""
-    if name in ADAPTERS and ADAPTERS[name] is not adapter:
-        raise ValueError(f"an export adapter named {name!r} is already registered; pick another name")
-    ADAPTERS[name] = adapter
-    return adapter
+    """Register `adapter` under `name`; a name is registered once (a second one is a ValueError)."""
+    return ADAPTERS.register(name)(adapter)
 
 
 def get_adapter(name: str) -> Adapter:
-    """The adapter registered under `name`, or an error listing the registered names."""
-    if name not in ADAPTERS:
-        close = difflib.get_close_matches(name, list(ADAPTERS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise LookupError(f"no export adapter named {name!r}; registered: {sorted(ADAPTERS)}{hint}")
-    return ADAPTERS[name]
+    """The adapter registered under `name`, or an UnknownNameError listing the registered names."""
+    return ADAPTERS.get(name)
 
 

@@ -66,9 +66,9 @@ def load_checkpoint_for_export(path: Path) -> LoadedCheckpoint:
     weights = consolidate(path, recipe.backend.zero_stage)
     if not recipe.plugins:
         return LoadedCheckpoint(path, recipe, model_cfg, state, weights)
-    from slimtrain.trainer.plugins import run_export_hooks
+    from slimtrain.modules.plugin_stack import PluginStack
 
-    ctx = run_export_hooks(recipe.plugins, model_cfg, weights, int(state.get("step", 0)))
+    ctx = PluginStack.from_configs(recipe.plugins).export(weights, model_cfg, int(state.get("step", 0)))
     return LoadedCheckpoint(path, recipe, model_cfg, state, ctx.state, ctx)
 
 
@@ -87,16 +87,18 @@ def zero0_fp32_masters(path: Path, saved: dict) -> dict[str, torch.Tensor]:
     masters = (saved.get("optimizer") or {}).get("fp32_groups")
     if not masters:
         return {}
-    from slimtrain.trainer.optim import param_groups
-    from slimtrain.modules.plugins import build_plugins
-    from slimtrain.trainer.plugins import model_skeleton
+    from slimtrain.modules.plugin_stack import PluginStack
+    from slimtrain.trainer.optim import freeze, param_groups
 
     recipe, model_cfg, _ = checkpoint_recipe(path)
-    skeleton = model_skeleton(model_cfg, build_plugins(recipe.plugins))
+    plugins = PluginStack.from_configs(recipe.plugins)
+    skeleton = plugins.skeleton(model_cfg)
     aliases: dict[int, list[str]] = {}  # a tied weight has two names
     for n, p in skeleton.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
-    groups = [g["params"] for g in param_groups(skeleton, 0.0)]
+    plugin_groups = plugins.param_groups(skeleton)
+    freeze(plugin_groups)  # as the run's optimizer saw the model
+    groups = [g["params"] for g in param_groups(skeleton, 0.0, plugin_groups)]
     if [len(g) for g in groups] != [len(g) for g in masters]:
         raise CheckpointError(f"{path}: the optimizer's fp32 master groups ({[len(g) for g in masters]} tensors) do "
                               f"not match the model's parameter groups ({[len(g) for g in groups]})")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from slimtrain.core.registry import UnknownNameError
 from slimtrain.modules.plugin import ExportContext
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.errors import CheckpointError
@@ -117,7 +118,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 def _adapter(name: str):
     try:
         return get_adapter(name)
-    except LookupError as exc:
+    except UnknownNameError as exc:
         raise CheckpointError(f"cannot export architecture {name!r}: {exc}") from None
 
 

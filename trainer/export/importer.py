@@ -76,11 +76,22 @@ def check_hf_config(path: Path, cfg: ModelConfig) -> None:
 
 
 @torch.no_grad()
-def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, architecture: str = "llama") -> None:
-    """Copy the HF weights into `model` (every parameter must be covered)."""
+def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, architecture: str = "llama") -> frozenset[str]:
+    """Copy the HF weights into `model` (every parameter of the dense model must be covered); returns the
+    names of the tensors it filled."""
     check_hf_config(path, cfg)
     state = get_adapter(architecture).from_hf(read_hf_state(path), cfg)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    # What plugins added to the model is theirs to initialise; every tensor of the dense model must load.
+    dense = set(_dense_names(cfg))
+    missing = [m for m in missing if m in dense and not (cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: missing {missing}, unexpected {unexpected}")
+    return frozenset(state)
+
+
+def _dense_names(cfg: ModelConfig) -> list[str]:
+    from slimtrain.modules.transformer import Transformer
+
+    with torch.device("meta"):
+        return list(Transformer(cfg).state_dict())

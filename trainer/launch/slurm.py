@@ -7,7 +7,6 @@ submitted; errors name the flag, the value and the fix.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import re
 import shlex
@@ -17,6 +16,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+
+from slimtrain.core.registry import did_you_mean
 
 # slurm/ sits beside trainer/ in the source tree (editable installs, CI, clusters with a checkout);
 # SLIMTRAIN_SLURM_DIR points at another copy (a site's own template and env files).
@@ -144,8 +145,8 @@ def resolve_env_file(env: str) -> Path:
     path = ENV_DIR / f"{env}.sh"
     if not path.is_file():
         names = sorted(p.stem for p in ENV_DIR.glob("*.sh"))
-        close = difflib.get_close_matches(env, names, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(env, names)
+        hint = f"{hint} " if hint else ""
         raise LaunchError(
             f"--env {env!r}: no {path}; {hint}known: {', '.join(names) or 'none'} "
             f"(add slurm/env/{env}.sh or pass a path)"

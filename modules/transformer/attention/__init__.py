@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from slimtrain.data.documents import Documents, as_documents
+from slimtrain.core.documents import Documents, as_documents
+from slimtrain.core.registry import Registry
 
 from .base import AttentionBackend
 from .eager import EagerAttention
@@ -22,13 +23,10 @@ from .flex import FlexAttention, check_flex_available
 from .sdpa import SdpaAttention
 from .varlen import VarlenAttention, check_varlen_available, varlen_available
 
-BACKENDS: dict[str, AttentionBackend] = {
-    "eager": EagerAttention(),
-    "sdpa": SdpaAttention(),
-    "flex": FlexAttention(),
-    "flash": FlashAttention(),
-    "varlen": VarlenAttention(),
-}
+# Named as `model.attention` names them; "auto" is a choice too, resolved to one of them before lookup.
+BACKENDS: Registry[AttentionBackend] = Registry("model.attention", also_valid=("auto",))
+for _backend in (EagerAttention(), SdpaAttention(), FlexAttention(), FlashAttention(), VarlenAttention()):
+    BACKENDS.register(_backend.name)(_backend)
 
 
 def check_backend(name: str) -> None:
@@ -39,8 +37,8 @@ def check_backend(name: str) -> None:
         check_flex_available()
     elif name == "varlen":
         check_varlen_available()
-    elif name not in BACKENDS and name != "auto":
-        raise ValueError(f"model.attention={name!r} is unknown; choose one of {['auto', *BACKENDS]}")
+    elif name != "auto":
+        BACKENDS.get(name)  # an unknown name: the registry's error lists every choice, 'auto' first
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -82,7 +80,7 @@ def bind_attention(
     name: str, doc_ids: torch.Tensor | Documents | None, seq_len: int, device: torch.device, dtype: torch.dtype
 ) -> BoundAttention:
     """Resolve `name` and prepare its mask once, for all layers of one forward."""
-    backend = BACKENDS[resolve_backend(name, device, dtype)]
+    backend = BACKENDS.get(resolve_backend(name, device, dtype))
     return BoundAttention(backend, backend.prepare(as_documents(doc_ids), seq_len, device))
 
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from slimtrain.data.documents import Documents
+from slimtrain.core.documents import Documents
 
 # `enable_gqa` arrived in torch 2.5; before it, kv heads are repeated to the query heads' count.
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"

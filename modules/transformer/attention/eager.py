@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from slimtrain.data.documents import Documents
-from slimtrain.data.masks import document_causal_mask
+from slimtrain.core.documents import Documents
+from slimtrain.core.masks import document_causal_mask
 
 from .base import causal_mask, repeat_kv
 

@@ -7,7 +7,7 @@ newer FA4 is used when installed, else FA2; below Hopper only FA2. `SLIMTRAIN_FL
 The package and its kernels are chosen in `prepare`, once per forward and outside any compiled block,
 and travel with the mask: package lookups cannot be traced by Dynamo and cost host time per layer.
 
-Padding runs count as sequences of their own (see `slimtrain.data.masks.cu_seqlens`), so a padding
+Padding runs count as sequences of their own (see `slimtrain.core.masks.cu_seqlens`), so a padding
 position attends to the padding before it in its run rather than only to itself as in the other
 backends. Real tokens never see padding either way, so their outputs are the same.
 """
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from slimtrain.data.documents import Documents
+from slimtrain.core.documents import Documents
 
 from .base import is_plain_causal, over_flat_batch, require_cuda_half
 

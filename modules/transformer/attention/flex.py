@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from slimtrain.data.documents import Documents
-from slimtrain.data.sentinels import PAD_DOC_ID
+from slimtrain.core.documents import Documents
+from slimtrain.core.sentinels import PAD_DOC_ID
 
 from .base import causal_attention, is_plain_causal
 
@@ -40,7 +40,7 @@ def _kernels(compiled: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
 
 
 def _document_mask_mod(doc_ids: torch.Tensor) -> Callable[..., torch.Tensor]:
-    # Same rule as slimtrain.data.masks.document_causal_mask: causal within a document, and a
+    # Same rule as slimtrain.core.masks.document_causal_mask: causal within a document, and a
     # padding position (doc id -1) attends only to itself so that no row is empty.
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         q_doc = doc_ids[b, q_idx]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimtrain.data.documents import Documents
-from slimtrain.data.masks import document_causal_mask
+from slimtrain.core.documents import Documents
+from slimtrain.core.masks import document_causal_mask
 
 from .base import causal_attention, is_plain_causal, repeat_kv
 

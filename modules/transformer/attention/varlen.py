@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from slimtrain.data.documents import Documents
+from slimtrain.core.documents import Documents
 
 from .base import causal_attention, is_plain_causal, over_flat_batch, require_cuda_half
 

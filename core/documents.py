@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimtrain.data.masks import cu_seqlens, single_document_rows
+from slimtrain.core.masks import cu_seqlens, single_document_rows
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no truth value to compare by

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtrain.data.sentinels import PAD_DOC_ID
+from slimtrain.core.sentinels import PAD_DOC_ID
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -11,15 +11,14 @@ third-party plugins never imports them.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
 from pydantic import BaseModel
 
+from slimtrain.core.registry import Registry, UnknownNameError, did_you_mean
 from slimtrain.modules.plugin import Plugin, PluginConfig
-from slimtrain.modules.registry import Registry, UnknownNameError
 
 ENTRY_POINT_GROUP = "slimtrain.plugins"
 PLUGINS: Registry[tuple[type[PluginConfig], type[Plugin]]] = Registry("plugin")
@@ -96,20 +95,21 @@ def validate_plugin_config(value: Any) -> PluginConfig:
         config_cls, _ = lookup(str(value["type"]))
     except UnknownNameError as exc:
         raise ValueError(str(exc)) from None
-    _check_unknown_keys(config_cls, value, "")
+    check_unknown_keys(config_cls, value, "")
     return config_cls.model_validate(value)
 
 
-def _check_unknown_keys(model: type[BaseModel], value: dict, prefix: str) -> None:
+def check_unknown_keys(model: type[BaseModel], value: dict, prefix: str) -> None:
+    """Refuse keys of `value` that `model` (a registry-chosen config class) lacks, naming the nearest valid key:
+    the recipe loader's own did-you-mean cannot see inside a class chosen by a registry."""
     fields = model.model_fields
     for key, sub in value.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            fix = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(fields))}"
+            fix = did_you_mean(str(key), fields) or f"valid keys: {', '.join(sorted(fields))}"
             raise ValueError(f"unknown key {prefix}{key} — {fix}")
         nested = _model_of(fields[key].annotation)
         if nested is not None and isinstance(sub, dict):
-            _check_unknown_keys(nested, sub, f"{prefix}{key}.")
+            check_unknown_keys(nested, sub, f"{prefix}{key}.")
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
