@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Source(BaseModel):
@@ -134,10 +134,11 @@ class DataConfig(BaseModel):
     )
     tokenizer: TokenizerConfig = Field(description="The tokenizer: a local path, or `train:` a byte-level BPE.")
     seq_len: int = Field(ge=2, description="Tokens per packed row (the model's training context length).")
-    packer: Literal["concat", "bfd", "pad"] = Field(
+    packer: str = Field(
         "bfd",
-        description="How documents become rows: `bfd` best-fit decreasing (cuts only documents longer than "
-        "seq_len), `concat` concatenate-and-chunk (the common baseline), `pad` one document per row.",
+        description="How documents become rows, a registered packer (slimtrain.data.packing.PACKERS): `bfd` "
+        "best-fit decreasing (cuts only documents longer than seq_len), `concat` concatenate-and-chunk (the "
+        "common baseline), `pad` one document per row.",
     )
     cache_dir: Path = Field(
         Path(".cache/slimtrain/data"),
@@ -175,6 +176,14 @@ class DataConfig(BaseModel):
         description="Check every shard's sha256 against the manifest when data is opened (reads all shards "
         "once); sizes are always checked. Turn off for very large corpora once verified.",
     )
+
+    @field_validator("packer")
+    @classmethod
+    def _registered_packer(cls, name: str) -> str:
+        from slimtrain.data.packing import PACKERS
+
+        PACKERS.get(name)  # an unknown name fails with the registered ones and the nearest
+        return name
 
     @model_validator(mode="after")
     def _weights_all_or_none(self) -> "DataConfig":
