@@ -236,8 +236,9 @@ class Recipe(_Strict):
         return self
 
     def check_world(self, world_size: int) -> int:
-        """Validate what depends on the number of ranks; returns gradient-accumulation steps."""
-        return self.train.grad_accum(world_size)
+        """Validate what depends on the number of ranks; returns gradient-accumulation steps (per data-parallel
+        replica: the engine says how many of the `world_size` ranks are replicas)."""
+        return self.train.grad_accum(self.backend.data_parallel_size(world_size))
 
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -83,7 +83,8 @@ class Trainer:
         self.ctx = PluginContext(model=self.backend.module, device=self.backend.device, comm=self.backend.comm,
                                  groups=self.backend.process_groups)
         # One loss for training and evaluation: the plugins' terms are measured on held-out data too.
-        self.loss_fn = make_loss_fn(self.plugins, self.ctx, recipe.train.loss_chunk_tokens, recipe.train.compile)
+        self.loss_fn = make_loss_fn(self.plugins, self.ctx, recipe.train.loss_chunk_tokens, recipe.train.compile,
+                                    cross_entropy=self.backend.cross_entropy)
         self.val_loader = None  # built at the first evaluation, restarted by every later one
         self.started = signals.PROCESS_START  # train.stop_after_minutes counts this process's time only
 

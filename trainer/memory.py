@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer import ModelConfig
 from slimtrain.trainer.backends.deepspeed import DEEPSPEED_REDUCE_BUCKET, ds_config, fit_gradient_bucket
 from slimtrain.trainer.config import Recipe
@@ -154,10 +155,11 @@ def step_only_bytes(recipe: Recipe, params: int, world_size: int) -> float:
 
 def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate:
     """The per-GPU estimate of `recipe` on `world_size` GPUs."""
-    cfg = recipe.model.model_copy(update={"vocab_size": vocab_size})
+    plugins = PluginStack.from_configs(recipe.plugins)
+    cfg = plugins.configure(recipe.model.model_copy(update={"vocab_size": vocab_size}))
     train, backend = recipe.train, recipe.backend
     w = 2 if backend.precision == "bf16" else 4
-    params = cfg.num_params()
+    params = plugins.counts(cfg, recipe.data.seq_len).total_params  # what the plugins add is stored too
     largest = max(vocab_size * cfg.hidden_size, 3 * cfg.hidden_size * cfg.intermediate_size)
     tokens = train.micro_batch_size * recipe.data.seq_len
     per_layer = block_activation_bytes_per_token(cfg, w) * tokens

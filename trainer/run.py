@@ -77,7 +77,7 @@ def build_parts(recipe: Recipe) -> RunParts:
     from slimtrain.data import build_loader
 
     backend = build_backend(recipe.backend.type, cfg=recipe.backend, train=recipe.train, optim=recipe.optim)
-    grad_accum = recipe.check_world(backend.dp_size)
+    grad_accum = recipe.train.grad_accum(backend.dp_size)
     prepared = prepare_data(recipe, dist.get_rank(), dist.barrier)
     plugins = PluginStack.from_configs(recipe.plugins)
     model_cfg = plugins.configure(resolve_model_config(recipe, prepared.tokenizer.vocab_size))

@@ -12,6 +12,7 @@ from torch import nn
 from slimtrain.data.batch import Batch
 from slimtrain.modules.context import Communicator
 from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.trainer.cross_entropy import CrossEntropySum
 
 if TYPE_CHECKING:
     from slimtrain.modules.plugin_stack import PluginStack
@@ -55,6 +56,9 @@ class Backend(Protocol):
     """Collectives over the named groups below, for plugins (`PluginContext.comm`)."""
     process_groups: Mapping[str, Any]
     """Named process groups: "data" always; "expert", "sequence", ... where the engine has them."""
+    cross_entropy: CrossEntropySum | None
+    """The engine's own loss over logits (a vocabulary-parallel cross-entropy over sharded logits); None
+    takes the trainer's fp32 one (compiled under train.compile)."""
 
     @property
     def dp_rank(self) -> int: ...

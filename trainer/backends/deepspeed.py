@@ -87,6 +87,7 @@ class DeepSpeedBackend:
         # Every rank holds a replica of the model's computation: the data-parallel group is the world.
         self.process_groups: dict[str, Any] = {"data": None}
         self.comm = TorchCommunicator(self.process_groups)
+        self.cross_entropy = None  # whole logits on every rank: the trainer's own loss
 
     @property
     def dp_rank(self) -> int:
@@ -228,56 +229,56 @@ class DeepSpeedBackend:
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote, also from another number of ranks (converted through DeepSpeed's
         universal checkpoint, see deepspeed_reshard)."""
-        saved = saved_layout(directory / DS_TAG)
-        current = current_layout(self.config["zero_optimization"]["stage"], self.cfg.precision, self.world_size)
-        recipe_hparams = self._recipe_hparams()
-        if not needs_conversion(saved, current):
-            self._load_tag(directory, DS_TAG)
-            self._apply_recipe(recipe_hparams)
-            return
-        if self.rank == 0:
-            console.print(f"resharding {directory.name}: written by {saved.describe()}, loading into "
-                          f"{current.describe()} (DeepSpeed universal checkpoint)", soft_wrap=True)
-        reshard_root = universal_on_every_rank(directory, DS_TAG, self.rank, dist.barrier)
-        self._load_universal(reshard_root)
-        self._apply_recipe(recipe_hparams)
-        self._restore_buffers(directory / DS_TAG)
-        dist.barrier()
-        if self.rank == 0:  # derived files: the next checkpoint is written in this run's own layout
-            shutil.rmtree(reshard_root, ignore_errors=True)
+        self._restore(directory, fresh=[], scratch=None)
 
     def branch(self, directory: Path, scratch: Path) -> list[str]:
         """Start from another run's checkpoint under this run's recipe (seam 3, see trainer.branch): every
         parameter it holds with its optimizer state, the rest fresh (initial value, zero moments); the
         schedule position carries over and the learning rates follow this recipe. The source is only read;
         conversions go to `scratch`, which is removed. Returns the names of the fresh parameters."""
+        fresh = fresh_parameters(saved_param_shapes(directory / DS_TAG), self._param_shapes(), directory)
+        self._restore(directory, fresh, scratch)
+        return fresh
+
+    def _restore(self, directory: Path, fresh: list[str], scratch: Path | None) -> None:
+        """Load `directory`'s DeepSpeed state into this engine: as saved when the layout matches and nothing is
+        fresh, else through a universal conversion (into `scratch`, or beside the checkpoint for a resume)
+        that gains an entry per fresh parameter. Then the recipe's hyperparameters and the saved buffers."""
+        branching = scratch is not None
         ds_dir = directory / DS_TAG
         saved = saved_layout(ds_dir)
         current = current_layout(self.config["zero_optimization"]["stage"], self.cfg.precision, self.world_size)
-        fresh = fresh_parameters(saved_param_shapes(ds_dir), self._param_shapes(), directory)
         recipe_hparams = self._recipe_hparams()
-        if not needs_conversion(saved, current) and not fresh:
-            # Not strict: fresh_parameters checked every parameter; a plugin's new buffers keep their init.
-            self._load_tag(directory, DS_TAG, strict=False)
-        elif saved.optimizer == "replicated":
+        converted = needs_conversion(saved, current) or bool(fresh)
+        if not converted:
+            # A branch loads non-strictly: fresh_parameters checked every parameter; a plugin's new buffers keep their init.
+            self._load_tag(directory, DS_TAG, strict=not branching)
+        elif saved.optimizer == "replicated" and fresh:
             raise RecipeError(
                 f"checkpoint.branch_from={str(directory)!r} was written at ZeRO-0, whose optimizer state has no "
                 f"per-parameter form to add {len(fresh)} new parameter(s) to ({', '.join(fresh[:3])}); branch from "
                 "a run trained with backend.zero_stage 1, 2 or 3"
             )
         else:
-            values = self._gathered(fresh)  # collective at ZeRO-3
-            if self.rank == 0:
-                shutil.rmtree(scratch, ignore_errors=True)  # never reuse a conversion of another source
-            root = universal_on_every_rank(directory, DS_TAG, self.rank, dist.barrier, root=scratch,
-                                           finish=lambda universal: add_fresh_entries(universal, values))
-            self._load_universal(root)
-            dist.barrier()
-            if self.rank == 0:
-                shutil.rmtree(scratch, ignore_errors=True)
+            self._load_converted(directory, saved, current, fresh, scratch)
         self._apply_recipe(recipe_hparams)
-        self._restore_buffers(ds_dir, allow_missing=True)
-        return fresh
+        if converted or branching:  # a universal checkpoint holds no buffers
+            self._restore_buffers(ds_dir, allow_missing=branching)
+
+    def _load_converted(self, directory: Path, saved, current, fresh: list[str], scratch: Path | None) -> None:
+        values = self._gathered(fresh)  # collective at ZeRO-3
+        if self.rank == 0:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)  # never reuse a conversion of another source
+            else:
+                console.print(f"resharding {directory.name}: written by {saved.describe()}, loading into "
+                              f"{current.describe()} (DeepSpeed universal checkpoint)", soft_wrap=True)
+        finish = (lambda universal: add_fresh_entries(universal, values)) if fresh else None
+        root = universal_on_every_rank(directory, DS_TAG, self.rank, dist.barrier, root=scratch, finish=finish)
+        self._load_universal(root)
+        dist.barrier()
+        if self.rank == 0:  # derived files: the next checkpoint is written in this run's own layout
+            shutil.rmtree(root, ignore_errors=True)
 
     def _recipe_hparams(self) -> list[dict]:
         """This recipe's optimizer settings per group (the optimizer is built from it and not yet loaded)."""
@@ -301,17 +302,20 @@ class DeepSpeedBackend:
         # At ZeRO-3 a parameter's own shape is that of its partition; ds_shape is the full one.
         return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()}
 
-    def _gathered(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Full fp32 copies of the named parameters, on the CPU (gathered at ZeRO-3)."""
-        params = dict(self.engine.module.named_parameters())
-        chosen = [params[n] for n in names]
+    def _gathered(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Full fp32 copies on the CPU of the named parameters, or of the whole state dict (None), gathered
+        from their partitions at ZeRO-3 (a collective there: every rank calls it)."""
+        module = self.engine.module
+        params = dict(module.named_parameters())
+        chosen = list(params.values()) if names is None else [params[n] for n in names]
         gather = contextlib.nullcontext()
         if self.cfg.zero_stage == 3 and chosen:
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters(chosen, modifier_rank=None)
         with gather:
-            return {n: p.detach().float().cpu().clone() for n, p in zip(names, chosen)}
+            tensors = module.state_dict() if names is None else {n: params[n] for n in names}
+            return {k: v.detach().float().cpu().clone() for k, v in tensors.items()}
 
     def _rebase_schedule(self, groups: list[dict], base_lrs: list[float]) -> None:
         """Learning rates from this recipe (`base_lrs`, one per group) at the schedule position the checkpoint
@@ -355,15 +359,8 @@ class DeepSpeedBackend:
             raise FileNotFoundError(f"no DeepSpeed state under {directory / tag}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """All parameters, full size, fp32, on CPU, with the model's own names (rank 0 gets them all)."""
-        module = self.engine.module
-        if self.cfg.zero_stage == 3:
-            import deepspeed
-
-            params = list(module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        """All parameters and buffers, full size, fp32, on CPU, with the model's own names."""
+        return self._gathered()
 
 
 def _base_param_groups(optimizer) -> list[dict]:

@@ -75,6 +75,10 @@ class DeepSpeedConfig(_Strict):
             return "fp32"
         return "bf16"
 
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel replicas on `world_size` ranks: every rank is one (ZeRO shards states, not the batch)."""
+        return world_size
+
     def check_recipe(self, recipe: "Recipe") -> None:
         """What this engine refuses in the rest of the recipe (called when the recipe is validated)."""
         if recipe.train.compile and self.zero_stage == 3:

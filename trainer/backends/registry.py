@@ -28,8 +28,8 @@ def _no_check(recipe: "Recipe", checkpoint: Path, world_size: int) -> None:
 class BackendEntry:
     """One engine.
 
-    config: its recipe block (a pydantic model with `type: Literal["name"]` and a
-        `check_recipe(recipe)` method for what it refuses elsewhere in the recipe).
+    config: its recipe block (a pydantic model with `type: Literal["name"]`, a `check_recipe(recipe)`
+        method for what it refuses elsewhere in the recipe, and `data_parallel_size(world_size)`).
     start: (cfg=, train=, optim=) -> Backend, importing the engine when called.
     check_resumable: (recipe, checkpoint step dir, world size) -> None, raising RecipeError when this
         engine cannot load that checkpoint into that world (checked before any process starts).
