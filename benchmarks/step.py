@@ -108,7 +108,7 @@ def make_hf(cfg, device: torch.device, bf16: bool):
     """
     from transformers import LlamaForCausalLM
 
-    from slimtrain.trainer.export.llama import hf_config
+    from slimtrain.modules.transformer.hf_llama import hf_config
 
     hf_cfg = hf_config(cfg, bos_id=None, eos_id=0)
     hf_cfg._attn_implementation = "sdpa"

@@ -1,13 +1,19 @@
-"""Registry of architecture adapters: how our state dict and config map onto a Hugging Face model.
+"""Registry of architecture adapters: how our state dict and config map onto a Hugging Face model class.
 
-An architecture (dense Llama, an MoE layout, ...) registers one `Adapter` under a name; the export
-code looks it up by that name and never needs to know the architecture itself.
+An architecture (the dense Llama, an MoE layout, ...) registers one `Adapter` under a name; export,
+its `--verify` and `checkpoint.init_from_hf` look it up by the name the plugins choose
+(`Plugin.hf_architecture`, default "llama") and never need to know the architecture itself. A plugin's
+own tensors (a draft head, an encoder) go through its `HFAdapter` (`slimtrain.modules.plugin`) instead.
+
+It lives in `modules/` so that a plugin can register the architecture it exports as. The built-in
+adapters register themselves when this module is imported; `transformers` is imported only when an
+adapter builds a config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -20,23 +26,43 @@ if TYPE_CHECKING:  # transformers is slow to import; adapters import it only whe
 StateDict = dict[str, torch.Tensor]
 
 
+class NameMismatch(KeyError):
+    """An architecture adapter was given tensors it does not map, or lacks some it needs.
+
+    missing: names the architecture needs and did not get; unexpected: names it does not have. The
+    exporter and the importer report these as the tensors no adapter claims.
+    """
+
+    def __init__(self, message: str, missing: Iterable[str] = (), unexpected: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+
+    def __str__(self) -> str:  # KeyError's own str() quotes the message like a key
+        return str(self.args[0])
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One architecture's mapping to and from its Hugging Face model class.
 
     hf_architecture: the transformers class name written into config.json ("LlamaForCausalLM").
-    to_hf(state, cfg): our parameter names -> HF names (tensors are not copied).
-    from_hf(hf_state, cfg): the inverse; from_hf(to_hf(s), cfg) == s exactly.
-    hf_config(cfg, *, bos_id, eos_id, pad_id=None, **kw): the transformers config object.
+    to_hf(state, cfg): our parameter names -> HF names (tensors are not copied); raises NameMismatch
+        naming every tensor it does not map and every one it misses.
+    from_hf(hf_state, cfg): the inverse, with the same NameMismatch; from_hf(to_hf(s), cfg) == s exactly.
+    hf_config(cfg, *, bos_id, eos_id, pad_id=None, dtype=torch.float32): the transformers config object.
+    check_config(hf_config_dict, cfg): one line per value of a config.json (as a dict) that our model with
+        `cfg` does not compute, each naming our field and the HF key; [] when it describes our model.
     """
 
     hf_architecture: str
     to_hf: Callable[[StateDict, ModelConfig], StateDict]
     from_hf: Callable[[StateDict, ModelConfig], StateDict]
     hf_config: Callable[..., "PretrainedConfig"]
+    check_config: Callable[[dict[str, Any], ModelConfig], list[str]] = lambda hf, cfg: []
 
 
-ADAPTERS: Registry[Adapter] = Registry("export adapter")
+ADAPTERS: Registry[Adapter] = Registry("architecture adapter")
 
 
 def register_adapter(name: str, adapter: Adapter) -> Adapter:
@@ -49,3 +75,5 @@ def get_adapter(name: str) -> Adapter:
     return ADAPTERS.get(name)
 
 
+# The built-in architectures, registered on import (each imports this module for `Adapter`).
+from slimtrain.modules.transformer import hf_llama  # noqa: E402,F401

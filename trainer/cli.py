@@ -179,23 +179,38 @@ def _signal_tree(pid: int, signum: int) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from slimtrain.trainer.export.hf import export_checkpoint
+    from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
+    from slimtrain.trainer.export.hf import check_export_args, write_export
 
-    out = export_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
+    check_export_args(Path(args.out), args.dtype, args.overwrite)  # before the (slow) read of the checkpoint
+    ckpt = load_checkpoint_for_export(Path(args.checkpoint))  # read and validated once, for the writer and --verify
+    out = write_export(ckpt, Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out}")
     if args.verify:
-        from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
-        from slimtrain.trainer.export.verify import TOLERANCE, compare_logits
+        from slimtrain.trainer.export.verify import TOLERANCE, verify_export
 
-        ckpt = load_checkpoint_for_export(Path(args.checkpoint))
-        import torch
-
-        stored = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        diff = compare_logits(out, ckpt.state_dict, ckpt.model_cfg, dtype=stored)
+        diff = verify_export(out, ckpt, dtype=args.dtype)
         verdict = "ok" if diff <= TOLERANCE else "MISMATCH"
-        print(f"verify: transformers vs slimtrain max |logit diff| = {diff:.2e} ({verdict})")
+        print(f"verify: transformers vs slimtrain (trained model, plugins applied) max |logit diff| = {diff:.2e} "
+              f"({verdict})")
+        if verdict != "ok":
+            print(_mismatch_hint(args.dtype, ckpt), file=sys.stderr)
         return 0 if verdict == "ok" else 1
     return 0
+
+
+def _mismatch_hint(dtype: str, ckpt) -> str:
+    """What a failed --verify can mean, so that a rounding or a plugin the plain directory cannot express is
+    not taken for a broken export."""
+    hints = []
+    if dtype != "fp32":
+        hints.append(f"--dtype {dtype} rounds weights that a plugin computed in fp32 (e.g. QAT's dequantized "
+                     "weights with fp32 scales); export with --dtype fp32 to tell rounding from a wrong mapping")
+    if ckpt.recipe.plugins:
+        hints.append("the plain directory holds what transformers can compute: a plugin's behaviour it cannot "
+                     "express (QAT activation quantization, fake-quant before start_step) is in its variant "
+                     "directories instead (docs/export.md)")
+    return "verify: " + "; ".join(hints or ["the export does not compute what the checkpoint does; please report it"])
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -239,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--verify", action="store_true", help="load with transformers and compare logits")
+    p.add_argument("--verify", action="store_true",
+                   help="load the export with transformers and compare its logits with the trained model's "
+                        "(every plugin applied), fp32, max abs diff <= 1e-4")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quickstart", help="train the quickstart recipe on the Python standard library")

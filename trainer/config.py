@@ -6,7 +6,7 @@ recipe is. Field descriptions are the recipe reference (`slimtrain validate --re
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 

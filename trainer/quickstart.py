@@ -28,15 +28,18 @@ PROMPT = "class Stack:\n    def __init__(self"
 
 
 def export_and_generate(run_dir: Path) -> int:
-    """Export the newest checkpoint, check logits against transformers, print a transformers completion."""
-    from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
-    from slimtrain.trainer.export.hf import export_checkpoint
-    from slimtrain.trainer.export.verify import TOLERANCE, compare_logits, generate_text
+    """Export the newest checkpoint, check logits against transformers, print a transformers completion.
 
-    out = export_checkpoint(run_dir, run_dir / "hf", overwrite=True)
+    The checkpoint is read once: the same loaded checkpoint feeds the writer and the check."""
+    from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
+    from slimtrain.trainer.export.hf import read_hf_config, write_export
+    from slimtrain.trainer.export.verify import TOLERANCE, generate_text, verify_export
+
     ckpt = load_checkpoint_for_export(run_dir)
-    diff = compare_logits(out, ckpt.state_dict, ckpt.model_cfg)
-    console.print(f"exported {ckpt.path.name} -> {out} (LlamaForCausalLM); "
+    out = write_export(ckpt, run_dir / "hf", overwrite=True)
+    diff = verify_export(out, ckpt)
+    architecture = ", ".join(read_hf_config(out).get("architectures") or [])
+    console.print(f"exported {ckpt.path.name} -> {out} ({architecture}); "
                   f"max |logit diff| vs transformers = {diff:.1e}")
     completion = generate_text(out, PROMPT)
     console.rule("transformers.AutoModelForCausalLM.from_pretrained(" + str(out) + ").generate(...)")

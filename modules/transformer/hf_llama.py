@@ -1,18 +1,18 @@
-"""The dense decoder as Hugging Face `LlamaForCausalLM`: parameter names and config.
+"""The dense decoder as Hugging Face `LlamaForCausalLM`: parameter names, config, and the config check.
 
 Our RoPE uses the same "rotate half" layout as HF Llama, so weights map by name only, with no
 permutation of q/k rows. With tied embeddings HF stores only `model.embed_tokens.weight`.
+Registered as the "llama" architecture adapter when `slimtrain.modules.hf_adapters` is imported.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slimtrain.modules.hf_adapters import Adapter, NameMismatch, StateDict, register_adapter
 from slimtrain.modules.transformer.config import ModelConfig
-
-from .adapters import Adapter, StateDict, register_adapter
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -50,11 +50,12 @@ def _check_names(given: set[str], expected: set[str], optional: set[str], side: 
     missing = sorted(expected - given - optional)
     unexpected = sorted(given - expected)
     if missing or unexpected:
-        raise KeyError(
+        raise NameMismatch(
             f"the {side} state dict does not match a Llama model with this config: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; "
-            "parameters a plugin adds must be exported by that plugin's adapter"
+            "parameters a plugin adds must be mapped by that plugin's hf_adapter()",
+            missing=missing, unexpected=unexpected,
         )
 
 
@@ -131,6 +132,43 @@ def hf_config(
     )
 
 
-LLAMA = register_adapter(
-    "llama", Adapter(hf_architecture=HF_ARCHITECTURE, to_hf=to_hf, from_hf=from_hf, hf_config=hf_config)
-)
+# config.json key -> our ModelConfig field that must equal it for the weights to compute our model.
+_MATCH = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "kv_heads",
+    "tie_word_embeddings": "tie_embeddings",
+    "head_dim": "dim_per_head",
+    "rms_norm_eps": "norm_eps",
+}
+# What our decoder computes and a Llama-family config may say otherwise: the weights would load into a
+# model that computes something else (e.g. Llama 3's `llama3` RoPE scaling, theta 500000).
+_PLAIN = {"hidden_act": ("silu", None), "attention_bias": (False, None), "mlp_bias": (False, None)}
+
+
+def check_config(hf: dict[str, Any], cfg: ModelConfig) -> list[str]:
+    """Every value of a Llama-family config.json that our decoder with `cfg` does not compute, one line each."""
+    wrong = []
+    for hf_key, ours in _MATCH.items():
+        theirs, mine = hf.get(hf_key), getattr(cfg, ours)
+        if hf_key == "num_key_value_heads" and theirs is None:  # LlamaConfig's default: one per query head
+            theirs = hf.get("num_attention_heads")
+        if theirs is not None and theirs != mine:
+            wrong.append(f"model.{ours}={mine} but {hf_key}={theirs}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta"))
+    if theta is not None and float(theta) != cfg.rope_theta:
+        wrong.append(f"model.rope_theta={cfg.rope_theta} but rope_theta={theta}")
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        wrong.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}, which slimtrain's decoder does "
+                     "not compute (plain RoPE only)")
+    wrong += [f"{key}={hf[key]!r}, which slimtrain's decoder does not compute" for key, ok in _PLAIN.items()
+              if key in hf and hf[key] not in ok]
+    return wrong
+
+
+LLAMA = register_adapter("llama", Adapter(hf_architecture=HF_ARCHITECTURE, to_hf=to_hf, from_hf=from_hf,
+                                          hf_config=hf_config, check_config=check_config))

@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 from slimtrain.core.registry import UnknownNameError  # noqa: E402
 from slimtrain.modules.transformer import Transformer  # noqa: E402
 from slimtrain.modules.transformer.generate import greedy_generate  # noqa: E402
-from slimtrain.trainer.export import get_adapter  # noqa: E402
-from slimtrain.trainer.export.llama import from_hf, hf_config, to_hf  # noqa: E402
+from slimtrain.modules.hf_adapters import NameMismatch, get_adapter  # noqa: E402
+from slimtrain.modules.transformer.hf_llama import from_hf, hf_config, to_hf  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "gqa-untied": dict(vocab_size=123, num_kv_heads=2),
@@ -117,11 +117,13 @@ def test_to_hf_rejects_unknown_and_missing_names(make_model) -> None:
     model = make_model()
     state = dict(model.state_dict())
     state["layers.0.mlp.router.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match="router"):
+    with pytest.raises(NameMismatch, match="router") as caught:
         to_hf(state, model.cfg)
+    assert caught.value.unexpected == ["layers.0.mlp.router.weight"] and caught.value.missing == []
     del state["layers.0.mlp.router.weight"], state["norm.weight"]
-    with pytest.raises(KeyError, match="norm.weight"):
+    with pytest.raises(NameMismatch, match="norm.weight") as caught:
         to_hf(state, model.cfg)
+    assert caught.value.missing == ["norm.weight"]
 
 
 def test_to_hf_rejects_untied_copies_when_tied(make_model) -> None:
@@ -137,6 +139,17 @@ def test_adapter_registry() -> None:
     assert adapter.hf_architecture == "LlamaForCausalLM" and adapter.to_hf is to_hf
     with pytest.raises(UnknownNameError, match="did you mean 'llama'"):
         get_adapter("lama")
+
+
+def test_the_llama_adapter_registers_without_importing_transformers() -> None:
+    # A plugin module registers its architecture at import; importing the registry must stay cheap.
+    import subprocess
+    import sys
+
+    code = ("import sys; from slimtrain.modules.hf_adapters import ADAPTERS; "
+            "print('llama' in ADAPTERS, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
 
 
 def test_bf16_logits_match_transformers_within_rounding(make_model) -> None:

@@ -48,7 +48,7 @@ def build_model(model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit, d
     if init.init_from_hf is not None:
         from slimtrain.trainer.export.importer import load_hf_into
 
-        imported = load_hf_into(model, model_cfg, init.init_from_hf)
+        imported = load_hf_into(model, model_cfg, init.init_from_hf, plugins)
     plugins.init_weights(model, init.seed, imported)  # after the import: a plugin's state may derive from the weights
     model.set_activation_checkpointing(init.activation_checkpointing)
     if init.compile:

@@ -1,6 +1,5 @@
-"""Export to Hugging Face format: per-architecture adapters (registered by name) and the writer."""
+"""Export to Hugging Face format and import from it: the writer (hf.py), the checkpoint reader
+(consolidate.py), the adapter mapping (mapping.py), `--verify` (verify.py) and `init_from_hf` (importer.py).
 
-from . import llama  # noqa: F401  (registers the "llama" adapter)
-from .adapters import ADAPTERS, Adapter, get_adapter, register_adapter
-
-__all__ = ["ADAPTERS", "Adapter", "get_adapter", "register_adapter"]
+The architecture adapters live in `slimtrain.modules.hf_adapters`, where plugins can register theirs.
+"""

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from slimtrain.modules.plugin import ExportContext
+from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.checkpoint import STATE, find_resumable, verify_checkpoint
 from slimtrain.trainer.config import Recipe
@@ -23,18 +24,32 @@ from slimtrain.trainer.backends.deepspeed import DS_TAG
 
 @dataclass
 class LoadedCheckpoint:
-    """What export needs from a checkpoint directory.
+    """What export and its verification need from a checkpoint directory, read (and its recipe validated) once.
 
-    state_dict: the weights to serve, after the recipe's plugins' export hooks (e.g.
-    fake-quantized weights, its own tensors removed); `plugin_export` holds what else they asked for.
+    trained_state: the consolidated fp32 state as the run trained it, the plugins' own tensors included
+        (what `--verify` loads into the model with every plugin applied).
+    state_dict: the weights to serve: `trained_state` after the recipe's plugins' export hooks (e.g.
+        fake-quantized weights, tensors only training needs removed); `plugin_export` holds what else
+        the hooks asked for (config keys, serving variants).
+    plugins: the recipe's plugins, whose adapters map the state into the Hugging Face directory.
     """
 
     path: Path
     recipe: Recipe
     model_cfg: ModelConfig
     trainer_state: dict[str, Any]
-    state_dict: dict[str, torch.Tensor]
-    plugin_export: ExportContext | None = field(default=None)
+    trained_state: dict[str, torch.Tensor]
+    plugins: PluginStack
+    plugin_export: ExportContext
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.plugin_export.state
+
+    @property
+    def step(self) -> int:
+        """The optimizer steps the checkpoint has taken."""
+        return int(self.trainer_state.get("step", 0))
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -60,16 +75,14 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_checkpoint_for_export(path: Path) -> LoadedCheckpoint:
-    """Read the recipe, the resolved model config and the consolidated fp32 weights."""
+    """Read the recipe, the resolved model config and the consolidated fp32 weights, then run the plugins'
+    export hooks: everything an export and its `--verify` need, each read once."""
     path = resolve_checkpoint(path)
     recipe, model_cfg, state = checkpoint_recipe(path)
-    weights = consolidate(path, recipe.backend.zero_stage)
-    if not recipe.plugins:
-        return LoadedCheckpoint(path, recipe, model_cfg, state, weights)
-    from slimtrain.modules.plugin_stack import PluginStack
-
-    ctx = PluginStack.from_configs(recipe.plugins).export(weights, model_cfg, int(state.get("step", 0)))
-    return LoadedCheckpoint(path, recipe, model_cfg, state, ctx.state, ctx)
+    weights = consolidate(path, recipe.backend.zero_stage, recipe=recipe, model_cfg=model_cfg)
+    plugins = PluginStack.from_configs(recipe.plugins)
+    ctx = plugins.export(weights, model_cfg, int(state.get("step", 0)))
+    return LoadedCheckpoint(path, recipe, model_cfg, state, weights, plugins, ctx)
 
 
 def checkpoint_recipe(path: Path) -> tuple[Recipe, ModelConfig, dict[str, Any]]:
@@ -81,16 +94,18 @@ def checkpoint_recipe(path: Path) -> tuple[Recipe, ModelConfig, dict[str, Any]]:
     return recipe, ModelConfig.model_validate(state["model_config"]), state
 
 
-def zero0_fp32_masters(path: Path, saved: dict) -> dict[str, torch.Tensor]:
+def zero0_fp32_masters(path: Path, saved: dict, recipe: Recipe | None = None,
+                       model_cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     """ZeRO-0 in bf16/fp16: the module holds the rounded weights; the fp32 masters are in the optimizer
-    state, group by group in the order our param_groups gave them. {} when there are none (fp32)."""
+    state, group by group in the order our param_groups gave them. {} when there are none (fp32).
+    `recipe` and `model_cfg`: the checkpoint's, when the caller has read them already."""
     masters = (saved.get("optimizer") or {}).get("fp32_groups")
     if not masters:
         return {}
-    from slimtrain.modules.plugin_stack import PluginStack
     from slimtrain.trainer.optim import freeze, param_groups
 
-    recipe, model_cfg, _ = checkpoint_recipe(path)
+    if recipe is None or model_cfg is None:
+        recipe, model_cfg, _ = checkpoint_recipe(path)
     plugins = PluginStack.from_configs(recipe.plugins)
     skeleton = plugins.skeleton(model_cfg)
     aliases: dict[int, list[str]] = {}  # a tied weight has two names
@@ -112,15 +127,17 @@ def zero0_fp32_masters(path: Path, saved: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def consolidate(path: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+def consolidate(path: Path, zero_stage: int, recipe: Recipe | None = None,
+                model_cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     """Full fp32 weights: the fp32 masters of a bf16/fp16 run. ZeRO 1-3: DeepSpeed's own merge of the
-    fp32 master partitions; ZeRO-0: the module's weights, or the optimizer's fp32 copies of them."""
+    fp32 master partitions; ZeRO-0: the module's weights, or the optimizer's fp32 copies of them.
+    `recipe` and `model_cfg`: the checkpoint's, when the caller has read them (else read here if needed)."""
     if zero_stage == 0:
         files = sorted((path / DS_TAG).glob("mp_rank_*_model_states.pt"))
         if not files:
             raise CheckpointError(f"{path / DS_TAG} holds no mp_rank_*_model_states.pt; the checkpoint is damaged")
         saved = torch.load(files[0], map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in saved["module"].items()} | zero0_fp32_masters(path, saved)
+        return {k: v.float() for k, v in saved["module"].items()} | zero0_fp32_masters(path, saved, recipe, model_cfg)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file it reads

@@ -1,5 +1,7 @@
 """Write a Hugging Face checkpoint directory from a slimtrain checkpoint (or a live state dict).
 
+The architecture is the one the model with its plugins applied exports as (`PluginStack.hf_architecture`);
+each plugin's own tensors go through its `hf_adapter()` (see `mapping.py`, docs/export.md).
 Everything is written into `OUT.partial/` and renamed at the end: a failed export leaves no
 half-written OUT, and an existing OUT is replaced only with `overwrite=True`.
 """
@@ -9,54 +11,64 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from slimtrain.core.registry import UnknownNameError
 from slimtrain.modules.plugin import ExportContext
+from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.errors import CheckpointError
-from slimtrain.trainer.export.adapters import get_adapter
 from slimtrain.trainer.export.consolidate import LoadedCheckpoint, load_checkpoint_for_export
+from slimtrain.trainer.export.mapping import MappingError, ModelAdapters, model_adapters
 from slimtrain.trainer.export.model_card import model_card
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SHARD_SIZE = "5GB"
 
 
-def architecture_of(ckpt: LoadedCheckpoint) -> str:
-    """Adapter name for a checkpoint: the dense model is 'llama'; plugins will name their own."""
-    return "llama"
-
-
-def export_checkpoint(ckpt_path: Path, out_dir: Path, dtype: str = "fp32", overwrite: bool = False,
-                      architecture: str | None = None) -> Path:
-    """`slimtrain export`: consolidate, map names, write config/weights/tokenizer/generation config/card."""
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+def check_export_args(out_dir: Path, dtype: str = "fp32", overwrite: bool = False) -> None:
+    """Refuse an unknown dtype or a non-empty OUT without `overwrite`, before the checkpoint is read."""
+    _check_out_dir(Path(out_dir), overwrite)
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
-    ckpt = load_checkpoint_for_export(Path(ckpt_path))
-    adapter = _adapter(architecture or architecture_of(ckpt))
-    ids = ckpt.trainer_state.get("tokenizer", {})
-    card = model_card(ckpt, adapter.hf_architecture)
-    return write_hf_dir(ckpt.state_dict, ckpt.model_cfg, out_dir, tokenizer_dir=ckpt.tokenizer_dir, ids=ids,
-                        dtype=DTYPES[dtype], adapter_name=architecture or architecture_of(ckpt),
+
+
+def export_checkpoint(ckpt_path: Path, out_dir: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """`slimtrain export`: read the checkpoint once, then write config/weights/tokenizer/generation config/card."""
+    check_export_args(out_dir, dtype, overwrite)
+    return write_export(load_checkpoint_for_export(Path(ckpt_path)), out_dir, dtype, overwrite)
+
+
+def write_export(ckpt: LoadedCheckpoint, out_dir: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """The HF directory of an already loaded checkpoint (what its plugins' export hooks made of it)."""
+    check_export_args(out_dir, dtype, overwrite)
+    adapters = _adapters(ckpt.plugins, ckpt.model_cfg)
+    card = model_card(ckpt, adapters.architecture.hf_architecture)
+    return write_hf_dir(ckpt.state_dict, ckpt.model_cfg, out_dir, tokenizer_dir=ckpt.tokenizer_dir,
+                        ids=ckpt.trainer_state.get("tokenizer", {}), dtype=DTYPES[dtype], plugins=ckpt.plugins,
                         overwrite=overwrite, card=card, plugin_export=ckpt.plugin_export)
 
 
 def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: Path, *, tokenizer_dir: Path | None,
-                 ids: dict, dtype: torch.dtype = torch.float32, adapter_name: str = "llama", overwrite: bool = False,
-                 card: str | None = None, plugin_export: ExportContext | None = None) -> Path:
+                 ids: dict, dtype: torch.dtype = torch.float32, plugins: PluginStack | None = None,
+                 overwrite: bool = False, card: str | None = None,
+                 plugin_export: ExportContext | None = None) -> Path:
     """Write a complete HF directory from our state dict (used by export and by the parity tests).
 
-    With `plugin_export` (what the recipe's plugins' export hooks produced), its config keys go into
-    config.json and each of its variants becomes a sub-directory `OUT/<variant>/` (e.g. `OUT/packed/`).
+    `plugins` (default: none, the dense model) choose the architecture and map their own tensors; their
+    adapters' config keys go into config.json. With `plugin_export` (what the plugins' export hooks made
+    of the state), its config keys go into config.json too and each of its variants becomes a
+    sub-directory `OUT/<variant>/`.
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    adapter = _adapter(adapter_name)
-    mapped = adapter.to_hf(state, model_cfg)
+    adapters = _adapters(plugins, model_cfg)
+    try:
+        mapped = adapters.to_hf(state, model_cfg)
+        adapter_keys = adapters.config(model_cfg)
+    except MappingError as exc:
+        raise CheckpointError(f"cannot export: {exc}") from None
     hf_to_ours = _hf_to_ours(state, mapped)
     # clone: DeepSpeed's consolidation returns views into one flat buffer, which safetensors refuses.
     hf_state = {k: v.detach().to(dtype).clone() for k, v in mapped.items()}
@@ -67,13 +79,15 @@ def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir
     notes = "".join(f"\n- {line}" for line in extra.notes)
     try:
         def config():
-            return adapter.hf_config(model_cfg, bos_id=ids.get("bos_id"), eos_id=ids.get("eos_id"),
-                                     pad_id=ids.get("pad_id"), dtype=dtype)
+            return adapters.architecture.hf_config(model_cfg, bos_id=ids.get("bos_id"), eos_id=ids.get("eos_id"),
+                                                   pad_id=ids.get("pad_id"), dtype=dtype)
 
-        _write_dir(tmp, hf_state, config(), extra.config, ids, tokenizer_dir, (card or "") + notes)
-        for variant in extra.variants:
+        _write_dir(tmp, hf_state, config(), {**adapter_keys, **extra.config}, ids, tokenizer_dir,
+                   (card or "") + notes)
+        for variant in extra.variants:  # a variant holds the plugins' tensors too: their keys describe them
             _write_dir(tmp / variant.name, variant.transform(hf_state, hf_to_ours), config(),
-                       variant.config(hf_to_ours), ids, tokenizer_dir, f"{card or ''}{notes}\n\n{variant.readme}\n")
+                       {**adapter_keys, **variant.config(hf_to_ours)}, ids, tokenizer_dir,
+                       f"{card or ''}{notes}\n\n{variant.readme}\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -83,15 +97,22 @@ def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir
     return out_dir
 
 
+def _adapters(plugins: PluginStack | None, model_cfg: ModelConfig) -> ModelAdapters:
+    try:
+        return model_adapters(plugins, model_cfg)
+    except MappingError as exc:
+        raise CheckpointError(f"cannot export: {exc}") from None
+
+
 def _hf_to_ours(state: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor]) -> dict[str, str]:
-    """HF name -> our name, from the adapter's output (which shares our tensors; tied weights: first name)."""
+    """HF name -> our name, from the adapters' output (which shares our tensors; tied weights: first name)."""
     ours_by_id: dict[int, str] = {}
     for name, tensor in state.items():
         ours_by_id.setdefault(id(tensor), name)
     return {hf: ours_by_id[id(t)] for hf, t in mapped.items() if id(t) in ours_by_id}
 
 
-def _write_dir(path: Path, hf_state: dict[str, torch.Tensor], config, config_extra: dict, ids: dict,
+def _write_dir(path: Path, hf_state: dict[str, torch.Tensor], config, config_extra: dict[str, Any], ids: dict,
                tokenizer_dir: Path | None, card: str) -> None:
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
@@ -113,13 +134,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace it "
                               "or choose another directory")
-
-
-def _adapter(name: str):
-    try:
-        return get_adapter(name)
-    except UnknownNameError as exc:
-        raise CheckpointError(f"cannot export architecture {name!r}: {exc}") from None
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

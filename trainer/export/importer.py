@@ -1,4 +1,8 @@
-"""Initialise our model from a local Hugging Face checkpoint (continued pretraining)."""
+"""Initialise our model from a local Hugging Face checkpoint (continued pretraining, `checkpoint.init_from_hf`).
+
+The tensors are mapped by the same adapters an export writes them with (`mapping.py`): the architecture
+the recipe's plugins choose, and each plugin's `hf_adapter()` for its own tensors.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.errors import RecipeError
-from slimtrain.trainer.export.adapters import get_adapter
-
-# HF config.json key -> (our ModelConfig attribute, how to read it)
-_MATCH = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_heads",
-    "num_key_value_heads": "kv_heads",
-    "tie_word_embeddings": "tie_embeddings",
-    "head_dim": "dim_per_head",
-    "rms_norm_eps": "norm_eps",
-}
-# What our decoder computes and a Llama-family config may say otherwise: the weights would load into a
-# model that computes something else (e.g. Llama 3's `llama3` RoPE scaling, theta 500000).
-_PLAIN = {"hidden_act": ("silu", None), "attention_bias": (False, None), "mlp_bias": (False, None)}
+from slimtrain.trainer.export.mapping import MappingError, ModelAdapters, model_adapters
 
 
 def read_hf_state(path: Path) -> dict[str, torch.Tensor]:
@@ -48,46 +37,55 @@ def read_hf_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_hf_config(path: Path, cfg: ModelConfig) -> None:
-    """Refuse a checkpoint whose shape differs from the recipe's model, naming every mismatch."""
+def check_hf_config(path: Path, cfg: ModelConfig, plugins: PluginStack | None = None) -> None:
+    """Refuse a checkpoint whose config.json differs from the recipe's model, naming every mismatch: the
+    architecture's adapter checks its own keys; a key a plugin's adapter writes must hold its value."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} has no config.json")
     hf = json.loads(config_file.read_text())
-    wrong = []
-    for hf_key, ours in _MATCH.items():
-        theirs, mine = hf.get(hf_key), getattr(cfg, ours)
-        if hf_key == "num_key_value_heads" and theirs is None:
-            theirs = hf.get("num_attention_heads")
-        if theirs is not None and theirs != mine:
-            wrong.append(f"model.{ours}={mine} but {hf_key}={theirs}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = hf.get("rope_theta", rope.get("rope_theta"))
-    if theta is not None and float(theta) != cfg.rope_theta:
-        wrong.append(f"model.rope_theta={cfg.rope_theta} but rope_theta={theta}")
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        wrong.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}, which slimtrain's decoder does "
-                     "not compute (plain RoPE only)")
-    wrong += [f"{key}={hf[key]!r}, which slimtrain's decoder does not compute" for key, ok in _PLAIN.items()
-              if key in hf and hf[key] not in ok]
+    adapters = _adapters(path, plugins, cfg)
+    wrong = adapters.architecture.check_config(hf, cfg)
+    try:
+        plugin_keys = adapters.config(cfg)
+    except MappingError as exc:
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
+    # A key a plugin writes may be absent (exported without that plugin: it initialises its tensors itself).
+    wrong += [f"the recipe's plugins give {key}={value!r} but config.json has {hf[key]!r}"
+              for key, value in plugin_keys.items() if key in hf and hf[key] != value]
     if wrong:
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} does not match the recipe's model: "
-                          + "; ".join(wrong) + " — set these model fields to the checkpoint's values")
+                          + "; ".join(wrong) + " — set these model fields (or plugin options) to the checkpoint's "
+                          "values")
 
 
 @torch.no_grad()
-def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, architecture: str = "llama") -> frozenset[str]:
-    """Copy the HF weights into `model` (every parameter of the dense model must be covered); returns the
-    names of the tensors it filled."""
-    check_hf_config(path, cfg)
-    state = get_adapter(architecture).from_hf(read_hf_state(path), cfg)
+def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, plugins: PluginStack | None = None) -> frozenset[str]:
+    """Copy the HF weights into `model` (built with `plugins` applied); returns the names of the tensors it filled.
+
+    Every tensor of the dense model must be in the directory; the plugins' own tensors load when they are
+    there (the plugins initialise the others). A tensor of the directory that no adapter claims is refused.
+    """
+    check_hf_config(path, cfg, plugins)
+    try:
+        state = _adapters(path, plugins, cfg).from_hf(read_hf_state(path), cfg)
+    except MappingError as exc:
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     # What plugins added to the model is theirs to initialise; every tensor of the dense model must load.
     dense = set(_dense_names(cfg))
     missing = [m for m in missing if m in dense and not (cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: missing {missing}, unexpected {unexpected}")
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: missing {missing}, unexpected {unexpected} — "
+                          "the directory does not fit the recipe's model with its plugins applied")
     return frozenset(state)
+
+
+def _adapters(path: Path, plugins: PluginStack | None, cfg: ModelConfig) -> ModelAdapters:
+    try:
+        return model_adapters(plugins, cfg)
+    except MappingError as exc:
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
 
 
 def _dense_names(cfg: ModelConfig) -> list[str]:
