@@ -62,3 +62,38 @@ def test_every_seam_shows_in_the_metrics(runs) -> None:
     assert {"eval/router/balance", "eval/probe/ce", "eval/probe/accuracy"} <= set(evaluation)
     assert 0 <= evaluation["eval/probe/accuracy"] <= 1
     assert records[("eval", 10)]["eval_loss"] > evaluation["eval_loss"]
+
+
+def test_the_composed_model_exports_through_the_plugins_adapters(runs, tmp_path, entry_point_env,
+                                                                 example_plugins) -> None:
+    """`slimtrain export --verify` writes a Mixtral (the router's architecture) with the probe head and the
+    encoder under their own names; transformers' logits match the trained model; init_from_hf reads it back."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from slimtrain.modules.plugin_stack import PluginStack
+    from slimtrain.trainer.backends.build import ModelInit, build_model
+    from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
+
+    out = tmp_path / "hf"
+    env = {**os.environ, **entry_point_env}
+    done = subprocess.run([sys.executable, "-m", "slimtrain.trainer.cli", "export", str(runs["straight"]), str(out),
+                           "--verify"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(ok)" in done.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["num_local_experts"] == 2
+    assert config["probe_layer"] == 0 and config["splice_context_tokens"] == 8
+    tensors = load_file(str(out / "model.safetensors"))
+    assert "probe_head.weight" in tensors and "splice_encoder.0.weight" in tensors
+    assert "model.layers.1.block_sparse_moe.experts.1.w2.weight" in tensors
+
+    ckpt = load_checkpoint_for_export(runs["straight"])
+    plugins = PluginStack.from_configs(ckpt.recipe.plugins)
+    model = build_model(ckpt.model_cfg, plugins, ModelInit(seed=123, init_from_hf=out), torch.device("cpu"))
+    for name, value in model.named_parameters():
+        assert torch.equal(value, ckpt.trained_state[name]), name

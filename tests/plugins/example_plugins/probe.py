@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from slimtrain.modules.plugin import (
-    ExportContext, LossTerm, ModelCounts, ParamGroup, Plugin, PluginConfig, PluginContext, WeightInit,
+    HFAdapter, LossTerm, ModelCounts, ParamGroup, Plugin, PluginConfig, PluginContext, WeightInit,
 )
 from slimtrain.modules.transformer.io import ModelInputs
 
@@ -40,8 +40,8 @@ class ProbePlugin(Plugin):
         model.probe = nn.Linear(model.cfg.hidden_size, model.cfg.vocab_size, bias=False)
 
     def init_weights(self, model: nn.Module, init: WeightInit) -> None:
-        generator = init.generator
-        model.probe.weight.copy_(torch.randn(model.probe.weight.shape, generator=generator) * 0.02)
+        if "probe.weight" not in init.imported:
+            model.probe.weight.copy_(torch.randn(model.probe.weight.shape, generator=init.generator) * 0.02)
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
         groups = [ParamGroup("probe/head", [model.probe.weight], lr_scale=self.cfg.lr_scale)]
@@ -77,11 +77,13 @@ class ProbePlugin(Plugin):
         head = model_cfg.hidden_size * model_cfg.vocab_size
         return ModelCounts(counts.total_params + head, counts.active_params + head, counts.flops_per_token + 6 * head)
 
-    def export(self, ctx: ExportContext) -> None:
-        # The head leaves the plain Llama directory: it is written beside it, as a serving engine's draft file would be.
-        head = ctx.state.pop("probe.weight")
-        ctx.sidecars["probe.safetensors"] = {"weight": head}
-        ctx.config["probe_layer"] = self.cfg.layer
+    def hf_adapter(self) -> HFAdapter:
+        # The head rides in the same safetensors under a name of its own, as MTP layers do; config says where it reads.
+        layer = self.cfg.layer
+        return HFAdapter(owns=lambda name: name.startswith("probe."),
+                         to_hf=lambda state, cfg: {"probe_head.weight": state["probe.weight"]},
+                         from_hf=lambda hf, cfg: {"probe.weight": hf["probe_head.weight"]} if "probe_head.weight" in hf else {},
+                         config=lambda cfg: {"probe_layer": layer})
 
 
 ENTRY = (ProbeConfig, ProbePlugin)

@@ -58,11 +58,14 @@ class RouterPlugin(Plugin):
 
     def init_weights(self, model: nn.Module, init: WeightInit) -> None:
         generator = init.generator
-        for layer in model.layers:
-            moe = layer.mlp
-            moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=generator) * 0.02)
-            for mine, other in zip(moe.experts[1].parameters(), moe.experts[0].parameters()):
-                mine.copy_(other + 0.01 * torch.randn(other.shape, generator=generator))
+        for i, layer in enumerate(model.layers):
+            moe, prefix = layer.mlp, f"layers.{i}.mlp."
+            if prefix + "router.weight" not in init.imported:
+                moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=generator) * 0.02)
+            # The second expert starts as a perturbed copy of the first (the dense MLP, maybe imported).
+            for (name, mine), other in zip(moe.experts[1].named_parameters(), moe.experts[0].parameters()):
+                if f"{prefix}experts.1.{name}" not in init.imported:
+                    mine.copy_(other + 0.01 * torch.randn(other.shape, generator=generator))
             moe.bias.zero_()
             moe.load.zero_()
 
@@ -103,6 +106,10 @@ class RouterPlugin(Plugin):
         share = loads[:, 0] / loads.sum(-1).clamp_min(1)
         return {"router/expert0_share": float(share.mean())}
 
+    def hf_architecture(self, model_cfg) -> str:
+        _register_mixtral()  # a registration of this plugin's, like its entry in the plugin registry
+        return "router-mixtral"
+
     def counts(self, model_cfg, counts: ModelCounts, seq_len: int, causal: bool) -> ModelCounts:
         mlp = 3 * model_cfg.hidden_size * model_cfg.intermediate_size * model_cfg.num_layers
         router = 2 * model_cfg.hidden_size * model_cfg.num_layers
@@ -112,3 +119,74 @@ class RouterPlugin(Plugin):
 
 
 ENTRY = (RouterConfig, RouterPlugin)
+
+
+# -- export: the router's model is a Mixtral with top-2 of 2 experts -----------------------------------
+# (the legacy per-expert layout that checkpoints on the Hub and vLLM use; transformers converts it on load)
+
+_EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def _mixtral_names(cfg) -> dict[str, str]:
+    from slimtrain.modules.transformer.hf_llama import name_map
+
+    names = {k: v for k, v in name_map(cfg).items() if ".mlp." not in k}
+    for i in range(cfg.num_layers):
+        moe = f"model.layers.{i}.block_sparse_moe"
+        names[f"layers.{i}.mlp.router.weight"] = f"{moe}.gate.weight"
+        for e in range(2):
+            for ours, theirs in _EXPERT.items():
+                names[f"layers.{i}.mlp.experts.{e}.{ours}.weight"] = f"{moe}.experts.{e}.{theirs}.weight"
+    return names
+
+
+def _dropped(name: str) -> bool:
+    # Balancing state: the bias picks what is counted, the load is a statistic; neither changes the output.
+    return name.startswith("layers.") and name.rsplit(".", 1)[-1] in ("bias", "load") and ".mlp." in name
+
+
+def _mixtral_to_hf(state, cfg):
+    from slimtrain.modules.hf_adapters import NameMismatch
+
+    names = _mixtral_names(cfg)
+    kept = {k: v for k, v in state.items() if not _dropped(k)}
+    missing = set(names) - set(kept) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    unexpected = set(kept) - set(names)
+    if missing or unexpected:
+        raise NameMismatch(f"not a router model: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}",
+                           missing, unexpected)
+    return {names[k]: v for k, v in kept.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+
+
+def _mixtral_from_hf(hf_state, cfg):
+    from slimtrain.modules.hf_adapters import NameMismatch
+
+    ours = {v: k for k, v in _mixtral_names(cfg).items()}
+    unexpected = set(hf_state) - set(ours)
+    if unexpected:
+        raise NameMismatch(f"not a router model: unexpected {sorted(unexpected)[:4]}", (), unexpected)
+    state = {ours[k]: v for k, v in hf_state.items()}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    return state
+
+
+def _mixtral_config(cfg, *, bos_id, eos_id, pad_id=None, dtype=torch.float32):
+    from transformers import MixtralConfig
+
+    from slimtrain.modules.transformer.hf_llama import hf_config
+
+    llama = hf_config(cfg, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, dtype=dtype).to_dict()
+    for key in ("architectures", "model_type", "attention_bias", "mlp_bias", "pretraining_tp", "transformers_version"):
+        llama.pop(key, None)
+    return MixtralConfig(**llama, architectures=["MixtralForCausalLM"], num_local_experts=2, num_experts_per_tok=2,
+                         sliding_window=None)
+
+
+def _register_mixtral() -> None:
+    from slimtrain.modules.hf_adapters import ADAPTERS, Adapter, register_adapter
+
+    if "router-mixtral" not in ADAPTERS:
+        register_adapter("router-mixtral", Adapter(hf_architecture="MixtralForCausalLM", to_hf=_mixtral_to_hf,
+                                                   from_hf=_mixtral_from_hf, hf_config=_mixtral_config))
+

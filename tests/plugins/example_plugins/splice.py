@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from slimtrain.core.transforms import TRANSFORMS
-from slimtrain.modules.plugin import ParamGroup, Plugin, PluginConfig, PluginContext, WeightInit
+from slimtrain.modules.plugin import HFAdapter, ParamGroup, Plugin, PluginConfig, PluginContext, WeightInit
 from slimtrain.modules.transformer.io import ModelInputs, Splice
 
 IGNORE = -100
@@ -74,6 +74,15 @@ class SplicePlugin(Plugin):
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
         return [ParamGroup("splice/encoder", list(model.context_encoder.parameters()), lr_scale=self.cfg.lr_scale)]
+
+    def hf_adapter(self) -> HFAdapter:
+        # The encoder is written beside the decoder's tensors, as a compressor's encoder + projector would be.
+        context = self.cfg.context
+        return HFAdapter(owns=lambda name: name.startswith("context_encoder."),
+                         to_hf=lambda state, cfg: {"splice_" + k.removeprefix("context_"): v for k, v in state.items()},
+                         from_hf=lambda hf, cfg: {"context_" + k.removeprefix("splice_"): v for k, v in hf.items()
+                                                  if k.startswith("splice_encoder.")},
+                         config=lambda cfg: {"splice_context_tokens": context})
 
     def model_inputs(self, inputs: ModelInputs, batch, ctx: PluginContext) -> ModelInputs:
         mask = batch.extras["context_mask"]
