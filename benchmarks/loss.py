@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from slimtrain.trainer.cross_entropy import compiled_cross_entropy_sum, fp32_cross_entropy_sum
+from slimtrain.trainer.loss.cross_entropy import compiled_cross_entropy_sum, fp32_cross_entropy_sum
 
 
 def _sync() -> None:

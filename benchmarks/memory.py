@@ -32,7 +32,7 @@ def build_step(recipe, vocab: int, accum: int, device: torch.device):
     """Our step of `recipe` on one rank with `accum` micro-batches per optimizer step: (step function, model)."""
     from slimtrain.modules.transformer import Transformer
     from slimtrain.trainer.backends.deepspeed import DeepSpeedBackend
-    from slimtrain.trainer.losses import make_loss_fn
+    from slimtrain.trainer.loss.lm import make_loss_fn
     from slimtrain.trainer.optim import build_optimizer, build_scheduler
 
     t = recipe.train.model_copy(update={"global_batch_size": recipe.train.micro_batch_size * accum})
@@ -51,8 +51,8 @@ def build_step(recipe, vocab: int, accum: int, device: torch.device):
 
 def main() -> None:
     from slimtrain.trainer.errors import RecipeError
-    from slimtrain.trainer.memory import estimate, resolve_vocab_size
-    from slimtrain.trainer.recipe import load_recipe
+    from slimtrain.trainer.env.memory import estimate, resolve_vocab_size
+    from slimtrain.trainer.recipe.loading import load_recipe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", default=str(REPO / "recipes" / "llama-1b-dense.yaml"))

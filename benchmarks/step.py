@@ -77,8 +77,8 @@ def make_ours(cfg, device: torch.device, micro: int, bf16: bool, attention: str,
     optimizer step (`train.compile`, `train.activation_checkpointing` and `train.loss_chunk_tokens` as the
     flags say)."""
     from slimtrain.trainer.backends.deepspeed import DeepSpeedBackend
-    from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
-    from slimtrain.trainer.losses import make_loss_fn
+    from slimtrain.trainer.recipe.schema import DeepSpeedConfig, OptimConfig, TrainConfig
+    from slimtrain.trainer.loss.lm import make_loss_fn
     from slimtrain.trainer.optim import build_optimizer, build_scheduler
 
     model = _model(cfg, attention, compile_blocks, recompute)

@@ -81,14 +81,14 @@ def test_packages_import_only_lower_layers() -> None:
 @pytest.mark.parametrize(
     "package, module, source",
     [
-        ("core", "slimtrain.core.masks", "import slimtrain.trainer.loop"),
+        ("core", "slimtrain.core.masks", "import slimtrain.trainer.lifecycle.loop"),
         ("core", "slimtrain.core.masks", "from slimtrain import data"),
         ("data", "slimtrain.data.packing", "def f():\n    from slimtrain.modules.plugin import Plugin\n"),
         ("data", "slimtrain.data.batch",
-         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from slimtrain.trainer.config import Recipe\n"),
+         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from slimtrain.trainer.recipe.schema import Recipe\n"),
         ("modules", "slimtrain.modules.transformer.model", "from ...data import batch"),
         ("modules", "slimtrain.modules.transformer.model", "from ...data.batch import Batch"),
-        ("modules", "slimtrain.modules.plugin_registry", "importlib.import_module('slimtrain.trainer.run')"),
+        ("modules", "slimtrain.modules.plugin_registry", "importlib.import_module('slimtrain.trainer.lifecycle.run')"),
     ],
 )
 def test_checker_reports_forbidden_imports(package: str, module: str, source: str) -> None:
@@ -100,7 +100,7 @@ def test_checker_reports_forbidden_imports(package: str, module: str, source: st
     [
         ("data", "slimtrain.data.packing", "from slimtrain.core.registry import Registry"),
         ("modules", "slimtrain.modules.transformer.model", "from .attention import bind_attention\nfrom .. import plugin"),
-        ("trainer", "slimtrain.trainer.run", "from slimtrain.data import prepare\nimport slimtrain.modules"),
+        ("trainer", "slimtrain.trainer.lifecycle.run", "from slimtrain.data import prepare\nimport slimtrain.modules"),
     ],
 )
 def test_checker_allows_imports_down_the_layers(package: str, module: str, source: str) -> None:

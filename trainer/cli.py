@@ -32,22 +32,22 @@ def _ds_env() -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from slimtrain.trainer.config import load_recipe
+    from slimtrain.trainer.recipe.schema import load_recipe
 
     if args.reference:
-        from slimtrain.trainer.reference import recipe_reference
+        from slimtrain.trainer.recipe.reference import recipe_reference
 
         print(recipe_reference(), end="")
         return 0
     if not args.recipe:
         raise SlimtrainError("validate needs a RECIPE path (or --reference)")
-    from slimtrain.trainer.recipe import dump_recipe
+    from slimtrain.trainer.recipe.loading import dump_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if not args.world_size:  # the world a plain `slimtrain train` starts; --world-size checks another
         recipe.check_world(recipe.run.local_procs)
     else:
-        from slimtrain.trainer.memory import estimate, format_estimate, resolve_vocab_size
+        from slimtrain.trainer.env.memory import estimate, format_estimate, resolve_vocab_size
 
         gas = recipe.check_world(args.world_size)
         print(f"# world size {args.world_size}: {gas} micro-batches per rank per step", file=sys.stderr)
@@ -68,7 +68,7 @@ def _under_launcher(nproc: int | None = None) -> bool:
     A SLURM step of one task (an interactive `srun --pty bash`, or a script's `srun slimtrain ...`) with an
     explicit `--nproc N` is a machine to start N local ranks on, as outside SLURM.
     """
-    from slimtrain.trainer.distributed import resolve_dist_env
+    from slimtrain.trainer.env.distributed import resolve_dist_env
 
     env = resolve_dist_env()
     if env.source == "single" or not nproc or nproc == 1:
@@ -80,7 +80,7 @@ def _under_launcher(nproc: int | None = None) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from slimtrain.trainer.config import load_recipe
+    from slimtrain.trainer.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if not _under_launcher(args.nproc):
@@ -99,8 +99,8 @@ def _check_resume(recipe, world_size: int) -> None:
     """The checkpoint a run would resume (or branch) from must suit the recipe (checked again at load)."""
     from pathlib import Path
 
-    from slimtrain.trainer.branch import check_fresh_start, check_resume, resume_mode
-    from slimtrain.trainer.checkpoint import find_resume_point
+    from slimtrain.trainer.lifecycle.branch import check_fresh_start, check_resume, resume_mode
+    from slimtrain.trainer.lifecycle.checkpoint import find_resume_point
 
     check_fresh_start(recipe)
     path = None
@@ -109,7 +109,7 @@ def _check_resume(recipe, world_size: int) -> None:
         if path is not None:
             check_resume(recipe, path)
     if path is None and recipe.checkpoint.branch_from:
-        from slimtrain.trainer.branch import check_branch, resolve_branch_source
+        from slimtrain.trainer.lifecycle.branch import check_branch, resolve_branch_source
 
         path = resolve_branch_source(recipe.checkpoint.branch_from)
         check_branch(recipe, path)
@@ -121,14 +121,14 @@ def _check_resume(recipe, world_size: int) -> None:
 
 def train_worker(recipe) -> int:
     """One rank: initialise torch.distributed, build the parts, run the loop."""
-    from slimtrain.trainer import signals
+    from slimtrain.trainer.lifecycle import signals
 
     signals.install()  # as early as possible: a preemption warning may arrive during start-up
     _ds_env()
-    from slimtrain.trainer.distributed import init_distributed
-    from slimtrain.trainer.loop import Trainer
-    from slimtrain.trainer.recipe import dump_recipe
-    from slimtrain.trainer.run import build_parts, set_cpu_threads, write_run_files
+    from slimtrain.trainer.env.distributed import init_distributed
+    from slimtrain.trainer.lifecycle.loop import Trainer
+    from slimtrain.trainer.recipe.loading import dump_recipe
+    from slimtrain.trainer.lifecycle.run import build_parts, set_cpu_threads, write_run_files
 
     import torch
 
@@ -151,7 +151,7 @@ def _spawn_local(nproc: int, args: argparse.Namespace) -> int:
     """Start `nproc` ranks on this machine with torchrun; SIGTERM/SIGUSR1 are forwarded to them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "slimtrain.trainer.cli", "train", args.recipe, *args.overrides]
-    from slimtrain.trainer.run import threads_per_rank
+    from slimtrain.trainer.lifecycle.run import threads_per_rank
 
     # Setting OMP_NUM_THREADS ourselves (cores shared between the local ranks) also keeps torchrun quiet.
     env = dict(os.environ, SLIMTRAIN_LOCAL_LAUNCH="1")
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_data_config(path: str, overrides: list[str]):
-    from slimtrain.trainer.config import load_recipe
+    from slimtrain.trainer.recipe.schema import load_recipe
 
     return load_recipe(path, overrides).data
 

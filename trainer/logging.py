@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.recipe.schema import Recipe
 
 console = Console(stderr=True)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimtrain.modules.plugin import ParamGroup
-from slimtrain.trainer.config import OptimConfig, ScheduleConfig
+from slimtrain.trainer.recipe.schema import OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float, plugin_groups: Sequence[ParamGroup] = (),

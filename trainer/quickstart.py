@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from slimtrain.trainer.config import load_recipe
+from slimtrain.trainer.recipe.schema import load_recipe
 from slimtrain.trainer.logging import MetricsLog, console
 
 

@@ -90,11 +90,11 @@ def test_the_loss_runs_single_document_rows_without_a_mask() -> None:
     """lm_loss hands the model doc_ids=None (plain causal, no device sync) for rows checked on the host."""
     from types import SimpleNamespace
 
-    from slimtrain.trainer.losses import lm_loss
+    from slimtrain.trainer.loss.lm import lm_loss
 
     seen = []
 
-    def model(input_ids, position_ids, doc_ids, with_logits):
+    def model(input_ids, position_ids, doc_ids, with_logits, **rest):
         seen.append(doc_ids)
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 5, requires_grad=True))
 

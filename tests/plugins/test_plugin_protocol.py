@@ -15,8 +15,8 @@ from slimtrain.data.batch import Batch
 from slimtrain.modules import plugin_registry as registry
 from slimtrain.modules.plugin import Plugin, PluginConfig
 from slimtrain.modules.transformer import ModelConfig, Transformer
-from slimtrain.trainer.config import RecipeError, load_recipe
-from slimtrain.trainer.losses import lm_loss, make_loss_fn
+from slimtrain.trainer.recipe.schema import RecipeError, load_recipe
+from slimtrain.trainer.loss.lm import lm_loss, make_loss_fn
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes" / "tiny-cpu.yaml"
@@ -126,7 +126,7 @@ def test_a_config_without_a_literal_type_cannot_register() -> None:
 
 def test_the_loop_and_assembly_name_no_plugin() -> None:
     names = registry.plugin_names()
-    for rel in ("trainer/loop.py", "trainer/run.py", "trainer/losses.py", "trainer/export/hf.py",
+    for rel in ("trainer/lifecycle/loop.py", "trainer/lifecycle/run.py", "trainer/loss/lm.py", "trainer/export/hf.py",
                 "modules/plugin_stack.py", "trainer/export/consolidate.py"):
         text = (REPO / rel).read_text().lower()
         for name in names:

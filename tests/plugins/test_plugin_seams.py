@@ -11,8 +11,8 @@ from slimtrain.modules.plugin import ParamGroup, Plugin, PluginContext
 from slimtrain.modules.plugin_registry import validate_plugin_config
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer import ModelConfig, Splice, Transformer
-from slimtrain.trainer.config import OptimConfig
-from slimtrain.trainer.losses import make_loss_fn
+from slimtrain.trainer.recipe.schema import OptimConfig
+from slimtrain.trainer.loss.lm import make_loss_fn
 from slimtrain.trainer.optim import build_optimizer
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, max_seq_len=32,

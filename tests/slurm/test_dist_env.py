@@ -9,8 +9,8 @@ from unittest import mock
 
 import pytest
 
-from slimtrain.trainer import distributed
-from slimtrain.trainer.distributed import (
+from slimtrain.trainer.env import distributed
+from slimtrain.trainer.env.distributed import (
     DistEnv,
     DistEnvError,
     expand_hostlist,

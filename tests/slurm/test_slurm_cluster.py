@@ -100,8 +100,8 @@ STAND_IN = textwrap.dedent(
     #!{python}
     import os, signal, socket, sys, time
     import torch, torch.distributed as dist
-    from slimtrain.trainer.distributed import export_dist_env, resolve_dist_env
-    from slimtrain.trainer.preemption import requeue_job, restart_count
+    from slimtrain.trainer.env.distributed import export_dist_env, resolve_dist_env
+    from slimtrain.trainer.lifecycle.preemption import requeue_job, restart_count
 
     out = sys.argv[-1].split("=", 1)[1]
     got = []

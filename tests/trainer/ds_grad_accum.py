@@ -17,8 +17,8 @@ import torch
 from slimtrain.modules.transformer import Transformer
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends.deepspeed import DeepSpeedBackend
-from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
-from slimtrain.trainer.distributed import init_distributed
+from slimtrain.trainer.recipe.schema import DeepSpeedConfig, OptimConfig, TrainConfig
+from slimtrain.trainer.env.distributed import init_distributed
 
 MICRO_BATCHES = 64
 # (stage, grad_accum_dtype, offload_optimizer); offloading runs with a bucket smaller than the model, so that

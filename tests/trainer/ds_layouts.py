@@ -14,8 +14,8 @@ from slimtrain.modules.transformer import Transformer
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends.deepspeed import DS_TAG, DeepSpeedBackend
 from slimtrain.trainer.backends.deepspeed_reshard import current_layout, saved_layout
-from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
-from slimtrain.trainer.distributed import init_distributed
+from slimtrain.trainer.recipe.schema import DeepSpeedConfig, OptimConfig, TrainConfig
+from slimtrain.trainer.env.distributed import init_distributed
 from slimtrain.trainer.optim import build_optimizer, build_scheduler
 
 SETTINGS = [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16"), (3, "fp32"), (3, "bf16")]

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from slimtrain.trainer.backends.deepspeed_branch import add_fresh_entries, fresh_parameters
-from slimtrain.trainer.branch import check_branch, check_same_tokenizer, pinned_source, resolve_branch_source
-from slimtrain.trainer.checkpoint import save_checkpoint
-from slimtrain.trainer.config import load_recipe
+from slimtrain.trainer.lifecycle.branch import check_branch, check_same_tokenizer, pinned_source, resolve_branch_source
+from slimtrain.trainer.lifecycle.checkpoint import save_checkpoint
+from slimtrain.trainer.recipe.schema import load_recipe
 from slimtrain.trainer.errors import RecipeError
-from train_helpers import REPO, TINY, losses, run_train
 from test_checkpoint_files import FakeBackend
+from train_helpers import TINY, losses, run_train
 
 
 def _fake_run(root: Path, steps: list[int], recipe_yaml: str = "model: {hidden_size: 64}\n") -> Path:
@@ -106,7 +106,7 @@ def source(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> Path:
 
 @pytest.mark.slow
 def test_branch_follows_the_new_learning_rate_and_weight_decay(source: Path, data_cache: Path, tmp_path: Path) -> None:
-    from slimtrain.trainer.config import ScheduleConfig
+    from slimtrain.trainer.recipe.schema import ScheduleConfig
     from slimtrain.trainer.optim import lr_factor
 
     before = {p: p.stat().st_mtime_ns for p in source.rglob("*")}
@@ -135,7 +135,7 @@ def test_a_resume_follows_a_changed_learning_rate_and_clipping(source: Path, dat
     optim.grad_clip set) must take effect, although DeepSpeed restores the saved schedule and clipping."""
     import shutil
 
-    from slimtrain.trainer.config import ScheduleConfig
+    from slimtrain.trainer.recipe.schema import ScheduleConfig
     from slimtrain.trainer.optim import lr_factor
 
     run = tmp_path / "resumed"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from slimtrain.trainer.checkpoint import (
+from slimtrain.trainer.lifecycle.checkpoint import (
     find_resumable, find_resume_point, move_aside, save_checkpoint, verify_checkpoint,
 )
 from slimtrain.trainer.errors import CheckpointError

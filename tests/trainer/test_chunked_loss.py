@@ -13,8 +13,8 @@ from torch import nn
 
 from slimtrain.data.batch import Batch
 from slimtrain.modules.transformer import ModelConfig, Transformer
-from slimtrain.trainer.chunked_loss import chunked_lm_loss_sum
-from slimtrain.trainer.losses import lm_loss, make_loss_fn
+from slimtrain.trainer.loss.chunked import chunked_lm_loss_sum
+from slimtrain.trainer.loss.lm import lm_loss, make_loss_fn
 
 
 def _plain(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ def test_lm_loss_with_chunks_matches_and_gives_plugins_no_logits() -> None:
 PEAK = textwrap.dedent("""
     import sys, torch
     from torch import nn
-    from slimtrain.trainer.chunked_loss import chunked_lm_loss_sum
+    from slimtrain.trainer.loss.chunked import chunked_lm_loss_sum
     import torch.nn.functional as F
 
     def status_kib(key):
@@ -152,7 +152,7 @@ def test_compiled_cross_entropy_gives_every_shape_its_own_static_kernel() -> Non
     the third shape below from the symbolic kernel compiled for the second; static shapes compile it."""
     from torch._dynamo.utils import counters
 
-    from slimtrain.trainer.cross_entropy import compiled_cross_entropy_sum
+    from slimtrain.trainer.loss.cross_entropy import compiled_cross_entropy_sum
 
     torch._dynamo.reset()
     counters.clear()

@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from slimtrain.trainer.backends.deepspeed import ds_config
-from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from slimtrain.trainer.recipe.schema import DeepSpeedConfig, OptimConfig, TrainConfig
 
 HERE = Path(__file__).resolve().parent
 

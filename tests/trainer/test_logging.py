@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from slimtrain.trainer.config import load_recipe
+from slimtrain.trainer.recipe.schema import load_recipe
 from slimtrain.trainer.logging import MetricsLog, Wandb, plot_losses
 
 TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny-cpu.yaml"

@@ -13,8 +13,8 @@ import torch
 from slimtrain.modules.transformer import ModelConfig, Transformer
 from slimtrain.modules.transformer.attention import bind_attention
 from slimtrain.modules.transformer.rope import rope_cos_sin
-from slimtrain.trainer.memory import block_activation_bytes_per_token, estimate, model_state_bytes
-from slimtrain.trainer.recipe import load_recipe
+from slimtrain.trainer.env.memory import block_activation_bytes_per_token, estimate, model_state_bytes
+from slimtrain.trainer.recipe.loading import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 1024**3

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimtrain.trainer.config import ScheduleConfig
+from slimtrain.trainer.recipe.schema import ScheduleConfig
 from slimtrain.trainer.optim import GuardedAdamW, all_finite, lr_factor, param_groups
 
 

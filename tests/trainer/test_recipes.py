@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimtrain.trainer.config import RecipeError, load_recipe
-from slimtrain.trainer.recipe import dump_recipe
+from slimtrain.trainer.recipe.schema import RecipeError, load_recipe
+from slimtrain.trainer.recipe.loading import dump_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
@@ -114,7 +114,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_docs_recipe_reference_is_current() -> None:
-    from slimtrain.trainer.reference import recipe_reference
+    from slimtrain.trainer.recipe.reference import recipe_reference
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
     assert doc.read_text() == recipe_reference(), "regenerate: slimtrain validate --reference > docs/recipe.md"
@@ -166,7 +166,7 @@ def test_validate_checks_the_world_a_plain_train_starts(tmp_path: Path) -> None:
 
 
 def test_yaml_merge_keys_still_work_and_odd_keys_are_named(tmp_path: Path) -> None:
-    from slimtrain.trainer.recipe import parse_yaml
+    from slimtrain.trainer.recipe.loading import parse_yaml
 
     assert parse_yaml("base: &b {x: 1}\nc: {<<: *b, y: 2}\n")["c"] == {"x": 1, "y": 2}
     with pytest.raises(RecipeError, match="line 1: a key must be a name, not a sequence"):

@@ -13,16 +13,16 @@ from types import SimpleNamespace
 import pytest
 
 from train_helpers import REPO, TINY, _env, losses, run_train
-from slimtrain.trainer.checkpoint import save_checkpoint
+from slimtrain.trainer.lifecycle.checkpoint import save_checkpoint
 from slimtrain.trainer.errors import CheckpointError
-from slimtrain.trainer.loop import Trainer
+from slimtrain.trainer.lifecycle.loop import Trainer
 
 pytestmark = [pytest.mark.slow]
 
 # `slimtrain train`, with every checkpoint save and evaluation printed (and the live prefetch threads after it).
 TRACED = """
 import sys, threading
-import slimtrain.trainer.loop as L
+import slimtrain.trainer.lifecycle.loop as L
 save, evaluate = L.save_checkpoint, L.Trainer._evaluate
 def traced_save(root, step, *a, **k):
     print(f"SAVE {step}", flush=True)
@@ -127,8 +127,8 @@ def test_ranks_that_see_different_checkpoints_stop(tmp_path: Path) -> None:
 
 
 def test_resume_never_starts_over_once_not_on_every_requeue(tmp_path: Path, monkeypatch) -> None:
-    from slimtrain.trainer.branch import check_fresh_start, resume_mode
-    from slimtrain.trainer.config import load_recipe
+    from slimtrain.trainer.lifecycle.branch import check_fresh_start, resume_mode
+    from slimtrain.trainer.recipe.schema import load_recipe
     from slimtrain.trainer.errors import RecipeError
 
     never = load_recipe(TINY, [f"run.output_dir={tmp_path}", "checkpoint.resume=never"])

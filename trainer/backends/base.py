@@ -12,7 +12,7 @@ from torch import nn
 from slimtrain.data.batch import Batch
 from slimtrain.modules.context import Communicator
 from slimtrain.modules.transformer.config import ModelConfig
-from slimtrain.trainer.cross_entropy import CrossEntropySum
+from slimtrain.trainer.loss.cross_entropy import CrossEntropySum
 
 if TYPE_CHECKING:
     from slimtrain.modules.plugin_stack import PluginStack

@@ -23,11 +23,11 @@ from slimtrain.trainer.backends.deepspeed_branch import add_fresh_entries, fresh
 from slimtrain.trainer.backends.deepspeed_reshard import (
     UNIVERSAL_TAG, current_layout, needs_conversion, saved_buffers, saved_layout, universal_on_every_rank,
 )
-from slimtrain.trainer.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from slimtrain.trainer.recipe.schema import DeepSpeedConfig, OptimConfig, TrainConfig
 from slimtrain.trainer.errors import RecipeError
-from slimtrain.trainer.faults import maybe_fault
+from slimtrain.trainer.testing.faults import maybe_fault
 from slimtrain.trainer.logging import console
-from slimtrain.trainer.recipe import deep_merge
+from slimtrain.trainer.recipe.loading import deep_merge
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 DS_TAG = "ds"  # sub-directory of a checkpoint step directory that holds DeepSpeed's files
@@ -108,7 +108,7 @@ class DeepSpeedBackend:
     def device(self) -> torch.device:
         """Where batches must be moved."""
         if torch.cuda.is_available():
-            from slimtrain.trainer.distributed import cuda_device_index
+            from slimtrain.trainer.env.distributed import cuda_device_index
 
             return torch.device("cuda", cuda_device_index())
         return torch.device("cpu")

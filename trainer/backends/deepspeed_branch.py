@@ -1,4 +1,4 @@
-"""Branching a DeepSpeed checkpoint into a model with more parameters (see slimtrain.trainer.branch).
+"""Branching a DeepSpeed checkpoint into a model with more parameters (see slimtrain.trainer.lifecycle.branch).
 
 A ZeRO checkpoint stores the optimizer state as flat partitions, whose layout changes as soon as the model
 gains a parameter, so the source is converted into DeepSpeed's universal checkpoint (one directory per

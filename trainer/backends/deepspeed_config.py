@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
-    from slimtrain.trainer.config import Recipe
+    from slimtrain.trainer.recipe.schema import Recipe
 
 
 class _Strict(BaseModel):

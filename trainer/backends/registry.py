@@ -17,7 +17,7 @@ from slimtrain.core.registry import Registry, UnknownNameError
 
 if TYPE_CHECKING:
     from slimtrain.trainer.backends.base import Backend
-    from slimtrain.trainer.config import Recipe
+    from slimtrain.trainer.recipe.schema import Recipe
 
 
 def _no_check(recipe: "Recipe", checkpoint: Path, world_size: int) -> None:

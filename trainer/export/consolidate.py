@@ -14,10 +14,10 @@ import torch
 from slimtrain.modules.plugin import ExportContext
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
-from slimtrain.trainer.checkpoint import STATE, find_resumable, verify_checkpoint
-from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.lifecycle.checkpoint import STATE, find_resumable, verify_checkpoint
+from slimtrain.trainer.recipe.schema import Recipe
 from slimtrain.trainer.errors import CheckpointError
-from slimtrain.trainer.recipe import validate_recipe
+from slimtrain.trainer.recipe.loading import validate_recipe
 
 from slimtrain.trainer.backends.deepspeed import DS_TAG
 

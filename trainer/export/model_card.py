@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from slimtrain.trainer.recipe import dump_recipe
+from slimtrain.trainer.recipe.loading import dump_recipe
 
 if TYPE_CHECKING:
     from slimtrain.trainer.export.consolidate import LoadedCheckpoint

@@ -222,7 +222,7 @@ def check_recipe(recipe: Path, overrides: tuple[str, ...], world_size: int) -> o
         raise LaunchError(f"RECIPE {str(recipe)!r}: no such file; pass a recipe YAML, e.g. recipes/tiny-cpu.yaml")
     # Imported here: the recipe schema pulls in the model and plugin configs, which the rest of this
     # module (rendering, option checks) does not need.
-    from slimtrain.trainer.config import RecipeError, load_recipe
+    from slimtrain.trainer.recipe.schema import RecipeError, load_recipe
 
     try:
         loaded = load_recipe(str(recipe), list(overrides))

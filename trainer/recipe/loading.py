@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from slimtrain.core.registry import did_you_mean
-from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.recipe.schema import Recipe
 from slimtrain.trainer.errors import RecipeError
 
 MAX_EXTENDS_DEPTH = 8

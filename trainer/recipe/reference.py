@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from slimtrain.trainer.backends import BACKENDS
-from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.recipe.schema import Recipe
 
 
 def _default(field: Any) -> str:

@@ -242,7 +242,7 @@ class Recipe(_Strict):
 
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load and validate a recipe file (see `slimtrain.trainer.recipe.load_recipe`)."""
-    from slimtrain.trainer.recipe import load_recipe as _load
+    """Load and validate a recipe file (see `slimtrain.trainer.recipe.loading.load_recipe`)."""
+    from slimtrain.trainer.recipe.loading import load_recipe as _load
 
     return _load(path, overrides)

@@ -9,25 +9,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimtrain.trainer import signals
+from slimtrain.trainer.lifecycle import signals
 from slimtrain.trainer.backends import Backend, StepResult
 from slimtrain.data.errors import LoaderStateError
-from slimtrain.trainer.branch import (
+from slimtrain.trainer.lifecycle.branch import (
     check_branch, check_fresh_start, check_resume, check_same_tokenizer, pinned_source, resume_mode, source_state,
 )
-from slimtrain.trainer.checkpoint import (
+from slimtrain.trainer.lifecycle.checkpoint import (
     find_resume_point, load_checkpoint, load_rng, move_aside, save_checkpoint, step_of,
 )
-from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.recipe.schema import Recipe
 from slimtrain.trainer.errors import CheckpointError, TrainingStopped
-from slimtrain.trainer.faults import fault_active, maybe_fault
+from slimtrain.trainer.testing.faults import fault_active, maybe_fault
 from slimtrain.trainer.logging import (
     WANDB_ID_FILE, MetricsLog, ProgressBar, Throughput, Wandb, console, plot_losses,
 )
 from slimtrain.modules.plugin import PluginContext
-from slimtrain.trainer.losses import make_loss_fn
-from slimtrain.trainer.recipe import dump_recipe
-from slimtrain.trainer.run import RunParts
+from slimtrain.trainer.loss.lm import make_loss_fn
+from slimtrain.trainer.recipe.loading import dump_recipe
+from slimtrain.trainer.lifecycle.run import RunParts
 
 
 # What an earlier run leaves in its run directory; checkpoint.resume=never moves these into previous_N/.
@@ -319,7 +319,7 @@ class Trainer:
         return path
 
     def _branch(self, source: Path) -> None:
-        """Continue `source` (another run's checkpoint) under this recipe; see slimtrain.trainer.branch."""
+        """Continue `source` (another run's checkpoint) under this recipe; see slimtrain.trainer.lifecycle.branch."""
         check_branch(self.recipe, source)
         check_same_tokenizer(source, self.parts.prepared.tokenizer.hash)
         state = source_state(source)
@@ -355,7 +355,7 @@ class Trainer:
         if self.is_main:
             console.print(f"[yellow]stopped[/] at step {self.state.step} ({reason}); checkpoint saved, resumable")
         if reason == "preempted" and self.is_main:
-            from slimtrain.trainer.preemption import requeue_job
+            from slimtrain.trainer.lifecycle.preemption import requeue_job
 
             if requeue_job():
                 console.print("requeued the SLURM job; it resumes from the checkpoint just written")

@@ -32,7 +32,7 @@ import torch
 
 from slimtrain.trainer.backends.base import Backend
 from slimtrain.trainer.errors import CheckpointError
-from slimtrain.trainer.faults import maybe_fault
+from slimtrain.trainer.testing.faults import maybe_fault
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"

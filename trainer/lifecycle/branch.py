@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from slimtrain.trainer.checkpoint import STATE, STEP_RE, find_resumable, verify_checkpoint
+from slimtrain.trainer.lifecycle.checkpoint import STATE, STEP_RE, find_resumable, verify_checkpoint
 from slimtrain.trainer.errors import RecipeError
 
 FIELD = "checkpoint.branch_from"

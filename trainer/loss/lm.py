@@ -15,8 +15,8 @@ from slimtrain.data.batch import Batch
 from slimtrain.modules.plugin import PluginContext
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.io import ModelInputs
-from slimtrain.trainer.chunked_loss import chunked_lm_loss_sum
-from slimtrain.trainer.cross_entropy import CrossEntropySum, compiled_cross_entropy_sum, fp32_cross_entropy_sum
+from slimtrain.trainer.loss.chunked import chunked_lm_loss_sum
+from slimtrain.trainer.loss.cross_entropy import CrossEntropySum, compiled_cross_entropy_sum, fp32_cross_entropy_sum
 
 NO_PLUGINS = PluginStack()
 

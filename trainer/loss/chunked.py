@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from slimtrain.trainer.cross_entropy import CrossEntropySum, fp32_cross_entropy_sum
+from slimtrain.trainer.loss.cross_entropy import CrossEntropySum, fp32_cross_entropy_sum
 
 def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                     cross_entropy: CrossEntropySum) -> torch.Tensor:

@@ -302,7 +302,7 @@ def cuda_device_index(environ: Mapping[str, str] = os.environ, device_count: int
 
 
 def _print_master(environ: Mapping[str, str]) -> int:
-    """``python -m slimtrain.trainer.distributed``: the rendezvous address of the current SLURM job as
+    """``python -m slimtrain.trainer.env.distributed``: the rendezvous address of the current SLURM job as
     shell assignments, for the batch script (one rule for the script and the Python side)."""
     nodelist = environ.get("SLURM_JOB_NODELIST")
     job_id = environ.get("SLURM_JOB_ID")

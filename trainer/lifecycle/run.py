@@ -14,7 +14,7 @@ from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends import Backend, build_backend
 from slimtrain.trainer.backends.build import ModelInit
-from slimtrain.trainer.config import Recipe
+from slimtrain.trainer.recipe.schema import Recipe
 from slimtrain.trainer.errors import RecipeError
 from slimtrain.trainer.optim import build_optimizer, build_scheduler
 

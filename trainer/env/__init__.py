@@ -1,0 +1,1 @@
+"""The machine and the job: distributed start-up, device binding, memory estimates."""

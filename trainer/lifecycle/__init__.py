@@ -1,0 +1,1 @@
+"""A run's lifecycle: assembly, the loop, checkpoints, branching, signals and preemption."""

@@ -1,0 +1,1 @@
+"""The recipe: its schema (pydantic), loading with `extends:` and overrides, the generated reference."""

@@ -1,0 +1,1 @@
+"""Fault injection for tests (SLIMTRAIN_FAULT): kept apart from the production modules."""
