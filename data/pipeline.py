@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
-from slimtrain.core.transforms import BatchTransform
+from slimtrain.core.transforms import TRANSFORMS, BatchTransform
 from slimtrain.data.config import DataConfig
+from slimtrain.data.errors import DataError
 from slimtrain.data.dataset import TokenDataset
 from slimtrain.data.loader import Loader, StreamSpec
 from slimtrain.data.build import prepare_source, source_dir
@@ -85,6 +86,7 @@ def build_loader(
     """This rank's loader over `split` (see `Loader` for the global stream it takes its share of);
     `transforms` add the plugins' batch fields (slimtrain.core.transforms)."""
     cfg = prepared.config
+    _check_registered(transforms)
     weights = [s.weight for s in cfg.sources] if split == "train" and cfg.sources[0].weight is not None else None
     spec = StreamSpec(
         dataset=prepared.train if split == "train" else prepared.val, packer=cfg.packer, seq_len=cfg.seq_len,
@@ -94,3 +96,12 @@ def build_loader(
                   global_batch_size=global_batch_size, pad_id=prepared.tokenizer.pad_id,
                   mask_cross_doc_labels=cfg.mask_cross_doc_labels, prefetch=prefetch)
 
+
+
+def _check_registered(transforms: Sequence[BatchTransform]) -> None:
+    """A transform's name stands for it in the loader state's fingerprint: it must be the registered one."""
+    for transform in transforms:
+        if transform.name not in TRANSFORMS or TRANSFORMS.get(transform.name) is not type(transform):
+            raise DataError(f"batch transform {type(transform).__name__} is not the one registered as "
+                            f"{transform.name!r}; register it with slimtrain.core.transforms.TRANSFORMS.register("
+                            f"{transform.name!r}) (the name goes into resumable loader states)")

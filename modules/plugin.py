@@ -83,6 +83,7 @@ class PluginContext:
     groups: the backend's named process groups ("data"; "expert", "sequence" where the engine has them);
         hand them to `comm` by name, never to torch.distributed directly.
     training: False during an evaluation.
+    inputs: the composed model inputs of a batch (below).
     """
 
     model: nn.Module
@@ -91,6 +92,9 @@ class PluginContext:
     comm: Communicator = field(default_factory=LocalCommunicator)
     groups: Mapping[str, Any] = field(default_factory=dict)
     training: bool = True
+    inputs: Callable[[Any], ModelInputs] = ModelInputs.of
+    """What the model is called with for a batch, through every plugin's `model_inputs` as in the loss: a
+    plugin's own evaluation calls `ctx.model(**ctx.inputs(batch).model_kwargs())`."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ Nothing here knows a plugin by name. The trainer, the exporter and the recipe va
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -59,9 +60,10 @@ class PluginStack:
     def init_weights(self, model: nn.Module, seed: int, imported: frozenset[str] = frozenset()) -> None:
         """Every plugin's `init_weights`, from one generator seeded by `seed` (reproducible per recipe);
         `imported`: the tensors a checkpoint import filled, which keep their values."""
-        init = WeightInit(generator=torch.Generator().manual_seed(seed), imported=imported)
         for plugin in self.plugins:
-            plugin.init_weights(model, init)
+            # A stream of its own per plugin: neither the model's draws nor another plugin's.
+            generator = torch.Generator().manual_seed(_derived_seed(seed, plugin.name))
+            plugin.init_weights(model, WeightInit(generator=generator, imported=imported))
 
     def skeleton(self, model_cfg: ModelConfig) -> nn.Module:
         """The model with every plugin applied, on the meta device (structure and shapes, no memory)."""
@@ -105,6 +107,15 @@ class PluginStack:
         for plugin in self._overriding("model_inputs"):
             inputs = plugin.model_inputs(inputs, batch, ctx)
         return inputs
+
+    def inputs(self, batch: Any, ctx: PluginContext, with_logits: bool = True) -> ModelInputs:
+        """The model inputs of `batch` with every plugin's `model_inputs` applied (what the loss calls the model with)."""
+        return self.model_inputs(ModelInputs.of(batch, with_logits), batch, ctx)
+
+    def bind(self, ctx: PluginContext) -> PluginContext:
+        """`ctx` with `ctx.inputs` composing these plugins' model inputs (for their own evaluations)."""
+        ctx.inputs = lambda batch: self.inputs(batch, ctx)
+        return ctx
 
     def losses(self, outputs: TransformerOutput, batch: Any, ctx: PluginContext) -> dict[str, LossTerm]:
         """Every plugin's loss terms, named `<plugin>/<term>`."""
@@ -156,9 +167,9 @@ class PluginStack:
                              "plugin may choose the architecture")
         return next(iter(named.values()), default)
 
-    def hf_adapters(self) -> list[HFAdapter]:
-        """The plugins' own tensor adapters, in composition order."""
-        return [a for p in self.plugins if (a := p.hf_adapter()) is not None]
+    def hf_adapters(self) -> list[tuple[str, HFAdapter]]:
+        """(plugin name, its own tensor adapter) of the plugins that have one, in composition order."""
+        return [(p.name, a) for p in self.plugins if (a := p.hf_adapter()) is not None]
 
     def export(self, state: dict[str, torch.Tensor], model_cfg: ModelConfig, step: int) -> ExportContext:
         """Let every plugin rewrite a checkpoint's state and add config keys and variants."""
@@ -166,6 +177,12 @@ class PluginStack:
         for plugin in self.plugins:
             plugin.export(ctx)
         return ctx
+
+
+def _derived_seed(seed: int, name: str) -> int:
+    """A seed for `name` from the recipe's: stable across processes and Python versions (no hash())."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def check_plugins(configs: list[PluginConfig], model_cfg: ModelConfig, loss_chunk_tokens: int = 0) -> None:
@@ -205,8 +222,3 @@ def _check_chunkable(plugin: Plugin, model: nn.Module, chunk: int) -> None:
         raise ValueError(f"lm_head now shares one input scale across tokens, so train.loss_chunk_tokens={chunk} "
                          "would give every chunk its own scale; exclude lm_head from the plugin, quantize its "
                          "inputs per token or per group, or set train.loss_chunk_tokens=0")
-
-
-def describe(stack: PluginStack) -> list[dict[str, Any]]:
-    """Name and order of each plugin, for logs."""
-    return [{"name": p.name, "order": p.order} for p in stack]

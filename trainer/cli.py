@@ -14,23 +14,6 @@ from slimtrain.trainer.errors import SlimtrainError
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def _ds_env() -> None:
-    # DeepSpeed picks its accelerator at import time; on a machine without CUDA it must be told "cpu".
-    import logging
-    import warnings
-
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # Keep the console for our progress: DeepSpeed's info/warning chatter and torch's deprecation
-    # notices about calls made inside DeepSpeed are not actionable for a user.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.ERROR)
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from slimtrain.trainer.recipe.schema import load_recipe
 
@@ -47,13 +30,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.world_size:  # the world a plain `slimtrain train` starts; --world-size checks another
         recipe.check_world(recipe.run.local_procs)
     else:
-        from slimtrain.trainer.env.memory import estimate, format_estimate, resolve_vocab_size
+        from slimtrain.trainer.backends import BACKENDS
 
         gas = recipe.check_world(args.world_size)
         print(f"# world size {args.world_size}: {gas} micro-batches per rank per step", file=sys.stderr)
+        memory = BACKENDS.get(recipe.backend.type).memory
         try:
-            mem = estimate(recipe, args.world_size, resolve_vocab_size(recipe))
-            text = format_estimate(mem, recipe, args.world_size, args.gpu_memory)
+            text = (memory(recipe, args.world_size, args.gpu_memory) if memory is not None
+                    else f"memory estimate: backend {recipe.backend.type!r} has none")
         except SlimtrainError as e:  # the recipe is still valid: only the estimate needs the vocabulary size
             text = f"memory estimate skipped: {e}"
         print("# " + text.replace("\n", "\n# "), file=sys.stderr)
@@ -124,7 +108,9 @@ def train_worker(recipe) -> int:
     from slimtrain.trainer.lifecycle import signals
 
     signals.install()  # as early as possible: a preemption warning may arrive during start-up
-    _ds_env()
+    from slimtrain.trainer.backends import BACKENDS
+
+    BACKENDS.get(recipe.backend.type).prepare_process()
     from slimtrain.trainer.env.distributed import init_distributed
     from slimtrain.trainer.lifecycle.loop import Trainer
     from slimtrain.trainer.recipe.loading import dump_recipe

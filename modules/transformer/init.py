@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 import torch
 from torch import nn
@@ -25,16 +26,21 @@ def _normal_(weight: torch.Tensor, std: float, generator: torch.Generator | None
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, cfg: ModelConfig, seed: int | None = None) -> None:
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int | None = None,
+                 only: Collection[str] | None = None) -> None:
     """Initialise every Linear, Embedding and RMSNorm of `model`, in module order.
 
     With `seed`, a private generator is used (bitwise reproducible, global RNG untouched); without
-    it, torch's default CPU generator (reproducible given torch.manual_seed).
+    it, torch's default CPU generator (reproducible given torch.manual_seed). `only`: initialise just the
+    modules whose weight has one of these names (the dense model's, where plugins added modules: those
+    draw nothing here, so the dense weights are the same whatever a plugin inserted between them).
     """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     seen: set[int] = set()  # a tied weight is drawn once
     for name, module in model.named_modules():
+        if only is not None and f"{name}.weight" not in only:
+            continue
         if isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
         elif isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in seen:

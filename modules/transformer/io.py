@@ -50,6 +50,14 @@ class ModelInputs:
     with_logits: bool = True
     labels: torch.Tensor | None = None
 
+    @classmethod
+    def of(cls, batch: Any, with_logits: bool = True) -> "ModelInputs":
+        """The inputs a `Batch` stands for, before any plugin changes them. doc_ids is the layout found on the
+        host when the batch moved (none for rows of one document each, varlen boundaries ready for packed
+        rows), so the forward never waits on the device to learn it."""
+        return cls(input_ids=batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.attention_documents,
+                   with_logits=with_logits, labels=batch.labels)
+
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `Transformer.forward`."""
         return {"input_ids": self.input_ids, "inputs_embeds": self.inputs_embeds, "position_ids": self.position_ids,

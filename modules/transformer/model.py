@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Collection
+
 import torch
 from torch import nn
 
@@ -45,10 +47,11 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def init_weights(self, seed: int | None = None) -> None:
-        """(Re)initialise all weights; see `slimtrain.modules.transformer.init.init_weights`."""
+    def init_weights(self, seed: int | None = None, only: Collection[str] | None = None) -> None:
+        """(Re)initialise the weights; see `slimtrain.modules.transformer.init.init_weights`. `only`: the
+        parameter names to initialise (the dense model's, once plugins added theirs); None: all."""
         self.tie_weights()
-        init_weights(self, self.cfg, seed)
+        init_weights(self, self.cfg, seed, only)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass (same results, less memory)."""

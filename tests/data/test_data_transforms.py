@@ -122,3 +122,24 @@ def test_a_registered_packer_is_valid_in_a_recipe_without_a_schema_edit() -> Non
         assert DataConfig.model_validate({**data, "packer": "reverse-bfd"}).packer == "reverse-bfd"
     finally:
         PACKERS._items.pop("reverse-bfd")
+
+
+def test_a_transform_must_be_the_one_registered_under_its_name() -> None:
+    """Its name stands for it in loader states: build_loader refuses an unregistered or impostor transform."""
+    from slimtrain.core.transforms import TRANSFORMS
+    from slimtrain.data.errors import DataError
+    from slimtrain.data.pipeline import _check_registered
+
+    with pytest.raises(DataError, match="register it with slimtrain.core.transforms.TRANSFORMS.register"):
+        _check_registered([FirstTokens(1)])
+    TRANSFORMS.register("first-tokens")(FirstTokens)
+    try:
+        _check_registered([FirstTokens(1)])
+
+        class Impostor(FirstTokens):
+            pass
+
+        with pytest.raises(DataError, match="not the one registered as 'first-tokens'"):
+            _check_registered([Impostor(1)])
+    finally:
+        TRANSFORMS._items.pop("first-tokens")

@@ -79,6 +79,9 @@ class OrphanPlugin(Plugin):
     def apply(self, model: nn.Module) -> None:
         model.orphan = nn.Linear(4, 4, bias=False)
 
+    def init_weights(self, model: nn.Module, init: WeightInit) -> None:
+        model.orphan.weight.zero_()
+
 
 class GreedyConfig(PluginConfig):
     type: Literal["export-test-greedy"] = Field(description="Plugin name.")

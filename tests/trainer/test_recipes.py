@@ -41,6 +41,8 @@ def _write(path: Path, text: str) -> Path:
         ("train.global_batch_size=abc", "train.global_batch_size: got 'abc'"),
         ("model.num_kv_heads=3", "model.num_kv_heads=3 must divide model.num_heads=4; choose one of [1, 2, 4]"),
         ("backend.zero_stage=4", "backend.zero_stage: got 4"),
+        ("backend.zero_stag=1", "unknown key backend.zero_stag — did you mean 'zero_stage'?"),
+        ("backend.type=deepsped", "unknown backend 'deepsped'; did you mean 'deepspeed'?"),
         ("backend.raw={gradient_clipping: 2}", "backend.raw sets ['gradient_clipping']"),
         ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_seq_len=64"),
         ("train.micro_batch_size=16", "train.micro_batch_size=16 exceeds train.global_batch_size=8"),

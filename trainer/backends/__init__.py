@@ -32,5 +32,36 @@ def _deepspeed_resumable(recipe, checkpoint: Path, world_size: int) -> None:
     check_resumable_into(checkpoint / DS_TAG, stage, recipe.backend.precision, world_size)
 
 
+def _deepspeed_process() -> None:
+    # DeepSpeed picks its accelerator at import time; on a machine without CUDA it must be told "cpu".
+    import logging
+    import os
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Keep the console for our progress: DeepSpeed's info/warning chatter and torch's deprecation
+    # notices about calls made inside DeepSpeed are not actionable for a user.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.ERROR)
+
+
+def _deepspeed_weights(step_dir: Path, recipe, model_cfg) -> dict:
+    from slimtrain.trainer.export.consolidate import consolidate
+
+    return consolidate(step_dir, recipe.backend.zero_stage, recipe=recipe, model_cfg=model_cfg)
+
+
+def _deepspeed_memory(recipe, world_size: int, gpu_gb: float) -> str:
+    from slimtrain.trainer.env.memory import estimate, format_estimate, resolve_vocab_size
+
+    return format_estimate(estimate(recipe, world_size, resolve_vocab_size(recipe)), recipe, world_size, gpu_gb)
+
+
 register_backend("deepspeed", BackendEntry(config=DeepSpeedConfig, start=_start_deepspeed,
-                                           check_resumable=_deepspeed_resumable))
+                                           check_resumable=_deepspeed_resumable, prepare_process=_deepspeed_process,
+                                           read_weights=_deepspeed_weights, memory=_deepspeed_memory))

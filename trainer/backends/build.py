@@ -35,22 +35,47 @@ def build_model(model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit, d
                 parallelize: Callable[[nn.Module], None] = lambda model: None) -> nn.Module:
     """The model of this rank, with every plugin applied, its weights initialised on `device`.
 
-    Built on the meta device first, so that a backend can shard it before any memory is spent, and so
-    that every parameter is initialised from the seed in module order whatever the plugins added.
+    Built on the meta device first, so that a backend can shard it before any memory is spent. The dense
+    model's parameters (wherever a plugin moved them: wrapped, or into experts) are drawn from the seed in
+    the dense build's order, so they are bitwise the dense build's; what plugins added is theirs to
+    initialise, and a tensor they leave uninitialised is an error naming it.
     """
     with torch.device("meta"):
         model = Transformer(model_cfg)
+    dense_ids = {id(p) for p in model.parameters()}
     plugins.apply(model)
+    dense = frozenset(n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in dense_ids)
     parallelize(model)
     model.to_empty(device=device)
-    model.init_weights(seed=init.seed)
+    model.init_weights(seed=init.seed, only=dense)
+    added = _poison(model, dense)  # NaN until a plugin initialises them
     imported: frozenset[str] = frozenset()
     if init.init_from_hf is not None:
         from slimtrain.trainer.export.importer import load_hf_into
 
         imported = load_hf_into(model, model_cfg, init.init_from_hf, plugins)
     plugins.init_weights(model, init.seed, imported)  # after the import: a plugin's state may derive from the weights
+    _check_initialised(model, added)
     model.set_activation_checkpointing(init.activation_checkpointing)
     if init.compile:
         model.compile_blocks()  # after the plugins' swaps, so the compiled graphs contain them
     return model
+
+
+@torch.no_grad()
+def _poison(model: nn.Module, dense: frozenset[str]) -> list[str]:
+    """Fill the float tensors plugins added with NaN (to_empty left them holding whatever memory held)."""
+    added = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in dense and tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+            added.append(name)
+    return added
+
+
+def _check_initialised(model: nn.Module, added: list[str]) -> None:
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    left = [n for n in added if bool(torch.isnan(tensors[n]).any())]
+    if left:
+        raise ValueError(f"{len(left)} tensor(s) a plugin added were not initialised: {left[:5]}; the plugin that "
+                         "adds them must set them in its init_weights (see docs/plugins.md, build order)")

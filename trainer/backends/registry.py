@@ -33,11 +33,18 @@ class BackendEntry:
     start: (cfg=, train=, optim=) -> Backend, importing the engine when called.
     check_resumable: (recipe, checkpoint step dir, world size) -> None, raising RecipeError when this
         engine cannot load that checkpoint into that world (checked before any process starts).
+    The rest as documented on each field.
     """
 
     config: type[BaseModel]
     start: Callable[..., "Backend"]
     check_resumable: Callable[["Recipe", Path, int], None] = _no_check
+    prepare_process: Callable[[], None] = lambda: None
+    """Called in each rank's process before torch.distributed starts (the engine's environment, its logging)."""
+    read_weights: Callable[[Path, "Recipe", Any], dict] | None = None
+    """(step dir, recipe, model config) -> the checkpoint's full fp32 weights, read offline (for export)."""
+    memory: Callable[["Recipe", int, float], str] | None = None
+    """(recipe, world size, GB per GPU) -> the per-GPU memory estimate `slimtrain validate --world-size` prints."""
 
 
 BACKENDS: Registry[BackendEntry] = Registry("backend")
@@ -51,8 +58,8 @@ def register_backend(name: str, entry: BackendEntry) -> BackendEntry:
 
 def validate_backend_config(value: Any) -> BaseModel:
     """A recipe's `backend:` block -> the config class of the engine its `type:` names (default deepspeed)."""
-    from slimtrain.modules.plugin_registry import check_unknown_keys
     import slimtrain.trainer.backends  # noqa: F401  (registers the built-in engines)
+    from slimtrain.modules.plugin_registry import check_unknown_keys
 
     if isinstance(value, BaseModel):
         return value
@@ -63,5 +70,5 @@ def validate_backend_config(value: Any) -> BaseModel:
         config_cls = BACKENDS.get(name).config
     except UnknownNameError as exc:
         raise ValueError(str(exc)) from None
-    check_unknown_keys(config_cls, value, "")
+    check_unknown_keys(config_cls, value, "backend.")
     return config_cls.model_validate(value)

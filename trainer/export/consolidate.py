@@ -79,7 +79,13 @@ def load_checkpoint_for_export(path: Path) -> LoadedCheckpoint:
     export hooks: everything an export and its `--verify` need, each read once."""
     path = resolve_checkpoint(path)
     recipe, model_cfg, state = checkpoint_recipe(path)
-    weights = consolidate(path, recipe.backend.zero_stage, recipe=recipe, model_cfg=model_cfg)
+    from slimtrain.trainer.backends import BACKENDS
+
+    read_weights = BACKENDS.get(recipe.backend.type).read_weights
+    if read_weights is None:
+        raise CheckpointError(f"{path}: backend {recipe.backend.type!r} cannot read its checkpoints offline; export "
+                              "from a run of a backend that can")
+    weights = read_weights(path, recipe, model_cfg)
     plugins = PluginStack.from_configs(recipe.plugins)
     ctx = plugins.export(weights, model_cfg, int(state.get("step", 0)))
     return LoadedCheckpoint(path, recipe, model_cfg, state, weights, plugins, ctx)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtrain.modules.hf_adapters import NameMismatch
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.errors import RecipeError
@@ -67,14 +68,16 @@ def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, plugins: Plugin
     there (the plugins initialise the others). A tensor of the directory that no adapter claims is refused.
     """
     check_hf_config(path, cfg, plugins)
+    adapters = _adapters(path, plugins, cfg)
     try:
-        state = _adapters(path, plugins, cfg).from_hf(read_hf_state(path), cfg)
+        state = adapters.from_hf(read_hf_state(path), cfg)
     except MappingError as exc:
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    # What plugins added to the model is theirs to initialise; every tensor of the dense model must load.
-    dense = set(_dense_names(cfg))
-    missing = [m for m in missing if m in dense and not (cfg.tie_embeddings and m == "lm_head.weight")]
+    # What only plugins' adapters map is theirs to initialise when absent; whatever the architecture maps must load
+    # (also where a plugin moved the dense modules, e.g. into experts).
+    required = _architecture_names(model, adapters, cfg)
+    missing = [m for m in missing if m in required and not (cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: missing {missing}, unexpected {unexpected} — "
                           "the directory does not fit the recipe's model with its plugins applied")
@@ -88,8 +91,13 @@ def _adapters(path: Path, plugins: PluginStack | None, cfg: ModelConfig) -> Mode
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
 
 
-def _dense_names(cfg: ModelConfig) -> list[str]:
-    from slimtrain.modules.transformer import Transformer
-
-    with torch.device("meta"):
-        return list(Transformer(cfg).state_dict())
+def _architecture_names(model: nn.Module, adapters: ModelAdapters, cfg: ModelConfig) -> set[str]:
+    """Our names the architecture adapter maps for this model: its state (no plugin adapter's tensors) sent to
+    Hugging Face names and back. Tensors it does not map (a plugin's training-only buffers) are left out."""
+    rest = {n: t for n, t in model.state_dict().items() if not any(a.owns(n) for _, a in adapters.plugins)}
+    try:
+        hf = adapters.architecture.to_hf(rest, cfg)
+    except NameMismatch as exc:
+        rest = {n: t for n, t in rest.items() if n not in set(exc.unexpected)}
+        hf = adapters.architecture.to_hf(rest, cfg)
+    return set(adapters.architecture.from_hf(hf, cfg))

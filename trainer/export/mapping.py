@@ -139,4 +139,4 @@ def model_adapters(plugins: PluginStack | None, cfg: ModelConfig) -> ModelAdapte
     except UnknownNameError as exc:
         raise MappingError(f"architecture {name!r} has no adapter: {exc}; register one with "
                            "slimtrain.modules.hf_adapters.register_adapter") from None
-    return ModelAdapters(name, architecture, tuple((p.name, a) for p in plugins if (a := p.hf_adapter()) is not None))
+    return ModelAdapters(name, architecture, tuple(plugins.hf_adapters()))

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 def model_card(ckpt: "LoadedCheckpoint", architecture: str) -> str:
     """Markdown with Hub front matter, the training progress, last eval metrics and the full recipe."""
     st = ckpt.trainer_state
-    cfg = ckpt.model_cfg
+    counts = ckpt.plugins.counts(ckpt.model_cfg, ckpt.recipe.data.seq_len)  # what the plugins add or route
     evals = st.get("last_eval") or {}
     eval_lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in evals.items()) or "| (no evaluation yet) | |"
     return f"""---
@@ -27,7 +27,8 @@ Trained with slimtrain; exported from `{ckpt.path.name}`.
 | | |
 |---|---|
 | architecture | {architecture} |
-| parameters | {cfg.num_params():,} |
+| parameters | {counts.total_params:,} |
+| active parameters per token | {counts.active_params:,} |
 | step | {st["step"]} of {ckpt.recipe.train.steps} |
 | tokens seen | {st["tokens_seen"]:,} |
 | world size | {st.get("world_size")} |

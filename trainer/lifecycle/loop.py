@@ -80,8 +80,8 @@ class Trainer:
         self.state = LoopState()
         self.recipe_yaml = dump_recipe(recipe)
         self.plugins = parts.plugins
-        self.ctx = PluginContext(model=self.backend.module, device=self.backend.device, comm=self.backend.comm,
-                                 groups=self.backend.process_groups)
+        self.ctx = self.plugins.bind(PluginContext(model=self.backend.module, device=self.backend.device,
+                                                   comm=self.backend.comm, groups=self.backend.process_groups))
         # One loss for training and evaluation: the plugins' terms are measured on held-out data too.
         self.loss_fn = make_loss_fn(self.plugins, self.ctx, recipe.train.loss_chunk_tokens, recipe.train.compile,
                                     cross_entropy=self.backend.cross_entropy)
@@ -227,9 +227,12 @@ class Trainer:
         try:
             for batch in self._val_batches():
                 s, n, terms = self.backend.eval_step(batch, self.loss_fn)
-                loss_sum, tokens, batches = loss_sum + s, tokens + n, batches + 1
+                loss_sum, tokens = loss_sum + s, tokens + n
+                # A terms' mean over micro-batches that have labels: the padding that ends a val pass on some
+                # ranks has none, and a term's mean over no token is NaN. Keys are seen on every micro-batch.
+                batches += n > 0
                 for name, value in terms.items():
-                    term_sums[name] = term_sums.get(name, 0.0) + value
+                    term_sums[name] = term_sums.get(name, 0.0) + (value if n > 0 else 0.0)
             names = sorted(term_sums)
             loss_sum, tokens, batches, *summed = self.backend.all_reduce_sum(
                 [loss_sum, float(tokens), float(batches), *(term_sums[k] for k in names)])

@@ -14,7 +14,6 @@ from torch import nn
 from slimtrain.data.batch import Batch
 from slimtrain.modules.plugin import PluginContext
 from slimtrain.modules.plugin_stack import PluginStack
-from slimtrain.modules.transformer.io import ModelInputs
 from slimtrain.trainer.loss.chunked import chunked_lm_loss_sum
 from slimtrain.trainer.loss.cross_entropy import CrossEntropySum, compiled_cross_entropy_sum, fp32_cross_entropy_sum
 
@@ -24,16 +23,6 @@ NO_PLUGINS = PluginStack()
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside an engine's wrapper (DeepSpeed's engine holds it as `.module`)."""
     return getattr(model, "module", model)
-
-
-def batch_inputs(batch: Batch, with_logits: bool = True) -> ModelInputs:
-    """The model inputs a batch stands for, before any plugin changes them.
-
-    doc_ids is the layout found on the host when the batch moved: no mask for rows of one document
-    each, and the varlen boundaries ready for packed rows, so the forward never waits on the device.
-    """
-    return ModelInputs(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                       doc_ids=batch.attention_documents, with_logits=with_logits, labels=batch.labels)
 
 
 def lm_loss(model: nn.Module, batch: Batch, label_norm: float, plugins: PluginStack = NO_PLUGINS,
@@ -51,7 +40,7 @@ def lm_loss(model: nn.Module, batch: Batch, label_norm: float, plugins: PluginSt
     chunked = chunk_tokens > 0
     if len(plugins) and ctx is None:
         ctx = PluginContext(model=unwrapped(model), device=batch.input_ids.device)
-    inputs = plugins.model_inputs(batch_inputs(batch, with_logits=not chunked), batch, ctx)
+    inputs = plugins.inputs(batch, ctx, with_logits=not chunked)
     out = model(**inputs.model_kwargs())
     if chunked:
         token_loss_sum = chunked_lm_loss_sum(unwrapped(model).lm_head, out.hidden_states, inputs.labels,

@@ -26,7 +26,8 @@ class ProbeConfig(PluginConfig):
     layer: int = Field(0, description="Layer whose output hidden states the probe reads (negative: from the end).")
     weight: float = Field(0.5, ge=0, description="Weight of the probe's loss.")
     lr_scale: float = Field(2.0, gt=0, description="Learning-rate multiplier of the probe head.")
-    freeze_base: bool = Field(False, description="Train the probe alone: every other parameter is frozen.")
+    freeze_base: bool = Field(False, description="Freeze the decoder (embedding, layers, norm, head): the probe "
+                              "and other plugins' modules train.")
 
 
 class ProbePlugin(Plugin):
@@ -45,9 +46,10 @@ class ProbePlugin(Plugin):
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
         groups = [ParamGroup("probe/head", [model.probe.weight], lr_scale=self.cfg.lr_scale)]
-        if self.cfg.freeze_base:
-            rest = [p for n, p in model.named_parameters() if not n.startswith("probe.")]
-            groups.append(ParamGroup("probe/frozen_base", rest, frozen=True))
+        if self.cfg.freeze_base:  # the decoder's own modules (another plugin's modules keep their groups)
+            decoder = [model.embed, model.layers, model.norm, model.lm_head]
+            base = list({id(p): p for m in decoder for p in m.parameters()}.values())
+            groups.append(ParamGroup("probe/frozen_base", base, frozen=True))
         return groups
 
     def model_inputs(self, inputs: ModelInputs, batch, ctx: PluginContext) -> ModelInputs:
@@ -64,9 +66,7 @@ class ProbePlugin(Plugin):
     def evaluate(self, ctx: PluginContext, batches) -> dict[str, float]:
         hits = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         for batch in batches:
-            inputs = self.model_inputs(ModelInputs(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                                   doc_ids=batch.doc_ids, with_logits=False), batch, ctx)
-            outputs = ctx.model(**inputs.model_kwargs())
+            outputs = ctx.model(**ctx.inputs(batch).model_kwargs())  # as in training: every plugin's inputs
             guess = self._logits(ctx.model, outputs).argmax(-1)
             counted = batch.labels != IGNORE
             hits += torch.stack([(guess == batch.labels)[counted].sum(), counted.sum()]).double()

@@ -1,7 +1,7 @@
-"""`router`: every MLP becomes two MLPs and a router (top-1). Seams: a sub-layer that reports `aux`
-(router logits), a loss read from `aux`, a load counter all-reduced over the data-parallel ranks after
-each optimizer step and kept in a buffer (so it resumes), a bias updated from it (aux-loss-free
-balancing), parameter groups with engine flags, FLOPs and active parameters."""
+"""`router`: every MLP becomes two MLPs and a router (top-1, Mixtral's routing). Seams: a sub-layer that
+reports `aux` (router logits), a loss read from `aux`, a load counter all-reduced over the data-parallel
+ranks after each optimizer step and kept in a buffer (so it resumes), parameter groups with engine keys,
+FLOPs and active parameters that differ from the total, an architecture adapter (Mixtral) for export."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from slimtrain.modules.plugin import LossTerm, ModelCounts, ParamGroup, Plugin, 
 
 
 class RouterConfig(PluginConfig):
-    """Two experts per MLP, mixed by a learned router; a biased top-1 choice is counted for balancing."""
+    """Two experts per MLP; each token goes to the one its router scores higher."""
 
     type: Literal["router"] = Field(description="Plugin name.")
-    balance_weight: float = Field(0.01, ge=0, description="Weight of the Switch-style balance loss.")
-    bias_rate: float = Field(0.01, ge=0, description="Step of the aux-loss-free bias update per optimizer step.")
+    balance_weight: float = Field(0.01, ge=0, description="Weight of the Switch-style balance loss (the router's "
+                                  "only gradient: Mixtral's top-1 weight is renormalised to 1).")
 
 
 class TwoExperts(nn.Module):
@@ -31,16 +31,15 @@ class TwoExperts(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList([mlp, copy.deepcopy(mlp)])
         self.router = nn.Linear(hidden, 2, bias=False)
-        self.register_buffer("bias", torch.zeros(2))  # selection only (DeepSeek-V3): not in the weights
-        self.register_buffer("load", torch.zeros(2, dtype=torch.float64))  # tokens routed, all ranks, all steps
+        # Tokens routed, all ranks, all steps. Integer: an engine's bf16 cast of the module leaves it exact.
+        self.register_buffer("load", torch.zeros(2, dtype=torch.int64))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # Both experts, weighted by the router's softmax (Mixtral with top-2 of 2, so that an export to
-        # MixtralForCausalLM computes the same); the biased argmax is the choice the load counts.
+        # Mixtral's top-1: the chosen expert's weight is renormalised to 1, so an export to MixtralForCausalLM
+        # computes the same. Both experts run here (a toy: a real MoE dispatches each token to one).
         logits = self.router(x).float()
-        gates = torch.softmax(logits, -1).to(x.dtype)
-        out = self.experts[0](x) * gates[..., :1] + self.experts[1](x) * gates[..., 1:]
-        choice = (logits + self.bias).argmax(-1)
+        choice = logits.argmax(-1)
+        out = torch.where((choice == 0).unsqueeze(-1), self.experts[0](x), self.experts[1](x))
         return out, {"router_logits": logits.reshape(-1, 2), "router_choice": choice.reshape(-1)}
 
 
@@ -66,7 +65,6 @@ class RouterPlugin(Plugin):
             for (name, mine), other in zip(moe.experts[1].named_parameters(), moe.experts[0].parameters()):
                 if f"{prefix}experts.1.{name}" not in init.imported:
                     mine.copy_(other + 0.01 * torch.randn(other.shape, generator=generator))
-            moe.bias.zero_()
             moe.load.zero_()
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
@@ -77,16 +75,18 @@ class RouterPlugin(Plugin):
 
     def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
         logits, choices = outputs.aux["router_logits"], outputs.aux["router_choice"]
-        real = (batch.doc_ids.reshape(-1) >= 0)
+        # Padding excluded by weights, not by boolean indexing: no wait on the device per layer.
+        real = (batch.doc_ids.reshape(-1, 1) >= 0)
+        tokens = real.sum().clamp_min(1)
         balance = logits[0].new_zeros(())
         counts = []
         for layer_logits, choice in zip(logits, choices):
-            frac = F.one_hot(choice[real], 2).float().mean(0)
-            prob = torch.softmax(layer_logits[real], -1).mean(0)
-            balance = balance + 2 * (frac * prob).sum()
-            counts.append(F.one_hot(choice[real], 2).sum(0).double())
+            chosen = F.one_hot(choice, 2) * real
+            prob = (torch.softmax(layer_logits, -1) * real).sum(0) / tokens
+            balance = balance + 2 * (chosen.sum(0) / tokens * prob).sum()
+            counts.append(chosen.sum(0))
         if ctx.training:
-            step_counts = torch.stack(counts).detach()
+            step_counts = torch.stack(counts)
             self.pending = step_counts if self.pending is None else self.pending + step_counts
         return {"balance": LossTerm(balance / len(logits), self.cfg.balance_weight)}
 
@@ -97,12 +97,10 @@ class RouterPlugin(Plugin):
         self.pending = None
         with torch.no_grad():
             for layer, counts in zip(ctx.model.layers, total):
-                moe = layer.mlp
-                moe.load += counts.to(moe.load.device)
-                moe.bias += self.cfg.bias_rate * torch.sign(counts.mean() - counts).to(moe.bias)
+                layer.mlp.load += counts.to(layer.mlp.load.device)
 
     def metrics(self, ctx: PluginContext) -> dict[str, float]:
-        loads = torch.stack([layer.mlp.load for layer in ctx.model.layers])
+        loads = torch.stack([layer.mlp.load for layer in ctx.model.layers]).double()
         share = loads[:, 0] / loads.sum(-1).clamp_min(1)
         return {"router/expert0_share": float(share.mean())}
 
@@ -121,7 +119,7 @@ class RouterPlugin(Plugin):
 ENTRY = (RouterConfig, RouterPlugin)
 
 
-# -- export: the router's model is a Mixtral with top-2 of 2 experts -----------------------------------
+# -- export: the router's model is a Mixtral with 2 experts, top-1 -----------------------------------------
 # (the legacy per-expert layout that checkpoints on the Hub and vLLM use; transformers converts it on load)
 
 _EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -141,8 +139,8 @@ def _mixtral_names(cfg) -> dict[str, str]:
 
 
 def _dropped(name: str) -> bool:
-    # Balancing state: the bias picks what is counted, the load is a statistic; neither changes the output.
-    return name.startswith("layers.") and name.rsplit(".", 1)[-1] in ("bias", "load") and ".mlp." in name
+    # The load counter is a training statistic: it changes no output.
+    return name.startswith("layers.") and name.endswith(".mlp.load")
 
 
 def _mixtral_to_hf(state, cfg):
@@ -179,7 +177,7 @@ def _mixtral_config(cfg, *, bos_id, eos_id, pad_id=None, dtype=torch.float32):
     llama = hf_config(cfg, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, dtype=dtype).to_dict()
     for key in ("architectures", "model_type", "attention_bias", "mlp_bias", "pretraining_tp", "transformers_version"):
         llama.pop(key, None)
-    return MixtralConfig(**llama, architectures=["MixtralForCausalLM"], num_local_experts=2, num_experts_per_tok=2,
+    return MixtralConfig(**llama, architectures=["MixtralForCausalLM"], num_local_experts=2, num_experts_per_tok=1,
                          sliding_window=None)
 
 

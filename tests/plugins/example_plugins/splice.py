@@ -1,5 +1,5 @@
-"""`splice`: a small encoder reads each row's first `context` tokens and its outputs replace their
-embeddings (ICAE/ARC-Encoder style, at toy scale). Seams: a batch transform that builds a per-row field
+"""`splice`: a small encoder reads each row's tokens and its outputs replace the embeddings of the first
+`context` ones (ICAE/ARC-Encoder style, at toy scale), given to the model as `inputs_embeds`. Seams: a batch transform that builds a per-row field
 on the data side and masks the loss there (part of the resume fingerprint), model inputs with
 embeddings spliced in, a parameter group with its own learning rate, an export adapter."""
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from slimtrain.core.transforms import TRANSFORMS
 from slimtrain.modules.plugin import HFAdapter, ParamGroup, Plugin, PluginConfig, PluginContext, WeightInit
-from slimtrain.modules.transformer.io import ModelInputs, Splice
+from slimtrain.modules.transformer.io import ModelInputs
 
 IGNORE = -100
 
@@ -85,9 +85,12 @@ class SplicePlugin(Plugin):
                          config=lambda cfg: {"splice_context_tokens": context})
 
     def model_inputs(self, inputs: ModelInputs, batch, ctx: PluginContext) -> ModelInputs:
-        mask = batch.extras["context_mask"]
-        tokens = ctx.model.embed(inputs.input_ids[mask])
-        return replace(inputs, splice=Splice(mask, ctx.model.context_encoder(tokens)))
+        # The encoder reads every token and a mask picks its outputs for the span: fixed shapes, no wait on
+        # the device (a `Splice` of the span alone would need its length on the host).
+        mask = batch.extras["context_mask"].unsqueeze(-1)
+        tokens = ctx.model.embed(inputs.input_ids)
+        embeds = torch.where(mask, ctx.model.context_encoder(tokens), tokens)
+        return replace(inputs, input_ids=None, inputs_embeds=embeds, splice=None)
 
 
 ENTRY = (SpliceConfig, SplicePlugin)
