@@ -214,3 +214,14 @@ def test_the_dense_weights_do_not_depend_on_what_plugins_insert(example_plugins)
 
     with pytest.raises(ValueError, match=r"not initialised: \['extra.weight', 'extra.bias'\]"):
         build_model(CFG, PluginStack([Forgetful(None)]), ModelInit(seed=0), torch.device("cpu"))
+
+
+def test_plugins_work_without_whole_logits_under_the_chunked_loss(example_plugins) -> None:
+    """train.loss_chunk_tokens: the model returns no logits; a plugin reading hidden states and aux still works."""
+    model, stack = _built({"type": "probe"}, {"type": "router"})
+    ctx = PluginContext(model=model, step=1)
+    batch = _batch()
+    whole = make_loss_fn(stack, ctx)(model, batch, float(batch.num_label_tokens))
+    chunked = make_loss_fn(stack, ctx, chunk_tokens=8)(model, batch, float(batch.num_label_tokens))
+    torch.testing.assert_close(chunked[0], whole[0])
+    assert set(chunked[2]) == {"probe/ce", "router/balance"}

@@ -27,22 +27,26 @@ def _records(run_dir: Path) -> dict[tuple[str, int], dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, entry_point_env) -> dict[str, Path]:
+def straight_and_resumed(root: Path, overrides: list[str], kill_at: int, env: dict[str, str]) -> dict[str, Path]:
+    """One straight run, and one killed (SIGKILL) right after its `kill_at` checkpoint then resumed."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("PYTHONPATH", entry_point_env["PYTHONPATH"])
-    root = tmp_path_factory.mktemp("composed")
+    mp.setenv("PYTHONPATH", env["PYTHONPATH"])  # the runs find the example plugins through their entry points
     cache = root / "cache"
     try:
-        straight = run_train(root / "straight", cache, OVERRIDES)
+        straight = run_train(root / "straight", cache, overrides)
         assert straight.returncode == 0, straight.stdout[-3000:]
-        run_until_checkpoint_then_kill(root / "resumed", cache, 10, OVERRIDES)
-        resumed = run_train(root / "resumed", cache, OVERRIDES)
+        run_until_checkpoint_then_kill(root / "resumed", cache, kill_at, overrides)
+        resumed = run_train(root / "resumed", cache, overrides)
         assert resumed.returncode == 0, resumed.stdout[-3000:]
         assert "resumed from" in resumed.stdout
     finally:
         mp.undo()
     return {"straight": root / "straight", "resumed": root / "resumed"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, entry_point_env) -> dict[str, Path]:
+    return straight_and_resumed(tmp_path_factory.mktemp("composed"), OVERRIDES, 10, entry_point_env)
 
 
 def test_composed_plugins_resume_bitwise_after_sigkill(runs) -> None:
@@ -119,19 +123,9 @@ def test_a_frozen_base_at_zero3_in_bf16_resumes_bitwise_and_stays_frozen(tmp_pat
     from slimtrain.trainer.backends.build import ModelInit, build_model
     from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PYTHONPATH", entry_point_env["PYTHONPATH"])
-    cache = tmp_path / "cache"
-    try:
-        straight = run_train(tmp_path / "straight", cache, ZERO3)
-        assert straight.returncode == 0, straight.stdout[-3000:]
-        run_until_checkpoint_then_kill(tmp_path / "resumed", cache, 4, ZERO3)
-        resumed = run_train(tmp_path / "resumed", cache, ZERO3)
-        assert resumed.returncode == 0, resumed.stdout[-3000:]
-    finally:
-        mp.undo()
-    assert _records(tmp_path / "straight") == _records(tmp_path / "resumed")
-    ckpt = load_checkpoint_for_export(tmp_path / "straight")
+    both = straight_and_resumed(tmp_path, ZERO3, 4, entry_point_env)
+    assert _records(both["straight"]) == _records(both["resumed"])
+    ckpt = load_checkpoint_for_export(both["straight"])
     start = build_model(ckpt.model_cfg, PluginStack.from_configs(ckpt.recipe.plugins), ModelInit(seed=0),
                         torch.device("cpu")).state_dict()
     for name, value in ckpt.trained_state.items():
