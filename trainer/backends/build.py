@@ -42,9 +42,11 @@ def build_model(model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit, d
     """
     with torch.device("meta"):
         model = Transformer(model_cfg)
-    dense_ids = {id(p) for p in model.parameters()}
+    dense_params = list(model.parameters())  # held: an id of a parameter a plugin dropped could be reused
     plugins.apply(model)
+    dense_ids = {id(p) for p in dense_params}
     dense = frozenset(n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in dense_ids)
+    del dense_params
     parallelize(model)
     model.to_empty(device=device)
     model.init_weights(seed=init.seed, only=dense)
