@@ -1,2 +1,2 @@
-"""Mixture-of-experts (issue 22, in progress): routers and grouped expert compute. The `moe` plugin that
-swaps them into a recipe's model is not registered yet; see docs/moe.md."""
+"""Mixture-of-experts: the `moe` plugin, its routers and grouped expert compute (docs/moe.md; issue 22, in
+progress: no export, expert parallelism or capacity yet)."""

@@ -1,0 +1,51 @@
+"""The `moe` plugin's recipe block."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from slimtrain.modules.plugin import PluginConfig
+
+
+class MoEConfig(PluginConfig):
+    """Replace the MLP of chosen layers by routed experts (plus optional always-on shared experts)."""
+
+    type: Literal["moe"] = Field(description="Plugin name.")
+    num_experts: int = Field(8, gt=1, description="Routed experts per MoE layer.")
+    top_k: int = Field(2, gt=0, description="Experts each token goes to.")
+    expert_intermediate_size: int | None = Field(
+        None, gt=0, description="Hidden width of one expert; null: model.intermediate_size (smaller values give "
+        "fine-grained experts).")
+    num_shared_experts: int = Field(0, ge=0, description="Always-on experts (one SwiGLU this many experts wide).")
+    first_k_dense: int = Field(0, ge=0, description="Leave the first k layers dense (first_k_dense_replace).")
+    every: int = Field(1, gt=0, description="Then make every n-th layer an MoE layer (decoder_sparse_step).")
+    router: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="softmax: probabilities, top-k (Mixtral, Qwen-MoE). sigmoid: affinities with a "
+        "selection-only bias (DeepSeek-V3, GLM-4.5).")
+    renormalize: bool = Field(True, description="Make each token's top-k weights sum to 1.")
+    n_group: int = Field(1, gt=0, description="sigmoid: expert groups for group-limited selection.")
+    topk_group: int = Field(1, gt=0, description="sigmoid: groups each token may choose experts from.")
+    routed_scaling_factor: float = Field(1.0, gt=0, description="Multiplies the routed experts' weights.")
+    aux_loss_weight: float = Field(0.01, ge=0, description="Switch/GShard load-balancing loss weight (per micro-batch).")
+    z_loss_weight: float = Field(0.0, ge=0, description="Router z-loss weight (ST-MoE): mean squared log-sum-exp.")
+    bias_update_rate: float = Field(
+        0.0, ge=0, description="Aux-loss-free balancing (DeepSeek-V3): after each optimizer step every expert's "
+        "selection bias moves by this rate towards balance, from loads summed over micro-batches and ranks. "
+        "sigmoid routers only; 0 disables.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; lower top_k")
+        if self.num_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group} does not divide num_experts={self.num_experts}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(f"top_k={self.top_k} exceeds the experts of topk_group={self.topk_group} groups "
+                             f"({self.topk_group * (self.num_experts // self.n_group)}); raise topk_group")
+        if self.router == "softmax" and (self.n_group > 1 or self.bias_update_rate > 0):
+            raise ValueError("n_group and bias_update_rate need router: sigmoid (DeepSeek-style routing)")
+        return self

@@ -1,0 +1,36 @@
+"""MoE on 2 gloo ranks with DeepSpeed, as a user runs it: a run killed right after its step-10 checkpoint
+and resumed logs every number of the straight run bitwise, the aux-loss-free bias included (its selection
+decides every later step)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from train_helpers import run_train, run_until_checkpoint_then_kill
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+MOE = ("plugins=[{type: moe, num_experts: 4, top_k: 2, expert_intermediate_size: 32, num_shared_experts: 1, "
+       "router: sigmoid, bias_update_rate: 0.01, z_loss_weight: 0.001}]")
+OVERRIDES = [MOE, "train.steps=20", "checkpoint.every=10", "eval.every=10"]
+VOLATILE = {"time_s", "tokens_per_s", "mfu"}
+
+
+def _records(run_dir) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
+
+
+def test_moe_resumes_bitwise_after_sigkill_bias_included(tmp_path) -> None:
+    cache = tmp_path / "cache"
+    straight = run_train(tmp_path / "straight", cache, OVERRIDES)
+    assert straight.returncode == 0, straight.stdout[-3000:]
+    run_until_checkpoint_then_kill(tmp_path / "resumed", cache, 10, OVERRIDES)
+    resumed = run_train(tmp_path / "resumed", cache, OVERRIDES)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    want, got = _records(tmp_path / "straight"), _records(tmp_path / "resumed")
+    assert want == got
+    last = [r for r in want if "loss" in r][-1]
+    assert {"moe/aux", "moe/z", "moe/maxvio", "moe/maxvio/layer1"} <= set(last)
+    assert {"eval/moe/aux", "eval/moe/z"} <= set(want[-1])
