@@ -35,14 +35,13 @@ def trained_model(state: dict[str, torch.Tensor], cfg: ModelConfig, *, plugins: 
     a bf16 or fp16 export is held to the fp32 tolerance (a wrong name or layout still shows). Pass the
     names the export stored unchanged: a tensor an export hook rewrote is served rounded after the rewrite.
     """
+    from slimtrain.trainer.backends.build import ModelInit, build_model
+
     plugins = plugins if plugins is not None else PluginStack()
     cfg = cfg.model_copy(update={"attention": "eager"})
-    model = plugins.skeleton(cfg)
-    model.to_empty(device=torch.device("cpu"))
-    # As the build does: every tensor holds a value before the load (a plugin's unsaved buffers included)
-    # and the tied head is tied again (to_empty unties it).
-    model.init_weights(seed=0)
-    plugins.init_weights(model, seed=0)
+    # Built as a run builds it, so every tensor holds a value before the load (a plugin's unsaved buffers
+    # included) and a tied head is tied.
+    model = build_model(cfg, plugins, ModelInit(seed=0), torch.device("cpu"))
     weights = {k: _as_stored(v, dtype if rounded is None or k in rounded else torch.float32) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
