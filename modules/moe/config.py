@@ -19,6 +19,8 @@ class MoEConfig(PluginConfig):
         None, gt=0, description="Hidden width of one expert; null: model.intermediate_size (smaller values give "
         "fine-grained experts).")
     num_shared_experts: int = Field(0, ge=0, description="Always-on experts (one SwiGLU this many experts wide).")
+    shared_expert_gate: bool = Field(
+        False, description="Scale the shared experts' output per token by a learned sigmoid gate (Qwen2-MoE).")
     first_k_dense: int = Field(0, ge=0, description="Leave the first k layers dense (first_k_dense_replace).")
     every: int = Field(1, gt=0, description="Then make every n-th layer an MoE layer (decoder_sparse_step).")
     router: Literal["softmax", "sigmoid"] = Field(

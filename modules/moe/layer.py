@@ -12,23 +12,28 @@ from .router import Routing, route_sigmoid, route_softmax
 
 
 class SharedExperts(nn.Module):
-    """The always-on experts as one SwiGLU (n experts of width I are one of width n x I)."""
+    """The always-on experts as one SwiGLU (n experts of width I are one of width n x I); with `gated`, its
+    output is scaled per token by sigmoid(gate(x)), a learned H -> 1 projection (Qwen2-MoE)."""
 
-    def __init__(self, hidden: int, width: int) -> None:
+    def __init__(self, hidden: int, width: int, gated: bool = False) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate = nn.Linear(hidden, 1, bias=False) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out if self.gate is None else out * torch.sigmoid(self.gate(x))
 
 
 class MoELayer(nn.Module):
     """Routes each token to top-k experts; returns (output, aux) with the router's logits and choices.
 
-    `bias_steps` counts the aux-loss-free updates per expert (+1 / -1 each step): the selection bias is
-    `bias_update_rate x bias_steps`. An integer buffer is exact, and an engine's bf16 cast leaves it alone.
+    `bias_steps` counts the aux-loss-free updates per expert (+1 / -1 each step); `bias_base` holds the fp32
+    bits (as int32) of a bias imported from a checkpoint. The selection bias is
+    `bias_base + bias_update_rate x bias_steps`. Integer buffers are exact, and an engine's bf16 cast of the
+    module leaves them alone (a float buffer would be rounded to bf16).
     """
 
     def __init__(self, cfg: MoEConfig, hidden: int, intermediate: int) -> None:
@@ -36,15 +41,27 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = nn.Linear(hidden, cfg.num_experts, bias=False)
         self.experts = GroupedExperts(cfg.num_experts, hidden, intermediate)
-        self.shared = SharedExperts(hidden, cfg.num_shared_experts * intermediate) if cfg.num_shared_experts else None
+        self.shared = (SharedExperts(hidden, cfg.num_shared_experts * intermediate, cfg.shared_expert_gate)
+                       if cfg.num_shared_experts else None)
         self.register_buffer("bias_steps", torch.zeros(cfg.num_experts, dtype=torch.int64))
+        self.register_buffer("bias_base", torch.zeros(cfg.num_experts, dtype=torch.int32))
+
+    def selection_bias(self) -> torch.Tensor:
+        """The sigmoid router's selection bias, fp32 [E] (zeros for a softmax router)."""
+        base = self.bias_base.view(torch.float32)
+        return base + self.bias_steps.float() * self.cfg.bias_update_rate
+
+    def set_selection_bias(self, bias: torch.Tensor) -> None:
+        """Take `bias` (fp32 [E], e.g. a checkpoint's e_score_correction_bias) as the base; no updates yet."""
+        self.bias_base.copy_(bias.detach().to(torch.float32).contiguous().view(torch.int32))
+        self.bias_steps.zero_()
 
     def route(self, logits: torch.Tensor) -> Routing:
         c = self.cfg
         if c.router == "softmax":
             routing = route_softmax(logits, c.top_k, c.renormalize)
             return Routing(routing.weights * c.routed_scaling_factor, routing.experts, routing.scores)
-        bias = self.bias_steps.float() * c.bias_update_rate if c.bias_update_rate else None
+        bias = self.selection_bias()
         return route_sigmoid(logits, c.top_k, bias, c.n_group, c.topk_group, c.renormalize, c.routed_scaling_factor)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -57,7 +57,9 @@ class MoEPlugin(Plugin):
                     continue
                 std = residual if name.endswith(("down", "down_proj.weight")) else cfg.init_std
                 p.copy_(torch.randn(p.shape, generator=init.generator) * std)
-            moe.bias_steps.zero_()
+            for name in ("bias_steps", "bias_base"):  # a checkpoint's bias (imported) stays
+                if f"layers.{i}.mlp.{name}" not in init.imported:
+                    getattr(moe, name).zero_()
 
     def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
         c, e = self.cfg, self.cfg.num_experts
