@@ -18,7 +18,7 @@ Each micro-batch (train and eval), inside the loss:
     model_inputs(inputs, batch, ctx) -> ModelInputs   what the model is called with
     losses(outputs, batch, ctx)      -> {name: LossTerm}
 
-Around each optimizer step: on_step_start(ctx), after_optimizer_step(ctx), metrics(ctx).
+Around each optimizer step: on_step_start(ctx), after_optimizer_step(ctx), metrics(ctx); at the end, plots.
 At each evaluation: the loss terms on held-out data, then evaluate(ctx, batches) -> {name: float}.
 Accounting: counts(model_cfg, counts, seq_len, causal) -> ModelCounts (FLOPs, active parameters).
 Export and import: hf_architecture(model_cfg), hf_adapter(), export(ctx: ExportContext).
@@ -35,6 +35,7 @@ backend) or is derived from the step number in `on_step_start`; plugins keep no 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, NamedTuple
 
 import torch
@@ -248,8 +249,10 @@ class Plugin:
     def after_optimizer_step(self, ctx: PluginContext) -> None:
         """Called after optimizer step `ctx.step` was taken (or skipped), on every rank."""
 
-    def metrics(self, ctx: PluginContext) -> dict[str, float]:
-        """Named values to log after a step; every rank must return the same keys (they are averaged)."""
+    def metrics(self, ctx: PluginContext) -> dict[str, float | list[float]]:
+        """Named values to log after a step; every rank must return the same keys and vector lengths (they
+        are averaged). A list is a vector (e.g. one value per expert): it goes to metrics.jsonl, where
+        `plots` reads it back, and wandb shows it as a histogram."""
         return {}
 
     # -- evaluation, accounting, export ------------------------------------------------------------
@@ -258,6 +261,12 @@ class Plugin:
         """An evaluation of the plugin's own on held-out batches (the model is in eval mode, gradients
         off). Reduce over ranks with `ctx.comm`; every rank returns the same keys."""
         return {}
+
+    def plots(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """End-of-run figures (PNG files written into `out_dir`, the run directory) drawn from the run's
+        metric records, those of earlier jobs of a resumed run included; called on the main rank after
+        loss_curve.png. Returns the files written."""
+        return []
 
     def counts(self, model_cfg: "ModelConfig", counts: ModelCounts, seq_len: int, causal: bool) -> ModelCounts:
         """The model's cost with this plugin applied (default: unchanged)."""

@@ -7,6 +7,7 @@ Nothing here knows a plugin by name. The trainer, the exporter and the recipe va
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -132,12 +133,16 @@ class PluginStack:
         for plugin in self.plugins:
             plugin.after_optimizer_step(ctx)
 
-    def metrics(self, ctx: PluginContext) -> dict[str, float]:
+    def metrics(self, ctx: PluginContext) -> dict[str, float | list[float]]:
         """Every plugin's metrics on this rank (the caller averages them over ranks)."""
-        values: dict[str, float] = {}
+        values: dict[str, float | list[float]] = {}
         for plugin in self._overriding("metrics"):
             values.update(plugin.metrics(ctx))
         return values
+
+    def plots(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """Every plugin's end-of-run figures."""
+        return [path for plugin in self._overriding("plots") for path in plugin.plots(records, out_dir)]
 
     # -- evaluation, accounting, export -----------------------------------------------------------------
 

@@ -120,7 +120,10 @@ class Wandb:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
+            import wandb
+
+            values = {k: wandb.Histogram(v) if isinstance(v, list) else v for k, v in record.items() if k != "step"}
+            self.run.log(values, step=record.get("step"))
 
     def close(self) -> None:
         if self.run is not None:

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 PLUGINS = ("plugins=[{type: splice, context: 8, jitter: 4}, {type: probe, layer: 0}, "
            "{type: router}]")
-OVERRIDES = [PLUGINS, "eval.every=10", "train.steps=20", "checkpoint.every=10"]
+OVERRIDES = [PLUGINS, "eval.every=10", "train.steps=20", "checkpoint.every=10", "logging.plot=true"]
 VOLATILE = {"time_s", "tokens_per_s", "mfu"}
 
 
@@ -61,6 +61,10 @@ def test_every_seam_shows_in_the_metrics(runs) -> None:
     train = records[("train", 20)]
     assert {"router/balance", "probe/ce", "router/expert0_share"} <= set(train)
     assert 0 < train["router/expert0_share"] < 1  # the load counter was all-reduced and kept
+    # A vector metric (one value per layer) is averaged over ranks element by element and kept as a list.
+    shares = train["router/layer_share"]
+    assert isinstance(shares, list) and len(shares) == 2 and train["router/expert0_share"] == pytest.approx(sum(shares) / 2)
+    assert (runs["straight"] / "router_share.png").stat().st_size > 0  # the plugin's end-of-run plot
     evaluation = records[("eval", 20)]
     # The plugins' loss terms on held-out data, and the probe's own evaluation.
     assert {"eval/router/balance", "eval/probe/ce", "eval/probe/accuracy"} <= set(evaluation)

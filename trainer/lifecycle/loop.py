@@ -198,13 +198,15 @@ class Trainer:
 
     # -- eval, save, resume ------------------------------------------------------------------------
 
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        """`values` (the same keys on every rank) averaged over the ranks, in one collective."""
+    def _mean_over_ranks(self, values: dict[str, float | list[float]]) -> dict[str, float | list[float]]:
+        """`values` (the same keys and vector lengths on every rank) averaged over the ranks, in one collective."""
         if not values:
             return {}
         keys = sorted(values)
-        summed = self.backend.all_reduce_sum([float(values[k]) for k in keys])
-        return {k: v / self.backend.world_size for k, v in zip(keys, summed)}
+        flat = [[float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] for v in (values[k] for k in keys)]
+        summed = iter(self.backend.all_reduce_sum([x for v in flat for x in v]))
+        means = {k: [next(summed) / self.backend.world_size for _ in v] for k, v in zip(keys, flat)}
+        return {k: m if isinstance(values[k], (list, tuple)) else m[0] for k, m in means.items()}
 
     def _val_batches(self):
         """One pass of at most `eval.batches` held-out micro-batches (the val loader restarts on each pass)."""
@@ -350,9 +352,12 @@ class Trainer:
             self.state.finished = True
             self._save()
         if self.is_main and self.recipe.logging.plot:
-            plot = plot_losses(self.metrics.read(), self.run_dir / "loss_curve.png")
+            records = self.metrics.read()
+            plot = plot_losses(records, self.run_dir / "loss_curve.png")
             if plot:
                 console.print(f"loss curve: {plot}")
+            for path in self.plugins.plots(records, self.run_dir):
+                console.print(f"plot: {path}")
 
     def _after_stop(self, reason: str) -> None:
         if self.is_main:

@@ -102,7 +102,21 @@ class RouterPlugin(Plugin):
     def metrics(self, ctx: PluginContext) -> dict[str, float]:
         loads = torch.stack([layer.mlp.load for layer in ctx.model.layers]).double()
         share = loads[:, 0] / loads.sum(-1).clamp_min(1)
-        return {"router/expert0_share": float(share.mean())}
+        # A vector metric: expert 0's share per layer, drawn at the end by `plots`.
+        return {"router/expert0_share": float(share.mean()), "router/layer_share": share.tolist()}
+
+    def plots(self, records, out_dir):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [(r["step"], r["router/layer_share"]) for r in records if "router/layer_share" in r]
+        fig, ax = plt.subplots()
+        ax.plot([s for s, _ in rows], [v for _, v in rows])
+        fig.savefig(out_dir / "router_share.png")
+        plt.close(fig)
+        return [out_dir / "router_share.png"]
 
     def hf_architecture(self, model_cfg) -> str:
         _register_mixtral()  # a registration of this plugin's, like its entry in the plugin registry
