@@ -23,6 +23,9 @@ class MoEConfig(PluginConfig):
         False, description="Scale the shared experts' output per token by a learned sigmoid gate (Qwen2-MoE).")
     first_k_dense: int = Field(0, ge=0, description="Leave the first k layers dense (first_k_dense_replace).")
     every: int = Field(1, gt=0, description="Then make every n-th layer an MoE layer (decoder_sparse_step).")
+    experts_impl: Literal["auto", "grouped_mm", "triton", "loop"] = Field(
+        "auto", description="How the routed experts compute: auto takes torch's grouped GEMM where it runs for the "
+        "device and dtype, else the Triton kernel (CUDA), else the per-expert loop (the reference).")
     router: Literal["softmax", "sigmoid"] = Field(
         "softmax", description="softmax: probabilities, top-k (Mixtral, Qwen-MoE). sigmoid: affinities with a "
         "selection-only bias (DeepSeek-V3, GLM-4.5).")
@@ -31,7 +34,20 @@ class MoEConfig(PluginConfig):
     topk_group: int = Field(1, gt=0, description="sigmoid: groups each token may choose experts from.")
     routed_scaling_factor: float = Field(1.0, gt=0, description="Multiplies the routed experts' weights.")
     aux_loss_weight: float = Field(0.01, ge=0, description="Switch/GShard load-balancing loss weight (per micro-batch).")
+    seq_aux_loss_weight: float = Field(
+        0.0, ge=0, description="The same loss per packed row, averaged over rows (DeepSeek-V3's sequence-wise "
+        "loss, a small weight next to the aux-loss-free bias); 0 disables.")
+    global_aux_loss_weight: float = Field(
+        0.0, ge=0, description="The same loss with expert shares from counts summed over the data-parallel "
+        "ranks (global-batch balancing, Qwen): one small all-reduce per micro-batch; 0 disables.")
     z_loss_weight: float = Field(0.0, ge=0, description="Router z-loss weight (ST-MoE): mean squared log-sum-exp.")
+    capacity_factor: float | None = Field(
+        None, description="null: dropless (every slot computed). A number: each expert takes at most "
+        "ceil(factor x tokens x top_k / num_experts) slots per micro-batch and the rest are dropped (the token "
+        "keeps its residual for that slot); the dropped fraction is logged as moe/dropped.")
+    drop_policy: Literal["probability", "position"] = Field(
+        "probability", description="Which slots an over-full expert keeps: its highest-weighted ones, or by "
+        "position (first choices of all tokens before second choices, in token order).")
     bias_update_rate: float = Field(
         0.0, ge=0, description="Aux-loss-free balancing (DeepSeek-V3): after each optimizer step every expert's "
         "selection bias moves by this rate towards balance, from loads summed over micro-batches and ranks. "
@@ -39,6 +55,9 @@ class MoEConfig(PluginConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "MoEConfig":
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 (1.0-1.25 is usual); null is "
+                             "dropless")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; lower top_k")
         if self.num_experts % self.n_group:

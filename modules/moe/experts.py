@@ -1,5 +1,6 @@
 """Routed experts as one grouped GEMM: tokens sorted by expert, one matrix product per projection over all
-experts (`torch.nn.functional.grouped_mm` where the installed torch has it), outputs weighted and summed back.
+experts (`torch.nn.functional.grouped_mm` where the installed torch has it for the device and dtype, else the
+Triton kernel of `triton_grouped.py`), outputs weighted and summed back. No Python loop over experts.
 
 Weights are stored stacked, in transformers' own layout: gate_up [E, 2I, H] (gate rows then up rows) and
 down [E, H, I]. `expert_loop` is the reference every path is tested against.
@@ -12,15 +13,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from .router import Routing
+from .triton_grouped import triton_available, triton_grouped_mm
+
+
+IMPLS = ("auto", "grouped_mm", "triton", "loop")
 
 
 def grouped_mm_available(x: torch.Tensor, *inner: int) -> bool:
-    """Whether torch's grouped GEMM can run here: it exists, and every inner dimension is 16-byte aligned."""
+    """Whether torch's grouped GEMM can run here: it exists, the device and dtype have a kernel (CUDA: bf16
+    only), and every inner dimension is 16-byte aligned."""
     fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    return fn is not None and all(d * x.element_size() % 16 == 0 for d in inner)
+    if fn is None or (x.is_cuda and x.dtype != torch.bfloat16):
+        return False
+    return all(d * x.element_size() % 16 == 0 for d in inner)
 
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def choose_impl(x: torch.Tensor, hidden: int, inter: int, wanted: str = "auto") -> str:
+    """The expert computation for `x`: `wanted`, or under "auto" torch's grouped GEMM where it runs, else the
+    Triton kernel where it runs (CUDA), else the per-expert loop. Asking for one that cannot run here is
+    an error naming the one that can."""
+    runs = {"grouped_mm": grouped_mm_available(x, hidden, inter), "triton": triton_available(x), "loop": True}
+    if wanted == "auto":
+        return next(impl for impl, ok in runs.items() if ok and not (impl == "triton" and not x.is_cuda))
+    if not runs[wanted]:
+        raise ValueError(f"experts_impl={wanted!r} cannot run on {x.device.type} {x.dtype} with hidden {hidden} "
+                         f"and expert width {inter}; use experts_impl: auto")
+    return wanted
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, impl: str = "grouped_mm") -> torch.Tensor:
+    if impl == "triton":
+        return triton_grouped_mm(a, b, offs)
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offs)
 
@@ -28,31 +51,44 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 class GroupedExperts(nn.Module):
     """E SwiGLU experts of hidden width `intermediate` on `hidden`-wide inputs."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, impl: str = "auto") -> None:
         super().__init__()
-        self.num_experts, self.intermediate = num_experts, intermediate
+        self.num_experts, self.intermediate, self.impl = num_experts, intermediate, impl
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [T, H] -> sum over each token's chosen experts of weight x expert(x), [T, H]."""
-        hidden, inter = x.shape[-1], self.intermediate
-        if not grouped_mm_available(x, hidden, inter) or x.dtype != self.gate_up.dtype:
+        inter = self.intermediate
+        impl = choose_impl(x, x.shape[-1], inter, self.impl) if x.dtype == self.gate_up.dtype else "loop"
+        if impl == "loop":
             return expert_loop(x, routing, self.gate_up, self.down)
         k = routing.experts.shape[-1]
         flat = routing.experts.reshape(-1)
         order = flat.argsort(stable=True)  # rows grouped by expert, in token order within each
         token = order // k
-        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        h = _grouped_mm(x[token], self.gate_up.transpose(1, 2), offs)
-        gate, up = h.split(inter, dim=-1)
-        y = _grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs)
+        offs = torch.bincount(flat, minlength=self.num_experts + 1)[:self.num_experts].cumsum(0).to(torch.int32)
+        if impl == "grouped_mm":
+            # A dropped slot's expert is the sentinel E, sorted last. torch leaves rows past offs[-1]
+            # uninitialised (forward and backward), so the last expert takes them: their weight is 0, so is
+            # their share. (The Triton kernel gives those rows zeros and skips them.)
+            offs[-1] = flat.numel()
+        y = sorted_swiglu(x[token], offs, self.gate_up, self.down, impl)
         y = y * routing.weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
 
+def sorted_swiglu(rows: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  impl: str) -> torch.Tensor:
+    """SwiGLU experts on rows sorted by expert (rows offs[e-1]:offs[e] through expert e, int32 cumulative
+    offs) as one grouped GEMM per projection; unweighted [N, H]. `impl`: "grouped_mm" or "triton"."""
+    gate, up = _grouped_mm(rows, gate_up.transpose(1, 2), offs, impl).split(down.shape[-1], dim=-1)
+    return _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs, impl)
+
+
 def expert_loop(x: torch.Tensor, routing: Routing, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """The reference: every expert on the tokens that chose it, one at a time."""
+    """The reference: every expert on the tokens that chose it, one at a time (a dropped slot, expert E,
+    is computed by none)."""
     out = torch.zeros_like(x)
     inter = down.shape[-1]
     for e in range(gate_up.shape[0]):

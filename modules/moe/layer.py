@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
 from .experts import GroupedExperts
-from .router import Routing, route_sigmoid, route_softmax
+from .router import Routing, apply_capacity, route_sigmoid, route_softmax
 
 
 class SharedExperts(nn.Module):
@@ -40,7 +42,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = nn.Linear(hidden, cfg.num_experts, bias=False)
-        self.experts = GroupedExperts(cfg.num_experts, hidden, intermediate)
+        self.experts = GroupedExperts(cfg.num_experts, hidden, intermediate, cfg.experts_impl)
         self.shared = (SharedExperts(hidden, cfg.num_shared_experts * intermediate, cfg.shared_expert_gate)
                        if cfg.num_shared_experts else None)
         self.register_buffer("bias_steps", torch.zeros(cfg.num_experts, dtype=torch.int64))
@@ -68,8 +70,11 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         logits = F.linear(flat.float(), self.router.weight.float())  # router math in fp32 (bf16 ties flip choices)
         routing = self.route(logits)
+        aux = {"moe/logits": logits, "moe/scores": routing.scores, "moe/experts": routing.experts}
+        if self.cfg.capacity_factor is not None:
+            capacity = math.ceil(self.cfg.capacity_factor * flat.shape[0] * self.cfg.top_k / self.cfg.num_experts)
+            routing, aux["moe/dropped"] = apply_capacity(routing, self.cfg.num_experts, capacity, self.cfg.drop_policy)
         out = self.experts(flat, routing)
         if self.shared is not None:
             out = out + self.shared(flat)
-        aux = {"moe/logits": logits, "moe/scores": routing.scores, "moe/experts": routing.experts}
         return out.view_as(x), aux

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimtrain.modules.plugin import LossTerm, ModelCounts, Plugin, PluginContext, WeightInit
 from slimtrain.modules.plugin_registry import register_plugin
 
+from .balancing import aux_loss, global_aux_loss, normalised, sequence_aux_loss, slot_counts, z_loss
 from .config import MoEConfig
 from .layer import MoELayer
+from .plots import plot_expert_load
+from .stats import layer_metrics, load_shares, micro_batch_row
 
 MOE_ORDER = 10  # before qat (20): experts exist before anything wraps the model's layers
 
@@ -31,8 +34,8 @@ class MoEPlugin(Plugin):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
         self.cfg: MoEConfig = cfg
-        self.pending: torch.Tensor | None = None  # this step's expert loads on this rank, [moe layers, experts]
-        self.last_loads: torch.Tensor | None = None  # the last step's, summed over ranks
+        self.pending: torch.Tensor | None = None  # this step's statistics on this rank (stats.py), one row per layer
+        self.last: torch.Tensor | None = None  # the last step's, summed over ranks
 
     def _width(self, model_cfg) -> int:
         return self.cfg.expert_intermediate_size or model_cfg.intermediate_size
@@ -62,44 +65,72 @@ class MoEPlugin(Plugin):
                     getattr(moe, name).zero_()
 
     def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
-        c, e = self.cfg, self.cfg.num_experts
+        c = self.cfg
         real = (batch.doc_ids.reshape(-1, 1) >= 0)  # padding excluded by weights: no wait on the device
-        tokens = real.sum().clamp_min(1)
-        aux, z, loads = 0.0, 0.0, []
-        for logits, scores, experts in zip(outputs.aux["moe/logits"], outputs.aux["moe/scores"], outputs.aux["moe/experts"]):
-            chosen = F.one_hot(experts, e).sum(1) * real  # [tokens, experts]: slots given to each expert
-            loads.append(chosen.sum(0))
-            probs = scores / scores.sum(-1, keepdim=True)  # softmax: unchanged; sigmoid: affinities normalised
-            frac = chosen.sum(0) / (tokens * c.top_k)
-            aux = aux + e * (frac * (probs * real).sum(0) / tokens).sum()
-            z = z + (torch.logsumexp(logits, -1).square() * real.squeeze(-1)).sum() / tokens
-        if ctx.training:
-            step = torch.stack(loads)
-            self.pending = step if self.pending is None else self.pending + step
-        n = len(loads)
-        terms = {"aux": LossTerm(aux / n, c.aux_loss_weight)}
+        aux = outputs.aux
+        layers = list(zip(aux["moe/logits"], aux["moe/scores"], aux["moe/experts"]))
+        dropped = aux.get("moe/dropped", [None] * len(layers))
+        counts = [slot_counts(experts, c.num_experts, real) for _, _, experts in layers]
+        probs = [normalised(scores) for _, scores, _ in layers]
+        n = len(layers)
+        terms = {"aux": LossTerm(sum(aux_loss(k, p, real, c.top_k) for k, p in zip(counts, probs)) / n,
+                                 c.aux_loss_weight)}
+        if c.seq_aux_loss_weight:
+            rows = batch.doc_ids.shape[0]
+            seq = sum(sequence_aux_loss(k, p, real, c.top_k, rows) for k, p in zip(counts, probs)) / n
+            terms["seq_aux"] = LossTerm(seq, c.seq_aux_loss_weight)
+        if c.global_aux_loss_weight:
+            terms["global_aux"] = LossTerm(self._global_aux(counts, probs, real, ctx) / n, c.global_aux_loss_weight)
         if c.z_loss_weight:
-            terms["z"] = LossTerm(z / n, c.z_loss_weight)
+            terms["z"] = LossTerm(sum(z_loss(logits, real) for logits, _, _ in layers) / n, c.z_loss_weight)
+        if ctx.training:
+            rows = torch.stack([micro_batch_row(k, p, real, d) for k, p, d in zip(counts, probs, dropped)])
+            self.pending = rows if self.pending is None else self.pending + rows
         return terms
+
+    def _global_aux(self, counts, probs, real, ctx: PluginContext) -> torch.Tensor:
+        """The global-batch loss: expert counts (and tokens) summed over the data-parallel ranks in one
+        all-reduce while training; an evaluation (ranks may see different numbers of batches) stays local."""
+        local = torch.cat([torch.stack([k.sum(0) for k in counts]).flatten(), real.sum().reshape(1)]).float()
+        summed = ctx.comm.all_reduce(local.detach().clone(), group="data") if ctx.training else local.detach()
+        per_layer, tokens = summed[:-1].view(len(counts), -1), summed[-1]
+        return sum(global_aux_loss(g, tokens, p, real, self.cfg.top_k) for g, p in zip(per_layer, probs))
 
     def after_optimizer_step(self, ctx: PluginContext) -> None:
         if self.pending is None:
             return
-        loads = ctx.comm.all_reduce(self.pending.to(ctx.device), group="data")  # summed over micro-batches and ranks
-        self.pending, self.last_loads = None, loads
+        totals = ctx.comm.all_reduce(self.pending.to(ctx.device), group="data")  # micro-batches and ranks
+        self.pending, self.last = None, totals
         if self.cfg.bias_update_rate:
             with torch.no_grad():
-                for (_, moe), load in zip(self._moe_layers(ctx.model), loads):
-                    step = torch.sign(load.double().mean() - load.double()).to(moe.bias_steps.dtype)
+                for (_, moe), load in zip(self._moe_layers(ctx.model), totals[:, :self.cfg.num_experts]):
+                    step = torch.sign(load.mean() - load).to(moe.bias_steps.dtype)
                     moe.bias_steps += step.to(moe.bias_steps.device)
 
-    def metrics(self, ctx: PluginContext) -> dict[str, float]:
-        if self.last_loads is None:
+    def metrics(self, ctx: PluginContext) -> dict[str, float | list[float]]:
+        if self.last is None:
             return {}
-        loads = self.last_loads.double()
-        maxvio = loads.max(-1).values / loads.mean(-1).clamp_min(1e-9) - 1  # per MoE layer, this global batch
+        c = self.cfg
+        per_layer = layer_metrics(self.last.cpu(), c.num_experts, c.top_k)
+        shares = load_shares(self.last.cpu(), c.num_experts)
+        if c.capacity_factor is None:
+            per_layer.pop("dropped")
         layers = [i for i, _ in self._moe_layers(ctx.model)]
-        return {"moe/maxvio": float(maxvio.mean()), **{f"moe/maxvio/layer{i}": float(v) for i, v in zip(layers, maxvio)}}
+        out: dict[str, float | list[float]] = {}
+        for name, values in per_layer.items():
+            out[f"moe/{name}"] = float(values.mean())
+            out.update({f"moe/{name}/layer{i}": float(v) for i, v in zip(layers, values)})
+        out.update({f"moe/load/layer{i}": [round(float(v), 6) for v in share] for i, share in zip(layers, shares)})
+        return out
+
+    def plots(self, records, out_dir: Path) -> list[Path]:
+        path = plot_expert_load(records, out_dir / "moe_load.png")
+        return [path] if path else []
+
+    def hf_architecture(self, model_cfg) -> str:
+        from .hf_export import register_architecture  # transformers-free until a config is built
+
+        return register_architecture(self.cfg, model_cfg)
 
     def counts(self, model_cfg, counts: ModelCounts, seq_len: int, causal: bool) -> ModelCounts:
         c, h = self.cfg, model_cfg.hidden_size

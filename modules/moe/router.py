@@ -57,3 +57,28 @@ def _limit_to_groups(choice: torch.Tensor, n_group: int, topk_group: int) -> tor
     group_score = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)
     keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
     return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(t, e)
+
+
+def apply_capacity(routing: Routing, num_experts: int, capacity: int, by: str = "probability") -> tuple[Routing, torch.Tensor]:
+    """Keep at most `capacity` slots per expert; the rest are dropped: their expert becomes `num_experts`
+    (a sentinel the experts skip) and their weight 0, so the token keeps only its residual for that slot.
+
+    by "probability": an expert keeps its highest-weighted slots. by "position": first choices of all
+    tokens before second choices (GShard's priority), in token order within each. Returns the routing to
+    compute and the [T, k] mask of dropped slots.
+    """
+    t, k = routing.experts.shape
+    flat = routing.experts.T.reshape(-1)  # slot-major
+    if by == "probability":
+        priority = torch.argsort(-routing.weights.T.reshape(-1), stable=True)
+    else:
+        priority = torch.arange(flat.numel(), device=flat.device)
+    order = priority[torch.argsort(flat[priority], stable=True)]  # grouped by expert, by priority within
+    counts = torch.bincount(flat, minlength=num_experts)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    dropped = (rank >= capacity).view(k, t).T
+    kept = Routing(routing.weights.masked_fill(dropped, 0.0), routing.experts.masked_fill(dropped, num_experts),
+                   routing.scores)
+    return kept, dropped

@@ -98,3 +98,15 @@ def test_the_loop_is_the_path_where_grouped_gemm_cannot_run() -> None:
         gate, up = (x[t] @ experts.gate_up[e].T).split(3)
         manual[t] = routing.weights[t, 0] * ((F.silu(gate) * up) @ experts.down[e].T)
     torch.testing.assert_close(expert_loop(x, routing, experts.gate_up, experts.down), manual)
+
+
+def test_the_expert_computation_is_chosen_for_the_device_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimtrain.modules.moe.experts import choose_impl
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.zeros(4, 32)
+    assert choose_impl(x, 32, 16) == "grouped_mm"
+    assert choose_impl(x, 30, 12) == "loop"  # 30 fp32 = 120 bytes: not 16-byte aligned
+    assert choose_impl(x, 32, 16, "loop") == "loop"
+    with pytest.raises(ValueError, match="experts_impl='triton' cannot run on cpu"):
+        choose_impl(x, 32, 16, "triton")
