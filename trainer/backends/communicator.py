@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,3 +35,36 @@ class TorchCommunicator:
 
     def rank(self, group: str = "data") -> int:
         return dist.get_rank(self._group(group))
+
+    def all_to_all(self, tensor: torch.Tensor, output_splits: Sequence[int] | None = None,
+                   input_splits: Sequence[int] | None = None, group: str = "expert") -> torch.Tensor:
+        pg = self._group(group)
+        n = dist.get_world_size(pg)
+        outs = list(output_splits) if output_splits is not None else [tensor.shape[0] // n] * n
+        ins = list(input_splits) if input_splits is not None else [tensor.shape[0] // n] * n
+        if len(outs) != n or len(ins) != n or sum(ins) != tensor.shape[0]:
+            raise ValueError(f"all_to_all over {n} ranks of {group!r}: splits out {outs} / in {ins} do not fit "
+                             f"{tensor.shape[0]} rows")
+        return _AllToAll.apply(tensor, outs, ins, pg)
+
+
+class _AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single with a gradient: the backward is the same exchange with the splits swapped.
+
+    Our own, eager and quiet: torch.distributed.nn.functional.all_to_all_single does the same but is
+    deprecated in torch 2.13 (a FutureWarning on every call)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, outs: list[int], ins: list[int], pg: Any) -> torch.Tensor:
+        ctx.outs, ctx.ins, ctx.pg = outs, ins, pg
+        return _exchange(tensor, outs, ins, pg)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _exchange(grad, ctx.ins, ctx.outs, ctx.pg), None, None, None
+
+
+def _exchange(tensor: torch.Tensor, outs: list[int], ins: list[int], pg: Any) -> torch.Tensor:
+    out = tensor.new_empty((sum(outs), *tensor.shape[1:]))
+    dist.all_to_all_single(out, tensor.contiguous(), output_split_sizes=outs, input_split_sizes=ins, group=pg)
+    return out
