@@ -143,9 +143,15 @@ def consolidate(path: Path, zero_stage: int, recipe: Recipe | None = None,
         if not files:
             raise CheckpointError(f"{path / DS_TAG} holds no mp_rank_*_model_states.pt; the checkpoint is damaged")
         saved = torch.load(files[0], map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in saved["module"].items()} | zero0_fp32_masters(path, saved, recipe, model_cfg)
+        return {k: _fp32(v) for k, v in saved["module"].items()} | zero0_fp32_masters(path, saved, recipe, model_cfg)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file it reads
         merged = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
-    return {k: v.float() for k, v in merged.items()}
+    return {k: _fp32(v) for k, v in merged.items()}
+
+
+def _fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Floating tensors in fp32; integer buffers as they are (a cast would round an int32 that holds fp32 bits,
+    e.g. an MoE's imported selection bias, and counters past 2^24)."""
+    return tensor.float() if tensor.is_floating_point() else tensor

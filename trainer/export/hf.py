@@ -8,6 +8,7 @@ half-written OUT, and an existing OUT is replaced only with `overwrite=True`.
 
 from __future__ import annotations
 
+import bisect
 import json
 import shutil
 from pathlib import Path
@@ -105,11 +106,42 @@ def _adapters(plugins: PluginStack | None, model_cfg: ModelConfig) -> ModelAdapt
 
 
 def _hf_to_ours(state: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor]) -> dict[str, str]:
-    """HF name -> our name, from the adapters' output (which shares our tensors; tied weights: first name)."""
+    """HF name -> our name, from the adapters' output, which shares our tensors: one of ours itself (tied
+    weights: the first name), or a view into one of ours (an expert's slice of a stacked weight: that tensor's
+    name). Tensors an adapter made anew (zero biases, a computed bias) have no name of ours."""
     ours_by_id: dict[int, str] = {}
+    by_span: dict[tuple[int, int, int], str] = {}
     for name, tensor in state.items():
         ours_by_id.setdefault(id(tensor), name)
-    return {hf: ours_by_id[id(t)] for hf, t in mapped.items() if id(t) in ours_by_id}
+        if (span := _span(tensor)) is not None:
+            by_span.setdefault(span, name)
+    # Per storage, our tensors' byte ranges by first byte: DeepSpeed's consolidation can put every tensor in one
+    # flat buffer, so the storage alone does not say whose slice a view is.
+    ranges: dict[int, list[tuple[int, int, str]]] = {}
+    for (storage, start, end), name in sorted(by_span.items()):
+        ranges.setdefault(storage, []).append((start, end, name))
+    out: dict[str, str] = {}
+    for hf, tensor in mapped.items():
+        if id(tensor) in ours_by_id:
+            out[hf] = ours_by_id[id(tensor)]
+        elif (span := _span(tensor)) is not None and (owner := _owner(ranges.get(span[0], []), span)) is not None:
+            out[hf] = owner
+    return out
+
+
+def _owner(ranges: list[tuple[int, int, str]], span: tuple[int, int, int]) -> str | None:
+    """The name of the range (sorted by first byte) that holds `span`'s bytes, the nearest one first."""
+    first = bisect.bisect_right(ranges, (span[1], float("inf"), ""))  # past every range starting at or before it
+    return next((ranges[j][2] for j in range(first - 1, -1, -1) if ranges[j][1] >= span[2]), None)
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage address, first byte, end byte) of the memory a tensor reads; None when it reads none."""
+    if tensor.numel() == 0 or tensor.device.type == "meta":
+        return None
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    start = tensor.data_ptr()
+    return tensor.untyped_storage().data_ptr(), start, start + (last + 1) * tensor.element_size()
 
 
 def _write_dir(path: Path, hf_state: dict[str, torch.Tensor], config, config_extra: dict[str, Any], ids: dict,
