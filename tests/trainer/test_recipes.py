@@ -15,7 +15,8 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 
 def test_recipes_exist() -> None:
     assert {p.name for p in RECIPES} >= {"quickstart.yaml", "tiny-cpu.yaml", "qat-int4.yaml", "bitnet-b158.yaml",
-                                         "mxfp4.yaml", "qat-int4-cpu.yaml", "bitnet-b158-cpu.yaml", "mxfp4-cpu.yaml"}
+                                         "mxfp4.yaml", "qat-int4-cpu.yaml", "bitnet-b158-cpu.yaml", "mxfp4-cpu.yaml",
+                                         "moe-cpu.yaml", "moe-qwen-style.yaml", "moe-deepseek-style.yaml"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
