@@ -100,11 +100,32 @@ class PluginContext:
 
 @dataclass
 class WeightInit:
-    """What `Plugin.init_weights` needs: a seeded generator, and the tensors a checkpoint import filled
-    (`checkpoint.init_from_hf`; our names), which keep their imported values."""
+    """What `Plugin.init_weights` needs: a seeded generator, the tensors a checkpoint import filled
+    (`checkpoint.init_from_hf`; our names), which keep their imported values, and the starting checkpoint's
+    tensors this model does not hold (`source`), which a plugin may initialise its own from.
+
+    generator: this plugin's own stream, seeded from the recipe.
+    imported: names of the model's tensors an import filled; leave them as they are.
+    source: tensors of the checkpoint the run starts from (`checkpoint.branch_from`'s parameters, or the
+        tensors of `checkpoint.init_from_hf` mapped to our names) that this model lacks: fp32, full size, on
+        the CPU, read-only (e.g. the dense MLP of a layer the MoE plugin turned into experts). A plugin that
+        initialises from one calls `consume(name)`; the build refuses a source tensor no plugin consumed,
+        and a branch drops the consumed ones (with their optimizer state) instead of refusing them.
+    consumed: the source names consumed so far (shared by every plugin of one build).
+    """
 
     generator: torch.Generator
     imported: frozenset[str] = frozenset()
+    source: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    consumed: set[str] = field(default_factory=set)
+
+    def consume(self, *names: str) -> None:
+        """Record that this plugin's initialisation used the `source` tensors `names` (so the run may drop them)."""
+        unknown = [n for n in names if n not in self.source]
+        if unknown:
+            raise KeyError(f"consume({', '.join(map(repr, unknown))}): not a source tensor; the source holds "
+                           f"{sorted(self.source)[:5]}")
+        self.consumed.update(names)
 
 
 @dataclass
@@ -219,7 +240,8 @@ class Plugin:
     def init_weights(self, model: nn.Module, init: WeightInit) -> None:
         """Initialise the parameters and buffers `apply` added, once the model's own weights are initialised
         and imported (a model built on the meta device holds no values before). Draw from `init.generator`
-        (seeded from the recipe); leave the tensors named in `init.imported` as they are."""
+        (seeded from the recipe); leave the tensors named in `init.imported` as they are. Tensors of the
+        starting checkpoint that the model lacks are in `init.source`: `init.consume(name)` each one used."""
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
         """Optimizer groups of this plugin's parameters (default: none; they join the recipe's groups)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -58,13 +59,19 @@ class PluginStack:
             plugin.apply(model)
 
     @torch.no_grad()
-    def init_weights(self, model: nn.Module, seed: int, imported: frozenset[str] = frozenset()) -> None:
+    def init_weights(self, model: nn.Module, seed: int, imported: frozenset[str] = frozenset(),
+                     source: Mapping[str, torch.Tensor] | None = None) -> frozenset[str]:
         """Every plugin's `init_weights`, from one generator seeded by `seed` (reproducible per recipe);
-        `imported`: the tensors a checkpoint import filled, which keep their values."""
+        `imported`: the tensors a checkpoint import filled, which keep their values; `source`: the starting
+        checkpoint's tensors the model lacks (`WeightInit.source`). Returns the source names the plugins consumed."""
+        source = MappingProxyType(dict(source or {}))  # read-only for the plugins
+        consumed: set[str] = set()
         for plugin in self.plugins:
             # A stream of its own per plugin: neither the model's draws nor another plugin's.
             generator = torch.Generator().manual_seed(_derived_seed(seed, plugin.name))
-            plugin.init_weights(model, WeightInit(generator=generator, imported=imported))
+            plugin.init_weights(model, WeightInit(generator=generator, imported=imported, source=source,
+                                                  consumed=consumed))
+        return frozenset(consumed)
 
     def skeleton(self, model_cfg: ModelConfig) -> nn.Module:
         """The model with every plugin applied, on the meta device (structure and shapes, no memory)."""

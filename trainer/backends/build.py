@@ -4,19 +4,25 @@ plugins configure -> the model is built on the meta device -> plugins apply -> t
 -> the weights are materialised on the device and initialised (or imported), then the plugins
 initialise what they added -> activation checkpointing and compilation. The optimizer comes after
 (`slimtrain.trainer.optim`), over the parameters the backend left on this rank.
+
+The tensors of the starting checkpoint (`checkpoint.init_from_hf`'s, or `checkpoint.branch_from`'s
+parameters) that the model lacks are offered to the plugins (`WeightInit.source`): a plugin may build its
+own parameters from them (the MoE plugin upcycles a dense MLP into experts). One that no plugin consumes
+is refused, naming it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer import ModelConfig, Transformer
+from slimtrain.trainer.errors import RecipeError
 
 
 @dataclass(frozen=True)
@@ -29,11 +35,29 @@ class ModelInit:
     """A Hugging Face directory to import the weights from (checkpoint.init_from_hf)."""
     activation_checkpointing: bool = False
     compile: bool = False
+    branch_from: Path | None = None
+    """The step directory this run branches from (checkpoint.branch_from, pinned), when it starts from it
+    rather than resuming its own checkpoint: its parameters the model lacks go to the plugins (`source`)."""
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A built model, and the starting checkpoint's tensors (absent from the model) its plugins consumed."""
+
+    model: nn.Module
+    consumed: frozenset[str] = frozenset()
 
 
 def build_model(model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit, device: torch.device,
                 parallelize: Callable[[nn.Module], None] = lambda model: None) -> nn.Module:
-    """The model of this rank, with every plugin applied, its weights initialised on `device`.
+    """The model of this rank, with every plugin applied, its weights initialised on `device` (see `build`)."""
+    return build(model_cfg, plugins, init, device, parallelize).model
+
+
+def build(model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit, device: torch.device,
+          parallelize: Callable[[nn.Module], None] = lambda model: None) -> BuiltModel:
+    """The model of this rank, with every plugin applied, its weights initialised on `device`; and the source
+    tensors the plugins consumed (a branch drops them from the source's state instead of refusing them).
 
     Built on the meta device first, so that a backend can shard it before any memory is spent. The dense
     model's parameters (wherever a plugin moved them: wrapped, or into experts) are drawn from the seed in
@@ -51,17 +75,45 @@ def build_model(model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit, d
     model.to_empty(device=device)
     model.init_weights(seed=init.seed, only=dense)
     added = _poison(model, dense)  # NaN until a plugin initialises them
-    imported: frozenset[str] = frozenset()
-    if init.init_from_hf is not None:
-        from slimtrain.trainer.export.importer import load_hf_into
-
-        imported = load_hf_into(model, model_cfg, init.init_from_hf, plugins)
-    plugins.init_weights(model, init.seed, imported)  # after the import: a plugin's state may derive from the weights
+    imported, source = _starting_tensors(model, model_cfg, plugins, init)
+    # After the import: a plugin's state may derive from the weights.
+    consumed = plugins.init_weights(model, init.seed, imported, source)
+    _check_consumed(source, consumed, init)
     _check_initialised(model, added)
     model.set_activation_checkpointing(init.activation_checkpointing)
     if init.compile:
         model.compile_blocks()  # after the plugins' swaps, so the compiled graphs contain them
-    return model
+    return BuiltModel(model, consumed)
+
+
+def _starting_tensors(model: nn.Module, model_cfg: ModelConfig, plugins: PluginStack,
+                      init: ModelInit) -> tuple[frozenset[str], Mapping[str, torch.Tensor]]:
+    """(the model's tensors an import filled, the starting checkpoint's tensors the model lacks)."""
+    if init.init_from_hf is not None:
+        from slimtrain.trainer.export.importer import import_hf
+
+        done = import_hf(model, model_cfg, init.init_from_hf, plugins)
+        return done.filled, done.unused
+    if init.branch_from is not None:
+        from slimtrain.trainer.lifecycle.branch import lacking_parameters
+
+        return frozenset(), lacking_parameters(init.branch_from, set(model.state_dict()))
+    return frozenset(), {}
+
+
+def _check_consumed(source: Mapping[str, torch.Tensor], consumed: frozenset[str], init: ModelInit) -> None:
+    left = sorted(set(source) - consumed)
+    if not left:
+        return
+    shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+    if init.init_from_hf is not None:
+        raise RecipeError(f"checkpoint.init_from_hf={str(init.init_from_hf)!r} holds tensors this model lacks and no "
+                          f"plugin takes: {shown} — the directory does not fit the recipe's model with its plugins "
+                          "applied")
+    raise RecipeError(f"checkpoint.branch_from={str(init.branch_from)!r} holds parameters this model lacks: {shown}; a "
+                      "branch keeps every parameter of its source (same model block; plugins may add parameters, or "
+                      "initialise theirs from a source parameter they take over, as upcycling does; no plugin of this "
+                      "recipe takes these)")
 
 
 @torch.no_grad()

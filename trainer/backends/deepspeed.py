@@ -17,9 +17,11 @@ from slimtrain.data.batch import Batch
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends.base import LossFn, StepResult
-from slimtrain.trainer.backends.build import ModelInit, build_model
+from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
-from slimtrain.trainer.backends.deepspeed_branch import add_fresh_entries, fresh_parameters, saved_param_shapes
+from slimtrain.trainer.backends.deepspeed_branch import (
+    add_fresh_entries, drop_entries, fresh_parameters, saved_param_shapes,
+)
 from slimtrain.trainer.backends.deepspeed_reshard import (
     UNIVERSAL_TAG, current_layout, needs_conversion, saved_buffers, saved_layout, universal_on_every_rank,
 )
@@ -88,6 +90,9 @@ class DeepSpeedBackend:
         self.process_groups: dict[str, Any] = {"data": None}
         self.comm = TorchCommunicator(self.process_groups)
         self.cross_entropy = None  # whole logits on every rank: the trainer's own loss
+        # The branch source the build initialised plugins' parameters from, and the source parameters they consumed.
+        self.built_from: Path | None = None
+        self.consumed: frozenset[str] = frozenset()
 
     @property
     def dp_rank(self) -> int:
@@ -115,7 +120,9 @@ class DeepSpeedBackend:
 
     def build_model(self, model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit) -> nn.Module:
         """The whole model on every rank: ZeRO partitions it when the engine starts (`setup`)."""
-        return build_model(model_cfg, plugins, init, self.device)
+        built = build(model_cfg, plugins, init, self.device)
+        self.built_from, self.consumed = init.branch_from, built.consumed
+        return built.model
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
         """Create the engine; the model's parameters are partitioned/wrapped from here on."""
@@ -235,37 +242,57 @@ class DeepSpeedBackend:
         """Start from another run's checkpoint under this run's recipe (seam 3, see trainer.branch): every
         parameter it holds with its optimizer state, the rest fresh (initial value, zero moments); the
         schedule position carries over and the learning rates follow this recipe. The source is only read;
-        conversions go to `scratch`, which is removed. Returns the names of the fresh parameters."""
-        fresh = fresh_parameters(saved_param_shapes(directory / DS_TAG), self._param_shapes(), directory)
-        self._restore(directory, fresh, scratch)
+        conversions go to `scratch`, which is removed. Returns the names of the fresh parameters.
+
+        Source parameters the model lacks are refused, except those the plugins consumed at the build
+        (`WeightInit.source`: e.g. a dense MLP the MoE plugin upcycled into experts), which are dropped
+        with their optimizer state; the parameters made from them start fresh with their built values."""
+        consumed = self._consumed_from(directory)
+        fresh = fresh_parameters(saved_param_shapes(directory / DS_TAG), self._param_shapes(), directory, consumed)
+        self._restore(directory, fresh, scratch, consumed)
         return fresh
 
-    def _restore(self, directory: Path, fresh: list[str], scratch: Path | None) -> None:
+    def _consumed_from(self, directory: Path) -> frozenset[str]:
+        """The source parameters the build's plugins consumed, provided the build read the same checkpoint."""
+        if not self.consumed:
+            return frozenset()
+        if self.built_from is None or Path(directory).resolve() != Path(self.built_from).resolve():
+            raise RecipeError(f"checkpoint.branch_from: the model's new parameters were initialised from "
+                              f"{self.built_from} but the branch loads {directory} (the source run saved a newer "
+                              "checkpoint meanwhile); start the run again, or name a step directory in "
+                              "checkpoint.branch_from")
+        return self.consumed
+
+    def _restore(self, directory: Path, fresh: list[str], scratch: Path | None,
+                 dropped: frozenset[str] = frozenset()) -> None:
         """Load `directory`'s DeepSpeed state into this engine: as saved when the layout matches and nothing is
-        fresh, else through a universal conversion (into `scratch`, or beside the checkpoint for a resume)
-        that gains an entry per fresh parameter. Then the recipe's hyperparameters and the saved buffers."""
+        fresh or dropped, else through a universal conversion (into `scratch`, or beside the checkpoint for a
+        resume) that gains an entry per fresh parameter and loses the dropped ones. Then the recipe's
+        hyperparameters and the saved buffers."""
         branching = scratch is not None
         ds_dir = directory / DS_TAG
         saved = saved_layout(ds_dir)
         current = current_layout(self.config["zero_optimization"]["stage"], self.cfg.precision, self.world_size)
         recipe_hparams = self._recipe_hparams()
-        converted = needs_conversion(saved, current) or bool(fresh)
+        converted = needs_conversion(saved, current) or bool(fresh) or bool(dropped)
         if not converted:
             # A branch loads non-strictly: fresh_parameters checked every parameter; a plugin's new buffers keep their init.
             self._load_tag(directory, DS_TAG, strict=not branching)
-        elif saved.optimizer == "replicated" and fresh:
+        elif saved.optimizer == "replicated" and (fresh or dropped):
+            changed = [*fresh, *sorted(dropped)]
             raise RecipeError(
                 f"checkpoint.branch_from={str(directory)!r} was written at ZeRO-0, whose optimizer state has no "
-                f"per-parameter form to add {len(fresh)} new parameter(s) to ({', '.join(fresh[:3])}); branch from "
-                "a run trained with backend.zero_stage 1, 2 or 3"
+                f"per-parameter form to add or drop {len(changed)} parameter(s) ({', '.join(changed[:3])}); branch "
+                "from a run trained with backend.zero_stage 1, 2 or 3"
             )
         else:
-            self._load_converted(directory, saved, current, fresh, scratch)
+            self._load_converted(directory, saved, current, fresh, scratch, dropped)
         self._apply_recipe(recipe_hparams)
         if converted or branching:  # a universal checkpoint holds no buffers
             self._restore_buffers(ds_dir, allow_missing=branching)
 
-    def _load_converted(self, directory: Path, saved, current, fresh: list[str], scratch: Path | None) -> None:
+    def _load_converted(self, directory: Path, saved, current, fresh: list[str], scratch: Path | None,
+                        dropped: frozenset[str] = frozenset()) -> None:
         values = self._gathered(fresh)  # collective at ZeRO-3
         if self.rank == 0:
             if scratch is not None:
@@ -273,7 +300,11 @@ class DeepSpeedBackend:
             else:
                 console.print(f"resharding {directory.name}: written by {saved.describe()}, loading into "
                               f"{current.describe()} (DeepSpeed universal checkpoint)", soft_wrap=True)
-        finish = (lambda universal: add_fresh_entries(universal, values)) if fresh else None
+        finish = None
+        if fresh or dropped:
+            def finish(universal: Path) -> None:
+                add_fresh_entries(universal, values)
+                drop_entries(universal, dropped)
         root = universal_on_every_rank(directory, DS_TAG, self.rank, dist.barrier, root=scratch, finish=finish)
         self._load_universal(root)
         dist.barrier()

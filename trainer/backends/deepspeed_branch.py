@@ -31,14 +31,19 @@ def saved_param_shapes(ds_dir: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in (states.get("module") or {}).items() if k not in buffers}
 
 
-def fresh_parameters(saved: dict[str, tuple[int, ...]], current: dict[str, tuple[int, ...]], source: Path) -> list[str]:
+def fresh_parameters(saved: dict[str, tuple[int, ...]], current: dict[str, tuple[int, ...]], source: Path,
+                     consumed: frozenset[str] = frozenset()) -> list[str]:
     """The parameters of the current model that the checkpoint lacks. Raises RecipeError when the checkpoint
-    holds a parameter the model lacks or one of another shape: those would be dropped or cannot load."""
-    dropped = sorted(set(saved) - set(current))
+    holds a parameter the model lacks or one of another shape: those would be dropped or cannot load. The
+    `consumed` ones are the exception: a plugin initialised its parameters from them (`WeightInit.source`,
+    e.g. experts upcycled from a dense MLP), so the branch drops them with their optimizer state."""
+    dropped = sorted(set(saved) - set(current) - set(consumed))
     if dropped:
         raise RecipeError(f"{FIELD}={str(source)!r} holds parameters this model lacks: {_few(dropped)}; a branch "
-                          "keeps every parameter of its source (same model block, plugins may only add)")
-    reshaped = sorted(k for k in saved if saved[k] != current[k])
+                          "keeps every parameter of its source (same model block; plugins may add parameters, "
+                          "or initialise theirs from a source parameter they take over, as upcycling does; "
+                          "no plugin of this recipe takes these)")
+    reshaped = sorted(k for k in saved if k in current and saved[k] != current[k])
     if reshaped:
         shown = "; ".join(f"{k}: {saved[k]} there, {current[k]} here" for k in reshaped[:3])
         raise RecipeError(f"{FIELD}={str(source)!r}: parameter shapes differ ({shown}); keep the source's model "
@@ -65,3 +70,13 @@ def add_fresh_entries(universal: Path, fresh: dict[str, torch.Tensor]) -> None:
             torch.save({"cat_dim": 0, "param": torch.zeros_like(full)}, entry / f"{moment}.pt")
         if step is not None:
             torch.save(step.clone() if torch.is_tensor(step) else step, entry / "step.pt")
+
+
+def drop_entries(universal: Path, names: frozenset[str]) -> None:
+    """Rank 0, into a converted universal checkpoint: remove the entries (weight and optimizer state) of
+    source parameters a plugin consumed, which the model no longer holds."""
+    import shutil
+
+    zero = universal / "zero"
+    for name in names:
+        shutil.rmtree(zero / name, ignore_errors=True)

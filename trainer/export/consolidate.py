@@ -153,5 +153,5 @@ def consolidate(path: Path, zero_stage: int, recipe: Recipe | None = None,
 
 def _fp32(tensor: torch.Tensor) -> torch.Tensor:
     """Floating tensors in fp32; integer buffers as they are (a cast would round an int32 that holds fp32 bits,
-    e.g. an MoE's imported selection bias, and counters past 2^24)."""
+    e.g. an imported selection bias of experts, and counters past 2^24)."""
     return tensor.float() if tensor.is_floating_point() else tensor

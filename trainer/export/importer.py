@@ -1,18 +1,22 @@
 """Initialise our model from a local Hugging Face checkpoint (continued pretraining, `checkpoint.init_from_hf`).
 
 The tensors are mapped by the same adapters an export writes them with (`mapping.py`): the architecture
-the recipe's plugins choose, and each plugin's `hf_adapter()` for its own tensors.
+the recipe's plugins choose, and each plugin's `hf_adapter()` for its own tensors. A directory of the
+dense architecture (`LlamaForCausalLM`) may also start a model whose plugins chose another one (an MoE):
+what the model still holds loads, and the tensors it lacks (the dense MLPs that became experts) are handed
+to the plugins (`WeightInit.source`), which initialise their own from them (upcycling).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from slimtrain.modules.hf_adapters import NameMismatch
+from slimtrain.modules.hf_adapters import NameMismatch, get_adapter
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.errors import RecipeError
@@ -41,11 +45,11 @@ def read_hf_state(path: Path) -> dict[str, torch.Tensor]:
 def check_hf_config(path: Path, cfg: ModelConfig, plugins: PluginStack | None = None) -> None:
     """Refuse a checkpoint whose config.json differs from the recipe's model, naming every mismatch: the
     architecture's adapter checks its own keys; a key a plugin's adapter writes must hold its value."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} has no config.json")
-    hf = json.loads(config_file.read_text())
-    adapters = _adapters(path, plugins, cfg)
+    _check_config_with(path, cfg, _adapters(path, plugins, cfg))
+
+
+def _check_config_with(path: Path, cfg: ModelConfig, adapters: ModelAdapters) -> None:
+    hf = _read_config(path)
     wrong = adapters.architecture.check_config(hf, cfg)
     try:
         plugin_keys = adapters.config(cfg)
@@ -73,7 +77,7 @@ def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, plugins: Plugin
         state = adapters.from_hf(read_hf_state(path), cfg)
     except MappingError as exc:
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing, unexpected = model.load_state_dict({k: _fp32(v) for k, v in state.items()}, strict=False)
     # What only plugins' adapters map is theirs to initialise when absent; whatever the architecture maps must load
     # (also where a plugin moved the dense modules, e.g. into experts).
     required = _architecture_names(model, adapters, cfg)
@@ -82,6 +86,60 @@ def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, plugins: Plugin
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: missing {missing}, unexpected {unexpected} — "
                           "the directory does not fit the recipe's model with its plugins applied")
     return frozenset(state)
+
+
+@dataclass(frozen=True)
+class HFImport:
+    """What `import_hf` did. filled: the model's tensors it loaded (they keep their values); unused: the
+    directory's tensors (our names, fp32) that the model lacks, for the plugins (`WeightInit.source`)."""
+
+    filled: frozenset[str]
+    unused: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+DENSE = "llama"  # the architecture of the model without plugins (PluginStack.hf_architecture's default)
+
+
+@torch.no_grad()
+def import_hf(model: nn.Module, cfg: ModelConfig, path: Path, plugins: PluginStack | None = None) -> HFImport:
+    """Copy the HF weights into `model`, as `load_hf_into`; a directory of the dense architecture into a model
+    whose plugins chose another (an MoE) loads every tensor the model still holds and returns the others
+    in `unused` (the plugins may take them; the build refuses those none takes)."""
+    plugins = plugins if plugins is not None else PluginStack()
+    if not (_holds_dense(path) and _exports_as(plugins, cfg) != DENSE):
+        return HFImport(load_hf_into(model, cfg, path, plugins))
+    dense = ModelAdapters(DENSE, get_adapter(DENSE), tuple(plugins.hf_adapters()))
+    _check_config_with(path, cfg, dense)
+    try:
+        state = dense.from_hf(read_hf_state(path), cfg)
+    except MappingError as exc:
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
+    held = model.state_dict()
+    filled = {k: _fp32(v) for k, v in state.items() if k in held}
+    model.load_state_dict(filled, strict=False)
+    return HFImport(frozenset(filled), {k: _fp32(v) for k, v in state.items() if k not in held})
+
+
+def _holds_dense(path: Path) -> bool:
+    """Whether `path`'s config.json names the dense architecture's class (LlamaForCausalLM)."""
+    if not (Path(path) / "config.json").is_file():
+        return False
+    return _read_config(path).get("architectures") == [get_adapter(DENSE).hf_architecture]
+
+
+def _exports_as(plugins: PluginStack, cfg: ModelConfig) -> str | None:
+    """The architecture the model exports as; None when its plugins' options have none (it cannot export)."""
+    try:
+        return plugins.hf_architecture(cfg)
+    except ValueError:
+        return None
+
+
+def _read_config(path: Path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} has no config.json")
+    return json.loads(config_file.read_text())
 
 
 def _adapters(path: Path, plugins: PluginStack | None, cfg: ModelConfig) -> ModelAdapters:
@@ -101,3 +159,8 @@ def _architecture_names(model: nn.Module, adapters: ModelAdapters, cfg: ModelCon
         rest = {n: t for n, t in rest.items() if n not in set(exc.unexpected)}
         hf = adapters.architecture.to_hf(rest, cfg)
     return set(adapters.architecture.from_hf(hf, cfg))
+
+
+def _fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Floating tensors in fp32; integer tensors as they are (an MoE's selection bias is fp32 bits in an int32)."""
+    return tensor.float() if tensor.is_floating_point() else tensor

@@ -5,14 +5,22 @@ head, or any plugin that adds parameters) from step N of a dense pretraining run
 holds carries over as in a resume (weights, optimizer moments, step, schedule position, RNG, and the data
 position when the data block is unchanged); what the recipe adds starts fresh. The source run's files are
 only read: the branch writes its checkpoints into its own run directory.
+
+A plugin may also take over source parameters the model no longer holds: the build offers them
+(`WeightInit.source`, read here by `lacking_parameters`) and the plugin initialises its own from them, e.g.
+an MoE recipe branched from a dense run starts every expert as the dense MLP (upcycling). The backend's
+branch then drops the consumed ones, with their optimizer state, instead of refusing them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
 import yaml
 
 from slimtrain.trainer.lifecycle.checkpoint import STATE, STEP_RE, find_resumable, verify_checkpoint
@@ -116,14 +124,15 @@ def check_same_tokenizer(step_dir: Path, tokenizer_hash_now: str) -> None:
                           f"{str(saved)!r}")
 
 
-def pinned_source(recipe, ckpt_root: Path, is_main: bool, barrier) -> Path:
+def pinned_source(recipe, ckpt_root: Path, is_main: bool, barrier, again: bool = False) -> Path:
     """Collective: the step directory this run branches from, resolved once by rank 0 and recorded in
     `ckpt_root/branch.json`, so that every rank, and a restart before the branch's first checkpoint, uses
-    the same one even while the source run goes on writing checkpoints."""
+    the same one even while the source run goes on writing checkpoints. `again`: resolve it anew (a fresh
+    start, checkpoint.resume=never, does not continue an earlier start's record)."""
     record = ckpt_root / "branch.json"
     wanted = str(recipe.checkpoint.branch_from)
     if is_main:
-        known = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+        known = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and not again else {}
         if known.get("branch_from") != wanted:
             source = resolve_branch_source(wanted).resolve()
             ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -132,3 +141,46 @@ def pinned_source(recipe, ckpt_root: Path, is_main: bool, barrier) -> Path:
             part.replace(record)
     barrier()
     return Path(json.loads(record.read_text(encoding="utf-8"))["source"])
+
+
+def source_at_build(recipe, ckpt_root: Path, is_main: bool, barrier: Callable[[], None],
+                    any_rank: Callable[[bool], bool]) -> Path | None:
+    """Collective, before the model is built: the step directory this run will branch from (pinned, as the
+    loop pins it), or None when it does not branch or will resume a checkpoint of its own. `any_rank(flag)`:
+    whether the flag is set on some rank (the loop itself refuses ranks that see different checkpoints)."""
+    from slimtrain.trainer.errors import CheckpointError
+    from slimtrain.trainer.lifecycle.checkpoint import find_resume_point
+
+    if not recipe.checkpoint.branch_from:
+        return None
+    fresh_start = resume_mode(recipe) == "never"
+    try:
+        resumes = not fresh_start and find_resume_point(ckpt_root) is not None
+    except CheckpointError:
+        resumes = True  # the loop reports it
+    if any_rank(resumes):
+        return None
+    return pinned_source(recipe, ckpt_root, is_main, barrier, again=fresh_start)
+
+
+def lacking_parameters(step_dir: Path, held: set[str]) -> dict[str, torch.Tensor]:
+    """The source checkpoint's parameters that a model holding the tensors `held` lacks: full, fp32, on the
+    CPU. The names come from the source's model skeleton (its recipe and model config, no weights read);
+    the weights are read, through its backend's offline reader, only when some are lacking."""
+    from slimtrain.modules.plugin_stack import PluginStack
+    from slimtrain.trainer.backends import BACKENDS
+    from slimtrain.trainer.export.consolidate import checkpoint_recipe
+
+    recipe, model_cfg, _ = checkpoint_recipe(step_dir)
+    skeleton = PluginStack.from_configs(recipe.plugins).skeleton(model_cfg)
+    lacking = sorted({n for n, _ in skeleton.named_parameters()} - held)
+    if not lacking:
+        return {}
+    read_weights = BACKENDS.get(recipe.backend.type).read_weights
+    if read_weights is None:
+        raise RecipeError(f"{FIELD}={str(step_dir)!r} holds parameters this model lacks ({', '.join(lacking[:3])}) "
+                          f"and its backend {recipe.backend.type!r} cannot read its weights offline for the plugins "
+                          "to take them over; branch from a run of a backend that can")
+    with contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed's reader draws a progress bar per file
+        weights = read_weights(step_dir, recipe, model_cfg)
+    return {n: weights[n].float() for n in lacking if n in weights}

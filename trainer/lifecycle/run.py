@@ -84,7 +84,8 @@ def build_parts(recipe: Recipe) -> RunParts:
     torch.manual_seed(recipe.run.seed)
     hf = recipe.checkpoint.init_from_hf
     init = ModelInit(seed=recipe.run.seed, init_from_hf=Path(hf) if hf else None,
-                     activation_checkpointing=recipe.train.activation_checkpointing, compile=recipe.train.compile)
+                     activation_checkpointing=recipe.train.activation_checkpointing, compile=recipe.train.compile,
+                     branch_from=_branch_source(recipe, backend))
     model = backend.build_model(model_cfg, plugins, init)
     optimizer = build_optimizer(model, recipe.optim, plugins.param_groups(model))
     scheduler = build_scheduler(optimizer, recipe.optim.schedule, recipe.train.steps)
@@ -99,6 +100,15 @@ def build_parts(recipe: Recipe) -> RunParts:
                             global_batch_size=mb * replicas, seed=recipe.run.seed, transforms=transforms)
 
     return RunParts(model_cfg, backend, loader, make_val_loader, grad_accum, prepared, plugins)
+
+
+def _branch_source(recipe: Recipe, backend: Backend) -> Path | None:
+    """The checkpoint this run branches from, when it will (its parameters the model lacks go to the plugins)."""
+    from slimtrain.trainer.lifecycle.branch import source_at_build
+
+    ckpt_root = Path(recipe.run.resolved_output_dir) / "checkpoints"
+    return source_at_build(recipe, ckpt_root, backend.rank == 0, backend.barrier,
+                           lambda flag: backend.all_reduce_sum([float(flag)])[0] > 0)
 
 
 def threads_per_rank(local_world_size: int) -> int:
