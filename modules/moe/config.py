@@ -52,6 +52,18 @@ class MoEConfig(PluginConfig):
         0.0, ge=0, description="Aux-loss-free balancing (DeepSeek-V3): after each optimizer step every expert's "
         "selection bias moves by this rate towards balance, from loads summed over micro-batches and ranks. "
         "sigmoid routers only; 0 disables.")
+    upcycle_noise: float = Field(
+        0.0, ge=0, description="Upcycling (an MoE started from a dense checkpoint through checkpoint.branch_from "
+        "or checkpoint.init_from_hf: every routed expert starts as the dense MLP of its layer): each expert's "
+        "copy gets Gaussian noise of std upcycle_noise x the RMS of the dense matrix it copies, so that the "
+        "experts diverge; 0 keeps exact copies.")
+    dense_training_steps: int = Field(
+        0, ge=0, description="Dense training, sparse inference: up to and including this optimizer step, every "
+        "token goes through every routed expert, weighted by the router's whole distribution (softmax "
+        "probabilities, or sigmoid scores normalised to sum to 1), in training and in the evaluations of those "
+        "steps; after it, and always in an export, the top-k routing configured here. The balancing losses "
+        "and load metrics measure the top-k choices throughout. Steps are the run's count, which a branch "
+        "continues from its source: 200 dense steps after a branch from step 1000 is 1200. 0 disables.")
 
     @model_validator(mode="after")
     def _check(self) -> "MoEConfig":

@@ -47,6 +47,9 @@ class MoELayer(nn.Module):
                        if cfg.num_shared_experts else None)
         self.register_buffer("bias_steps", torch.zeros(cfg.num_experts, dtype=torch.int64))
         self.register_buffer("bias_base", torch.zeros(cfg.num_experts, dtype=torch.int32))
+        # "Dense training, sparse inference" (moe.dense_training_steps): set by the plugin from the step
+        # (`on_step_start`, idempotent, so a resume is exact); False in every model built for export or serving.
+        self.dense_routing = False
 
     def selection_bias(self) -> torch.Tensor:
         """The sigmoid router's selection bias, fp32 [E] (zeros for a softmax router)."""
@@ -66,12 +69,25 @@ class MoELayer(nn.Module):
         bias = self.selection_bias()
         return route_sigmoid(logits, c.top_k, bias, c.n_group, c.topk_group, c.renormalize, c.routed_scaling_factor)
 
+    def every_expert(self, routing: Routing) -> Routing:
+        """Dense training: every token to every routed expert, weighted by the router's whole distribution
+        (softmax probabilities; sigmoid scores normalised to sum to 1), times the routed scaling factor."""
+        scores = routing.scores
+        weights = scores if self.cfg.router == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+        experts = torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape[0], -1)
+        return Routing(weights * self.cfg.routed_scaling_factor, experts, scores)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         flat = x.reshape(-1, x.shape[-1])
         logits = F.linear(flat.float(), self.router.weight.float())  # router math in fp32 (bf16 ties flip choices)
         routing = self.route(logits)
+        # The top-k choices, also while training densely: the balancing losses and load metrics keep
+        # measuring the routing that inference will use.
         aux = {"moe/logits": logits, "moe/scores": routing.scores, "moe/experts": routing.experts}
-        if self.cfg.capacity_factor is not None:
+        # Both only while training: evaluation and export route top-k without drops, as serving does.
+        if self.dense_routing and self.training:
+            routing = self.every_expert(routing)  # no capacity: every token through every expert
+        elif self.cfg.capacity_factor is not None and self.training:
             capacity = math.ceil(self.cfg.capacity_factor * flat.shape[0] * self.cfg.top_k / self.cfg.num_experts)
             routing, aux["moe/dropped"] = apply_capacity(routing, self.cfg.num_experts, capacity, self.cfg.drop_policy)
         out = self.experts(flat, routing)

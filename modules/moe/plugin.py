@@ -16,6 +16,7 @@ from .config import MoEConfig
 from .layer import MoELayer
 from .plots import plot_expert_load
 from .stats import layer_metrics, load_shares, micro_batch_row
+from .upcycle import DenseMLP, dense_mlp, dense_mlp_names, upcycled_experts, upcycled_shared
 
 MOE_ORDER = 10  # before qat (20): experts exist before anything wraps the model's layers
 
@@ -55,14 +56,38 @@ class MoEPlugin(Plugin):
         cfg = model.cfg
         residual = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # the dense model's rule for outputs
         for i, moe in self._moe_layers(model):
+            dense = dense_mlp(init.source, i)  # the starting checkpoint's MLP of this layer, if it had one
+            upcycled = self._upcycle(moe, dense, init) if dense is not None else set()
+            if dense is not None:
+                init.consume(*dense_mlp_names(i))
             for name, p in moe.named_parameters():
-                if f"layers.{i}.mlp.{name}" in init.imported:
+                if f"layers.{i}.mlp.{name}" in init.imported or name in upcycled:
                     continue
                 std = residual if name.endswith(("down", "down_proj.weight")) else cfg.init_std
                 p.copy_(torch.randn(p.shape, generator=init.generator) * std)
             for name in ("bias_steps", "bias_base"):  # a checkpoint's bias (imported) stays
                 if f"layers.{i}.mlp.{name}" not in init.imported:
                     getattr(moe, name).zero_()
+
+    def _upcycle(self, moe: MoELayer, dense: DenseMLP, init: WeightInit) -> set[str]:
+        """Start the layer's experts (and shared experts) as the dense MLP; returns the names it set. The
+        router and the shared experts' gate start from init, as in a model trained from scratch."""
+        c, width = self.cfg, moe.experts.intermediate
+        gate_up, down = upcycled_experts(dense, c.num_experts, width, c.upcycle_noise, init.generator)
+        moe.experts.gate_up.copy_(gate_up)
+        moe.experts.down.copy_(down)
+        names = {"experts.gate_up", "experts.down"}
+        if moe.shared is not None:
+            shared = upcycled_shared(dense, c.num_shared_experts, width)
+            for part, value in zip(("gate_proj", "up_proj", "down_proj"), shared):
+                getattr(moe.shared, part).weight.copy_(value)
+                names.add(f"shared.{part}.weight")
+        return names
+
+    def on_step_start(self, ctx: PluginContext) -> None:
+        dense = 0 < ctx.step <= self.cfg.dense_training_steps  # a pure function of the step: a resume is exact
+        for _, moe in self._moe_layers(ctx.model):
+            moe.dense_routing = dense
 
     def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
         c = self.cfg

@@ -198,3 +198,13 @@ def test_route_sigmoid_with_a_bias_selects_without_weighting() -> None:
     logits = torch.tensor([[2.0, 0.0, 0.0, -1.0]])
     routing = route_sigmoid(logits, 1, bias=torch.tensor([0.0, 0.0, 0.0, 5.0]), renormalize=False)
     assert routing.experts.tolist() == [[3]] and routing.weights == torch.sigmoid(torch.tensor(-1.0))
+
+
+def test_evaluation_is_dropless_as_serving_is() -> None:
+    model, _ = _built(num_experts=4, top_k=2, capacity_factor=0.5)
+    dropless, _ = _built(num_experts=4, top_k=2)
+    batch = _batch()
+    model.eval(), dropless.eval()
+    out = model(batch.input_ids)
+    assert "moe/dropped" not in out.aux
+    torch.testing.assert_close(out.logits, dropless(batch.input_ids).logits)

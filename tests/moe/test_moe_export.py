@@ -216,8 +216,6 @@ def test_init_from_hf_then_export_is_the_identity(exports, case: str, tmp_path: 
                if not k.endswith(BIAS))
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/export/importer.py load_hf_into casts every tensor to float, "
-                   "rounding the int32 bits of bias_base; keep integer tensors as they are")
 def test_an_imported_selection_bias_keeps_its_bits(exports) -> None:
     ex = exports("glm4-moe")
     back = build("glm4-moe", seed=7, init_from_hf=ex.out)
