@@ -60,8 +60,8 @@ class MoEConfig(PluginConfig):
     dense_training_steps: int = Field(
         0, ge=0, description="Dense training, sparse inference: up to and including this optimizer step, every "
         "token goes through every routed expert, weighted by the router's whole distribution (softmax "
-        "probabilities, or sigmoid scores normalised to sum to 1), in training and in the evaluations of those "
-        "steps; after it, and always in an export, the top-k routing configured here. The balancing losses "
+        "probabilities, or sigmoid scores normalised to sum to 1), in training only; evaluations, exports and "
+        "every step after it route top-k as configured here. The balancing losses "
         "and load metrics measure the top-k choices throughout. Steps are the run's count, which a branch "
         "continues from its source: 200 dense steps after a branch from step 1000 is 1200. 0 disables.")
 
