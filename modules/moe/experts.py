@@ -4,6 +4,9 @@ Triton kernel of `triton_grouped.py`), outputs weighted and summed back. No Pyth
 
 Weights are stored stacked, in transformers' own layout: gate_up [E, 2I, H] (gate rows then up rows) and
 down [E, H, I]. `expert_loop` is the reference every path is tested against.
+
+Both are declared as matmul weights (`slimtrain.modules.quantizable`): a weight-transforming plugin (QAT) installs
+a transform that the forward applies to them before the products, whichever computation runs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from slimtrain.modules.quantizable import WeightTransformHost
 
 from .router import Routing
 from .triton_grouped import triton_available, triton_grouped_mm
@@ -48,8 +53,9 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, impl: str 
     return fn(a, b, offs=offs)
 
 
-class GroupedExperts(nn.Module):
-    """E SwiGLU experts of hidden width `intermediate` on `hidden`-wide inputs."""
+class GroupedExperts(WeightTransformHost, nn.Module):
+    """E SwiGLU experts of hidden width `intermediate` on `hidden`-wide inputs (`QuantizableWeights`: gate_up and
+    down are its matmul weights, input features last; code that computes with them reads `transformed_weight`)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, impl: str = "auto") -> None:
         super().__init__()
@@ -57,12 +63,17 @@ class GroupedExperts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
+    def matmul_weights(self) -> dict[str, nn.Parameter]:
+        """gate_up [E, 2I, H] and down [E, H, I]: one Linear weight [out, in] per expert."""
+        return {"gate_up": self.gate_up, "down": self.down}
+
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [T, H] -> sum over each token's chosen experts of weight x expert(x), [T, H]."""
         inter = self.intermediate
-        impl = choose_impl(x, x.shape[-1], inter, self.impl) if x.dtype == self.gate_up.dtype else "loop"
+        gate_up, down = self.transformed_weight("gate_up"), self.transformed_weight("down")
+        impl = choose_impl(x, x.shape[-1], inter, self.impl) if x.dtype == gate_up.dtype else "loop"
         if impl == "loop":
-            return expert_loop(x, routing, self.gate_up, self.down)
+            return expert_loop(x, routing, gate_up, down)
         k = routing.experts.shape[-1]
         flat = routing.experts.reshape(-1)
         order = flat.argsort(stable=True)  # rows grouped by expert, in token order within each
@@ -73,7 +84,7 @@ class GroupedExperts(nn.Module):
             # uninitialised (forward and backward), so the last expert takes them: their weight is 0, so is
             # their share. (The Triton kernel gives those rows zeros and skips them.)
             offs[-1] = flat.numel()
-        y = sorted_swiglu(x[token], offs, self.gate_up, self.down, impl)
+        y = sorted_swiglu(x[token], offs, gate_up, down, impl)
         y = y * routing.weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 

@@ -79,13 +79,15 @@ def _local_swiglu(rows: torch.Tensor, counts: torch.Tensor, experts: GroupedExpe
     the computation `GroupedExperts.forward` picks for these rows (grouped GEMM or Triton kernel), or one
     product per expert where neither runs. Every row is kept, so offs[-1] is N: no row is left
     uncomputed."""
+    # The weights as the products use them (a QAT plugin's fake-quantization included).
+    gate_up, down = experts.transformed_weight("gate_up"), experts.transformed_weight("down")
     impl = "loop"
-    if rows.dtype == experts.gate_up.dtype:
+    if rows.dtype == gate_up.dtype:
         impl = choose_impl(rows, rows.shape[-1], experts.intermediate, experts.impl)
     if impl != "loop":
-        return sorted_swiglu(rows, counts.cumsum(0).to(torch.int32), experts.gate_up, experts.down, impl)
+        return sorted_swiglu(rows, counts.cumsum(0).to(torch.int32), gate_up, down, impl)
     inter, outs = experts.intermediate, []
     for e, part in enumerate(rows.split(counts.tolist())):
-        gate, up = (part @ experts.gate_up[e].T).split(inter, dim=-1)
-        outs.append((F.silu(gate) * up) @ experts.down[e].T)
+        gate, up = (part @ gate_up[e].T).split(inter, dim=-1)
+        outs.append((F.silu(gate) * up) @ down[e].T)
     return torch.cat(outs) if outs else rows.new_zeros((0, rows.shape[-1]))
