@@ -14,6 +14,10 @@ from slimtrain.modules.plugin import PluginConfig
 Format = Literal["int", "fp8_e4m3", "fp8_e5m2", "mxfp8", "mxfp4", "nvfp4", "ternary"]
 Granularity = Literal["tensor", "channel", "group", "block", "token"]
 
+# Kept in high precision unless the recipe says otherwise: the output head, MoE routers (tiny; small errors flip
+# expert choices) and shared-expert gates (H -> 1; serving engines run them as plain Linears). A default that
+# matches nothing (no router in a dense model) is no error, unlike a pattern the recipe writes.
+DEFAULT_EXCLUDE = ("lm_head", "*.router", "*.shared.gate")
 # Formats whose block size and scale encoding are fixed by their specification.
 FIXED_GROUP = {"mxfp8": 32, "mxfp4": 32, "nvfp4": 16}
 DEFAULT_GRANULARITY = {"int": "group", "fp8_e4m3": "tensor", "fp8_e5m2": "tensor", "mxfp8": "group",
@@ -96,7 +100,8 @@ class QuantSpec(BaseModel):
 
 
 class QATConfig(PluginConfig):
-    """Quantization-aware training: fake-quantize the selected Linear layers in the forward pass."""
+    """Quantization-aware training: fake-quantize the selected Linear layers (and declared matmul weights, such as
+    MoE experts) in the forward pass."""
 
     type: Literal["qat"] = Field(description="Plugin name.")
     weights: QuantSpec = Field(default_factory=QuantSpec, description="Weight quantizer (default int4, groups of 32, "
@@ -110,12 +115,15 @@ class QATConfig(PluginConfig):
         "by 1/sqrt(elements x qmax).")
     include: list[str] = Field(
         default_factory=lambda: ["*"], min_length=1,
-        description="Glob patterns (fnmatch) over module paths of Linear layers to quantize, e.g. 'layers.*.mlp.*'; "
-        "each must match at least one Linear.")
+        description="Glob patterns (fnmatch) over module paths to quantize: Linear layers (e.g. 'layers.*.mlp.*') and "
+        "modules that declare matmul weights of their own (MoE experts: 'layers.*.mlp.experts'); each must match at "
+        "least one of them.")
     exclude: list[str] = Field(
-        default_factory=lambda: ["lm_head"],
+        default_factory=lambda: list(DEFAULT_EXCLUDE),
         description="Glob patterns of module paths kept in high precision (wins over include); each must match a "
-        "module. The embedding is never quantized (it is not a Linear); the output head is excluded by default.")
+        "module, except the defaults. The embedding is never quantized (it is not a Linear); the output head, MoE "
+        "routers ('*.router': tiny, and small errors flip expert choices) and shared-expert gates ('*.shared.gate', "
+        "H -> 1, plain Linears in serving engines) are excluded by default.")
     start_step: int = Field(0, ge=0, description="Train in full precision for this many steps, then fake-quantize "
                             "from step start_step+1 on.")
     calibrate: bool = Field(

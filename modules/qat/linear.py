@@ -28,6 +28,13 @@ def kernel_supported(spec: QuantSpec, in_features: int | None = None) -> bool:
     return spec.format in KERNEL_FORMATS and spec.resolved_granularity in ("group", "token", "channel")
 
 
+def use_kernel(kernels: str, x: torch.Tensor, spec: QuantSpec) -> bool:
+    """Whether to fake-quantize `x` by `spec` with a Triton kernel, under the recipe's `kernels` setting."""
+    if kernels == "torch" or not kernel_supported(spec):
+        return False
+    return kernels == "triton" or x.is_cuda
+
+
 class QATLinear(nn.Linear):
     """Fake-quantizing Linear; `active` is set by the plugin from the step (off = plain Linear)."""
 
@@ -85,9 +92,7 @@ class QATLinear(nn.Linear):
         return lsq_step(self.weight_step_base, self.weight_step_gain, self.lsq_lr_scale)
 
     def _use_kernel(self, x: torch.Tensor, spec: QuantSpec) -> bool:
-        if self.kernels == "torch" or not kernel_supported(spec):
-            return False
-        return self.kernels == "triton" or x.is_cuda
+        return use_kernel(self.kernels, x, spec)
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight the forward multiplies by (differentiable)."""
