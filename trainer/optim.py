@@ -12,15 +12,33 @@ from slimtrain.modules.plugin import ParamGroup
 from slimtrain.trainer.recipe.schema import OptimConfig, ScheduleConfig
 
 
+ENGINE_GROUP_ATTR = "_slimtrain_engine_group"
+
+
+def set_engine_group(params: Sequence[nn.Parameter], keys: dict) -> None:
+    """Ask for `params` to sit in optimizer groups of their own that carry `keys` (a backend, before the
+    optimizer is built: e.g. DeepSpeed's `{"moe": True, "name": <expert group>}` for expert-parallel weights).
+    `param_groups` splits every group that holds some of them, keeping its learning rate and weight decay."""
+    for p in params:
+        setattr(p, ENGINE_GROUP_ATTR, dict(keys))
+
+
 def param_groups(model: nn.Module, weight_decay: float, plugin_groups: Sequence[ParamGroup] = (),
                  lr: float | None = None) -> list[dict]:
     """The optimizer's groups: matrices decay; norms, biases and embeddings do not. A plugin's groups
     (`Plugin.param_groups`) come after, each with its learning-rate scale, weight decay and engine keys;
-    a frozen group's parameters are left out (they are neither updated nor decayed).
+    a frozen group's parameters are left out (they are neither updated nor decayed). Parameters a backend
+    tagged (`set_engine_group`) leave their group for one right after it with the same settings and the
+    backend's keys.
 
     Embeddings are excluded by module type (not by name) so that a tied output head, which shares
     the embedding's tensor, is treated the same way.
     """
+    return _split_engine_groups(_groups(model, weight_decay, plugin_groups, lr))
+
+
+def _groups(model: nn.Module, weight_decay: float, plugin_groups: Sequence[ParamGroup],
+            lr: float | None) -> list[dict]:
     no_decay_ids = _no_decay_ids(model)
     claimed = {id(p) for g in plugin_groups for p in g.params}
     seen = set(claimed)
@@ -39,6 +57,22 @@ def param_groups(model: nn.Module, weight_decay: float, plugin_groups: Sequence[
         else:
             groups.append({"params": list(group.params), "weight_decay": group.weight_decay, **keys})
     return [g for g in groups if g["params"]]
+
+
+def _split_engine_groups(groups: list[dict]) -> list[dict]:
+    """Each group, then one group per distinct backend key set of its tagged parameters (same settings)."""
+    out = []
+    for group in groups:
+        plain, tagged = [], {}
+        for p in group["params"]:
+            keys = getattr(p, ENGINE_GROUP_ATTR, None)
+            if keys is None:
+                plain.append(p)
+            else:
+                tagged.setdefault(tuple(sorted(keys.items())), []).append(p)
+        out.append({**group, "params": plain})
+        out += [{**group, **dict(keys), "params": params} for keys, params in tagged.items()]
+    return [g for g in out if g["params"]]
 
 
 def _no_decay_ids(model: nn.Module) -> set[int]:

@@ -55,7 +55,10 @@ class Backend(Protocol):
     comm: Communicator
     """Collectives over the named groups below, for plugins (`PluginContext.comm`)."""
     process_groups: Mapping[str, Any]
-    """Named process groups: "data" always; "expert", "sequence", ... where the engine has them."""
+    """Named process groups: "data" always (the data-parallel replicas); with expert parallelism "expert" (the
+    ranks that split a layer's experts between them: tokens are exchanged there) and "expert_data" (the ranks
+    holding the same experts as this one: their gradients are reduced there); "sequence", ... where the engine
+    has them."""
     cross_entropy: CrossEntropySum | None
     """The engine's own loss over logits (a vocabulary-parallel cross-entropy over sharded logits); None
     takes the trainer's fp32 one (compiled under train.compile)."""
