@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtrain.modules.context import Communicator
+from slimtrain.modules.quantizable import TRANSFORM_CHILD, keep_high_precision
+
 from .config import MoEConfig
 from .experts import GroupedExperts
+from .parallel import expert_parallel_forward
 from .router import Routing, apply_capacity, route_sigmoid, route_softmax
 
 
@@ -36,6 +40,10 @@ class MoELayer(nn.Module):
     bits (as int32) of a bias imported from a checkpoint. The selection bias is
     `bias_base + bias_update_rate x bias_steps`. Integer buffers are exact, and an engine's bf16 cast of the
     module leaves them alone (a float buffer would be rounded to bf16).
+
+    Expert parallelism (`slimtrain.modules.expert_parallel`): after `shard_experts`, `experts` holds this rank's
+    E / size experts (global ids `expert_slice`) and the forward exchanges tokens over the communicator's group
+    (`parallel.expert_parallel_forward`); the router, the shared experts and the bias stay whole on every rank.
     """
 
     def __init__(self, cfg: MoEConfig, hidden: int, intermediate: int) -> None:
@@ -47,9 +55,47 @@ class MoELayer(nn.Module):
                        if cfg.num_shared_experts else None)
         self.register_buffer("bias_steps", torch.zeros(cfg.num_experts, dtype=torch.int64))
         self.register_buffer("bias_base", torch.zeros(cfg.num_experts, dtype=torch.int32))
+        # The router is read as a weight in fp32 below, never called as a Linear: a QAT swap would do nothing.
+        keep_high_precision(self.router, "computed in fp32 from router.weight by the MoE layer")
+        # What this layer initialises (a later plugin may add parameters inside it, e.g. QAT step sizes).
+        self.own_parameters = tuple(name for name, _ in self.named_parameters())
         # "Dense training, sparse inference" (moe.dense_training_steps): set by the plugin from the step
         # (`on_step_start`, idempotent, so a resume is exact); False in every model built for export or serving.
         self.dense_routing = False
+        # Expert parallelism: set by `shard_experts` (a backend); None while this module holds every expert.
+        self.expert_comm: Communicator | None = None
+        self.expert_group = "expert"
+        self.expert_slice = slice(0, cfg.num_experts)
+
+    @property
+    def num_experts(self) -> int:
+        """The routed experts of the layer, over all ranks."""
+        return self.cfg.num_experts
+
+    def expert_parameters(self) -> dict[str, nn.Parameter]:
+        """The stacked expert weights (dim 0: this rank's experts)."""
+        return {f"experts.{name}": p for name, p in self.experts.named_parameters(recurse=False)}
+
+    def shard_experts(self, comm: Communicator, group: str, rank: int, size: int) -> None:
+        """Keep experts [rank x E/size, (rank+1) x E/size) only (new, uninitialised parameters on the current
+        experts' device, the meta device in a backend's build) and exchange tokens over `group` from now on."""
+        old, total = self.experts, self.cfg.num_experts
+        if total % size:
+            fits = [n for n in range(1, total + 1) if total % n == 0]
+            raise ValueError(f"num_experts={total} is not divisible by the {size} ranks that share the experts; "
+                             f"use an expert-parallel size that divides it ({fits}) or a multiple of it as "
+                             "num_experts")
+        if getattr(old, TRANSFORM_CHILD, None) is not None:
+            raise ValueError("its experts' weights are transformed by a plugin (e.g. qat quantizing the experts), "
+                             "which expert parallelism does not support yet; leave the experts out of that plugin "
+                             "or train with backend.expert_parallel_size=1")
+        if self.expert_comm is not None:
+            raise ValueError("its experts are sharded already")
+        local = total // size
+        with torch.device(old.gate_up.device):
+            self.experts = GroupedExperts(local, old.gate_up.shape[-1], old.intermediate, old.impl)
+        self.expert_comm, self.expert_group = comm, group
+        self.expert_slice = slice(rank * local, (rank + 1) * local)
 
     def selection_bias(self) -> torch.Tensor:
         """The sigmoid router's selection bias, fp32 [E] (zeros for a softmax router)."""
@@ -60,6 +106,17 @@ class MoELayer(nn.Module):
         """Take `bias` (fp32 [E], e.g. a checkpoint's e_score_correction_bias) as the base; no updates yet."""
         self.bias_base.copy_(bias.detach().to(torch.float32).contiguous().view(torch.int32))
         self.bias_steps.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A sharded layer takes whole [E, ...] expert tensors (an import, a single-process state dict) and keeps
+        # its share; tensors of its own size (a checkpoint of this layout) load as they are. The children load
+        # after this, from the same dict.
+        if self.expert_comm is not None:
+            for name, p in self.expert_parameters().items():
+                value = state_dict.get(prefix + name)
+                if value is not None and value.shape[0] == self.num_experts != p.shape[0]:
+                    state_dict[prefix + name] = value[self.expert_slice]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def route(self, logits: torch.Tensor) -> Routing:
         c = self.cfg
@@ -90,7 +147,10 @@ class MoELayer(nn.Module):
         elif self.cfg.capacity_factor is not None and self.training:
             capacity = math.ceil(self.cfg.capacity_factor * flat.shape[0] * self.cfg.top_k / self.cfg.num_experts)
             routing, aux["moe/dropped"] = apply_capacity(routing, self.cfg.num_experts, capacity, self.cfg.drop_policy)
-        out = self.experts(flat, routing)
+        if self.expert_comm is not None:
+            out = expert_parallel_forward(flat, routing, self.experts, self.expert_comm, self.expert_group)
+        else:
+            out = self.experts(flat, routing)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view_as(x), aux

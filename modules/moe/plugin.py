@@ -60,11 +60,17 @@ class MoEPlugin(Plugin):
             upcycled = self._upcycle(moe, dense, init) if dense is not None else set()
             if dense is not None:
                 init.consume(*dense_mlp_names(i))
-            for name, p in moe.named_parameters():
+            experts = moe.expert_parameters()
+            for name in moe.own_parameters:  # not the ones another plugin put inside (QAT's step sizes)
+                p = moe.get_parameter(name)
                 if f"layers.{i}.mlp.{name}" in init.imported or name in upcycled:
                     continue
                 std = residual if name.endswith(("down", "down_proj.weight")) else cfg.init_std
-                p.copy_(torch.randn(p.shape, generator=init.generator) * std)
+                if name in experts:  # all E experts drawn, this rank's kept: any expert-parallel size, same weights
+                    full = torch.randn((moe.num_experts, *p.shape[1:]), generator=init.generator) * std
+                    p.copy_(full[moe.expert_slice])
+                else:
+                    p.copy_(torch.randn(p.shape, generator=init.generator) * std)
             for name in ("bias_steps", "bias_base"):  # a checkpoint's bias (imported) stays
                 if f"layers.{i}.mlp.{name}" not in init.imported:
                     getattr(moe, name).zero_()
@@ -74,8 +80,8 @@ class MoEPlugin(Plugin):
         router and the shared experts' gate start from init, as in a model trained from scratch."""
         c, width = self.cfg, moe.experts.intermediate
         gate_up, down = upcycled_experts(dense, c.num_experts, width, c.upcycle_noise, init.generator)
-        moe.experts.gate_up.copy_(gate_up)
-        moe.experts.down.copy_(down)
+        moe.experts.gate_up.copy_(gate_up[moe.expert_slice])  # all experts made, this rank's kept
+        moe.experts.down.copy_(down[moe.expert_slice])
         names = {"experts.gate_up", "experts.down"}
         if moe.shared is not None:
             shared = upcycled_shared(dense, c.num_shared_experts, width)

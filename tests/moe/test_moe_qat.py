@@ -232,21 +232,23 @@ def test_untileable_blocks_and_expert_activations_are_refused_by_name() -> None:
 
 
 def test_include_patterns_select_experts_and_refuse_high_precision_linears() -> None:
-    from slimtrain.modules.quantizable import keep_high_precision
+    from slimtrain.modules.quantizable import high_precision_reason, keep_high_precision
 
     stack = stack_of(MOE, {"type": "qat", "weights": {"group_size": 16}, "include": ["layers.1.mlp.experts"]})
     build(stack)
     assert list(stack.plugins[-1].stacked) == ["layers.1.mlp.experts"] and not stack.plugins[-1].layers
 
-    model = build(stack_of(MOE))
-    keep_high_precision(model.layers[0].mlp.router, "read in fp32 by the MoE layer")
+    model = build(stack_of(MOE))  # the MoE layer marks its router: read in fp32, never called as a Linear
     qat = stack_of({"type": "qat", "include": ["layers.0.mlp.router"]}).plugins[0]
     with pytest.raises(ValueError, match="include\\[0\\]='layers.0.mlp.router' matches only modules that stay in "
-                                         "high precision.*read in fp32"):
+                                         "high precision.*computed in fp32"):
         qat.apply(model)
     qat = stack_of({"type": "qat", "weights": {"group_size": 16}, "exclude": ["lm_head"]}).plugins[0]
-    qat.apply(model)  # a pattern that selects everything skips the marked router
-    assert type(model.layers[0].mlp.router) is nn.Linear and isinstance(model.layers[1].mlp.router, QATLinear)
+    qat.apply(model)  # a pattern that selects everything skips the marked routers
+    assert all(type(layer.mlp.router) is nn.Linear for layer in model.layers)
+    plain = nn.Linear(4, 4)
+    keep_high_precision(plain, "a reason")
+    assert high_precision_reason(plain) == "a reason"
 
 
 def test_qparams_of_a_row_block_must_align_with_the_tiles() -> None:

@@ -1,4 +1,5 @@
-"""DeepSpeed backend: ZeRO 0-3, bf16/fp32, gradient accumulation and clipping, CPU (gloo) or GPU (NCCL)."""
+"""DeepSpeed backend: ZeRO 0-3, bf16/fp32, gradient accumulation and clipping, CPU (gloo) or GPU (NCCL); expert
+parallelism at ZeRO-1/2 (deepspeed_experts)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,20 @@ import torch.distributed as dist
 from torch import nn
 
 from slimtrain.data.batch import Batch
+from slimtrain.modules.expert_parallel import expert_parameter_counts
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
+from slimtrain.trainer.backends import deepspeed_experts as experts
 from slimtrain.trainer.backends.deepspeed_branch import (
     add_fresh_entries, drop_entries, fresh_parameters, saved_param_shapes,
 )
+from slimtrain.trainer.backends.deepspeed_config import check_expert_import, check_expert_world
 from slimtrain.trainer.backends.deepspeed_reshard import (
-    UNIVERSAL_TAG, current_layout, needs_conversion, saved_buffers, saved_layout, universal_on_every_rank,
+    RESHARD_DIR, UNIVERSAL_TAG, current_layout, needs_conversion, saved_buffers, saved_layout,
+    universal_on_every_rank,
 )
 from slimtrain.trainer.recipe.schema import DeepSpeedConfig, OptimConfig, TrainConfig
 from slimtrain.trainer.errors import RecipeError
@@ -86,8 +91,16 @@ class DeepSpeedBackend:
         self.grad_accum = self.config["gradient_accumulation_steps"]
         self.engine = None
         self.own_grad_norm = False
-        # Every rank holds a replica of the model's computation: the data-parallel group is the world.
+        # Every rank holds a replica of the model's computation: the data-parallel group is the world. With
+        # expert parallelism, "expert" holds the ranks that split the experts between them and "expert_data"
+        # those holding the same experts as this rank.
         self.process_groups: dict[str, Any] = {"data": None}
+        self.expert_groups: experts.ExpertGroups | None = None
+        if cfg.expert_parallel_size > 1:
+            check_expert_world(cfg.expert_parallel_size, self.world_size)
+            self.expert_groups = experts.create_groups(cfg.expert_parallel_size, dist.get_backend())
+            self.process_groups.update({experts.EXPERT_GROUP: self.expert_groups.expert,
+                                        experts.EXPERT_DATA_GROUP: self.expert_groups.expert_data})
         self.comm = TorchCommunicator(self.process_groups)
         self.cross_entropy = None  # whole logits on every rank: the trainer's own loss
         # The branch source the build initialised plugins' parameters from, and the source parameters they consumed.
@@ -119,8 +132,15 @@ class DeepSpeedBackend:
         return torch.device("cpu")
 
     def build_model(self, model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit) -> nn.Module:
-        """The whole model on every rank: ZeRO partitions it when the engine starts (`setup`)."""
-        built = build(model_cfg, plugins, init, self.device)
+        """The whole model on every rank (ZeRO partitions it when the engine starts, `setup`), except with
+        expert parallelism: then each rank builds its share of the experts only."""
+        groups = self.expert_groups
+        if groups is not None and init.init_from_hf is not None:
+            check_expert_import(init.init_from_hf, groups.size)
+        parallelize = (lambda model: experts.shard(model, self.comm, groups)) if groups else (lambda model: None)
+        built = build(model_cfg, plugins, init, self.device, parallelize)
+        if groups is not None:
+            experts.mark(built.model, groups)  # before the optimizer: its groups split on these marks
         self.built_from, self.consumed = init.branch_from, built.consumed
         return built.model
 
@@ -131,6 +151,9 @@ class DeepSpeedBackend:
         from pydantic import ValidationError
 
         self.config = fit_gradient_bucket(self.config, sum(p.numel() for p in model.parameters()))
+        if self.expert_groups is not None:
+            experts.check_optimizer_groups(optimizer, model, self.expert_groups)
+            experts.attach_marker(model, self.expert_groups)
         try:
             # DeepSpeed would pick cuda:LOCAL_RANK, which a task bound to one GPU does not have.
             args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
@@ -248,7 +271,7 @@ class DeepSpeedBackend:
         (`WeightInit.source`: e.g. a dense MLP the MoE plugin upcycled into experts), which are dropped
         with their optimizer state; the parameters made from them start fresh with their built values."""
         consumed = self._consumed_from(directory)
-        fresh = fresh_parameters(saved_param_shapes(directory / DS_TAG), self._param_shapes(), directory, consumed)
+        fresh = fresh_parameters(self._saved_param_shapes(directory), self._param_shapes(), directory, consumed)
         self._restore(directory, fresh, scratch, consumed)
         return fresh
 
@@ -274,7 +297,9 @@ class DeepSpeedBackend:
         saved = saved_layout(ds_dir)
         current = current_layout(self.config["zero_optimization"]["stage"], self.cfg.precision, self.world_size)
         recipe_hparams = self._recipe_hparams()
-        converted = needs_conversion(saved, current) or bool(fresh) or bool(dropped)
+        saved_ep = experts.saved_expert_parallel_size(directory)
+        converted = (needs_conversion(saved, current) or saved_ep != self.cfg.expert_parallel_size or bool(fresh)
+                     or bool(dropped))
         if not converted:
             # A branch loads non-strictly: fresh_parameters checked every parameter; a plugin's new buffers keep their init.
             self._load_tag(directory, DS_TAG, strict=not branching)
@@ -285,11 +310,17 @@ class DeepSpeedBackend:
                 f"per-parameter form to add or drop {len(changed)} parameter(s) ({', '.join(changed[:3])}); branch "
                 "from a run trained with backend.zero_stage 1, 2 or 3"
             )
+        elif saved_ep > 1 or self.expert_groups is not None:
+            self._load_converted_experts(directory, saved, current, saved_ep, fresh, scratch, dropped)
         else:
             self._load_converted(directory, saved, current, fresh, scratch, dropped)
         self._apply_recipe(recipe_hparams)
         if converted or branching:  # a universal checkpoint holds no buffers
             self._restore_buffers(ds_dir, allow_missing=branching)
+        if self.expert_groups is not None:
+            # DeepSpeed loaded every rank's module from the one model-states file, which holds expert rank 0's
+            # experts; the fp32 master partitions hold each rank's own (deepspeed_experts).
+            self.engine.optimizer.update_lp_params()
 
     def _load_converted(self, directory: Path, saved, current, fresh: list[str], scratch: Path | None,
                         dropped: frozenset[str] = frozenset()) -> None:
@@ -311,6 +342,43 @@ class DeepSpeedBackend:
         if self.rank == 0:  # derived files: the next checkpoint is written in this run's own layout
             shutil.rmtree(root, ignore_errors=True)
 
+    def _load_converted_experts(self, directory: Path, saved, current, saved_ep: int, fresh: list[str],
+                                scratch: Path | None, dropped: frozenset[str]) -> None:
+        """`_load_converted` where expert parallelism is involved (written or loaded with it): DeepSpeed's own
+        converter cannot join expert partitions, deepspeed_experts.write_universal does."""
+        values = self._gathered(fresh)  # collective (expert tensors are gathered whole)
+        counts = expert_parameter_counts(self.engine.module)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in _base_param_groups(self.engine.optimizer)]
+        root = scratch if scratch is not None else directory / RESHARD_DIR
+        if self.rank == 0:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            else:
+                console.print(f"resharding {directory.name}: written by {saved.describe()} with "
+                              f"expert_parallel_size={saved_ep}, loading into {current.describe()} with "
+                              f"expert_parallel_size={self.cfg.expert_parallel_size} (DeepSpeed universal checkpoint)",
+                              soft_wrap=True)
+
+        def finish(universal: Path) -> None:
+            add_fresh_entries(universal, values)
+            drop_entries(universal, dropped)
+
+        def convert(out: Path) -> None:
+            experts.write_universal(directory / DS_TAG, out, counts, saved_ep, groups, finish)
+
+        experts.universal_on_every_rank(root, UNIVERSAL_TAG, self.rank, dist.barrier, convert)
+        self._load_universal(root)
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _saved_param_shapes(self, directory: Path) -> dict[str, tuple[int, ...]]:
+        """The checkpoint's parameter shapes, expert tensors whole (as `_param_shapes`)."""
+        shapes = saved_param_shapes(directory / DS_TAG)
+        if experts.saved_expert_parallel_size(directory) == 1:
+            return shapes
+        return experts.global_shapes(shapes, expert_parameter_counts(self.engine.module))
+
     def _recipe_hparams(self) -> list[dict]:
         """This recipe's optimizer settings per group (the optimizer is built from it and not yet loaded)."""
         return [{k: v for k, v in g.items() if k not in ("params", "lr")}
@@ -330,12 +398,16 @@ class DeepSpeedBackend:
             self.engine.optimizer.clip_grad = self.config["gradient_clipping"]
 
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
-        # At ZeRO-3 a parameter's own shape is that of its partition; ds_shape is the full one.
-        return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()}
+        # At ZeRO-3 a parameter's own shape is that of its partition; ds_shape is the full one. An expert
+        # tensor counts all its layer's experts, whatever share this rank holds.
+        module = self.engine.module
+        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+        return experts.global_shapes(shapes, expert_parameter_counts(module))
 
     def _gathered(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Full fp32 copies on the CPU of the named parameters, or of the whole state dict (None), gathered
-        from their partitions at ZeRO-3 (a collective there: every rank calls it)."""
+        from their partitions at ZeRO-3 and over the expert ranks with expert parallelism (a collective
+        there: every rank calls it)."""
         module = self.engine.module
         params = dict(module.named_parameters())
         chosen = list(params.values()) if names is None else [params[n] for n in names]
@@ -346,6 +418,8 @@ class DeepSpeedBackend:
             gather = deepspeed.zero.GatheredParameters(chosen, modifier_rank=None)
         with gather:
             tensors = module.state_dict() if names is None else {n: params[n] for n in names}
+            if self.expert_groups is not None:
+                tensors = experts.gather_experts(tensors, set(expert_parameter_counts(module)), self.expert_groups)
             return {k: v.detach().float().cpu().clone() for k, v in tensors.items()}
 
     def _rebase_schedule(self, groups: list[dict], base_lrs: list[float]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +30,14 @@ class DeepSpeedConfig(_Strict):
         "through the backward pass, where bf16 sums hold a 2-byte one (`slimtrain validate` counts it)."
     )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
+    expert_parallel_size: int = Field(
+        1, ge=1, description="Expert parallelism: the routed experts of every MoE layer are spread over groups of "
+        "this many consecutive ranks, each holding num_experts / N of them (tokens travel to their experts and "
+        "back by all-to-all); everything else stays a data-parallel replica on every rank, and each expert is "
+        "replicated over world size / N ranks. Divides the world size and every MoE layer's num_experts; needs "
+        "backend.zero_stage 1 or 2. Checkpoints resume at another size (converted through DeepSpeed's universal "
+        "checkpoint) and export whole. 1: every rank holds every expert."
+    )
     raw: dict[str, Any] = Field(
         default_factory=dict, description="Deep-merged into the generated ds_config last (for experts; "
         "keys the recipe already controls are refused)."
@@ -50,7 +59,27 @@ class DeepSpeedConfig(_Strict):
         if "stage" in zero:  # checkpoint layout checks and the memory estimate read backend.zero_stage
             raise ValueError(f"backend.raw.zero_optimization.stage={zero['stage']!r} is set by the recipe; "
                              "use backend.zero_stage instead")
+        self._check_expert_parallel(zero)
         return self
+
+    def _check_expert_parallel(self, zero: dict[str, Any]) -> None:
+        ep = self.expert_parallel_size
+        if ep == 1:
+            return
+        if self.zero_stage in (0, 3):
+            why = ("DeepSpeed's ZeRO-3 has no expert-parallel partitioning for these layers (it refuses them)"
+                   if self.zero_stage == 3 else
+                   "at ZeRO-0 DeepSpeed saves only the first expert rank's experts, so a checkpoint would lose the "
+                   "others")
+            raise ValueError(f"backend.expert_parallel_size={ep} needs backend.zero_stage 1 or 2, got "
+                             f"{self.zero_stage}: {why}; set backend.zero_stage=1 (or 2), or "
+                             "backend.expert_parallel_size=1")
+        for key in ("contiguous_gradients", "reduce_scatter"):
+            if zero.get(key, True) is False:  # DeepSpeed asserts both for expert parameters (or warns, ZeRO-1)
+                raise ValueError(f"backend.raw.zero_optimization.{key}=false with backend.expert_parallel_size="
+                                 f"{ep}: DeepSpeed supports its expert parameters only with {key} on (its other "
+                                 f"paths are untested with them); remove backend.raw.zero_optimization.{key} "
+                                 "(default true) or set backend.expert_parallel_size=1")
 
     def _check_grad_accum_dtype(self) -> None:
         if "grad_accum_dtype" in (self.raw.get("data_types") or {}):
@@ -76,13 +105,98 @@ class DeepSpeedConfig(_Strict):
         return "bf16"
 
     def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel replicas on `world_size` ranks: every rank is one (ZeRO shards states, not the batch)."""
+        """Data-parallel replicas on `world_size` ranks: every rank is one (ZeRO shards states, not the batch;
+        expert parallelism shards experts, not the batch). Refuses a world the expert groups do not tile."""
+        check_expert_world(self.expert_parallel_size, world_size)
         return world_size
 
     def check_recipe(self, recipe: "Recipe") -> None:
         """What this engine refuses in the rest of the recipe (called when the recipe is validated)."""
+        if self.expert_parallel_size > 1:
+            check_expert_layers(recipe, self.expert_parallel_size)
         if recipe.train.compile and self.zero_stage == 3:
             raise ValueError(
                 "train.compile=true with backend.zero_stage=3 is not supported (ZeRO-3 gathers parameters in hooks "
                 "that break the compiled graphs); use backend.zero_stage 0, 1 or 2, or set train.compile=false"
             )
+
+
+def check_expert_world(ep: int, world_size: int) -> None:
+    """Refuse a world size that `ep`-rank expert groups do not tile (RecipeError naming both and the fix)."""
+    if ep > 1 and world_size % ep:
+        from slimtrain.trainer.errors import RecipeError
+
+        fits = [n for n in range(1, world_size + 1) if world_size % n == 0]
+        raise RecipeError(f"backend.expert_parallel_size={ep} does not divide the world size {world_size}: the "
+                          f"experts are spread over groups of {ep} ranks; set backend.expert_parallel_size to a "
+                          f"divisor of {world_size} ({fits}) or run on a multiple of {ep} ranks")
+
+
+def check_expert_layers(recipe: "Recipe", ep: int) -> None:
+    """Dry-run the expert sharding on the recipe's model (meta device, nothing allocated): every module with
+    experts must shard into `ep` parts, and there must be one. Errors name the plugin (`plugins.<i>`).
+    A plugin that fails to apply at all is left to the plugins' own validation, which names it."""
+    import torch
+
+    from slimtrain.modules.context import LocalCommunicator
+    from slimtrain.modules.expert_parallel import expert_modules
+    from slimtrain.modules.plugin_stack import DRY_RUN_VOCAB, PluginStack
+    from slimtrain.modules.transformer import Transformer
+
+    hf = recipe.checkpoint.init_from_hf
+    if hf:
+        check_expert_import(Path(hf), ep)
+    index = {id(cfg): i for i, cfg in enumerate(recipe.plugins)}
+    stack = PluginStack.from_configs(recipe.plugins)
+    model_cfg = recipe.model
+    if model_cfg.vocab_size is None:
+        model_cfg = model_cfg.model_copy(update={"vocab_size": DRY_RUN_VOCAB})
+    owner: dict[int, int] = {}  # module -> the plugin whose apply created it
+    try:
+        model_cfg = stack.configure(model_cfg)
+        with torch.device("meta"):
+            model = Transformer(model_cfg)
+        for plugin in stack:
+            plugin.apply(model)
+            for _, module in expert_modules(model):
+                owner.setdefault(id(module), index[id(plugin.cfg)])
+    except ValueError:
+        return  # the plugins' validation reports it, naming the plugin
+    found = expert_modules(model)
+    if not found:
+        raise ValueError(f"backend.expert_parallel_size={ep} but the model has no layer with experts to spread "
+                         "over ranks (no plugin adds them); add an MoE plugin (plugins: [{type: moe, ...}]) or set "
+                         "backend.expert_parallel_size=1")
+    for name, module in found:
+        where = f"plugins.{owner[id(module)]}" if id(module) in owner else name
+        experts = module.num_experts
+        if experts % ep:
+            fits = [n for n in range(1, experts + 1) if experts % n == 0]
+            raise ValueError(f"{where}.num_experts={experts} is not divisible by backend.expert_parallel_size={ep} "
+                             f"(layer {name}): each rank of an expert group holds an equal share of the experts; "
+                             f"set backend.expert_parallel_size to a divisor of {experts} ({fits}) or "
+                             f"{where}.num_experts to a multiple of {ep}")
+        try:
+            module.shard_experts(LocalCommunicator(), "expert", 0, ep)
+        except ValueError as exc:
+            raise ValueError(f"backend.expert_parallel_size={ep}: {where} ({name}): {exc}") from None
+
+
+def check_expert_import(path: Path, ep: int) -> None:
+    """Refuse `checkpoint.init_from_hf` of a Hugging Face MoE into expert-parallel layers (the importer maps whole
+    expert tensors); a dense directory (upcycled into experts) is fine. A directory not there yet is left to
+    the import."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    arch = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    if arch and arch != ["LlamaForCausalLM"]:
+        from slimtrain.trainer.errors import RecipeError
+
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} holds {arch[0]}: importing its experts with "
+                          f"backend.expert_parallel_size={ep} is not supported yet; import it with "
+                          "backend.expert_parallel_size=1 and save a checkpoint, then resume that run with "
+                          f"backend.expert_parallel_size={ep} and without checkpoint.init_from_hf (a resume converts "
+                          "between sizes)")

@@ -136,8 +136,16 @@ def zero0_fp32_masters(path: Path, saved: dict, recipe: Recipe | None = None,
 def consolidate(path: Path, zero_stage: int, recipe: Recipe | None = None,
                 model_cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     """Full fp32 weights: the fp32 masters of a bf16/fp16 run. ZeRO 1-3: DeepSpeed's own merge of the
-    fp32 master partitions; ZeRO-0: the module's weights, or the optimizer's fp32 copies of them.
+    fp32 master partitions; ZeRO-0: the module's weights, or the optimizer's fp32 copies of them; an
+    expert-parallel run (ZeRO-1/2): every expert rank's partitions joined into whole expert tensors.
     `recipe` and `model_cfg`: the checkpoint's, when the caller has read them (else read here if needed)."""
+    if zero_stage in (1, 2):
+        from slimtrain.trainer.backends.deepspeed_experts import saved_expert_parallel_size
+
+        ep = (getattr(recipe.backend, "expert_parallel_size", 1) if recipe is not None
+              else saved_expert_parallel_size(path))
+        if ep > 1:
+            return _consolidate_expert_parallel(path, ep, recipe, model_cfg)
     if zero_stage == 0:
         files = sorted((path / DS_TAG).glob("mp_rank_*_model_states.pt"))
         if not files:
@@ -149,6 +157,19 @@ def consolidate(path: Path, zero_stage: int, recipe: Recipe | None = None,
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file it reads
         merged = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
     return {k: _fp32(v) for k, v in merged.items()}
+
+
+def _consolidate_expert_parallel(path: Path, ep: int, recipe: Recipe | None,
+                                 model_cfg: ModelConfig | None) -> dict[str, torch.Tensor]:
+    """DeepSpeed's merge would join each expert tensor over all ranks (and the model-states file holds expert
+    rank 0's experts only): the expert tensors of the recipe's model are joined per expert rank instead."""
+    from slimtrain.modules.expert_parallel import expert_parameter_counts
+    from slimtrain.trainer.backends.deepspeed_experts import consolidated_state
+
+    if recipe is None or model_cfg is None:
+        recipe, model_cfg, _ = checkpoint_recipe(path)
+    counts = expert_parameter_counts(PluginStack.from_configs(recipe.plugins).skeleton(model_cfg))
+    return consolidated_state(path / DS_TAG, counts, ep)
 
 
 def _fp32(tensor: torch.Tensor) -> torch.Tensor:
