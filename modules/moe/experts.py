@@ -30,6 +30,8 @@ def grouped_mm_available(x: torch.Tensor, *inner: int) -> bool:
     fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if fn is None or (x.is_cuda and x.dtype != torch.bfloat16):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # torch 2.13's meta kernel, which compile traces with, takes bf16 only
     return all(d * x.element_size() % 16 == 0 for d in inner)
 
 
