@@ -125,20 +125,23 @@ def test_sharded_layers_take_whole_expert_tensors_and_keep_their_share() -> None
     assert all(torch.equal(again.state_dict()[k], v) for k, v in part.state_dict().items())
 
 
-def test_a_hugging_face_moe_import_is_refused_with_the_way_round(tmp_path: Path) -> None:
+def test_a_hugging_face_moe_imports_into_sharded_layers(tmp_path: Path) -> None:
+    """init_from_hf of an MoE directory: each rank's layers keep their slice of the whole experts."""
     from slimtrain.trainer.export.hf import write_hf_dir
 
     ids = {"bos_id": None, "eos_id": None, "pad_id": None}
-    dense = write_hf_dir(build_model(CFG, PluginStack(), ModelInit(seed=0), CPU).state_dict(), CFG, tmp_path / "dense",
-                         tokenizer_dir=None, ids=ids)
-    moe = write_hf_dir(build_model(CFG, _moe(), ModelInit(seed=0), CPU).state_dict(), CFG, tmp_path / "moe",
-                       tokenizer_dir=None, ids=ids, plugins=_moe())
-    ep2 = [MOE, "backend.expert_parallel_size=2"]
-    load_recipe(str(TINY), [*ep2, f"checkpoint.init_from_hf={dense}"])  # upcycling a dense model is fine
-    with pytest.raises(RecipeError, match=r"holds MixtralForCausalLM: importing its experts with "
-                                          r"backend.expert_parallel_size=2 is not supported yet; import it with "
-                                          r"backend.expert_parallel_size=1"):
-        load_recipe(str(TINY), [*ep2, f"checkpoint.init_from_hf={moe}"])
+    whole = build_model(CFG, _moe(), ModelInit(seed=0), CPU).state_dict()
+    moe = write_hf_dir(whole, CFG, tmp_path / "moe", tokenizer_dir=None, ids=ids, plugins=_moe())
+    load_recipe(str(TINY), [MOE, "backend.expert_parallel_size=2", f"checkpoint.init_from_hf={moe}"])  # validates
+
+    def parallelize(model: torch.nn.Module) -> None:
+        for _, module in expert_modules(model):
+            module.shard_experts(LocalCommunicator(), "expert", 1, 2)
+
+    part = build_model(CFG, _moe(), ModelInit(seed=9, init_from_hf=moe), CPU, parallelize).state_dict()
+    for name, value in part.items():
+        want = whole[name][2:4] if ".experts." in name else whole[name]
+        assert torch.equal(value, want), name
 
 
 def test_a_layer_refuses_a_share_that_does_not_divide_its_experts() -> None:

@@ -25,7 +25,7 @@ from slimtrain.trainer.backends import deepspeed_experts as experts
 from slimtrain.trainer.backends.deepspeed_branch import (
     add_fresh_entries, drop_entries, fresh_parameters, saved_param_shapes,
 )
-from slimtrain.trainer.backends.deepspeed_config import check_expert_import, check_expert_world
+from slimtrain.trainer.backends.deepspeed_config import check_expert_world
 from slimtrain.trainer.backends.deepspeed_reshard import (
     RESHARD_DIR, UNIVERSAL_TAG, current_layout, needs_conversion, saved_buffers, saved_layout,
     universal_on_every_rank,
@@ -135,8 +135,6 @@ class DeepSpeedBackend:
         """The whole model on every rank (ZeRO partitions it when the engine starts, `setup`), except with
         expert parallelism: then each rank builds its share of the experts only."""
         groups = self.expert_groups
-        if groups is not None and init.init_from_hf is not None:
-            check_expert_import(init.init_from_hf, groups.size)
         parallelize = (lambda model: experts.shard(model, self.comm, groups)) if groups else (lambda model: None)
         built = build(model_cfg, plugins, init, self.device, parallelize)
         if groups is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -143,9 +142,6 @@ def check_expert_layers(recipe: "Recipe", ep: int) -> None:
     from slimtrain.modules.plugin_stack import DRY_RUN_VOCAB, PluginStack
     from slimtrain.modules.transformer import Transformer
 
-    hf = recipe.checkpoint.init_from_hf
-    if hf:
-        check_expert_import(Path(hf), ep)
     index = {id(cfg): i for i, cfg in enumerate(recipe.plugins)}
     stack = PluginStack.from_configs(recipe.plugins)
     model_cfg = recipe.model
@@ -180,23 +176,3 @@ def check_expert_layers(recipe: "Recipe", ep: int) -> None:
             module.shard_experts(LocalCommunicator(), "expert", 0, ep)
         except ValueError as exc:
             raise ValueError(f"backend.expert_parallel_size={ep}: {where} ({name}): {exc}") from None
-
-
-def check_expert_import(path: Path, ep: int) -> None:
-    """Refuse `checkpoint.init_from_hf` of a Hugging Face MoE into expert-parallel layers (the importer maps whole
-    expert tensors); a dense directory (upcycled into experts) is fine. A directory not there yet is left to
-    the import."""
-    import json
-
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return
-    arch = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
-    if arch and arch != ["LlamaForCausalLM"]:
-        from slimtrain.trainer.errors import RecipeError
-
-        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} holds {arch[0]}: importing its experts with "
-                          f"backend.expert_parallel_size={ep} is not supported yet; import it with "
-                          "backend.expert_parallel_size=1 and save a checkpoint, then resume that run with "
-                          f"backend.expert_parallel_size={ep} and without checkpoint.init_from_hf (a resume converts "
-                          "between sizes)")

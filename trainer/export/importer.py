@@ -80,7 +80,7 @@ def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, plugins: Plugin
     missing, unexpected = model.load_state_dict({k: _fp32(v) for k, v in state.items()}, strict=False)
     # What only plugins' adapters map is theirs to initialise when absent; whatever the architecture maps must load
     # (also where a plugin moved the dense modules, e.g. into experts).
-    required = _architecture_names(model, adapters, cfg)
+    required = _architecture_names(model, adapters, cfg, plugins)
     missing = [m for m in missing if m in required and not (cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: missing {missing}, unexpected {unexpected} — "
@@ -149,10 +149,19 @@ def _adapters(path: Path, plugins: PluginStack | None, cfg: ModelConfig) -> Mode
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
 
 
-def _architecture_names(model: nn.Module, adapters: ModelAdapters, cfg: ModelConfig) -> set[str]:
+def _architecture_names(model: nn.Module, adapters: ModelAdapters, cfg: ModelConfig,
+                        plugins: PluginStack | None) -> set[str]:
     """Our names the architecture adapter maps for this model: its state (no plugin adapter's tensors) sent to
-    Hugging Face names and back. Tensors it does not map (a plugin's training-only buffers) are left out."""
-    rest = {n: t for n, t in model.state_dict().items() if not any(a.owns(n) for _, a in adapters.plugins)}
+    Hugging Face names and back. Tensors it does not map (a plugin's training-only buffers) are left out.
+
+    A backend may have sharded the model (expert parallelism keeps a slice of each layer's experts) while the
+    adapter maps whole tensors: a tensor whose shape differs from a fresh meta skeleton's (same plugins) is
+    taken at the skeleton's shape, on the meta device (the adapters only slice and stack those)."""
+    fresh = PluginStack.from_configs([p.cfg for p in plugins]) if plugins is not None else PluginStack()
+    shapes = {n: t.shape for n, t in fresh.skeleton(model.cfg).state_dict().items()}
+    whole = {n: t if n not in shapes or t.shape == shapes[n] else torch.empty(shapes[n], dtype=t.dtype, device="meta")
+             for n, t in model.state_dict().items()}
+    rest = {n: t for n, t in whole.items() if not any(a.owns(n) for _, a in adapters.plugins)}
     try:
         hf = adapters.architecture.to_hf(rest, cfg)
     except NameMismatch as exc:
