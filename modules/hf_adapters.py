@@ -51,6 +51,8 @@ class Adapter:
         naming every tensor it does not map and every one it misses.
     from_hf(hf_state, cfg): the inverse, with the same NameMismatch; from_hf(to_hf(s), cfg) == s exactly.
     hf_config(cfg, *, bos_id, eos_id, pad_id=None, dtype=torch.float32): the transformers config object.
+    keeps_fp32(hf_name): whether that tensor is written in fp32 whatever the export dtype (a buffer the HF
+        class keeps in fp32, e.g. an MoE's selection bias).
     check_config(hf_config_dict, cfg): one line per value of a config.json (as a dict) that our model with
         `cfg` does not compute, each naming our field and the HF key; [] when it describes our model.
     """
@@ -60,6 +62,7 @@ class Adapter:
     from_hf: Callable[[StateDict, ModelConfig], StateDict]
     hf_config: Callable[..., "PretrainedConfig"]
     check_config: Callable[[dict[str, Any], ModelConfig], list[str]] = lambda hf, cfg: []
+    keeps_fp32: Callable[[str], bool] = lambda hf_name: False
 
 
 ADAPTERS: Registry[Adapter] = Registry("architecture adapter")

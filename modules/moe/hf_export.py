@@ -105,7 +105,8 @@ def register_architecture(moe: MoEConfig, model_cfg: ModelConfig) -> str:
     if name not in ADAPTERS:
         arch = MoEArchitecture(moe, target)
         register_adapter(name, Adapter(hf_architecture=arch.layout.hf_class, to_hf=arch.to_hf, from_hf=arch.from_hf,
-                                       hf_config=arch.hf_config, check_config=arch.check_config))
+                                       hf_config=arch.hf_config, check_config=arch.check_config,
+                                       keeps_fp32=lambda hf_name: hf_name.endswith(".e_score_correction_bias")))
     return name
 
 

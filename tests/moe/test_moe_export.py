@@ -388,3 +388,17 @@ def test_a_checkpoints_selection_bias_is_exported_to_the_bit(exports, tmp_path: 
     out = write_export(load_checkpoint_for_export(tmp_path / "run"), tmp_path / "hf")
     saved = load_file(out / "model.safetensors")
     assert all(torch.equal(saved[k], ex.saved[k]) for k in saved if k.endswith("e_score_correction_bias"))
+
+
+def test_a_bf16_export_keeps_the_selection_bias_in_fp32(exports, tmp_path: Path) -> None:
+    """GLM checkpoints keep e_score_correction_bias in fp32: a bf16 export would round the learned bias."""
+    from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
+    from slimtrain.trainer.export.hf import write_export
+
+    ex = exports("glm4-moe")
+    fake_checkpoint(tmp_path / "run", "glm4-moe", ex.model.state_dict())
+    out = write_export(load_checkpoint_for_export(tmp_path / "run"), tmp_path / "hf", dtype="bf16")
+    saved = load_file(out / "model.safetensors")
+    biases = [k for k in saved if k.endswith(BIAS)]
+    assert biases and all(saved[k].dtype == torch.float32 and torch.equal(saved[k], ex.saved[k]) for k in biases)
+    assert all(v.dtype == torch.bfloat16 for k, v in saved.items() if k not in biases)

@@ -72,7 +72,8 @@ def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir
         raise CheckpointError(f"cannot export: {exc}") from None
     hf_to_ours = _hf_to_ours(state, mapped)
     # clone: DeepSpeed's consolidation returns views into one flat buffer, which safetensors refuses.
-    hf_state = {k: v.detach().to(dtype).clone() for k, v in mapped.items()}
+    keep = adapters.architecture.keeps_fp32
+    hf_state = {k: v.detach().to(torch.float32 if keep(k) else dtype).clone() for k, v in mapped.items()}
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
