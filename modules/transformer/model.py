@@ -13,6 +13,7 @@ from .attention import bind_attention, check_backend
 from .config import ModelConfig
 from .init import init_weights
 from .io import Splice, TransformerOutput
+from .kv_cache import KVCache
 from .layers import DecoderBlock, RMSNorm
 from .rope import rope_cos_sin
 
@@ -77,6 +78,8 @@ class Transformer(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         splice: Splice | None = None,
         hidden_layers: tuple[int, ...] = (),
+        cache: KVCache | None = None,
+        tree_mask: torch.Tensor | None = None,
     ) -> TransformerOutput:
         """Logits for `input_ids` [B, S] (or for `inputs_embeds` [B, S, H]).
 
@@ -87,25 +90,37 @@ class Transformer(nn.Module):
         with_logits=False: skip the LM head (logits=None); the caller applies `lm_head` to the hidden states.
         splice: embeddings that replace the token embeddings at the splice's positions (with input_ids).
         hidden_layers: layers (negative: from the end) whose output hidden states `layer_hidden` returns.
-        See `ModelInputs` for the same arguments as one object.
+        cache: incremental decoding (see `KVCache`): these tokens follow the `cache.length` cached ones
+        (positions default to `cache.length ...`), attend to them, and are added to the cache.
+        tree_mask [S, S]: with a cache, which new tokens each new token attends to (a token tree); default causal.
+        See `ModelInputs` for the same arguments as one object (training never passes a cache).
         """
         docs = as_documents(doc_ids)
         x = self._embed(input_ids, inputs_embeds, splice)
         b, s = x.shape[:2]
         self._check_inputs((b, s), x.device, position_ids, docs)
         wanted = self._layer_indices(hidden_layers)
+        start = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = torch.arange(s, device=x.device).expand(b, s)
+            position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
         cos, sin = rope_cos_sin(position_ids, self.cfg.dim_per_head, self.cfg.rope_theta, x.dtype)
-        attend = bind_attention(self.cfg.attention, docs, s, x.device, x.dtype)
+        if cache is None:
+            if tree_mask is not None:
+                raise ValueError("tree_mask shapes attention among tokens added to a KV cache: pass cache= with it")
+            attend = bind_attention(self.cfg.attention, docs, s, x.device, x.dtype)
+        else:
+            self._check_cache(cache, docs, tree_mask)
+            cached = cache.bind(s, tree_mask)
         layer_hidden: dict[int, torch.Tensor] = {}
         aux: dict[str, list[torch.Tensor]] = {}
         for i, layer in enumerate(self.layers):
-            x, reported = layer(x, cos, sin, attend)
+            x, reported = layer(x, cos, sin, attend if cache is None else cached.layer(i))
             for name, value in reported.items():
                 aux.setdefault(name, []).append(value)
             for asked in wanted.get(i, ()):
                 layer_hidden[asked] = x
+        if cache is not None:
+            cache.commit(s)
         hidden = self.norm(x)
         return TransformerOutput(logits=self.lm_head(hidden) if with_logits else None, hidden_states=hidden,
                                  last_hidden=x, layer_hidden=layer_hidden, aux=aux)
@@ -130,6 +145,15 @@ class Transformer(nn.Module):
             raise ValueError(f"splice: mask must be [batch, seq] = {tuple(input_ids.shape)} and embeds [positions, "
                              f"{x.shape[-1]}]; got {tuple(splice.mask.shape)} and {tuple(splice.embeds.shape)}")
         return x.masked_scatter(splice.mask.unsqueeze(-1), splice.embeds.to(x.dtype))
+
+    def _check_cache(self, cache: KVCache, docs: Documents | None, tree_mask: torch.Tensor | None) -> None:
+        if docs is not None:
+            raise ValueError("decoding with a KV cache takes rows of one document each: pass no doc_ids")
+        if cache.num_layers != len(self.layers):
+            raise ValueError(f"the KV cache holds {cache.num_layers} layers, the model has {len(self.layers)}; "
+                             "build it with KVCache.for_model(model, ...)")
+        if tree_mask is not None and tree_mask.dim() != 2:
+            raise ValueError(f"tree_mask must be [new tokens, new tokens], got shape {tuple(tree_mask.shape)}")
 
     def _layer_indices(self, hidden_layers: tuple[int, ...]) -> dict[int, list[int]]:
         """Layer index -> the requested indices it answers (a request may count from the end)."""
