@@ -112,12 +112,18 @@ class WeightInit:
         initialises from one calls `consume(name)`; the build refuses a source tensor no plugin consumed,
         and a branch drops the consumed ones (with their optimizer state) instead of refusing them.
     consumed: the source names consumed so far (shared by every plugin of one build).
+    starting(name): the value a `checkpoint.branch_from` will load into the model's own tensor `name` after
+        this initialisation (full, fp32, on the CPU), or None when the run does not branch: then the model's
+        tensor already holds its starting value (drawn, or imported by `init_from_hf`). A plugin whose new
+        tensors start from the model's (draft heads copying the output head) reads it, so that a branch
+        starts them from the checkpoint's weights and not from the draw the checkpoint replaces.
     """
 
     generator: torch.Generator
     imported: frozenset[str] = frozenset()
     source: Mapping[str, torch.Tensor] = field(default_factory=dict)
     consumed: set[str] = field(default_factory=set)
+    starting: Callable[[str], "torch.Tensor | None"] = lambda name: None
 
     def consume(self, *names: str) -> None:
         """Record that this plugin's initialisation used the `source` tensors `names` (so the run may drop them)."""

@@ -77,7 +77,7 @@ def build(model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit, device:
     added = _poison(model, dense)  # NaN until a plugin initialises them
     imported, source = _starting_tensors(model, model_cfg, plugins, init)
     # After the import: a plugin's state may derive from the weights.
-    consumed = plugins.init_weights(model, init.seed, imported, source)
+    consumed = plugins.init_weights(model, init.seed, imported, source, _branch_values(init))
     _check_consumed(source, consumed, init)
     _check_initialised(model, added)
     model.set_activation_checkpointing(init.activation_checkpointing)
@@ -99,6 +99,23 @@ def _starting_tensors(model: nn.Module, model_cfg: ModelConfig, plugins: PluginS
 
         return frozenset(), lacking_parameters(init.branch_from, set(model.state_dict()))
     return frozenset(), {}
+
+
+def _branch_values(init: ModelInit) -> Callable[[str], torch.Tensor | None] | None:
+    """`WeightInit.starting` for a branch: the source's value of one of the model's own tensors, its weights
+    read (once, through the source backend's offline reader) only if a plugin asks."""
+    if init.branch_from is None:
+        return None
+    from slimtrain.trainer.lifecycle.branch import source_weights
+
+    cached: dict[str, torch.Tensor] = {}
+
+    def starting(name: str) -> torch.Tensor | None:
+        if not cached:
+            cached.update(source_weights(init.branch_from))
+        return cached.get(name)
+
+    return starting
 
 
 def _check_consumed(source: Mapping[str, torch.Tensor], consumed: frozenset[str], init: ModelInit) -> None:

@@ -163,6 +163,23 @@ def source_at_build(recipe, ckpt_root: Path, is_main: bool, barrier: Callable[[]
     return pinned_source(recipe, ckpt_root, is_main, barrier, again=fresh_start)
 
 
+def source_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Every parameter of the source checkpoint (full, fp32, CPU; a tied output head under both names)."""
+    from slimtrain.trainer.backends import BACKENDS
+    from slimtrain.trainer.export.consolidate import checkpoint_recipe
+
+    recipe, model_cfg, _ = checkpoint_recipe(step_dir)
+    read_weights = BACKENDS.get(recipe.backend.type).read_weights
+    if read_weights is None:
+        raise RecipeError(f"{FIELD}={str(step_dir)!r}: a plugin initialises from the source's weights, which its "
+                          f"backend {recipe.backend.type!r} cannot read offline; branch from a run of a backend that can")
+    with contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed's reader draws a progress bar per file
+        weights = {n: t.float() for n, t in read_weights(step_dir, recipe, model_cfg).items()}
+    if model_cfg.tie_embeddings and "embed.weight" in weights:
+        weights.setdefault("lm_head.weight", weights["embed.weight"])
+    return weights
+
+
 def lacking_parameters(step_dir: Path, held: set[str]) -> dict[str, torch.Tensor]:
     """The source checkpoint's parameters that a model holding the tensors `held` lacks: full, fp32, on the
     CPU. The names come from the source's model skeleton (its recipe and model config, no weights read);
