@@ -313,6 +313,8 @@ class DeepSpeedBackend:
         else:
             self._load_converted(directory, saved, current, fresh, scratch, dropped)
         self._apply_recipe(recipe_hparams)
+        if converted:
+            self._load_frozen(directory)
         if converted or branching:  # a universal checkpoint holds no buffers
             self._restore_buffers(ds_dir, allow_missing=branching)
         if self.expert_groups is not None:
@@ -429,6 +431,28 @@ class DeepSpeedBackend:
         for group, base, lr in zip(groups, base_lrs, lrs):
             group["initial_lr"], group["lr"] = base, lr
         sched._last_lr = lrs
+
+    def _load_frozen(self, directory: Path) -> None:
+        """A universal load fills the parameters the optimizer holds only: the frozen ones (e.g. a draft plugin's
+        frozen base) are read from the checkpoint's own weights, which would otherwise keep the build's draw."""
+        frozen = {n: p for n, p in self.engine.module.named_parameters() if not p.requires_grad}
+        if not frozen:
+            return
+        import deepspeed
+
+        from slimtrain.trainer.lifecycle.branch import source_weights
+
+        weights = source_weights(directory)
+        missing = sorted(set(frozen) - set(weights))
+        if missing:
+            raise RecipeError(f"{directory} lacks the frozen parameters {missing[:5]}; a frozen parameter must come "
+                              "from the checkpoint (branch from a run whose model holds it)")
+        stage3 = self.config["zero_optimization"]["stage"] == 3
+        gathered = deepspeed.zero.GatheredParameters(list(frozen.values()), modifier_rank=0) if stage3 \
+            else contextlib.nullcontext()
+        with torch.no_grad(), gathered:
+            for name, param in frozen.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
 
     def _load_universal(self, root: Path) -> None:
         # The engine reads this flag at load time only; it cannot be set at initialisation because a
