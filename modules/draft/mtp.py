@@ -1,0 +1,128 @@
+"""DeepSeek-V3 multi-token prediction: D sequential modules sharing the base model's embedding and head.
+
+Module k (1-based) at position t reads the previous depth's hidden state h^{k-1}_t (h^0: the base model's
+last layer output, before its final norm) and the embedding of token t + k:
+
+    h'_t = eh_proj(cat(enorm(embed(x_{t+k})), hnorm(h^{k-1}_t)))      (2H -> H)
+    h^k  = decoder block(h')          (causal within each document, the base's positions)
+    logits of x_{t+k+1} = lm_head(norm(h^k))                          (`shared_head.norm` on disk)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimtrain.modules.transformer.attention import bind_attention
+from slimtrain.modules.transformer.kv_cache import KVCache
+from slimtrain.modules.transformer.layers import DecoderBlock, RMSNorm
+from slimtrain.modules.transformer.rope import rope_cos_sin
+
+from .base import BaseStep, BaseView, DraftOutput
+from .targets import shifted_tokens
+
+
+class MTPModule(nn.Module):
+    """One depth: `enorm`, `hnorm`, `eh_proj`, `block` (a decoder block like the base's), `norm`."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = DecoderBlock(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attend) -> torch.Tensor:
+        """h^k [B, S, H] from the embeddings of tokens t + k and h^{k-1} (both [B, S, H])."""
+        x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(hidden)], dim=-1))
+        return self.block(x, cos, sin, attend)[0]
+
+
+class MTPHeads(nn.Module):
+    """`depths.{k}`: the module of depth k + 1 (1..D)."""
+
+    kind = "mtp"
+
+    def __init__(self, cfg, depth: int) -> None:
+        super().__init__()
+        self.depths = nn.ModuleList(MTPModule(cfg) for _ in range(depth))
+
+    @property
+    def positions(self) -> int:
+        return len(self.depths)
+
+    def draft_outputs(self, base: BaseView) -> list[DraftOutput]:
+        model = base.model
+        s = base.input_ids.shape[1]
+        cos, sin = rope_cos_sin(base.position_ids, model.cfg.dim_per_head, model.cfg.rope_theta, base.last_hidden.dtype)
+        attend = bind_attention(model.cfg.attention, base.documents, s, base.last_hidden.device,
+                                base.last_hidden.dtype)
+        hidden, outputs = base.last_hidden, []
+        for k, module in enumerate(self.depths, start=1):
+            embeds = model.embed(shifted_tokens(base.input_ids, base.doc_ids, k))
+            hidden = module(embeds, hidden, cos, sin, attend)
+            outputs.append(DraftOutput(k, hidden, _projection(module, model)))
+        return outputs
+
+    def drafter(self, model: nn.Module) -> "MTPDrafter":
+        return MTPDrafter(self, model)
+
+
+def _projection(module: MTPModule, model: nn.Module):
+    return lambda h: model.lm_head(module.norm(h))
+
+
+class MTPDrafter:
+    """Decoding with every depth's own KV cache.
+
+    Module k at position t needs h^{k-1}_t and token t + k. Once n tokens are accepted (x_0 .. x_{n-1}; the
+    base's outputs known at 0 .. n-2), its inputs are real for t <= n-1-k; for the positions after, up to
+    n-2, they hold this round's drafts. Each round feeds every module from its first position not cached
+    with real inputs, drafts, then forgets the draft-dependent positions again.
+    """
+
+    def __init__(self, heads: MTPHeads, model: nn.Module) -> None:
+        self.heads, self.model = heads, model
+        self.tokens: list[int] = []  # accepted tokens x_0 .. x_{n-1}
+        self.caches: list[KVCache] = []
+        self.history: list[torch.Tensor] = []  # h^k at the positions module k (or the base, k = 0) holds for real
+
+    def observe(self, step: BaseStep) -> None:
+        if not self.tokens:  # the prompt: x_0 is the first row's token, the rest follow the rows
+            raise ValueError("MTPDrafter.observe needs the prompt's first token: call start(prompt) first")
+        self.tokens.extend(step.next_tokens)
+        rows = step.last_hidden
+        self.history[0] = rows if self.history[0] is None else torch.cat([self.history[0], rows])
+
+    def start(self, first_token: int, max_len: int) -> None:
+        """Begin a sequence whose first token is `first_token`, for up to `max_len` positions."""
+        self.tokens = [first_token]
+        self.caches = [KVCache.for_layers([m.block], 1, max_len) for m in self.heads.depths]
+        self.history = [None] + [None] * self.heads.positions
+
+    def chain(self, k: int) -> list[int]:
+        n, model, cfg = len(self.tokens), self.model, self.model.cfg
+        drafts: list[int] = []
+        previous = self.history[0]  # h^{k-1} at positions 0 .. n-2 (real, then this round's)
+        for depth, (module, cache) in enumerate(zip(self.heads.depths[:k], self.caches), start=1):
+            lo, hi = cache.length, n - 2
+            sequence = self.tokens + drafts
+            tokens = torch.tensor([sequence[t + depth] for t in range(lo, hi + 1)], device=previous.device)
+            positions = torch.arange(lo, hi + 1, device=previous.device)[None]
+            cos, sin = rope_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta, previous.dtype)
+            bound = cache.bind(hi + 1 - lo)
+            out = module(model.embed(tokens)[None], previous[lo:hi + 1][None], cos, sin, bound.layer(0))[0]
+            cache.commit(hi + 1 - lo)
+            drafts.append(int(model.lm_head(module.norm(out[-1])).argmax()))
+            real = max(lo, n - depth)  # positions whose inputs were all accepted tokens
+            cache.truncate(real)
+            known = self.history[depth]
+            kept = out[: real - lo]
+            self.history[depth] = kept if known is None else torch.cat([known, kept])
+            previous = torch.cat([self.history[depth], out[real - lo:]])
+        return drafts
+
+    def children(self, path: list[int], width: int) -> list[int]:
+        raise ValueError("mtp heads draft chains only: tree verification is for medusa and hydra heads")

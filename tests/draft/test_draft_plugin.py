@@ -1,0 +1,117 @@
+"""The draft plugin's recipe checks, parameter groups, losses and accounting, in one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY
+from pydantic import ValidationError
+
+from slimtrain.core.sentinels import IGNORE_INDEX
+from slimtrain.modules.draft.config import DraftConfig
+from slimtrain.modules.plugin import PluginContext
+from slimtrain.modules.plugin_stack import PluginStack
+from slimtrain.modules.transformer import ModelConfig, Transformer
+
+HEADS = [{"kind": "mtp", "depth": 2}, {"kind": "medusa", "num_heads": 2}, {"kind": "hydra", "num_heads": 2}]
+
+
+def _build(mode: str = "joint", heads=HEADS, **extra):
+    stack = PluginStack.from_configs([DraftConfig(type="draft", mode=mode, heads=heads, **extra)])
+    model = Transformer(ModelConfig(**TINY))
+    model.init_weights(0)
+    stack.apply(model)
+    stack.init_weights(model, seed=0)
+    return stack, model
+
+
+@pytest.mark.parametrize("heads,match", [
+    ([{"kind": "mtp", "depth": 0}], "depth"),
+    ([{"kind": "medusa", "num_heads": 0}], "num_heads"),
+    ([{"kind": "hydra", "num_heads": 2}, {"kind": "hydra"}], "more than once"),
+    ([{"kind": "mtp", "loss_weight_schedule": [[10, 0.1], [5, 0.3]]}], "increasing"),
+    ([], "at least 1"),
+])
+def test_bad_heads_are_refused_with_the_field(heads, match) -> None:
+    with pytest.raises(ValidationError, match=match):
+        DraftConfig(type="draft", heads=heads)
+
+
+def test_schedule_switches_the_weight_at_its_step() -> None:
+    cfg = DraftConfig(type="draft", heads=[{"kind": "mtp", "loss_weight_schedule": [[0, 0.3], [100, 0.1]]}])
+    assert [cfg.heads[0].weight_at(s) for s in (1, 99, 100, 500)] == [0.3, 0.3, 0.1, 0.1]
+
+
+def _batch(b: int = 2, s: int = 16):
+    from types import SimpleNamespace
+
+    ids = torch.randint(0, TINY["vocab_size"], (b, s), generator=torch.Generator().manual_seed(0))
+    doc_ids = torch.tensor([[0] * 10 + [1] * 6, [0] * 12 + [-1] * 4])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    same = doc_ids[:, 1:] == doc_ids[:, :-1]
+    labels[:, :-1] = torch.where(same & (doc_ids[:, :-1] >= 0), ids[:, 1:], IGNORE_INDEX)
+    positions = torch.tensor([list(range(10)) + list(range(6)), list(range(12)) + [0] * 4])
+    return SimpleNamespace(input_ids=ids, labels=labels, doc_ids=doc_ids, position_ids=positions,
+                           attention_documents=doc_ids)
+
+
+@pytest.mark.parametrize("mode", ["joint", "frozen"])
+def test_frozen_mode_freezes_the_base_and_its_gradients(mode: str) -> None:
+    stack, model = _build(mode)
+    groups = {g.name: g for g in stack.param_groups(model)}
+    heads = {id(p) for p in model.draft.parameters()}
+    assert {id(p) for p in groups["draft/heads"].params} == heads
+    if mode == "frozen":
+        assert groups["draft/frozen_base"].frozen
+        base = {id(p) for p in groups["draft/frozen_base"].params}
+        assert not base & heads and len(base) == len(list(model.parameters())) - len(heads)
+    batch = _batch()
+    ctx = PluginContext(model=model, step=1)
+    out = model(batch.input_ids, batch.position_ids, batch.doc_ids)
+    terms = stack.losses(out, batch, ctx)
+    assert set(terms) == {"draft/mtp_1", "draft/mtp_2", "draft/medusa_1", "draft/medusa_2", "draft/hydra_1",
+                          "draft/hydra_2"}
+    # mtp: lambda / D per depth; medusa and hydra: coefficient x decay^(k-1)
+    assert terms["draft/mtp_2"].weight == pytest.approx(0.3 / 2)
+    assert terms["draft/medusa_2"].weight == pytest.approx(0.2 * 0.8)
+    sum(t.weight * t.value for t in terms.values()).backward()
+    base_grad = model.layers[0].attn.q_proj.weight.grad
+    assert (base_grad is None or not base_grad.any()) == (mode == "frozen")
+    assert model.draft["hydra"].blocks[0][0].linear.weight.grad.abs().sum() > 0
+
+
+def test_new_heads_start_as_the_output_head() -> None:
+    _, model = _build()
+    for kind in ("medusa", "hydra"):
+        heads = model.draft[kind]
+        h = torch.randn(3, TINY["hidden_size"])
+        torch.testing.assert_close(heads.lm_heads[1].weight, model.lm_head.weight)
+        assert not heads.blocks[0][0].linear.weight.any()
+    medusa = model.draft["medusa"]
+    torch.testing.assert_close(medusa.logits(1, h), model.lm_head(h))
+
+
+def test_self_distillation_targets_the_base_distribution() -> None:
+    stack, model = _build(heads=[{"kind": "medusa", "num_heads": 1}], targets="self_distill")
+    batch = _batch()
+    out = model(batch.input_ids, batch.position_ids, batch.doc_ids)
+    loss = stack.losses(out, batch, PluginContext(model=model, step=1))["draft/medusa_1"].value
+    # The head starts as the output head: its loss at offset 1 is the cross-entropy between the base's
+    # distributions at t + 1 and at t, over the positions whose t + 1 stays in the document.
+    from slimtrain.modules.draft.targets import shifted_labels
+
+    valid = shifted_labels(batch.labels, batch.doc_ids, 1) != IGNORE_INDEX
+    logits = out.logits.float()
+    ahead = torch.zeros_like(logits)
+    ahead[:, :-1] = logits[:, 1:]
+    want = -(ahead[valid].softmax(-1) * logits[valid].log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(loss, want)
+
+
+def test_counts_add_the_heads() -> None:
+    stack, model = _build()
+    cfg = model.cfg
+    counts = stack.counts(cfg, seq_len=64)
+    assert counts.total_params == sum(p.numel() for p in model.parameters())
+    assert counts.active_params == cfg.num_params()
+    assert counts.flops_per_token > cfg.flops_per_token(64) + 6 * sum(p.numel() for p in model.draft.parameters())

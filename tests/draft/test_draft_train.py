@@ -1,0 +1,91 @@
+"""Draft heads on 2 gloo ranks with DeepSpeed, as a user runs them: joint training resumes bitwise after
+SIGKILL with every head kind; a frozen-base branch from a dense checkpoint trains the heads only, and the
+trained heads decode losslessly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import run_train, run_until_checkpoint_then_kill
+
+from slimtrain.trainer.lifecycle.branch import source_weights
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+HEADS = ("heads: [{kind: mtp, depth: 2, loss_weight_schedule: [[0, 0.3], [15, 0.1]]}, "
+         "{kind: medusa, num_heads: 2}, {kind: hydra, num_heads: 2}]")
+JOINT = [f"plugins=[{{type: draft, mode: joint, eval_prompts: 2, eval_rounds: 4, {HEADS}}}]",
+         "train.steps=20", "checkpoint.every=10", "eval.every=10"]
+VOLATILE = {"time_s", "tokens_per_s", "mfu"}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
+
+
+def test_joint_heads_resume_bitwise_after_sigkill(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    straight = run_train(tmp_path / "straight", cache, JOINT)
+    assert straight.returncode == 0, straight.stdout[-3000:]
+    run_until_checkpoint_then_kill(tmp_path / "resumed", cache, 10, JOINT)
+    resumed = run_train(tmp_path / "resumed", cache, JOINT)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    want = _records(tmp_path / "straight")
+    assert want == _records(tmp_path / "resumed")
+    last_eval = want[-1]
+    for key in ("eval/draft/mtp_1", "eval/draft/mtp_2", "eval/draft/medusa/acc2", "eval/draft/hydra/acc1",
+                "eval/draft/mtp/tau", "eval/draft/medusa/accept2", "eval/draft/hydra/tau"):
+        assert key in last_eval, sorted(last_eval)
+    assert 1.0 <= last_eval["eval/draft/mtp/tau"] <= 3.0
+    steps = [r for r in want if "loss" in r]
+    assert {"draft/mtp_1", "draft/mtp_2", "draft/medusa_1", "draft/hydra_2"} <= set(steps[-1])
+
+
+def test_frozen_base_branch_trains_only_the_heads(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    dense = run_train(tmp_path / "dense", cache, ["train.steps=10", "checkpoint.every=10"])
+    assert dense.returncode == 0, dense.stdout[-3000:]
+    source = tmp_path / "dense" / "checkpoints" / "step_00000010"
+    frozen = [f"plugins=[{{type: draft, mode: frozen, lr_scale: 4.0, eval_prompts: 1, eval_rounds: 4, {HEADS}}}]",
+              f"checkpoint.branch_from={source}", "train.steps=20", "checkpoint.every=10", "eval.every=10"]
+    branch = run_train(tmp_path / "frozen", cache, frozen)
+    assert branch.returncode == 0, branch.stdout[-3000:]
+    before = source_weights(source)
+    after = source_weights(tmp_path / "frozen" / "checkpoints" / "step_00000020")
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name  # the base: bitwise unchanged
+    heads = {n: t for n, t in after.items() if n.startswith("draft.")}
+    assert heads and all(n not in before for n in heads)
+    # Medusa's projections started as the dense checkpoint's output head (not the draw it replaced) and moved.
+    start = before["lm_head.weight"]
+    moved = (heads["draft.medusa.lm_heads.0.weight"] - start).abs().max()
+    assert 0 < moved < 0.5 * start.abs().max()
+    assert heads["draft.hydra.blocks.1.0.linear.weight"].abs().max() > 0
+
+    _decode_losslessly(tmp_path / "frozen", after)
+
+
+def _decode_losslessly(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    from slimtrain.modules.plugin_registry import build_plugins
+    from slimtrain.modules.draft.speculate import SpeculativeDecoder
+    from slimtrain.modules.transformer import Transformer
+    from slimtrain.modules.transformer.generate import greedy_generate
+    from slimtrain.trainer.export.consolidate import load_checkpoint_for_export
+
+    ckpt = load_checkpoint_for_export(run_dir)
+    [plugin] = build_plugins(ckpt.recipe.plugins)
+    model = Transformer(ckpt.model_cfg)
+    plugin.apply(model)
+    model.load_state_dict(weights, strict=False)
+    model = model.double().eval()
+    prompt = torch.randint(0, ckpt.model_cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    want = greedy_generate(model, prompt, 24)
+    for kind, widths in (("mtp", None), ("medusa", [2, 2]), ("hydra", None)):
+        head = model.draft[kind]
+        got, stats = SpeculativeDecoder(model, head.drafter(model), head.positions, widths).generate(prompt, 24)
+        assert torch.equal(got, want), kind
+        assert stats.tau >= 1.0
