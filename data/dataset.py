@@ -62,6 +62,24 @@ class TokenDataset:
         cum = np.concatenate([[0], np.cumsum(self.doc_len)])
         return cum[self.source_bounds[1:]] - cum[self.source_bounds[:-1]]
 
+    def token_counts(self, vocab_size: int, max_tokens: int = 100_000_000) -> np.ndarray:
+        """How often each token id occurs in the split's documents, int64 [vocab_size]: over its first
+        `max_tokens` tokens in document order (ranking tokens by frequency needs no more)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        pending, held, seen = [], 0, 0
+        for i in range(len(self)):
+            doc = self.document(i)[: max_tokens - seen]
+            pending.append(doc)
+            held, seen = held + len(doc), seen + len(doc)
+            if held >= 1 << 22 or seen >= max_tokens:  # bincount a few million tokens at a time
+                counts += np.bincount(np.concatenate(pending).astype(np.int64), minlength=vocab_size)[:vocab_size]
+                pending, held = [], 0
+            if seen >= max_tokens:
+                break
+        if pending:
+            counts += np.bincount(np.concatenate(pending).astype(np.int64), minlength=vocab_size)[:vocab_size]
+        return counts
+
     def document(self, index: int) -> np.ndarray:
         """The tokens of document `index` (a read-only view into its shard)."""
         start = int(self.doc_start[index])

@@ -117,6 +117,8 @@ class WeightInit:
         tensor already holds its starting value (drawn, or imported by `init_from_hf`). A plugin whose new
         tensors start from the model's (draft heads copying the output head) reads it, so that a branch
         starts them from the checkpoint's weights and not from the draw the checkpoint replaces.
+    token_counts(): how often each token id occurs in the training corpus, int64 [vocab] (computed on the first
+        call), or None outside a training run (a tool building the model to load a checkpoint into it).
     """
 
     generator: torch.Generator
@@ -124,6 +126,7 @@ class WeightInit:
     source: Mapping[str, torch.Tensor] = field(default_factory=dict)
     consumed: set[str] = field(default_factory=set)
     starting: Callable[[str], "torch.Tensor | None"] = lambda name: None
+    token_counts: Callable[[], "torch.Tensor | None"] = lambda: None
 
     def consume(self, *names: str) -> None:
         """Record that this plugin's initialisation used the `source` tensors `names` (so the run may drop them)."""

@@ -61,18 +61,20 @@ class PluginStack:
     @torch.no_grad()
     def init_weights(self, model: nn.Module, seed: int, imported: frozenset[str] = frozenset(),
                      source: Mapping[str, torch.Tensor] | None = None,
-                     starting: Callable[[str], torch.Tensor | None] | None = None) -> frozenset[str]:
+                     starting: Callable[[str], torch.Tensor | None] | None = None,
+                     token_counts: Callable[[], torch.Tensor] | None = None) -> frozenset[str]:
         """Every plugin's `init_weights`, from one generator seeded by `seed` (reproducible per recipe);
         `imported`: the tensors a checkpoint import filled, which keep their values; `source`: the starting
         checkpoint's tensors the model lacks (`WeightInit.source`); `starting`: what a branch will load into the
-        model's own tensors (`WeightInit.starting`). Returns the source names the plugins consumed."""
+        model's own tensors (`WeightInit.starting`); `token_counts`: the corpus's token frequencies. Returns the source names the plugins consumed."""
         source = MappingProxyType(dict(source or {}))  # read-only for the plugins
         consumed: set[str] = set()
         for plugin in self.plugins:
             # A stream of its own per plugin: neither the model's draws nor another plugin's.
             generator = torch.Generator().manual_seed(_derived_seed(seed, plugin.name))
             plugin.init_weights(model, WeightInit(generator=generator, imported=imported, source=source,
-                                                  consumed=consumed, starting=starting or (lambda name: None)))
+                                                  consumed=consumed, starting=starting or (lambda name: None),
+                                                  token_counts=_once(token_counts)))
         return frozenset(consumed)
 
     def skeleton(self, model_cfg: ModelConfig) -> nn.Module:
@@ -191,6 +193,20 @@ class PluginStack:
         for plugin in self.plugins:
             plugin.export(ctx)
         return ctx
+
+
+def _once(compute: Callable[[], torch.Tensor] | None) -> Callable[[], torch.Tensor | None]:
+    """`compute` called on first use only (counting a corpus's tokens takes a while), None without it."""
+    held: list[torch.Tensor] = []
+
+    def value() -> torch.Tensor | None:
+        if compute is None:
+            return None
+        if not held:
+            held.append(compute())
+        return held[0]
+
+    return value
 
 
 def _derived_seed(seed: int, name: str) -> int:

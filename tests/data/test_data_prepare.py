@@ -209,3 +209,18 @@ def test_tokenizer_workers_outlive_the_preemption_warning() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stderr
+
+
+def test_token_counts_cover_the_split_documents_only(tmp_path) -> None:
+    """Frequencies for a draft vocabulary: every token of the split's documents counted once; a cap
+    stops after that many tokens in document order."""
+    import numpy as np
+    from data_helpers import synthetic_dataset
+
+    train = synthetic_dataset(tmp_path, [[3, 5], [4]], split="train")
+    wanted = np.concatenate([train.document(i) for i in range(len(train))])
+    counts = train.token_counts(vocab_size=int(wanted.max()) + 5)
+    assert counts.sum() == len(wanted) == train.num_tokens
+    assert (counts[wanted] == 1).all()
+    capped = train.token_counts(vocab_size=int(wanted.max()) + 5, max_tokens=4)
+    assert capped.sum() == 4 and (capped[wanted[:4]] == 1).all()

@@ -38,6 +38,8 @@ class ModelInit:
     branch_from: Path | None = None
     """The step directory this run branches from (checkpoint.branch_from, pinned), when it starts from it
     rather than resuming its own checkpoint: its parameters the model lacks go to the plugins (`source`)."""
+    token_counts: Callable[[], torch.Tensor] | None = None
+    """Token frequencies of the training corpus, int64 [vocab], computed when a plugin asks (`WeightInit.token_counts`)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def build(model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit, device:
     added = _poison(model, dense)  # NaN until a plugin initialises them
     imported, source = _starting_tensors(model, model_cfg, plugins, init)
     # After the import: a plugin's state may derive from the weights.
-    consumed = plugins.init_weights(model, init.seed, imported, source, _branch_values(init))
+    consumed = plugins.init_weights(model, init.seed, imported, source, _branch_values(init), init.token_counts)
     _check_consumed(source, consumed, init)
     _check_initialised(model, added)
     model.set_activation_checkpointing(init.activation_checkpointing)

@@ -85,7 +85,8 @@ def build_parts(recipe: Recipe) -> RunParts:
     hf = recipe.checkpoint.init_from_hf
     init = ModelInit(seed=recipe.run.seed, init_from_hf=Path(hf) if hf else None,
                      activation_checkpointing=recipe.train.activation_checkpointing, compile=recipe.train.compile,
-                     branch_from=_branch_source(recipe, backend))
+                     branch_from=_branch_source(recipe, backend),
+                     token_counts=lambda: torch.from_numpy(prepared.train.token_counts(model_cfg.vocab_size)))
     model = backend.build_model(model_cfg, plugins, init)
     optimizer = build_optimizer(model, recipe.optim, plugins.param_groups(model))
     scheduler = build_scheduler(optimizer, recipe.optim.schedule, recipe.train.steps)
