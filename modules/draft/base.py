@@ -22,7 +22,8 @@ class BaseView:
     model: the base `Transformer` (its `embed`, `lm_head`, `cfg`). input_ids, doc_ids, position_ids [B, S]
     (doc_ids PAD_DOC_ID on padding, 0 everywhere for rows of one document). documents: the layout the
     attention backends take (None: one causal document per row). hidden: the final normed hidden states;
-    last_hidden: the last layer's output before the final norm (MTP's h^0).
+    last_hidden: the last layer's output before the final norm (MTP's h^0); layer_hidden: outputs of the layers
+    a head asked for (`ModelInputs.hidden_layers`), by layer index.
     """
 
     model: nn.Module
@@ -32,15 +33,18 @@ class BaseView:
     documents: object
     hidden: torch.Tensor
     last_hidden: torch.Tensor
+    layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class DraftOutput:
-    """Offset k's features [B, S, F] and `project` (features [N, F] -> logits [N, V])."""
+    """Offset k's features [B, S, F] and `project` (features [N, F] -> logits [N, V']). `vocab` [V']: the
+    target id of each logit, for a head over a reduced draft vocabulary (None: the whole vocabulary)."""
 
     offset: int
     features: torch.Tensor
     project: Callable[[torch.Tensor], torch.Tensor]
+    vocab: torch.Tensor | None = None
 
 
 @dataclass

@@ -74,7 +74,29 @@ class HydraHead(_Head):
     decay: float = Field(0.8, gt=0, le=1, description="Head k weighs decay^(k-1).")
 
 
-HeadConfig = Annotated[Union[MTPHead, MedusaHead, HydraHead], Field(discriminator="kind")]
+class Eagle3Head(_Head):
+    """EAGLE-3: one decoder layer over the fused hidden states of three base layers and the next token's
+    embedding, trained by unrolling its own drafts (training-time test), optionally over a reduced vocabulary."""
+
+    kind: Literal["eagle3"] = Field(description="Head kind.")
+    layers: list[int] | None = Field(
+        None, description="The base layers whose incoming hidden states are fused (the state entering layer k, "
+        "HF's hidden_states[k]; 1 .. num_layers - 1); null: vLLM's default 2, L/2, L-3 (kept within 1 .. L-1).")
+    steps: int = Field(7, ge=1, description="Draft steps unrolled in training (EAGLE-3's test-time length 7) and "
+                       "drafted per round in decoding.")
+    decay: float = Field(0.8, gt=0, le=1, description="Step k weighs decay^(k-1) (EAGLE-3: 0.8; ModelOpt 0.9).")
+    draft_vocab_size: int | None = Field(
+        None, ge=1, description="Size of the draft's output vocabulary: the most frequent tokens of the training "
+        "corpus (d2t/t2d maps in the export); null: the whole vocabulary.")
+
+    def layer_ids(self, num_layers: int) -> tuple[int, ...]:
+        """The fused layers for a model of `num_layers` layers."""
+        if self.layers is not None:
+            return tuple(self.layers)
+        return tuple(min(max(k, 1), num_layers - 1) for k in (2, num_layers // 2, num_layers - 3))
+
+
+HeadConfig = Annotated[Union[MTPHead, MedusaHead, HydraHead, Eagle3Head], Field(discriminator="kind")]
 
 
 class DraftConfig(PluginConfig):

@@ -19,7 +19,8 @@ from .speculate import SpeculativeDecoder
 def base_view(model: nn.Module, outputs: Any, batch: Any) -> BaseView:
     """What the heads read of one training forward of `batch`."""
     return BaseView(model=model, input_ids=batch.input_ids, doc_ids=batch.doc_ids, position_ids=batch.position_ids,
-                    documents=batch.attention_documents, hidden=outputs.hidden_states, last_hidden=outputs.last_hidden)
+                    documents=batch.attention_documents, hidden=outputs.hidden_states, last_hidden=outputs.last_hidden,
+                    layer_hidden=outputs.layer_hidden)
 
 
 def evaluate_heads(heads: dict[str, nn.Module], ctx: PluginContext, batches: Iterable[Any], self_distill: bool,

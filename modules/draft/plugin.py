@@ -12,7 +12,8 @@ from slimtrain.modules.plugin_registry import register_plugin
 from slimtrain.modules.transformer.init import init_weights as init_like_base
 
 from .base import own_generator_seed
-from .config import DraftConfig, HydraHead, MedusaHead, MTPHead
+from .config import DraftConfig, Eagle3Head, HydraHead, MedusaHead, MTPHead
+from .eagle3 import Eagle3Head as Eagle3Module
 from .evaluation import base_view, evaluate_heads
 from .hydra import HydraHeads
 from .losses import position_result
@@ -32,7 +33,29 @@ def build_heads(cfg: DraftConfig, model_cfg: Any) -> nn.ModuleDict:
             heads[head.kind] = MedusaHeads(model_cfg.hidden_size, model_cfg.vocab_size, head.num_heads, head.num_layers)
         elif isinstance(head, HydraHead):
             heads[head.kind] = HydraHeads(model_cfg.hidden_size, model_cfg.vocab_size, head.num_heads, head.num_layers)
+        elif isinstance(head, Eagle3Head):
+            heads[head.kind] = Eagle3Module(model_cfg, head.layer_ids(model_cfg.num_layers), head.steps,
+                                            head.draft_vocab_size or model_cfg.vocab_size)
     return heads
+
+
+def check_heads(cfg: DraftConfig, model_cfg: Any) -> None:
+    """What needs the model's shape: EAGLE-3's layers and draft vocabulary."""
+    eagle = cfg.head("eagle3")
+    if eagle is None:
+        return
+    n = model_cfg.num_layers
+    if n < 2:
+        raise ValueError(f"eagle3 fuses hidden states entering layers 1 .. num_layers - 1, and model.num_layers={n} has "
+                         "none; use another head kind or a deeper model")
+    wrong = [k for k in eagle.layer_ids(n) if not 1 <= k <= n - 1]
+    if wrong:
+        raise ValueError(f"eagle3 layers={eagle.layers}: {wrong} out of range; the model has {n} layers, so give ids in "
+                         f"1 .. {n - 1} (the hidden state entering that layer)")
+    if eagle.draft_vocab_size is not None and model_cfg.vocab_size is not None \
+            and eagle.draft_vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"eagle3 draft_vocab_size={eagle.draft_vocab_size} exceeds the tokenizer's vocabulary "
+                         f"({model_cfg.vocab_size}); lower it or leave it null for the whole vocabulary")
 
 
 @register_plugin("draft", DraftConfig)
@@ -46,7 +69,12 @@ class DraftPlugin(Plugin):
         self.cfg: DraftConfig = cfg
         self.weights = {h.kind: h.weight_at(0) for h in cfg.heads}
 
+    def configure(self, model_cfg):
+        check_heads(self.cfg, model_cfg)
+        return model_cfg
+
     def apply(self, model: nn.Module) -> None:
+        check_heads(self.cfg, model.cfg)
         model.draft = build_heads(self.cfg, model.cfg)
 
     def init_weights(self, model: nn.Module, init: WeightInit) -> None:
@@ -55,6 +83,9 @@ class DraftPlugin(Plugin):
         for kind, heads in model.draft.items():
             if kind == "mtp":  # decoder blocks as the base's are initialised; the head and embedding are shared
                 init_like_base(heads, model.cfg, seed=own_generator_seed(init.generator))
+            elif kind == "eagle3":  # a base-like layer; the output head starts as the base's rows of its vocabulary
+                init_like_base(heads, model.cfg, seed=own_generator_seed(init.generator))
+                heads.set_vocabulary(init.token_counts(), lm_head)
             else:
                 heads.reset(lm_head)
 
@@ -70,11 +101,20 @@ class DraftPlugin(Plugin):
     def on_step_start(self, ctx: PluginContext) -> None:
         self.weights = {h.kind: h.weight_at(ctx.step) for h in self.cfg.heads}
 
+    def model_inputs(self, inputs, batch, ctx: PluginContext):
+        layers = self._hidden_layers(ctx.model)
+        return inputs.requesting(*layers) if layers else inputs
+
+    @staticmethod
+    def _hidden_layers(model: nn.Module) -> tuple[int, ...]:
+        return tuple(sorted({k for head in model.draft.values() for k in getattr(head, "hidden_layers", ())}))
+
     def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
         model = ctx.model
         view = base_view(model, outputs, batch)
         if self.cfg.mode == "frozen":  # nothing flows back into the base, whatever the engine does with frozen tensors
             view.hidden, view.last_hidden = view.hidden.detach(), view.last_hidden.detach()
+            view.layer_hidden = {k: v.detach() for k, v in view.layer_hidden.items()}
         terms = {}
         for head in self.cfg.heads:
             outs = model.draft[head.kind].draft_outputs(view)
@@ -94,10 +134,14 @@ class DraftPlugin(Plugin):
             heads = build_heads(self.cfg, model_cfg)
         n = sum(p.numel() for p in heads.parameters())
         # Training runs every head on every token: 6 FLOPs per parameter and token (forward and backward). Each
-        # MTP depth adds a base layer's attention and a pass through the shared output head.
-        mtp = self.cfg.head("mtp")
+        # MTP depth adds a base layer's attention and a pass through the shared output head; EAGLE-3 runs its
+        # layer and head once per unrolled step (its fc once), each step with a layer's attention.
+        mtp, eagle = self.cfg.head("mtp"), self.cfg.head("eagle3")
         depth = 0 if mtp is None else mtp.depth
         attention = 12 * model_cfg.num_heads * model_cfg.dim_per_head * seq_len / (2 if causal else 1)
         extra = 6 * n + depth * (attention + 6 * model_cfg.hidden_size * model_cfg.vocab_size)
+        if eagle is not None:
+            unrolled = sum(p.numel() for name, p in heads["eagle3"].named_parameters() if not name.startswith("fc."))
+            extra += eagle.steps * attention + (eagle.steps - 1) * 6 * unrolled
         return ModelCounts(total_params=counts.total_params + n, active_params=counts.active_params,
                            flops_per_token=counts.flops_per_token + extra)

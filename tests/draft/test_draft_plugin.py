@@ -16,12 +16,12 @@ from slimtrain.modules.transformer import ModelConfig, Transformer
 HEADS = [{"kind": "mtp", "depth": 2}, {"kind": "medusa", "num_heads": 2}, {"kind": "hydra", "num_heads": 2}]
 
 
-def _build(mode: str = "joint", heads=HEADS, **extra):
+def _build(mode: str = "joint", heads=HEADS, counts=None, **extra):
     stack = PluginStack.from_configs([DraftConfig(type="draft", mode=mode, heads=heads, **extra)])
     model = Transformer(ModelConfig(**TINY))
     model.init_weights(0)
     stack.apply(model)
-    stack.init_weights(model, seed=0)
+    stack.init_weights(model, seed=0, token_counts=counts)
     return stack, model
 
 
@@ -31,6 +31,7 @@ def _build(mode: str = "joint", heads=HEADS, **extra):
     ([{"kind": "hydra", "num_heads": 2}, {"kind": "hydra"}], "more than once"),
     ([{"kind": "mtp", "loss_weight_schedule": [[10, 0.1], [5, 0.3]]}], "increasing"),
     ([], "at least 1"),
+    ([{"kind": "eagle3", "steps": 0}], "steps"),
 ])
 def test_bad_heads_are_refused_with_the_field(heads, match) -> None:
     with pytest.raises(ValidationError, match=match):
@@ -115,3 +116,35 @@ def test_counts_add_the_heads() -> None:
     assert counts.total_params == sum(p.numel() for p in model.parameters())
     assert counts.active_params == cfg.num_params()
     assert counts.flops_per_token > cfg.flops_per_token(64) + 6 * sum(p.numel() for p in model.draft.parameters())
+
+
+@pytest.mark.parametrize("head,match", [({"kind": "eagle3", "layers": [1, 3, 0]}, r"\[3, 0\] out of range"),
+                                        ({"kind": "eagle3", "draft_vocab_size": 62}, "exceeds the tokenizer")])
+def test_eagle3_checks_need_the_model(head, match) -> None:
+    from slimtrain.modules.plugin_stack import check_plugins
+
+    with pytest.raises(ValueError, match=match):
+        check_plugins([DraftConfig(type="draft", heads=[head])], ModelConfig(**TINY))
+
+
+def test_eagle3_reduced_vocabulary_learns_only_its_tokens() -> None:
+    """The draft vocabulary is the corpus's most frequent tokens; targets outside it take no loss."""
+    counts = torch.zeros(TINY["vocab_size"], dtype=torch.long)
+    counts[:20] = 100 - torch.arange(20)
+    stack, model = _build(heads=[{"kind": "eagle3", "steps": 2, "draft_vocab_size": 20}], counts=lambda: counts)
+    head = model.draft["eagle3"]
+    assert head.target_ids().tolist() == list(range(20)) and int(head.t2d.sum()) == 20
+    torch.testing.assert_close(head.lm_head.weight, model.lm_head.weight[:20])
+    batch = _batch()
+    out = model(**stack.inputs(batch, PluginContext(model=model)).model_kwargs())
+    assert set(out.layer_hidden) == set(head.hidden_layers)
+    from slimtrain.modules.draft.evaluation import base_view
+    from slimtrain.modules.draft.losses import position_result
+    from slimtrain.modules.draft.targets import shifted_labels
+
+    view = base_view(model, out, batch)
+    for o in head.draft_outputs(view):
+        r = position_result(o, view, batch.labels, self_distill=False)
+        targets = shifted_labels(batch.labels, batch.doc_ids, o.offset)
+        assert int(r.count) == int(((targets >= 0) & (targets < 20)).sum())
+        assert torch.isfinite(r.loss)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import randomise, tiny_model
 
 from slimtrain.modules.draft.base import BaseView
+from slimtrain.modules.draft.eagle3 import Eagle3Head
 from slimtrain.modules.draft.hydra import HydraHeads
 from slimtrain.modules.draft.medusa import MedusaHeads
 from slimtrain.modules.draft.mtp import MTPHeads
@@ -20,7 +21,8 @@ def _heads(model, kind: str, seed: int):
     cfg = model.cfg
     head = {"medusa": lambda: MedusaHeads(cfg.hidden_size, cfg.vocab_size, 3, 1),
             "hydra": lambda: HydraHeads(cfg.hidden_size, cfg.vocab_size, 3, 2),
-            "mtp": lambda: MTPHeads(cfg, 2)}[kind]().double()
+            "mtp": lambda: MTPHeads(cfg, 2),
+            "eagle3": lambda: Eagle3Head(cfg, (1, 2, 2), steps=3, draft_vocab=cfg.vocab_size)}[kind]().double()
     return randomise(head, seed)
 
 
@@ -44,14 +46,16 @@ class Oracle:
 
 
 @pytest.mark.parametrize("kind,widths", [("medusa", None), ("medusa", [3, 2, 1]), ("hydra", None), ("hydra", [2, 2, 2]),
-                                         ("mtp", None)])
+                                         ("mtp", None), ("eagle3", None)])
 def test_speculative_output_is_plain_greedy(kind: str, widths) -> None:
     model = tiny_model(seed=1)
     for seed in range(3):
         prompt = torch.randint(0, 61, (1, 5 + 3 * seed), generator=torch.Generator().manual_seed(seed))
         head = _heads(model, kind, seed)
         want = greedy_generate(model, prompt, 30)
-        got, stats = SpeculativeDecoder(model, head.drafter(model), head.positions, widths).generate(prompt, 30)
+        decoder = SpeculativeDecoder(model, head.drafter(model), head.positions, widths,
+                                     hidden_layers=getattr(head, "hidden_layers", ()))
+        got, stats = decoder.generate(prompt, 30)
         assert torch.equal(got, want)
         assert stats.tokens >= 29 and 1.0 <= stats.tau <= head.positions + 1
 
@@ -141,3 +145,33 @@ def _attention(x, attn, cfg):
     scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
     out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, s, -1)
     return out @ attn.o_proj.weight.T
+
+
+def _eagle(model, seed: int, draft_vocab: int) -> Eagle3Head:
+    head = randomise(Eagle3Head(model.cfg, (1, 2, 2), steps=3, draft_vocab=draft_vocab).double(), seed)
+    counts = torch.arange(model.cfg.vocab_size, dtype=torch.float64).flip(0)  # low ids the most frequent
+    head.set_vocabulary(counts, randomise(torch.nn.Linear(32, model.cfg.vocab_size).double(), seed).weight)
+    return head
+
+
+@pytest.mark.parametrize("draft_vocab", [61, 40])
+def test_eagle3_drafts_equal_the_unrolled_training_forward(draft_vocab: int) -> None:
+    """Step j of the training-time-test unroll at the last accepted position drafts what decoding drafts there,
+    with the reduced vocabulary mapped back to target ids; and decoding stays lossless."""
+    model = tiny_model(seed=10)
+    head = _eagle(model, 11, draft_vocab)
+    assert head.t2d.sum() == draft_vocab and head.target_ids().max() < draft_vocab  # the most frequent ids
+    prompt = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(12))
+    drafter = head.drafter(model)
+    decoder = SpeculativeDecoder(model, drafter, draft_tokens=3, hidden_layers=head.hidden_layers)
+    tokens, _ = decoder.generate(prompt, rounds=4)
+    assert torch.equal(tokens, greedy_generate(model, prompt, tokens.shape[1] - 9))
+    drafts = drafter.chain(3)
+    ids = torch.cat([tokens, torch.tensor([drafts])], dim=1)
+    n = tokens.shape[1]
+    out = model(ids, hidden_layers=head.hidden_layers)
+    zeros = torch.zeros_like(ids)
+    view = BaseView(model, ids, zeros, torch.arange(ids.shape[1])[None], None, out.hidden_states, out.last_hidden,
+                    out.layer_hidden)
+    predicted = [int(o.vocab[o.project(o.features[0, n - 2]).argmax()]) for o in head.draft_outputs(view)]
+    assert predicted == drafts

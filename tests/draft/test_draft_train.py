@@ -16,7 +16,7 @@ from slimtrain.trainer.lifecycle.branch import source_weights
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 HEADS = ("heads: [{kind: mtp, depth: 2, loss_weight_schedule: [[0, 0.3], [15, 0.1]]}, "
-         "{kind: medusa, num_heads: 2}, {kind: hydra, num_heads: 2}]")
+         "{kind: medusa, num_heads: 2}, {kind: hydra, num_heads: 2}, {kind: eagle3, steps: 2, draft_vocab_size: 256}]")
 JOINT = [f"plugins=[{{type: draft, mode: joint, eval_prompts: 2, eval_rounds: 4, {HEADS}}}]",
          "train.steps=20", "checkpoint.every=10", "eval.every=10"]
 VOLATILE = {"time_s", "tokens_per_s", "mfu"}
@@ -38,11 +38,12 @@ def test_joint_heads_resume_bitwise_after_sigkill(tmp_path: Path) -> None:
     assert want == _records(tmp_path / "resumed")
     last_eval = want[-1]
     for key in ("eval/draft/mtp_1", "eval/draft/mtp_2", "eval/draft/medusa/acc2", "eval/draft/hydra/acc1",
-                "eval/draft/mtp/tau", "eval/draft/medusa/accept2", "eval/draft/hydra/tau"):
+                "eval/draft/mtp/tau", "eval/draft/medusa/accept2", "eval/draft/hydra/tau", "eval/draft/eagle3/acc2",
+                "eval/draft/eagle3/tau"):
         assert key in last_eval, sorted(last_eval)
     assert 1.0 <= last_eval["eval/draft/mtp/tau"] <= 3.0
     steps = [r for r in want if "loss" in r]
-    assert {"draft/mtp_1", "draft/mtp_2", "draft/medusa_1", "draft/hydra_2"} <= set(steps[-1])
+    assert {"draft/mtp_1", "draft/mtp_2", "draft/medusa_1", "draft/hydra_2", "draft/eagle3_2"} <= set(steps[-1])
 
 
 def test_frozen_base_branch_trains_only_the_heads(tmp_path: Path) -> None:
@@ -50,7 +51,8 @@ def test_frozen_base_branch_trains_only_the_heads(tmp_path: Path) -> None:
     dense = run_train(tmp_path / "dense", cache, ["train.steps=10", "checkpoint.every=10"])
     assert dense.returncode == 0, dense.stdout[-3000:]
     source = tmp_path / "dense" / "checkpoints" / "step_00000010"
-    frozen = [f"plugins=[{{type: draft, mode: frozen, lr_scale: 4.0, eval_prompts: 1, eval_rounds: 4, {HEADS}}}]",
+    frozen = [f"plugins=[{{type: draft, mode: frozen, targets: self_distill, lr_scale: 4.0, eval_prompts: 1, "
+              f"eval_rounds: 4, {HEADS}}}]",
               f"checkpoint.branch_from={source}", "train.steps=20", "checkpoint.every=10", "eval.every=10"]
     branch = run_train(tmp_path / "frozen", cache, frozen)
     assert branch.returncode == 0, branch.stdout[-3000:]
@@ -65,6 +67,8 @@ def test_frozen_base_branch_trains_only_the_heads(tmp_path: Path) -> None:
     moved = (heads["draft.medusa.lm_heads.0.weight"] - start).abs().max()
     assert 0 < moved < 0.5 * start.abs().max()
     assert heads["draft.hydra.blocks.1.0.linear.weight"].abs().max() > 0
+    # EAGLE-3's draft vocabulary: the corpus's 256 most frequent tokens, its head started from their rows.
+    assert int(heads["draft.eagle3.t2d"].sum()) == 256
 
     _decode_losslessly(tmp_path / "frozen", after)
 
@@ -84,8 +88,10 @@ def _decode_losslessly(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
     model = model.double().eval()
     prompt = torch.randint(0, ckpt.model_cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     want = greedy_generate(model, prompt, 24)
-    for kind, widths in (("mtp", None), ("medusa", [2, 2]), ("hydra", None)):
+    for kind, widths in (("mtp", None), ("medusa", [2, 2]), ("hydra", None), ("eagle3", None)):
         head = model.draft[kind]
-        got, stats = SpeculativeDecoder(model, head.drafter(model), head.positions, widths).generate(prompt, 24)
+        decoder = SpeculativeDecoder(model, head.drafter(model), head.positions, widths,
+                                     hidden_layers=getattr(head, "hidden_layers", ()))
+        got, stats = decoder.generate(prompt, 24)
         assert torch.equal(got, want), kind
         assert stats.tau >= 1.0
