@@ -196,13 +196,15 @@ class ExportVariant:
 
     transform(hf_state, hf_to_ours) returns the tensors to save (HF names); `hf_to_ours` maps every HF
     tensor name of the plain export to our parameter name. config(hf_to_ours) returns the keys merged
-    into its config.json (e.g. `quantization_config`).
+    into its config.json (e.g. `quantization_config`), or with `standalone` the whole config.json: a
+    directory that is not the model but something an engine loads beside it (draft heads, a speculator).
     """
 
     name: str
     transform: Callable[[StateDict, dict[str, str]], StateDict]
     config: Callable[[dict[str, str]], dict[str, Any]] = lambda hf_to_ours: {}
     readme: str = ""
+    standalone: bool = False
 
 
 @dataclass

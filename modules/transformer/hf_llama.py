@@ -25,7 +25,7 @@ _GLOBAL_NAMES = {
     "lm_head.weight": "lm_head.weight",
 }
 # Per decoder layer: our suffix after "layers.{i}." -> HF suffix after "model.layers.{i}.".
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "input_norm.weight": "input_layernorm.weight",
     "attn.q_proj.weight": "self_attn.q_proj.weight",
     "attn.k_proj.weight": "self_attn.k_proj.weight",
@@ -42,7 +42,7 @@ def name_map(cfg: ModelConfig) -> dict[str, str]:
     """Every parameter name of our dense model -> its HF Llama name."""
     names = dict(_GLOBAL_NAMES)
     for i in range(cfg.num_layers):
-        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{hf}" for ours, hf in _LAYER_NAMES.items()})
+        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{hf}" for ours, hf in LAYER_NAMES.items()})
     return names
 
 

@@ -36,9 +36,10 @@ class KVCache:
 
     @classmethod
     def for_layers(cls, layers: Iterable[nn.Module], batch: int, max_len: int) -> "KVCache":
-        """A cache for decoder blocks `layers` (each with `attn.k_proj`; its width gives the kv heads)."""
+        """A cache for decoder blocks `layers` (each with an attention `attn` or `self_attn` holding `k_proj` and
+        `head_dim`; the projection's width gives the kv heads)."""
         layers = list(layers)
-        attn = layers[0].attn
+        attn = getattr(layers[0], "attn", None) or layers[0].self_attn
         weight = attn.k_proj.weight
         kv_heads = weight.shape[0] // attn.head_dim
         return cls(len(layers), batch, max_len, kv_heads, attn.head_dim, weight.dtype, weight.device)

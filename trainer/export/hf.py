@@ -87,9 +87,10 @@ def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir
         _write_dir(tmp, hf_state, config(), {**adapter_keys, **extra.config}, ids, tokenizer_dir,
                    (card or "") + notes)
         for variant in extra.variants:  # a variant holds the plugins' tensors too: their keys describe them
-            _write_dir(tmp / variant.name, variant.transform(hf_state, hf_to_ours), config(),
-                       {**adapter_keys, **variant.config(hf_to_ours)}, ids, tokenizer_dir,
-                       f"{card or ''}{notes}\n\n{variant.readme}\n")
+            keys = variant.config(hf_to_ours)
+            _write_dir(tmp / variant.name, variant.transform(hf_state, hf_to_ours),
+                       keys if variant.standalone else config(), {} if variant.standalone else {**adapter_keys, **keys},
+                       ids, tokenizer_dir, f"{card or ''}{notes}\n\n{variant.readme}\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -145,18 +146,21 @@ def _span(tensor: torch.Tensor) -> tuple[int, int, int] | None:
     return tensor.untyped_storage().data_ptr(), start, start + (last + 1) * tensor.element_size()
 
 
-def _write_dir(path: Path, hf_state: dict[str, torch.Tensor], config, config_extra: dict[str, Any], ids: dict,
+def _write_dir(path: Path, hf_state: dict[str, torch.Tensor], config: Any, config_extra: dict[str, Any], ids: dict,
                tokenizer_dir: Path | None, card: str) -> None:
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
     path.mkdir(parents=True, exist_ok=True)
-    for key, value in config_extra.items():
-        setattr(config, key, value)
-    config.save_pretrained(path)
     save_torch_state_dict(hf_state, path, max_shard_size=MAX_SHARD_SIZE, safe_serialization=True)
-    GenerationConfig(bos_token_id=ids.get("bos_id"), eos_token_id=ids.get("eos_id"),
-                     pad_token_id=ids.get("pad_id")).save_pretrained(path)
+    if isinstance(config, dict):  # a standalone variant's own config.json (ExportVariant.standalone)
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    else:
+        for key, value in config_extra.items():
+            setattr(config, key, value)
+        config.save_pretrained(path)
+        GenerationConfig(bos_token_id=ids.get("bos_id"), eos_token_id=ids.get("eos_id"),
+                         pad_token_id=ids.get("pad_id")).save_pretrained(path)
     if tokenizer_dir is not None:
         _copy_tokenizer(Path(tokenizer_dir), path)
     if card.strip():
