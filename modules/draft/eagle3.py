@@ -55,7 +55,6 @@ class Eagle3Layer(nn.Module):
         self.self_attn = Eagle3Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
-        self.attn = self.self_attn  # KVCache.for_layers reads `attn.k_proj` and `attn.head_dim`
 
     def inputs(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """[norm(embedding), norm(hidden)]: 2H (the residual keeps the un-normed hidden: norm_before_residual false)."""

@@ -1,11 +1,13 @@
 """DeepSeek-V3 multi-token prediction: D sequential modules sharing the base model's embedding and head.
 
 Module k (1-based) at position t reads the previous depth's hidden state h^{k-1}_t (h^0: the base model's
-last layer output, before its final norm) and the embedding of token t + k:
+final normed hidden state, what vLLM and transformers hand their MTP layers) and the embedding of token t + k:
 
     h'_t = eh_proj(cat(enorm(embed(x_{t+k})), hnorm(h^{k-1}_t)))      (2H -> H)
-    h^k  = decoder block(h')          (causal within each document, the base's positions)
-    logits of x_{t+k+1} = lm_head(norm(h^k))                          (`shared_head.norm` on disk)
+    h^k  = norm(decoder block(h'))    (causal within each document, the base's positions; `shared_head.norm`)
+    logits of x_{t+k+1} = lm_head(h^k)                                 (the shared head)
+
+The next depth reads the normed h^k, as transformers' `MtpModel` chains its layers.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class MTPModule(nn.Module):
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend) -> torch.Tensor:
-        """h^k [B, S, H] from the embeddings of tokens t + k and h^{k-1} (both [B, S, H])."""
+        """h^k [B, S, H] (normed) from the embeddings of tokens t + k and h^{k-1} (both [B, S, H])."""
         x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(hidden)], dim=-1))
-        return self.block(x, cos, sin, attend)[0]
+        return self.norm(self.block(x, cos, sin, attend)[0])
 
 
 class MTPHeads(nn.Module):
@@ -56,22 +58,17 @@ class MTPHeads(nn.Module):
     def draft_outputs(self, base: BaseView) -> list[DraftOutput]:
         model = base.model
         s = base.input_ids.shape[1]
-        cos, sin = rope_cos_sin(base.position_ids, model.cfg.dim_per_head, model.cfg.rope_theta, base.last_hidden.dtype)
-        attend = bind_attention(model.cfg.attention, base.documents, s, base.last_hidden.device,
-                                base.last_hidden.dtype)
-        hidden, outputs = base.last_hidden, []
+        cos, sin = rope_cos_sin(base.position_ids, model.cfg.dim_per_head, model.cfg.rope_theta, base.hidden.dtype)
+        attend = bind_attention(model.cfg.attention, base.documents, s, base.hidden.device, base.hidden.dtype)
+        hidden, outputs = base.hidden, []
         for k, module in enumerate(self.depths, start=1):
             embeds = model.embed(shifted_tokens(base.input_ids, base.doc_ids, k))
             hidden = module(embeds, hidden, cos, sin, attend)
-            outputs.append(DraftOutput(k, hidden, _projection(module, model)))
+            outputs.append(DraftOutput(k, hidden, model.lm_head))
         return outputs
 
     def drafter(self, model: nn.Module) -> "MTPDrafter":
         return MTPDrafter(self, model)
-
-
-def _projection(module: MTPModule, model: nn.Module):
-    return lambda h: model.lm_head(module.norm(h))
 
 
 class MTPDrafter:
@@ -93,7 +90,7 @@ class MTPDrafter:
         if not self.tokens:  # the prompt: x_0 is the first row's token, the rest follow the rows
             raise ValueError("MTPDrafter.observe needs the prompt's first token: call start(prompt) first")
         self.tokens.extend(step.next_tokens)
-        rows = step.last_hidden
+        rows = step.hidden
         self.history[0] = rows if self.history[0] is None else torch.cat([self.history[0], rows])
 
     def start(self, first_token: int, max_len: int) -> None:
@@ -115,7 +112,7 @@ class MTPDrafter:
             bound = cache.bind(hi + 1 - lo)
             out = module(model.embed(tokens)[None], previous[lo:hi + 1][None], cos, sin, bound.layer(0))[0]
             cache.commit(hi + 1 - lo)
-            drafts.append(int(model.lm_head(module.norm(out[-1])).argmax()))
+            drafts.append(int(model.lm_head(out[-1]).argmax()))
             real = max(lo, n - depth)  # positions whose inputs were all accepted tokens
             cache.truncate(real)
             known = self.history[depth]

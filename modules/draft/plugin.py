@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
+from pydantic import TypeAdapter
 from torch import nn
 
-from slimtrain.modules.plugin import LossTerm, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit
+from slimtrain.modules.plugin import ExportContext, LossTerm, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit
 from slimtrain.modules.plugin_registry import register_plugin
 from slimtrain.modules.transformer.init import init_weights as init_like_base
 
 from .base import own_generator_seed
-from .config import DraftConfig, Eagle3Head, HydraHead, MedusaHead, MTPHead
+from .config import DraftConfig, HeadConfig, HydraHead, MedusaHead, MTPHead
 from .eagle3 import Eagle3Head as Eagle3Module
 from .evaluation import base_view, evaluate_heads
 from .hydra import HydraHeads
@@ -23,20 +24,23 @@ from .mtp import MTPHeads
 DRAFT_ORDER = 30  # after moe (10) and qat (20): the heads read the finished model's hidden states
 
 
+def head_module(head: HeadConfig | dict, model_cfg: Any) -> nn.Module:
+    """One head's module for a model of `model_cfg` (`head`: its recipe entry, or that entry as a dict)."""
+    if isinstance(head, dict):
+        head = TypeAdapter(HeadConfig).validate_python(head)
+    if isinstance(head, MTPHead):
+        return MTPHeads(model_cfg, head.depth)
+    if isinstance(head, MedusaHead):
+        return MedusaHeads(model_cfg.hidden_size, model_cfg.vocab_size, head.num_heads, head.num_layers)
+    if isinstance(head, HydraHead):
+        return HydraHeads(model_cfg.hidden_size, model_cfg.vocab_size, head.num_heads, head.num_layers)
+    return Eagle3Module(model_cfg, head.layer_ids(model_cfg.num_layers), head.steps,
+                        head.draft_vocab_size or model_cfg.vocab_size)
+
+
 def build_heads(cfg: DraftConfig, model_cfg: Any) -> nn.ModuleDict:
     """The configured heads, by kind."""
-    heads = nn.ModuleDict()
-    for head in cfg.heads:
-        if isinstance(head, MTPHead):
-            heads[head.kind] = MTPHeads(model_cfg, head.depth)
-        elif isinstance(head, MedusaHead):
-            heads[head.kind] = MedusaHeads(model_cfg.hidden_size, model_cfg.vocab_size, head.num_heads, head.num_layers)
-        elif isinstance(head, HydraHead):
-            heads[head.kind] = HydraHeads(model_cfg.hidden_size, model_cfg.vocab_size, head.num_heads, head.num_layers)
-        elif isinstance(head, Eagle3Head):
-            heads[head.kind] = Eagle3Module(model_cfg, head.layer_ids(model_cfg.num_layers), head.steps,
-                                            head.draft_vocab_size or model_cfg.vocab_size)
-    return heads
+    return nn.ModuleDict({head.kind: head_module(head, model_cfg) for head in cfg.heads})
 
 
 def check_heads(cfg: DraftConfig, model_cfg: Any) -> None:
@@ -145,3 +149,8 @@ class DraftPlugin(Plugin):
             extra += eagle.steps * attention + (eagle.steps - 1) * 6 * unrolled
         return ModelCounts(total_params=counts.total_params + n, active_params=counts.active_params,
                            flops_per_token=counts.flops_per_token + extra)
+
+    def export(self, ctx: ExportContext) -> None:
+        from .export import export_draft
+
+        export_draft(self.cfg, ctx)

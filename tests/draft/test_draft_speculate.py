@@ -114,7 +114,7 @@ def test_mtp_forward_equals_an_independent_reimplementation() -> None:
         x32 = x.float()
         return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps)).to(x.dtype)
 
-    h = out.last_hidden
+    h = out.hidden_states  # the base's final normed hidden state
     for k, module in enumerate(heads.depths, start=1):
         nxt = torch.zeros_like(ids)
         nxt[:, : 12 - k] = ids[:, k:]
@@ -123,7 +123,8 @@ def test_mtp_forward_equals_an_independent_reimplementation() -> None:
         a = module.block
         u = rms(h, a.post_attn_norm.weight)
         h = h + (F.silu(u @ a.mlp.gate_proj.weight.T) * (u @ a.mlp.up_proj.weight.T)) @ a.mlp.down_proj.weight.T
-        want = rms(h, module.norm.weight) @ model.lm_head.weight.T
+        h = rms(h, module.norm.weight)  # the next depth reads the normed state
+        want = h @ model.lm_head.weight.T
         torch.testing.assert_close(got[k - 1], want, atol=1e-10, rtol=0)
 
 

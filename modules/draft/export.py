@@ -1,0 +1,224 @@
+"""Serving exports of the draft heads, each a variant directory beside the plain Hugging Face export, and their
+reload into our speculative decoder (`load_heads`).
+
+    mtp/      the whole model with MTP module k as decoder layer num_hidden_layers + k (DeepSeek-V3 / GLM-4.5
+              layout: enorm, hnorm, eh_proj, the block, shared_head.norm, shared_head.head), config
+              num_nextn_predict_layers: vLLM's `mtp` method, transformers' `generate(use_mtp=True)`.
+    eagle3/   the draft alone in the `speculators` format vLLM loads (method `eagle3`).
+    medusa/   the heads alone in the legacy Medusa layout (TGI, TensorRT-LLM, older vLLM).
+    hydra/    the heads alone in our own layout (no serving engine loads Hydra).
+
+The plain directory holds the base model only: the heads' tensors leave `ExportContext.state` here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimtrain.modules.plugin import ExportContext, ExportVariant, StateDict
+from slimtrain.modules.transformer.hf_llama import LAYER_NAMES
+
+from .config import DraftConfig
+
+PREFIX = "draft."
+SPECULATORS_VERSION = "0.9.0"  # the speculators release whose format these files follow (docs/draft.md)
+EAGLE3_LAYER = {  # our names inside the EAGLE-3 head -> speculators' (llama first layer)
+    "layer.hidden_norm.weight": "layers.0.hidden_norm.weight",
+    "layer.input_layernorm.weight": "layers.0.input_layernorm.weight",
+    "layer.post_attention_layernorm.weight": "layers.0.post_attention_layernorm.weight",
+    **{f"layer.self_attn.{p}_proj.weight": f"layers.0.self_attn.{p}_proj.weight" for p in "qkvo"},
+    **{f"layer.mlp.{p}_proj.weight": f"layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+    "fc.weight": "fc.weight", "norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight",
+    "d2t": "d2t", "t2d": "t2d",
+}
+README = {
+    "mtp": "**mtp/**: the model with its multi-token-prediction modules as decoder layers num_hidden_layers + k "
+           "(DeepSeek-V3 layout, `num_nextn_predict_layers` in config.json). vLLM: `--speculative-config "
+           "'{\"method\": \"mtp\", \"num_speculative_tokens\": D}'`; transformers: `generate(use_mtp=True)` once the "
+           "model class lists the MTP layers in `_keys_to_ignore_on_load_unexpected` (a plain Llama class does not).",
+    "eagle3": "**eagle3/**: the EAGLE-3 draft in the `speculators` format. vLLM: `--speculative-config "
+              "'{\"model\": \"<this directory>\", \"method\": \"eagle3\", \"num_speculative_tokens\": K}'` with the "
+              "parent directory as the target model; `verifier.name_or_path` is `..` (set it to the base model's "
+              "path for tools that reload the verifier).",
+    "medusa": "**medusa/**: Medusa heads in the legacy layout (`blocks.{i}.layers.{j}`, `lm_heads.{i}`) that TGI and "
+              "TensorRT-LLM read; vLLM dropped Medusa.",
+    "hydra": "**hydra/**: Hydra heads in slimtrain's own layout (config.json says which tensor is which); no serving "
+             "engine loads Hydra: `slimtrain.modules.draft.export.load_heads` reads it into our speculative decoder.",
+}
+
+
+def export_draft(cfg: DraftConfig, ctx: ExportContext) -> None:
+    """Take the heads out of the plain export and add one variant per head kind."""
+    heads = {n: ctx.state.pop(n) for n in [n for n in ctx.state if n.startswith(PREFIX)]}
+    builders: dict[str, Callable[[StateDict, ExportContext, Any], ExportVariant | None]] = {
+        "mtp": _mtp_variant, "eagle3": _eagle3_variant, "medusa": _medusa_variant, "hydra": _hydra_variant}
+    for head in cfg.heads:
+        own = {n.removeprefix(f"{PREFIX}{head.kind}."): t for n, t in heads.items() if n.startswith(f"{PREFIX}{head.kind}.")}
+        variant = builders[head.kind](own, ctx, head)
+        if variant is not None:
+            ctx.variants.append(variant)
+            ctx.notes.append(f"draft heads: {head.kind}/ holds the {head.kind} variant (see its README)")
+
+
+def _cast(tensors: StateDict, like: torch.Tensor) -> StateDict:
+    """Float tensors in the export's dtype (integer and boolean ones as they are), never sharing memory."""
+    return {k: (v.to(like.dtype) if v.is_floating_point() else v).clone() for k, v in tensors.items()}
+
+
+def _head_weight(hf_state: StateDict) -> torch.Tensor:
+    return hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
+
+
+def _mtp_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant | None:
+    if type(ctx.model.layers[-1].mlp).__name__ != "MLP":
+        ctx.notes.append("draft heads: no mtp/ variant: an MoE model's MTP layers are MoE layers in the DeepSeek-V3 / "
+                         "GLM-4.5 layout, and these MTP blocks are dense")
+        return None
+    first = ctx.model_cfg.num_layers
+
+    def tensors(hf_state: StateDict, hf_to_ours: dict[str, str]) -> StateDict:
+        out = dict(hf_state)
+        like = hf_state["model.norm.weight"]
+        for k in range(head.depth):
+            ours, hf = f"depths.{k}.", f"model.layers.{first + k}."
+            names = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+                     "norm.weight": "shared_head.norm.weight",
+                     **{f"block.{a}": b for a, b in LAYER_NAMES.items()}}
+            out.update(_cast({hf + b: own[ours + a] for a, b in names.items()}, like))
+            out[hf + "shared_head.head.weight"] = _head_weight(hf_state).clone()
+        return out
+
+    return ExportVariant("mtp", tensors, lambda _: {"num_nextn_predict_layers": head.depth,
+                                                    "num_mtp_layers": head.depth}, README["mtp"])
+
+
+def _eagle3_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
+    cfg = ctx.model_cfg
+    layers = list(ctx.model.draft["eagle3"].aux_layers)
+    draft_vocab = own["lm_head.weight"].shape[0]
+    # The plain export's class: LlamaForCausalLM for a dense base (an MoE base's class is its MoE plugin's choice).
+    verifier = ["LlamaForCausalLM"] if type(ctx.model.layers[-1].mlp).__name__ == "MLP" else []
+
+    def tensors(hf_state: StateDict, hf_to_ours: dict[str, str]) -> StateDict:
+        out = _cast({b: own[a] for a, b in EAGLE3_LAYER.items()}, hf_state["model.norm.weight"])
+        out["d2t"], out["t2d"] = out["d2t"].to(torch.int64), out["t2d"].bool()
+        out["embed_tokens.weight"] = hf_state["model.embed_tokens.weight"].clone()
+        return out
+
+    def config(hf_to_ours: dict[str, str]) -> dict[str, Any]:
+        layer = {"model_type": "llama", "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+                 "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
+                 "head_dim": cfg.dim_per_head, "num_hidden_layers": 1, "rms_norm_eps": cfg.norm_eps,
+                 "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+                 "vocab_size": cfg.vocab_size, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                 "tie_word_embeddings": False}
+        return {"architectures": ["Eagle3DraftModel"], "speculators_model_type": "eagle3",
+                "speculators_version": SPECULATORS_VERSION, "draft_vocab_size": draft_vocab,
+                "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False,
+                "target_hidden_size": cfg.hidden_size, "eagle_aux_hidden_state_layer_ids": layers,
+                "embed_requires_grad": False, "transformer_layer_config": layer,
+                "speculators_config": {
+                    "algorithm": "eagle3", "default_proposal_method": "greedy",
+                    "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": head.steps,
+                                          "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+                    "verifier": {"name_or_path": "..", "architectures": verifier}}}
+
+    return ExportVariant("eagle3", tensors, config, README["eagle3"], standalone=True)
+
+
+def _medusa_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
+    cfg = ctx.model_cfg
+
+    def tensors(hf_state: StateDict, hf_to_ours: dict[str, str]) -> StateDict:
+        names = {}
+        for i in range(head.num_heads):
+            names[f"lm_heads.{i}.weight"] = f"lm_heads.{i}.weight"
+            for j in range(head.num_layers):
+                for p in ("weight", "bias"):
+                    names[f"blocks.{i}.{j}.linear.{p}"] = f"blocks.{i}.layers.{j}.{p}"
+        return _cast({b: own[a] for a, b in names.items()}, hf_state["model.norm.weight"])
+
+    return ExportVariant("medusa", tensors, lambda _: {
+        "model_type": "medusa", "architectures": ["MedusaModel"], "num_heads": head.num_heads,
+        "num_hidden_layers": head.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "truncated_vocab_size": None, "medusa_fc_bias": True, "original_lm_head": False}, README["medusa"],
+        standalone=True)
+
+
+def _hydra_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
+    cfg = ctx.model_cfg
+
+    def tensors(hf_state: StateDict, hf_to_ours: dict[str, str]) -> StateDict:
+        return _cast({f"heads.{n}": t for n, t in own.items()}, hf_state["model.norm.weight"])
+
+    return ExportVariant("hydra", tensors, lambda _: {
+        "model_type": "slimtrain_hydra", "num_heads": head.num_heads, "num_layers": head.num_layers,
+        "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "layout": "heads.blocks.{k}.{j}: residual blocks of head k (block 0 reads [hidden, embed(t+1), ..., "
+                  "embed(t+k+1)], (k+2)H wide, with `residual` projecting it to H); heads.lm_heads.{k}: its "
+                  "vocabulary projection; ResBlock(x) = residual(x) + silu(linear(x))"}, README["hydra"],
+        standalone=True)
+
+
+# -- reload ------------------------------------------------------------------------------------------------
+
+
+def read_safetensors(directory: Path) -> StateDict:
+    """Every tensor of an HF directory (one file or shards)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no .safetensors file; point at a variant directory of an export")
+    state: StateDict = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_heads(directory: Path | str, kind: str, model: nn.Module) -> nn.Module:
+    """A variant directory's heads as our module for `model` (the base, e.g. imported from the plain export), in
+    the base's dtype and device, ready for `SpeculativeDecoder`."""
+    from .plugin import head_module
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    state = read_safetensors(directory)
+    cfg = model.cfg
+    if kind == "mtp":
+        depth = int(config["num_nextn_predict_layers"])
+        module = head_module({"kind": "mtp", "depth": depth}, cfg)
+        ours = {}
+        for k in range(depth):
+            hf = f"model.layers.{cfg.num_layers + k}."
+            names = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+                     "norm.weight": "shared_head.norm.weight", **{f"block.{a}": b for a, b in LAYER_NAMES.items()}}
+            ours.update({f"depths.{k}.{a}": state[hf + b] for a, b in names.items()})
+    elif kind == "eagle3":
+        module = head_module({"kind": "eagle3", "layers": config["eagle_aux_hidden_state_layer_ids"],
+                              "steps": config["speculators_config"]["proposal_methods"][0]["speculative_tokens"],
+                              "draft_vocab_size": config["draft_vocab_size"]}, cfg)
+        ours = {a: state[b] for a, b in EAGLE3_LAYER.items()}
+    elif kind == "medusa":
+        module = head_module({"kind": "medusa", "num_heads": config["num_heads"],
+                              "num_layers": config["num_hidden_layers"]}, cfg)
+        ours = {}
+        for i in range(config["num_heads"]):
+            ours[f"lm_heads.{i}.weight"] = state[f"lm_heads.{i}.weight"]
+            for j in range(config["num_hidden_layers"]):
+                for p in ("weight", "bias"):
+                    ours[f"blocks.{i}.{j}.linear.{p}"] = state[f"blocks.{i}.layers.{j}.{p}"]
+    elif kind == "hydra":
+        module = head_module({"kind": "hydra", "num_heads": config["num_heads"], "num_layers": config["num_layers"]},
+                             cfg)
+        ours = {n.removeprefix("heads."): t for n, t in state.items()}
+    else:
+        raise ValueError(f"unknown head kind {kind!r}; choose mtp, eagle3, medusa or hydra")
+    weight = model.lm_head.weight
+    module.load_state_dict(ours, strict=True)
+    return module.to(device=weight.device, dtype=weight.dtype)
