@@ -76,7 +76,7 @@ class TransformerOutput:
     logits: [B, S, V] in the compute dtype (None when the caller applies the head itself, e.g. the
         chunked loss).
     hidden_states: the final normed hidden states [B, S, H] (the LM head's input).
-    last_hidden: the last layer's output before the final norm [B, S, H] (what MTP and EAGLE heads read).
+    last_hidden: the last layer's output before the final norm [B, S, H].
     layer_hidden: layer index (as requested, negative allowed) -> that layer's output hidden states.
     aux: what layers computed for the loss and for metrics (router logits, expert loads): name -> one
         tensor per layer that produced it, in layer order.

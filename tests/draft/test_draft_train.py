@@ -70,10 +70,35 @@ def test_frozen_base_branch_trains_only_the_heads(tmp_path: Path) -> None:
     # EAGLE-3's draft vocabulary: the corpus's 256 most frequent tokens, its head started from their rows.
     assert int(heads["draft.eagle3.t2d"].sum()) == 256
 
-    _decode_losslessly(tmp_path / "frozen", after)
+    model = _decode_losslessly(tmp_path / "frozen", after)
+    _exports_decode_the_same(tmp_path / "frozen", tmp_path / "export", model)
 
 
-def _decode_losslessly(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+def _exports_decode_the_same(run_dir: Path, out: Path, model) -> None:
+    """`slimtrain export` of the trained heads: each variant, reloaded on the plain export's base, drafts and accepts
+    exactly what the checkpoint's heads do (fp32 both sides)."""
+    from slimtrain.modules.draft.export import load_heads
+    from slimtrain.modules.draft.speculate import SpeculativeDecoder
+    from slimtrain.modules.transformer import Transformer
+    from slimtrain.trainer.export.hf import export_checkpoint
+    from slimtrain.trainer.export.importer import import_hf
+
+    export_checkpoint(run_dir, out)
+    model = model.float()
+    cfg = model.cfg
+    base = Transformer(cfg)
+    import_hf(base, cfg, out)
+    base.eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    for kind in ("mtp", "medusa", "hydra", "eagle3"):
+        trained, reloaded = model.draft[kind], load_heads(out / kind, kind, base)
+        layers = getattr(trained, "hidden_layers", ())
+        want = SpeculativeDecoder(model, trained.drafter(model), trained.positions, None, layers).generate(prompt, 24)
+        got = SpeculativeDecoder(base, reloaded.drafter(base), reloaded.positions, None, layers).generate(prompt, 24)
+        assert torch.equal(got[0], want[0]) and got[1] == want[1], kind
+
+
+def _decode_losslessly(run_dir: Path, weights: dict[str, torch.Tensor]):
     from slimtrain.modules.plugin_registry import build_plugins
     from slimtrain.modules.draft.speculate import SpeculativeDecoder
     from slimtrain.modules.transformer import Transformer
@@ -95,3 +120,4 @@ def _decode_losslessly(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
         got, stats = decoder.generate(prompt, 24)
         assert torch.equal(got, want), kind
         assert stats.tau >= 1.0
+    return model
