@@ -115,8 +115,8 @@ class DraftConfig(PluginConfig):
                             "trains heads at 4x the base's rate).")
     eval_prompts: int = Field(4, ge=0, description="Held-out prompts per rank decoded speculatively at every "
                               "evaluation to measure acceptance per draft position and tau; 0 skips it.")
-    eval_prompt_tokens: int = Field(32, ge=1, description="Tokens of each evaluation prompt (the start of a "
-                                    "held-out document).")
+    eval_prompt_tokens: int = Field(32, ge=1, description="Tokens of each evaluation prompt: the start of the "
+                                    "first document of a held-out row (shorter when that document is).")
     eval_rounds: int = Field(16, ge=1, description="Draft-and-verify rounds per evaluation prompt (a fixed count, "
                              "so every rank runs the same number of forwards).")
 

@@ -37,7 +37,8 @@ def evaluate_heads(heads: dict[str, nn.Module], ctx: PluginContext, batches: Ite
                 sums[key] = sums.get(key, torch.zeros(2, dtype=torch.float64)) + torch.stack(
                     [r.correct.double().cpu(), r.count.double().cpu()])
         if len(held) < prompts:
-            held.extend(row[:prompt_tokens] for row in batch.input_ids[: prompts - len(held)])
+            held.extend(_first_document(ids, docs, prompt_tokens)
+                        for ids, docs in zip(batch.input_ids[: prompts - len(held)], batch.doc_ids))
     results = {}
     for key in sorted(sums):
         total = ctx.comm.all_reduce(sums[key].to(ctx.device), group="data").cpu()
@@ -45,6 +46,12 @@ def evaluate_heads(heads: dict[str, nn.Module], ctx: PluginContext, batches: Ite
     if prompts:
         results.update(_acceptance(heads, ctx, _cycled(held, prompts), rounds))
     return results
+
+
+def _first_document(ids: torch.Tensor, doc_ids: torch.Tensor, limit: int) -> torch.Tensor:
+    """The first `limit` tokens of a row's first document (fewer when the document is shorter)."""
+    length = int((doc_ids == doc_ids[0]).cumprod(0).sum())
+    return ids[: max(1, min(length, limit))]
 
 
 def _cycled(rows: list[torch.Tensor], n: int) -> list[torch.Tensor]:

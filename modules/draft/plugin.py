@@ -10,6 +10,7 @@ from torch import nn
 
 from slimtrain.modules.plugin import ExportContext, LossTerm, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit
 from slimtrain.modules.plugin_registry import register_plugin
+from slimtrain.modules.plugin_stack import DRY_RUN_VOCAB
 from slimtrain.modules.transformer.init import init_weights as init_like_base
 
 from .base import own_generator_seed
@@ -34,8 +35,13 @@ def head_module(head: HeadConfig | dict, model_cfg: Any) -> nn.Module:
         return MedusaHeads(model_cfg.hidden_size, model_cfg.vocab_size, head.num_heads, head.num_layers)
     if isinstance(head, HydraHead):
         return HydraHeads(model_cfg.hidden_size, model_cfg.vocab_size, head.num_heads, head.num_layers)
-    return Eagle3Module(model_cfg, head.layer_ids(model_cfg.num_layers), head.steps,
-                        head.draft_vocab_size or model_cfg.vocab_size)
+    size = head.draft_vocab_size or model_cfg.vocab_size
+    if size > model_cfg.vocab_size:
+        if model_cfg.vocab_size != DRY_RUN_VOCAB:
+            raise ValueError(f"eagle3 draft_vocab_size={size} exceeds the tokenizer's vocabulary "
+                             f"({model_cfg.vocab_size}); lower it or leave it null for the whole vocabulary")
+        size = model_cfg.vocab_size  # a validation before the tokenizer exists: shapes only, the build checks
+    return Eagle3Module(model_cfg, head.layer_ids(model_cfg.num_layers), head.steps, size)
 
 
 def build_heads(cfg: DraftConfig, model_cfg: Any) -> nn.ModuleDict:
@@ -56,8 +62,9 @@ def check_heads(cfg: DraftConfig, model_cfg: Any) -> None:
     if wrong:
         raise ValueError(f"eagle3 layers={eagle.layers}: {wrong} out of range; the model has {n} layers, so give ids in "
                          f"1 .. {n - 1} (the hidden state entering that layer)")
-    if eagle.draft_vocab_size is not None and model_cfg.vocab_size is not None \
-            and eagle.draft_vocab_size > model_cfg.vocab_size:
+    # A recipe validated before its tokenizer exists holds a stand-in vocabulary: the build checks again.
+    known = model_cfg.vocab_size is not None and model_cfg.vocab_size != DRY_RUN_VOCAB
+    if eagle.draft_vocab_size is not None and known and eagle.draft_vocab_size > model_cfg.vocab_size:
         raise ValueError(f"eagle3 draft_vocab_size={eagle.draft_vocab_size} exceeds the tokenizer's vocabulary "
                          f"({model_cfg.vocab_size}); lower it or leave it null for the whole vocabulary")
 

@@ -148,3 +148,15 @@ def test_eagle3_reduced_vocabulary_learns_only_its_tokens() -> None:
         targets = shifted_labels(batch.labels, batch.doc_ids, o.offset)
         assert int(r.count) == int(((targets >= 0) & (targets < 20)).sum())
         assert torch.isfinite(r.loss)
+
+
+def test_docs_describe_every_draft_key() -> None:
+    from pathlib import Path
+
+    from slimtrain.modules.draft.config import Eagle3Head, HydraHead, MedusaHead, MTPHead
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "draft.md").read_text()
+    for cls in (DraftConfig, MTPHead, MedusaHead, HydraHead, Eagle3Head):
+        for name in cls.model_fields:
+            if name not in ("type", "kind"):
+                assert f"| `{name}` |" in doc, (cls.__name__, name)
