@@ -101,6 +101,11 @@ class PluginStack:
                 if id(p) in seen:
                     raise ValueError(f"a parameter is in both {seen[id(p)]!r} and {group.name!r}; put it in one group")
                 seen[id(p)] = group.name
+        frozen = [g for g in groups if g.frozen]
+        if frozen and owned <= {id(p) for g in frozen for p in g.params}:
+            raise ValueError(f"the frozen parameter groups {[g.name for g in frozen]} hold every parameter of the "
+                             "model: nothing would train; leave a group unfrozen (e.g. give the frozen base heads "
+                             "to train)")
         return groups
 
     def batch_transforms(self) -> list[Any]:

@@ -160,3 +160,19 @@ def test_docs_describe_every_draft_key() -> None:
         for name in cls.model_fields:
             if name not in ("type", "kind"):
                 assert f"| `{name}` |" in doc, (cls.__name__, name)
+
+
+def test_frozen_groups_that_leave_nothing_to_train_are_refused() -> None:
+    """The draft plugin's frozen base always leaves its heads to train; a plugin whose frozen groups cover
+    every parameter is refused where the groups are checked (at validation, before anything launches)."""
+    from slimtrain.modules.plugin import ParamGroup, Plugin
+
+    class FreezeAll(Plugin):
+        def param_groups(self, model):
+            return [ParamGroup("freeze_all/base", list(model.parameters()), frozen=True)]
+
+    model = Transformer(ModelConfig(**TINY))
+    with pytest.raises(ValueError, match="nothing would train"):
+        PluginStack([FreezeAll(None)]).param_groups(model)
+    stack, model = _build("frozen")
+    assert any(not g.frozen and g.params for g in stack.param_groups(model))
