@@ -81,7 +81,8 @@ class Eagle3Head(_Head):
     kind: Literal["eagle3"] = Field(description="Head kind.")
     layers: list[int] | None = Field(
         None, description="The base layers whose incoming hidden states are fused (the state entering layer k, "
-        "HF's hidden_states[k]; 1 .. num_layers - 1); null: vLLM's default 2, L/2, L-3 (kept within 1 .. L-1).")
+        "HF's hidden_states[k]; distinct, in 1 .. num_layers - 1); null: vLLM's default 2, L/2, L-3, or three "
+        "evenly spaced layers where those are not distinct (fewer than 8 layers).")
     steps: int = Field(7, ge=1, description="Draft steps unrolled in training (EAGLE-3's test-time length 7) and "
                        "drafted per round in decoding.")
     decay: float = Field(0.8, gt=0, le=1, description="Step k weighs decay^(k-1) (EAGLE-3: 0.8; ModelOpt 0.9).")
@@ -93,7 +94,12 @@ class Eagle3Head(_Head):
         """The fused layers for a model of `num_layers` layers."""
         if self.layers is not None:
             return tuple(self.layers)
-        return tuple(min(max(k, 1), num_layers - 1) for k in (2, num_layers // 2, num_layers - 3))
+        ids = (2, num_layers // 2, num_layers - 3)
+        if len(set(ids)) == 3 and min(ids) >= 1:
+            return ids
+        # speculators and vLLM refuse repeated layers: spread three over 1 .. L-1 (repeats only below 4 layers)
+        last = num_layers - 1
+        return tuple(max(1, round(1 + i * (last - 1) / 2)) for i in range(3))
 
 
 HeadConfig = Annotated[Union[MTPHead, MedusaHead, HydraHead, Eagle3Head], Field(discriminator="kind")]

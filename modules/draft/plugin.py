@@ -58,7 +58,11 @@ def check_heads(cfg: DraftConfig, model_cfg: Any) -> None:
     if n < 2:
         raise ValueError(f"eagle3 fuses hidden states entering layers 1 .. num_layers - 1, and model.num_layers={n} has "
                          "none; use another head kind or a deeper model")
-    wrong = [k for k in eagle.layer_ids(n) if not 1 <= k <= n - 1]
+    ids = eagle.layer_ids(n)
+    wrong = [k for k in ids if not 1 <= k <= n - 1]
+    if eagle.layers is not None and len(set(ids)) < len(ids):
+        raise ValueError(f"eagle3 layers={eagle.layers} repeats a layer, which speculators and vLLM refuse; give "
+                         f"distinct ids in 1 .. {n - 1}")
     if wrong:
         raise ValueError(f"eagle3 layers={eagle.layers}: {wrong} out of range; the model has {n} layers, so give ids in "
                          f"1 .. {n - 1} (the hidden state entering that layer)")

@@ -148,3 +148,30 @@ def test_medusa_legacy_layout(exported) -> None:
     assert config["model_type"] == "medusa" and config["num_heads"] == 2 and config["medusa_fc_bias"] is True
     assert set(read_safetensors(out / "medusa")) == {f"{a}" for i in range(2) for a in (
         f"lm_heads.{i}.weight", *[f"blocks.{i}.layers.{j}.{p}" for j in range(2) for p in ("weight", "bias")])}
+
+
+def test_eagle3_loads_into_speculators_when_installed(exported, monkeypatch) -> None:
+    """With the `speculators` package importable (it pins older transformers, so CI does not install it; run by
+    hand in a side install: docs/draft.md), its Eagle3DraftModel loads eagle3/ and its own first layer computes
+    ours."""
+    speculators = pytest.importorskip("speculators.models.eagle3")
+    out, model, _ = exported
+    monkeypatch.chdir(out / "eagle3")  # verifier.name_or_path is ".."
+    spec = speculators.Eagle3DraftModel.from_pretrained(".")
+    ours = model.draft["eagle3"]
+    assert torch.equal(spec.d2t.cpu(), ours.d2t) and torch.equal(spec.t2d.cpu().bool(), ours.t2d)
+    assert torch.equal(spec.state_dict()["layers.0.self_attn.q_proj.weight"], ours.layer.self_attn.q_proj.weight)
+    from slimtrain.modules.transformer.attention import bind_attention
+    from slimtrain.modules.transformer.rope import rope_cos_sin
+
+    s = 6
+    emb, hid = torch.randn(1, s, CFG.hidden_size), torch.randn(1, s, CFG.hidden_size)
+    pos = torch.arange(s)[None]
+    spec.layers[0].self_attn.config._attn_implementation = "eager"
+    with torch.no_grad():
+        got = spec.layers[0](torch.cat([emb, hid], -1), attention_mask=torch.full((s, s), float("-inf")).triu(1)[None, None],
+                             position_ids=pos, position_embeddings=spec.rotary_emb(torch.cat([emb, hid], -1), pos))
+        got = got[0] if isinstance(got, tuple) else got
+        cos, sin = rope_cos_sin(pos, CFG.dim_per_head, CFG.rope_theta, torch.float32)
+        want = ours.layer(emb, hid, cos, sin, bind_attention("eager", None, s, torch.device("cpu"), torch.float32))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -119,6 +119,7 @@ def test_counts_add_the_heads() -> None:
 
 
 @pytest.mark.parametrize("head,match", [({"kind": "eagle3", "layers": [1, 3, 0]}, r"\[3, 0\] out of range"),
+                                        ({"kind": "eagle3", "layers": [1, 2, 2]}, "repeats a layer"),
                                         ({"kind": "eagle3", "draft_vocab_size": 62}, "exceeds the tokenizer")])
 def test_eagle3_checks_need_the_model(head, match) -> None:
     from slimtrain.modules.plugin_stack import check_plugins
