@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_quickstart)
 
+    from slimtrain.trainer.speculate import add_speculate
+
+    add_speculate(sub)
     _add_plugin_commands(sub)
     return parser
 

@@ -72,6 +72,20 @@ def test_frozen_base_branch_trains_only_the_heads(tmp_path: Path) -> None:
 
     model = _decode_losslessly(tmp_path / "frozen", after)
     _exports_decode_the_same(tmp_path / "frozen", tmp_path / "export", model)
+    _speculate_command_decodes_text(tmp_path / "export")
+
+
+def _speculate_command_decodes_text(export: Path) -> None:
+    """`slimtrain speculate` on the export: text out, tau, acceptance, speed, and the greedy check passed."""
+    import subprocess
+    import sys
+
+    for kind, extra in (("eagle3", []), ("hydra", ["--tree", "2,2"])):
+        proc = subprocess.run([sys.executable, "-m", "slimtrain.trainer.cli", "speculate", str(export), kind,
+                               "--prompt", "def main(argv):", "--max-new-tokens", "16", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "tokens per forward" in proc.stdout and "output identical to greedy: yes" in proc.stdout
 
 
 def _exports_decode_the_same(run_dir: Path, out: Path, model) -> None:

@@ -1,0 +1,95 @@
+"""`slimtrain speculate EXPORT KIND`: decode a prompt with an exported model and one of its draft heads, and say
+what speculation bought: the text, tau, acceptance per draft position, and tokens/s against plain KV-cache
+greedy decoding of the same prompt (whose output the speculative one must equal, token for token)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slimtrain.trainer.errors import CheckpointError
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without torch
+    import torch
+
+    from slimtrain.modules.transformer import ModelConfig, Transformer
+
+KINDS = ("mtp", "eagle3", "medusa", "hydra")
+
+
+def llama_model_config(hf: dict) -> "ModelConfig":
+    """Our model config for a `LlamaForCausalLM` config.json (what `slimtrain export` writes for a dense model)."""
+    from slimtrain.modules.transformer import ModelConfig
+
+    rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    return ModelConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                       intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+                       num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads"),
+                       head_dim=hf.get("head_dim"), rope_theta=rope, norm_eps=hf.get("rms_norm_eps", 1e-5),
+                       max_seq_len=hf.get("max_position_embeddings", 2048),
+                       tie_embeddings=hf.get("tie_word_embeddings", False), attention="sdpa")
+
+
+def load_exported(export_dir: Path, kind: str) -> tuple["Transformer", "torch.nn.Module"]:
+    """The plain export as our model (fp32, eval) and its `kind` variant's heads."""
+    from slimtrain.modules.draft.export import load_heads
+    from slimtrain.modules.transformer import Transformer
+    from slimtrain.trainer.export.importer import import_hf
+
+    variant = export_dir / kind
+    if not (variant / "config.json").is_file():
+        found = [k for k in KINDS if (export_dir / k / "config.json").is_file()]
+        raise CheckpointError(f"{export_dir} has no {kind}/ variant; it holds {found or 'no draft heads'} (export a "
+                              "checkpoint trained with that head kind)")
+    hf = json.loads((export_dir / "config.json").read_text())
+    if hf.get("architectures") != ["LlamaForCausalLM"]:
+        raise CheckpointError(f"{export_dir} is a {hf.get('architectures')} export; speculate runs dense "
+                              "(LlamaForCausalLM) exports")
+    cfg = llama_model_config(hf)
+    model = Transformer(cfg)
+    import_hf(model, cfg, export_dir)
+    model.eval()
+    return model, load_heads(variant, kind, model)
+
+
+def cmd_speculate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from slimtrain.modules.draft.speculate import SpeculativeDecoder
+    from slimtrain.modules.transformer.generate import cached_greedy_generate
+
+    export_dir = Path(args.export)
+    model, head = load_exported(export_dir, args.kind)
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    ids = torch.tensor([tokenizer.encode(args.prompt)])
+    tree = [int(w) for w in args.tree.split(",")] if args.tree else None
+    with torch.no_grad():
+        start = time.perf_counter()
+        plain = cached_greedy_generate(model, ids, args.max_new_tokens)
+        plain_s = time.perf_counter() - start
+        decoder = SpeculativeDecoder(model, head.drafter(model), head.positions, tree,
+                                     getattr(head, "hidden_layers", ()))
+        start = time.perf_counter()
+        out, stats = decoder.generate(ids, args.max_new_tokens)
+        spec_s = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    print(tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+    print(f"\n{args.kind}: tau {stats.tau:.2f} tokens per forward over {stats.rounds} rounds; acceptance per draft "
+          f"position {', '.join(f'{a:.2f}' for a in stats.acceptance())}")
+    print(f"plain KV-cache greedy {new / plain_s:.1f} tokens/s, speculative {new / spec_s:.1f} tokens/s "
+          f"({plain_s / spec_s:.2f}x); output identical to greedy: {'yes' if torch.equal(out, plain) else 'NO'}")
+    return 0 if torch.equal(out, plain) else 1
+
+
+def add_speculate(sub) -> None:
+    p = sub.add_parser("speculate", help="decode a prompt with an exported model's draft heads (tau, speed)")
+    p.add_argument("export", help="a directory written by `slimtrain export` of a run with draft heads")
+    p.add_argument("kind", choices=KINDS, help="which head variant drafts")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--tree", default=None, help="medusa/hydra: candidates per draft position, e.g. 3,2,2")
+    p.set_defaults(func=cmd_speculate)
