@@ -184,3 +184,26 @@ def test_fp32_gradient_sums_change_the_gradient_partition(stage: int) -> None:
     difference = 2 * fp32.params / 8
     assert bf16.model_states - fp32.model_states == pytest.approx(difference if stage == 2 else -difference)
     assert fp32.step_only == 0 and bf16.step_only == (4 * bf16.params / 8 if stage == 2 else 0)
+
+
+@pytest.mark.parametrize("stage, held_bytes", [(1, 4), (2, 2)])
+def test_expert_parallelism_divides_the_experts_each_gpu_holds(stage: int, held_bytes: int) -> None:
+    """backend.expert_parallel_size=2: each GPU holds half of the routed experts' weights (bf16: 2 bytes each) and,
+    at ZeRO-1, of their gradients (2 more; ZeRO-2 here sums into the fp32 partition, which is 1/world of every
+    parameter either way). Everything else is unchanged."""
+    recipe = REPO / "recipes" / "llama-1b-dense.yaml"
+    moe = "plugins=[{type: moe, num_experts: 8, top_k: 2, expert_intermediate_size: 512, first_k_dense: 2}]"
+    one = estimate(load_recipe(recipe, [moe, f"backend.zero_stage={stage}"]), 8, 32000)
+    two = estimate(load_recipe(recipe, [moe, f"backend.zero_stage={stage}", "backend.expert_parallel_size=2"]), 8,
+                   32000)
+    experts = (22 - 2) * 8 * 3 * 2048 * 512  # MoE layers x experts x (gate, up, down) of hidden x width
+    assert (one.expert_params, two.expert_params, two.expert_parallel) == (0, experts, 2)
+    assert two.params == one.params and two.held_params == one.params - experts // 2
+    assert one.model_states - two.model_states == held_bytes * experts // 2
+    assert (two.activations, two.logits, two.buckets, two.step_only) == (
+        one.activations, one.logits, one.buckets, one.step_only)
+    if stage == 2:
+        out = _validate(str(recipe), "--world-size", "8", "model.vocab_size=32000", moe, "backend.zero_stage=2",
+                        "backend.expert_parallel_size=2")
+        assert out.returncode == 0, out.stderr
+        assert f"experts          {experts / 1e9:.2f} B  of them, spread over 2 ranks" in out.stderr

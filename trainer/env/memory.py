@@ -10,6 +10,10 @@ The parts, each from where it is known best:
 - the loss: its fp32 log-softmax and the two fp32 gradients of its backward, for every token of the
   micro-batch, or for one chunk of `train.loss_chunk_tokens`;
 - DeepSpeed's gradient bucket (`reduce_bucket_size` elements).
+With expert parallelism (`backend.expert_parallel_size` N) a rank holds 1/N of the routed experts' weights (and,
+at ZeRO-1, of their gradients); their ZeRO-partitioned fp32 state is 1/world of them either way (a rank's share
+of the experts over its expert-data group of world/N ranks). The expert parameters are counted on the recipe's
+model built on the meta device (`ExpertParallel.expert_parameters`), so no memory is spent.
 The peak is the larger of two moments: the backward pass (activations, loss and bucket live; under
 ZeRO-0/1/2 in bf16 the fp32 gradients do not exist yet) and the optimizer step (all model
 states, no activations). Measured on one H100 for the 1B recipe, the backward figure was 0.5 % above the
@@ -46,6 +50,13 @@ class MemoryEstimate:
     buckets: float = 0.0
     step_only: float = 0.0  # part of `model_states` that exists only during the optimizer step
     reserve: float = RESERVE
+    expert_params: int = 0  # of `params`: the routed experts' weights, spread over `expert_parallel` ranks
+    expert_parallel: int = 1
+
+    @property
+    def held_params(self) -> int:
+        """The parameters one GPU holds whole: all but the other expert ranks' experts."""
+        return self.params - self.expert_params + self.expert_params // self.expert_parallel
 
     @property
     def backward_peak(self) -> float:
@@ -57,7 +68,7 @@ class MemoryEstimate:
 
 
 def model_state_bytes(params: int, largest_layer: int, zero_stage: int, precision: str, world: int,
-                      offload_optimizer: bool = False, fp32_grad_sums: bool = False) -> float:
+                      offload_optimizer: bool = False, fp32_grad_sums: bool = False, held: int | None = None) -> float:
     """Parameters, gradients and AdamW state per GPU, in the terms of DeepSpeed's estimators.
 
     bf16: 2-byte parameters and gradients plus 16 bytes of fp32 state per parameter (master weights 4,
@@ -70,8 +81,12 @@ def model_state_bytes(params: int, largest_layer: int, zero_stage: int, precisio
     fp32_grad_sums (bf16 at ZeRO-2/3, `backend.grad_accum_dtype`): ZeRO-2 sums the micro-batches' gradients
     straight into the fp32 partition the step uses, so no bf16 one is kept; ZeRO-3 keeps its gradient
     partition in fp32 instead of bf16 and still copies it for the step.
+    held (expert parallelism, ZeRO-1/2): the parameters a GPU holds whole, `params` less the other expert ranks'
+    experts; what stages 0-2 keep unpartitioned (the parameters, and at ZeRO-0/1 the gradients) counts these,
+    the partitions all `params` over `world` (None: every parameter is held).
     """
     n = max(world, 1)
+    held = params if held is None else held
     w = 2 if precision == "bf16" else 4  # bytes of a parameter and of a gradient
     state = 0.0 if offload_optimizer else (16.0 if precision == "bf16" else 8.0)
     fp32_sums = fp32_grad_sums and precision == "bf16"
@@ -80,10 +95,10 @@ def model_state_bytes(params: int, largest_layer: int, zero_stage: int, precisio
         return 2 * w * largest_layer + (w + grads + state) * params / n
     if zero_stage == 2:
         grads = 0 if offload_optimizer or fp32_sums else w
-        return w * params + (grads + state) * params / n
+        return w * held + (grads + state) * params / n
     if zero_stage == 1:
-        return 2 * w * params + state * params / n
-    return 2 * w * params + state * params
+        return 2 * w * held + state * params / n
+    return 2 * w * held + state * params
 
 
 def block_activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> float:
@@ -153,6 +168,16 @@ def step_only_bytes(recipe: Recipe, params: int, world_size: int) -> float:
     return 4.0 * params / (max(world_size, 1) if b.zero_stage else 1)
 
 
+def expert_parameter_count(plugins: PluginStack, cfg: ModelConfig) -> int:
+    """The parameters of the model's routed experts (every `ExpertParallel` module's expert tensors, whole),
+    counted on its skeleton on the meta device."""
+    from slimtrain.modules.expert_parallel import expert_parameter_counts
+
+    model = plugins.skeleton(cfg)
+    names = expert_parameter_counts(model)
+    return sum(p.numel() for name, p in model.named_parameters() if name in names)
+
+
 def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate:
     """The per-GPU estimate of `recipe` on `world_size` GPUs."""
     plugins = PluginStack.from_configs(recipe.plugins)
@@ -160,6 +185,9 @@ def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate
     train, backend = recipe.train, recipe.backend
     w = 2 if backend.precision == "bf16" else 4
     params = plugins.counts(cfg, recipe.data.seq_len).total_params  # what the plugins add is stored too
+    ep = getattr(backend, "expert_parallel_size", 1)  # a backend without expert parallelism has no such field
+    experts = expert_parameter_count(plugins, cfg) if ep > 1 else 0
+    held = params - experts + experts // ep
     largest = max(vocab_size * cfg.hidden_size, 3 * cfg.hidden_size * cfg.intermediate_size)
     tokens = train.micro_batch_size * recipe.data.seq_len
     per_layer = block_activation_bytes_per_token(cfg, w) * tokens
@@ -171,9 +199,9 @@ def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate
     chunk = min(tokens, train.loss_chunk_tokens) if train.loss_chunk_tokens else tokens
     logits = chunk * vocab_size * (w if train.compile else LOSS_BYTES_PER_LOGIT)
     states = model_state_bytes(params, largest, backend.zero_stage, backend.precision, world_size,
-                               backend.offload_optimizer, _zero_block(recipe, params)[1])
+                               backend.offload_optimizer, _zero_block(recipe, params)[1], held)
     return MemoryEstimate(params, largest, states, activations, logits, gradient_bucket_bytes(recipe, params),
-                          step_only_bytes(recipe, params, world_size))
+                          step_only_bytes(recipe, params, world_size), expert_params=experts, expert_parallel=ep)
 
 
 def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: float) -> str:
@@ -185,6 +213,9 @@ def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: 
         f"{'on' if t.activation_checkpointing else 'off'}"
         + (f", loss in chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else ""),
         f"  parameters   {e.params / 1e9:8.2f} B  (largest layer {e.largest_layer / 1e6:.0f} M)",
+        *([f"  experts      {e.expert_params / 1e9:8.2f} B  of them, spread over {e.expert_parallel} ranks: "
+           f"{e.held_params / 1e9:.2f} B held per GPU (backend.expert_parallel_size)"]
+          if e.expert_parallel > 1 else []),
         f"  model states {e.model_states / GB:8.1f} GB"
         + (f"  (of which {e.step_only / GB:.1f} GB only during the optimizer step)" if e.step_only else ""),
         f"  activations  {e.activations / GB:8.1f} GB",
