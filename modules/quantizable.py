@@ -20,6 +20,15 @@ to the model: trained, checkpointed and resumed with it.
 The converse declaration: a module that owns an `nn.Linear` but never calls it as one (it reads `.weight`
 directly, e.g. an MoE router computed in fp32) marks it with `keep_high_precision`: swapping such a Linear
 would change nothing in training while its export would change, so a weight-transforming plugin skips it.
+
+A host may later hold only part of each stack (expert parallelism: a rank keeps experts [a, b) of E and builds a
+new, smaller module for them). The module that replaces it calls `shard_weight_transform` to carry the installed
+transform over; a transform with state per matrix of the stack (QAT's learned step sizes, one set per expert)
+implements `ShardableTransform.shard(part, gather)` for that, so the host needs no knowledge of the plugin:
+
+    part                 the matrices of every declared weight's leading axis (dim 0) the new host holds
+    gather(local)        collective over the ranks sharing the stack: this rank's [b - a, ...] rows -> the whole
+                         [E, ...], in matrix order (what a transform needs to keep state of every matrix in step)
 """
 
 from __future__ import annotations
@@ -48,6 +57,21 @@ class QuantizableWeights(Protocol):
 
     def transformed_weight(self, name: str) -> torch.Tensor:
         """The weight `name` as the products use it (the transform applied)."""
+        ...
+
+
+StackGather = Callable[[torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class ShardableTransform(Protocol):
+    """A weight transform that can follow its host onto a share of its stacked weights (see module docstring)."""
+
+    def shard(self, part: slice, gather: StackGather) -> WeightTransform:
+        """The transform to install on a host holding only matrices `part` of each declared weight's dim 0 (its
+        forward then receives those rows only); may return itself. `gather` completes a per-matrix tensor
+        computed from the held rows into the whole stack's (a collective: every rank sharing the stack calls it
+        at the same point)."""
         ...
 
 
@@ -81,3 +105,22 @@ def keep_high_precision(linear: nn.Module, reason: str) -> None:
 def high_precision_reason(module: nn.Module) -> str | None:
     """Why `module` must stay in high precision (`keep_high_precision`), or None."""
     return getattr(module, _HIGH_PRECISION_ATTR, None)
+
+
+def shard_weight_transform(host: nn.Module, part: slice, gather: StackGather) -> WeightTransform | None:
+    """The transform installed on `host`, ready for a new host that holds only matrices `part` of each stacked
+    weight (None when none is installed). A `ShardableTransform` shards itself; a plain function, or a module
+    without parameters or buffers, acts on whatever rows it is given and is carried over as it is. A module with
+    state that cannot shard is refused: its state would no longer match the matrices it is applied to."""
+    fn = getattr(host, TRANSFORM_CHILD, None)
+    if fn is None:
+        return None
+    if isinstance(fn, ShardableTransform):
+        return fn.shard(part, gather)
+    if isinstance(fn, nn.Module) and any(True for _ in [*fn.parameters(), *fn.buffers()]):
+        raise ValueError(f"its weight transform {type(fn).__name__} (installed by a plugin) holds parameters or "
+                         "buffers but implements no shard(part, gather), so its state cannot follow a share of the "
+                         "stacked weights; implement ShardableTransform in that plugin "
+                         "(slimtrain.modules.quantizable), leave these weights out of it, or do not shard them "
+                         "(e.g. backend.expert_parallel_size=1)")
+    return fn

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtrain.modules.context import Communicator
-from slimtrain.modules.quantizable import TRANSFORM_CHILD, keep_high_precision
+from slimtrain.modules.quantizable import keep_high_precision, shard_weight_transform
 
 from .config import MoEConfig
 from .experts import GroupedExperts
@@ -78,24 +78,44 @@ class MoELayer(nn.Module):
 
     def shard_experts(self, comm: Communicator, group: str, rank: int, size: int) -> None:
         """Keep experts [rank x E/size, (rank+1) x E/size) only (new, uninitialised parameters on the current
-        experts' device, the meta device in a backend's build) and exchange tokens over `group` from now on."""
+        experts' device, the meta device in a backend's build) and exchange tokens over `group` from now on.
+
+        A weight transform a plugin installed on the experts (QAT) moves to the new module through
+        `slimtrain.modules.quantizable.shard_weight_transform`, told which experts it now sees."""
         old, total = self.experts, self.cfg.num_experts
         if total % size:
             fits = [n for n in range(1, total + 1) if total % n == 0]
             raise ValueError(f"num_experts={total} is not divisible by the {size} ranks that share the experts; "
                              f"use an expert-parallel size that divides it ({fits}) or a multiple of it as "
                              "num_experts")
-        if getattr(old, TRANSFORM_CHILD, None) is not None:
-            raise ValueError("its experts' weights are transformed by a plugin (e.g. qat quantizing the experts), "
-                             "which expert parallelism does not support yet; leave the experts out of that plugin "
-                             "or train with backend.expert_parallel_size=1")
         if self.expert_comm is not None:
             raise ValueError("its experts are sharded already")
         local = total // size
+        part = slice(rank * local, (rank + 1) * local)
+        transform = shard_weight_transform(old, part, self.gather_experts)  # before any change: it may refuse
         with torch.device(old.gate_up.device):
             self.experts = GroupedExperts(local, old.gate_up.shape[-1], old.intermediate, old.impl)
+        if transform is not None:
+            self.experts.set_weight_transform(transform)
         self.expert_comm, self.expert_group = comm, group
-        self.expert_slice = slice(rank * local, (rank + 1) * local)
+        self.expert_slice = part
+
+    @torch.no_grad()
+    def gather_experts(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's per-expert rows [E/size, ...] -> the layer's [E, ...] in expert order, from every rank of
+        the expert group (collective: each rank of the group calls it at the same point; one all-to-all, each
+        rank sending its rows to all). The rows as they are while this module holds every expert."""
+        comm = self.expert_comm
+        if comm is None:
+            return local
+        size = comm.size(self.expert_group)
+        if local.shape[0] * size != self.num_experts:
+            raise RuntimeError(f"gathering {local.shape[0]} experts' rows from each of the {size} ranks of group "
+                               f"{self.expert_group!r} gives {local.shape[0] * size}, the layer has "
+                               f"{self.num_experts}: the communicator is not the one its experts were sharded over "
+                               "(a single-process communicator cannot stand in for the other ranks here)")
+        sent = local.detach().contiguous().repeat(size, *([1] * (local.dim() - 1)))
+        return comm.all_to_all(sent, group=self.expert_group)
 
     def selection_bias(self) -> torch.Tensor:
         """The sigmoid router's selection bias, fp32 [E] (zeros for a softmax router)."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from slimtrain.modules.plugin import ExportContext, Plugin, PluginContext, WeightInit
 from slimtrain.modules.plugin_registry import register_plugin
-from slimtrain.modules.quantizable import QuantizableWeights, high_precision_reason
+from slimtrain.modules.quantizable import TRANSFORM_CHILD, QuantizableWeights, high_precision_reason
 
 from .config import DEFAULT_EXCLUDE, QATConfig, QuantSpec
 from .linear import QATLinear
@@ -87,8 +87,10 @@ class QATPlugin(Plugin):
         super().__init__(cfg)
         self.cfg: QATConfig = cfg
         self.layers: dict[str, QATLinear] = {}
-        self.stacked: dict[str, StackedWeightQAT] = {}  # module path -> the transform installed on it
-        self.owners: dict[str, QuantizableWeights] = {}  # module path -> the module holding the stacked weights
+        # Module path -> the transform installed on it. The module at a path may be replaced after `apply` (a
+        # backend keeping a share of the experts builds a smaller one and carries the transform over), so the
+        # module is looked up by path when needed and the map refreshed from the model in `init_weights`.
+        self.stacked: dict[str, StackedWeightQAT] = {}
         self.active = False
         self._calibration_checked = False
 
@@ -126,7 +128,6 @@ class QATPlugin(Plugin):
             check_matrix(f"{name}.{attr}", tuple(w.shape[-2:]), self.cfg.weights, "weights",
                          what="each matrix [out, in] of " if w.dim() > 2 else "")
         self.stacked[name] = StackedWeightQAT(weights, self.cfg)
-        self.owners[name] = module
         module.set_weight_transform(self.stacked[name])
 
     def init_weights(self, model: nn.Module, init: WeightInit) -> None:
@@ -134,9 +135,16 @@ class QATPlugin(Plugin):
         for name, layer in self.layers.items():
             if f"{name}.weight_step_base" not in init.imported:
                 layer.reset_lsq_step()
-        for name, transform in self.stacked.items():
-            skip = {w for w in transform.shapes if f"{name}.weight_transform.{w}_step_base" in init.imported}
-            transform.reset_lsq_step(self.owners[name].matmul_weights(), skip)
+        for name in self.stacked:
+            owner = model.get_submodule(name)  # the module there now (a share of the experts under expert parallelism)
+            transform = getattr(owner, TRANSFORM_CHILD, None)
+            if not isinstance(transform, StackedWeightQAT):
+                raise RuntimeError(f"{name} no longer carries the QAT transform installed on it: the module that "
+                                   "replaced it must carry it over "
+                                   "(slimtrain.modules.quantizable.shard_weight_transform)")
+            self.stacked[name] = transform
+            skip = {w for w in transform.shapes if f"{name}.{TRANSFORM_CHILD}.{w}_step_base" in init.imported}
+            transform.reset_lsq_step(owner.matmul_weights(), skip)
 
     def on_step_start(self, ctx: PluginContext) -> None:
         # "active" derives from the step alone and the calibrated LSQ steps (with their flag) are

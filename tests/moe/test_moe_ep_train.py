@@ -1,11 +1,13 @@
 """Expert parallelism on the DeepSpeed backend (`backend.expert_parallel_size`), end to end in `slimtrain train`.
 
-On 2 gloo ranks, each holding 2 of 4 experts: the losses and gradient norms equal those of the same recipe with
-every expert on every rank (ZeRO-1 and ZeRO-2, fp32, within float rounding: the tokens meet their experts in
-other batches); a run killed after a checkpoint resumes bitwise; a checkpoint resumes at another expert-parallel
-size (ep 2 -> 1 and 1 -> 2, through the expert-aware universal conversion) and continues the straight run; a
-dense run branches into an expert-parallel MoE that starts from its function (upcycling); the export holds every
-expert, equal to the export of the run without expert parallelism. The refusals are unit tests on the recipe.
+On 2 gloo ranks, each holding 2 of 4 experts, with QAT on every Linear and on the experts (int4, LSQ steps set at
+the build from the whole experts, fake-quant from step 5): the losses and gradient norms equal those of the same
+recipe with every expert on every rank (ZeRO-1 and ZeRO-2, fp32, within float rounding: the tokens meet their
+experts in other batches); a run killed after a checkpoint resumes bitwise (the experts' LSQ state included); a
+checkpoint resumes at another expert-parallel size (ep 2 -> 1 and 1 -> 2, through the expert-aware universal
+conversion) and continues the straight run; a dense run branches into an expert-parallel MoE that starts from its
+function (upcycling); the export holds every expert, equal to the export of the run without expert parallelism,
+packed per expert, and reloads. The refusals are unit tests on the recipe.
 """
 
 from __future__ import annotations
@@ -33,8 +35,17 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes" / "tiny-cpu.yaml"
 MOE = ("plugins=[{type: moe, num_experts: 4, top_k: 2, expert_intermediate_size: 32, num_shared_experts: 1, "
        "shared_expert_gate: true, z_loss_weight: 0.001}]")
+# QAT of the experts (and of every other Linear) rides along in the shared runs. Its LSQ steps are set at the build
+# (calibrate: false; each rank computes its experts' and gathers the others'), so the step-4 checkpoint every resume
+# below starts from holds them; fake-quant from step 5. Not calibrated during training: right after an absmax
+# calibration each scale group's largest weight lies exactly on the grid's edge, where LSQ's step gradient jumps
+# (clipped or not) with a 1-ulp change of the weights, so two runs that differ by float rounding part there: this
+# recipe calibrating at step 3, at ZeRO-1 and at ZeRO-2 without expert parallelism, measured 7e-5 apart in gradient
+# norm at that step and 4e-4 five steps later, beyond the rounding compared below.
+QAT = "{type: qat, weights: {bits: 4, group_size: 16}, estimator: lsq, calibrate: false, start_step: 4}"
+MOE_QAT = MOE.replace("}]", "}, " + QAT + "]")
 STEPS, HALF = 8, 4
-RUN = [MOE, f"train.steps={STEPS}", f"checkpoint.every={HALF}", f"eval.every={HALF}", "backend.precision=fp32"]
+RUN = [MOE_QAT, f"train.steps={STEPS}", f"checkpoint.every={HALF}", f"eval.every={HALF}", "backend.precision=fp32"]
 VOLATILE = {"time_s", "tokens_per_s", "mfu"}
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=32)
 CPU = torch.device("cpu")
@@ -52,13 +63,16 @@ CPU = torch.device("cpu")
      "backend.raw.zero_optimization.reduce_scatter=false with backend.expert_parallel_size=2"),
     (["backend.raw={zero_optimization: {contiguous_gradients: false}}"],
      "backend.raw.zero_optimization.contiguous_gradients=false with backend.expert_parallel_size=2"),
-    ([MOE.replace("}]", "}, {type: qat, weights: {group_size: 16}}]")],
-     "plugins.0 (layers.0.mlp): its experts' weights are transformed by a plugin"),
 ])
 def test_what_expert_parallelism_cannot_do_is_refused_with_the_fix(overrides: list[str], expected: str) -> None:
     with pytest.raises(RecipeError) as err:
         load_recipe(str(TINY), [MOE, "backend.expert_parallel_size=2", *overrides])
     assert expected in str(err.value)
+
+
+def test_qat_of_the_experts_is_accepted_with_expert_parallelism() -> None:
+    recipe = load_recipe(str(TINY), [MOE_QAT, "backend.expert_parallel_size=2"])
+    assert [p.type for p in recipe.plugins] == ["moe", "qat"]
 
 
 def test_a_world_the_expert_groups_do_not_tile_is_refused() -> None:
@@ -227,12 +241,13 @@ def _close(got: dict[int, dict], want: dict[int, dict], steps, rel: float) -> No
 @pytest.mark.distributed
 def test_expert_parallel_training_equals_every_expert_on_every_rank(runs) -> None:
     """Losses and DeepSpeed's gradient norms (the global ones) with expert parallelism at ZeRO-2 (ep2) and
-    ZeRO-1 (ep1_to_ep2 after its resume) equal the run without it, step by step."""
+    ZeRO-1 (ep1_to_ep2 after its resume) equal the run without it, step by step, fake-quantized or not."""
     ref, ep2 = _steps(runs.ref), _steps(runs.ep2)
     assert sorted(ep2) == list(range(1, STEPS + 1))
     _close(ep2, ref, range(1, STEPS + 1), 1e-5)
     _close(_steps(runs.ep1_to_ep2), ref, range(HALF + 1, STEPS + 1), 1e-5)
     assert ep2[STEPS]["loss"] < ep2[1]["loss"] - 0.2  # it learns
+    assert (ep2[HALF]["qat/active"], ep2[HALF + 1]["qat/active"]) == (0.0, 1.0)
     assert "moe/z" in ep2[STEPS] and len(ep2[STEPS]["moe/load/layer0"]) == 4
     evals = [r for r in _records(runs.ep2) if "eval_loss" in r]  # evaluation runs the exchange too
     assert [r["eval_loss"] for r in evals] == pytest.approx(
@@ -250,7 +265,8 @@ def test_expert_parallel_run_resumes_bitwise_after_sigkill(runs) -> None:
 @pytest.mark.distributed
 def test_a_checkpoint_resumes_at_another_expert_parallel_size(runs) -> None:
     """ep 2 -> 1 and ep 1 -> 2 (ZeRO-2 -> ZeRO-1 too) through the universal conversion: the resumed steps
-    continue the straight run (to rounding; the conversion carries every weight and Adam moment exactly)."""
+    continue the straight run (to rounding; the conversion carries every weight, Adam moment and LSQ step
+    exactly)."""
     ref = _steps(runs.ref)
     assert ("written by ZeRO-1/2 fp32 on 2 rank(s) with expert_parallel_size=2, loading into ZeRO-1/2 fp32 on 2 "
             "rank(s) with expert_parallel_size=1") in runs.ep2_to_ep1_stdout
@@ -267,9 +283,12 @@ def test_a_checkpoint_resumes_at_another_expert_parallel_size(runs) -> None:
 @pytest.mark.distributed
 def test_the_export_of_an_expert_parallel_run_holds_every_expert(runs, tmp_path: Path) -> None:
     """Consolidation joins every expert rank's fp32 partitions (the model-states file holds expert rank 0's
-    experts only): the exported checkpoint equals the export of the run without expert parallelism."""
+    experts only, and the experts' LSQ state whole): the consolidated checkpoint equals that of the run without
+    expert parallelism. The export writes every expert's fake-quantized weights, packed per expert in the packed
+    variant, and transformers reloads it computing the trained model's logits (`--verify`)."""
     from safetensors.torch import load_file
 
+    from slimtrain.modules.qat.export import dequantize_packed, scheme
     from slimtrain.trainer.cli import main
     from slimtrain.trainer.export.consolidate import consolidate
 
@@ -281,13 +300,23 @@ def test_the_export_of_an_expert_parallel_run_holds_every_expert(runs, tmp_path:
         assert value.shape == want[name].shape, name
         torch.testing.assert_close(value, want[name], rtol=0, atol=1e-5, msg=name)
     assert weights["layers.1.mlp.experts.gate_up"].shape == (4, 64, 64)
+    assert weights["layers.1.mlp.experts.weight_transform.gate_up_step_base"].shape == (4, 64, 4)
     saved = torch.load(step / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert saved["layers.1.mlp.experts.gate_up"].shape[0] == 2  # why consolidation cannot read the module
-    assert main(["export", str(step), str(tmp_path / "hf")]) == 0
+    assert saved["layers.1.mlp.experts.weight_transform.gate_up_step_base"].shape[0] == 4  # LSQ state: whole
+    assert main(["export", str(step), str(tmp_path / "hf"), "--verify"]) == 0  # exports, and reloads
     exported = load_file(tmp_path / "hf" / "model.safetensors")
+    packed = load_file(tmp_path / "hf" / "packed" / "model.safetensors")
+    sch = scheme(load_recipe(str(TINY), RUN).plugins[1], ["Linear"])
     for e in range(4):
-        gate = weights["layers.1.mlp.experts.gate_up"][e, :32]
-        assert torch.equal(exported[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"].float(), gate), e
+        prefix = f"model.layers.1.mlp.experts.{e}.gate_proj."
+        gate = exported[prefix + "weight"].float()  # fake-quantized: not the trained weights, close to them
+        trained = weights["layers.1.mlp.experts.gate_up"][e, :32]
+        assert not torch.equal(gate, trained), e
+        torch.testing.assert_close(gate, trained, rtol=0, atol=0.05)
+        layer = {k.removeprefix(prefix): v for k, v in packed.items() if k.startswith(prefix)}
+        assert "weight_packed" in layer and "weight" not in layer, e
+        assert torch.equal(dequantize_packed(layer, sch), gate), e
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Expert parallelism (modules/moe/parallel.py): on 2 gloo ranks holding 2 of 4 experts each, the layer's output
 and the gradients of its tokens, routing weights and experts equal those of one process holding all 4 experts;
-and the communicators' differentiable all-to-all."""
+the same for a whole model with QAT (LSQ) on its experts, whose learned steps stay whole on every rank; and the
+communicators' differentiable all-to-all."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from slimtrain.modules.context import LocalCommunicator
+from slimtrain.modules.expert_parallel import expert_modules
 from slimtrain.modules.moe.experts import GroupedExperts, expert_loop
 from slimtrain.modules.moe.parallel import expert_parallel_forward
 from slimtrain.modules.moe.router import Routing
+from slimtrain.modules.plugin_registry import validate_plugin_config
+from slimtrain.modules.plugin_stack import PluginStack
+from slimtrain.modules.transformer import ModelConfig
+from slimtrain.trainer.backends.build import ModelInit, build_model
 
 E, K, H = 4, 2, 16
 DROP = E  # the dropped-slot sentinel
@@ -103,6 +109,56 @@ def _exchange_check(comm, rank: int) -> dict[str, torch.Tensor]:
     return {"got": got.detach(), "grad": sent.grad}
 
 
+# -- a whole model with QAT (LSQ) on its experts -----------------------------------------------------------------
+
+QAT_MODEL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2,
+                        max_seq_len=32, num_layers=2, attention="eager")
+QAT_PLUGINS = [{"type": "moe", "num_experts": E, "top_k": K, "expert_intermediate_size": 32, "num_shared_experts": 1},
+               {"type": "qat", "weights": {"bits": 4, "group_size": 16}, "estimator": "lsq", "start_step": 1}]
+LSQ_STATE = ".experts.weight_transform."  # the LSQ tensors of the experts: whole on every rank
+# Compared after the backward: the logits, loss, calibrated step bases, and these gradients.
+EXPERTS, GAIN, ROUTER = "layers.1.mlp.experts.gate_up", "layers.1.mlp.experts.weight_transform.gate_up_step_gain", \
+    "layers.1.mlp.router.weight"
+
+
+def _qat_model(parallelize=lambda model: None) -> tuple[torch.nn.Module, PluginStack]:
+    stack = PluginStack.from_configs([validate_plugin_config(b) for b in QAT_PLUGINS])
+    return build_model(QAT_MODEL, stack, ModelInit(seed=5), torch.device("cpu"), parallelize), stack
+
+
+def _start_quantizing(model: torch.nn.Module, stack: PluginStack) -> None:
+    """Scale the experts' weights (so that the steps calibrated when fake-quant starts differ from those set at
+    the build), then fake-quant on: the steps are calibrated in the next forward."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up", "experts.down")):
+                p.mul_(1.5)
+    stack.plugins[-1].set_step(2)
+
+
+def _qat_forward_backward(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Forward and backward of `rank`'s batch: logits, loss, the experts' step bases, chosen gradients."""
+    ids = torch.randint(0, QAT_MODEL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(30 + rank))
+    logits = model(ids[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, QAT_MODEL.vocab_size), ids[:, 1:].reshape(-1))
+    loss.backward()
+    params = dict(model.named_parameters())
+    bases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("_step_base") and LSQ_STATE in n}
+    return {"logits": logits.detach(), "loss": loss.detach(), **bases,
+            **{f"grad:{n}": params[n].grad.clone() for n in (EXPERTS, GAIN, ROUTER)}}
+
+
+def _qat_expert_parallel(comm, rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    def parallelize(model: torch.nn.Module) -> None:
+        for _, module in expert_modules(model):
+            module.shard_experts(comm, "expert", rank, 2)
+
+    model, stack = _qat_model(parallelize)  # the LSQ steps set at the build: gathered over both ranks
+    built = {k: v.clone() for k, v in model.state_dict().items()}
+    _start_quantizing(model, stack)
+    return {"built": built, "step": _qat_forward_backward(model, rank)}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from slimtrain.trainer.backends.communicator import TorchCommunicator
 
@@ -111,6 +167,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         comm = TorchCommunicator({"data": None, "expert": None})
         results = {c.name: _expert_parallel(c, comm, rank) for c in CASES}
         results["exchange"] = _exchange_check(comm, rank)
+        results["qat"] = _qat_expert_parallel(comm, rank)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -170,6 +227,48 @@ def test_uneven_exchange_and_its_gradient(two_ranks: list[dict]) -> None:
     # The gradient of a sent row is the factor (1 + its index where it was received).
     assert r0["grad"][:, 0].tolist() == [1.0, 1.0, 2.0]
     assert r1["grad"][:, 0].tolist() == [3.0, 4.0, 5.0]
+
+
+@pytest.mark.distributed
+def test_a_model_with_qat_experts_builds_each_ranks_share_with_whole_lsq_state(two_ranks: list[dict]) -> None:
+    """Each rank's build holds its slice of the single-process build's experts, and the whole LSQ state (step
+    bases of all 4 experts, computed from the experts each rank holds and gathered), bitwise."""
+    whole = _qat_model()[0].state_dict()
+    for rank in range(2):
+        built = two_ranks[rank]["qat"]["built"]
+        assert built.keys() == whole.keys()
+        for name, value in built.items():
+            sliced = name.endswith(("experts.gate_up", "experts.down"))
+            assert torch.equal(value, whole[name][2 * rank: 2 * rank + 2] if sliced else whole[name]), name
+        assert any(LSQ_STATE in n and n.endswith("_step_base") for n in built)
+
+
+@pytest.mark.distributed
+def test_a_model_with_qat_experts_computes_and_learns_as_one_process(two_ranks: list[dict]) -> None:
+    """Fake-quant on (LSQ, steps calibrated in that forward): each rank's logits, loss and router gradient equal
+    one process's on its batch; the calibrated step bases equal that process's on every rank; the experts'
+    weights and learned step gains get the gradient of both ranks' tokens (a gain only in its rank's experts'
+    entries, so that the data-parallel mean over ranks is the gradient of all tokens, as for the weights)."""
+    model, stack = _qat_model()
+    _start_quantizing(model, stack)
+    refs = []
+    for rank in range(2):  # one process, both ranks' batches one after the other (calibrated in the first)
+        model.zero_grad()
+        refs.append(_qat_forward_backward(model, rank))
+    for rank in range(2):
+        got, ref = two_ranks[rank]["qat"]["step"], refs[rank]
+        for key in ("logits", "loss", f"grad:{ROUTER}"):
+            _close(got[key], ref[key])
+        for name in [k for k in got if k.endswith("_step_base")]:
+            assert torch.equal(got[name], refs[0][name]), name  # whole, as calibrated in one process
+            assert not torch.equal(got[name], two_ranks[rank]["qat"]["built"][name]), name  # recalibrated
+        both = refs[0][f"grad:{EXPERTS}"] + refs[1][f"grad:{EXPERTS}"]
+        _close(got[f"grad:{EXPERTS}"], both[2 * rank: 2 * rank + 2])
+        gain = got[f"grad:{GAIN}"].view(E, -1)
+        assert not gain[2 * (1 - rank): 2 * (2 - rank)].any()  # the other rank's experts: no gradient here
+    summed = two_ranks[0]["qat"]["step"][f"grad:{GAIN}"] + two_ranks[1]["qat"]["step"][f"grad:{GAIN}"]
+    assert summed.abs().sum() > 0
+    _close(summed, refs[0][f"grad:{GAIN}"] + refs[1][f"grad:{GAIN}"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

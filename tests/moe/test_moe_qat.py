@@ -1,8 +1,9 @@
 """MoE composed with QAT: the stacked expert weights are fake-quantized exactly as one QATLinear per expert would
 quantize its weight (forward and gradients), only from QAT's start step, in a model built with both plugins
 (routers and shared-expert gates left in high precision), with LSQ state that reloads exactly; shapes that do
-not tile and activation quantization are refused by name; and the packed export holds every expert's packed
-tensors, which dequantize to the trained weights bit for bit."""
+not tile and activation quantization are refused by name; the transform follows a share of the experts when
+they are sharded (expert parallelism; a transform with state that cannot is refused); and the packed export holds
+every expert's packed tensors, which dequantize to the trained weights bit for bit."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from slimtrain.modules.context import LocalCommunicator
 from slimtrain.modules.moe.experts import GroupedExperts, expert_loop
 from slimtrain.modules.moe.layer import MoELayer
 from slimtrain.modules.moe.router import Routing, route_softmax
@@ -28,7 +30,7 @@ from slimtrain.modules.qat.linear import QATLinear
 from slimtrain.modules.qat.reference import QParams
 from slimtrain.modules.qat.stacked import StackedWeightQAT
 from slimtrain.modules.quantizable import QuantizableWeights
-from slimtrain.modules.transformer import ModelConfig
+from slimtrain.modules.transformer import ModelConfig, Transformer
 from slimtrain.trainer.backends.build import ModelInit, build_model
 
 E, H, I, T = 4, 32, 64, 24  # experts, hidden, expert width, tokens
@@ -257,6 +259,66 @@ def test_qparams_of_a_row_block_must_align_with_the_tiles() -> None:
     assert torch.equal(slice_qparams(qp, spec, 16, 16, 32, "w").scale, qp.scale[1:])
     with pytest.raises(ValueError, match="w holds rows 8:16 .* 16x16 blocks.*group_size to a divisor of 8"):
         slice_qparams(qp, spec, 8, 8, 32, "w")
+
+
+# -- expert parallelism: the transform follows the experts' share (2 gloo ranks: tests/moe/test_moe_parallel.py) ---
+
+
+def _shard(model: nn.Module, rank: int, size: int) -> None:
+    for layer in moe_layers(model):
+        layer.shard_experts(LocalCommunicator(), "expert", rank, size)
+
+
+def test_sharding_the_experts_carries_the_qat_transform_over() -> None:
+    """The new, smaller experts module carries the same transform (the plugin's map still names it), told which
+    experts it now sees; its LSQ state stays whole. A plain function transform moves as it is."""
+    stack = stack_of(MOE, LSQ)
+    with torch.device("meta"):
+        model = Transformer(MODEL)
+    stack.apply(model)
+    before = [layer.experts.weight_transform for layer in moe_layers(model)]
+    _shard(model, 1, 2)
+    qat = stack.plugins[-1]
+    for i, layer in enumerate(moe_layers(model)):
+        transform = layer.experts.weight_transform
+        assert transform is before[i] is qat.stacked[f"layers.{i}.mlp.experts"]
+        assert layer.experts.gate_up.shape[0] == 2 and transform.part == slice(2, 4)
+        assert transform.gate_up_step_base.shape == (4, 64, 2)  # whole: every expert's steps
+
+    plain = MoELayer(validate_plugin_config(MOE), 32, 32)
+    double = lambda name, w: 2 * w  # noqa: E731 (stateless: acts on whatever experts it is given)
+    plain.experts.set_weight_transform(double)
+    plain.shard_experts(LocalCommunicator(), "expert", 0, 2)
+    assert plain.experts.weight_transform is double
+
+
+def test_a_transform_with_state_that_cannot_shard_is_refused_naming_the_fix() -> None:
+    class Masks(nn.Module):  # per-expert state, no shard(): it would not match a share of the experts
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mask", torch.ones(4, 1, 1))
+
+        def forward(self, name: str, w: torch.Tensor) -> torch.Tensor:
+            return w * self.mask
+
+    layer = MoELayer(validate_plugin_config(MOE), 32, 32)
+    layer.experts.set_weight_transform(Masks())
+    with pytest.raises(ValueError, match=r"weight transform Masks .* implements no shard\(part, gather\).*"
+                                         r"backend.expert_parallel_size=1"):
+        layer.shard_experts(LocalCommunicator(), "expert", 0, 2)
+    assert layer.expert_comm is None and layer.experts.gate_up.shape[0] == 4  # left as it was
+
+
+def test_lsq_steps_of_a_share_cannot_be_gathered_by_a_single_process_communicator() -> None:
+    """A build that simulates rank 1 of 2 with a single-process communicator cannot set the other rank's steps:
+    it says so, instead of leaving half of them unset."""
+    with pytest.raises(RuntimeError, match=r"gathering 2 experts' rows from each of the 1 ranks of group "
+                                           r"'expert' gives 2, the layer has 4"):
+        build_model(MODEL, stack_of(MOE, LSQ), ModelInit(seed=0), torch.device("cpu"),
+                    lambda model: _shard(model, 1, 2))
+    ste = build_model(MODEL, stack_of(MOE, {**LSQ, "estimator": "ste"}), ModelInit(seed=0), torch.device("cpu"),
+                      lambda model: _shard(model, 1, 2))  # no state per expert: nothing to gather
+    assert moe_layers(ste)[0].experts.gate_up.shape[0] == 2
 
 
 # -- export --------------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ precision goes through `write_universal` here: the same universal layout, expert
 expert ranks to [E, ...] and marked `is_expert_param` / `ep_num_experts`, which DeepSpeed's universal loader
 slices for the loading rank (checkpoint/universal_checkpoint.py:259-278). `consolidated_state` reads the same
 files into the full fp32 weights for export.
+
+A plugin's transform of the experts (QAT) moves to each rank's share in `shard` (the module's `shard_experts`).
+Whatever per-expert state it keeps must stay whole on every rank as dense tensors, as QAT's LSQ steps do: a
+buffer split over the expert ranks would be saved from the model-states file only (expert rank 0's share), and
+only `expert_parameters` are saved per expert rank, in the fp32 partitions.
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ def create_groups(size: int, dist_backend: str) -> ExpertGroups:
 
 
 def shard(model: nn.Module, comm: Communicator, groups: ExpertGroups) -> None:
-    """The backend's parallelisation step (meta model): every expert module keeps this rank's share."""
+    """The backend's parallelisation step (meta model): every expert module keeps this rank's share, a plugin's
+    transform of its experts carried over (module docstring)."""
     found = expert_modules(model)
     if not found:
         raise RecipeError(f"backend.expert_parallel_size={groups.size} but the model has no layer with experts to "
