@@ -1,2 +1,2 @@
-"""Mixture-of-experts: the `moe` plugin, its routers and grouped expert compute (docs/moe.md; issue 22, in
-progress: no export, expert parallelism or capacity yet)."""
+"""Mixture-of-experts: the `moe` plugin, its routers, balancing, grouped expert compute, expert parallelism,
+upcycling and Hugging Face layouts (docs/moe.md)."""
