@@ -177,3 +177,32 @@ def test_frozen_groups_that_leave_nothing_to_train_are_refused() -> None:
         PluginStack([FreezeAll(None)]).param_groups(model)
     stack, model = _build("frozen")
     assert any(not g.frozen and g.params for g in stack.param_groups(model))
+
+
+@pytest.mark.parametrize("self_distill", [False, True])
+def test_chunked_head_losses_equal_whole_ones(self_distill: bool) -> None:
+    """Logits in recomputed chunks of positions (large micro-batches) give the whole computation's loss, hits
+    and gradients, the reduced draft vocabulary included."""
+    from slimtrain.modules.draft.evaluation import base_view
+    from slimtrain.modules.draft.losses import position_result
+
+    counts = torch.zeros(TINY["vocab_size"], dtype=torch.long)
+    counts[:30] = 1
+    heads = [{"kind": "eagle3", "steps": 2, "draft_vocab_size": 30}, {"kind": "hydra", "num_heads": 2}]
+    stack, model = _build(heads=heads, counts=lambda: counts)
+    batch = _batch()
+    results = {}
+    for chunk in (5, 10_000):
+        model.zero_grad()
+        out = model(**stack.inputs(batch, PluginContext(model=model)).model_kwargs())
+        view = base_view(model, out, batch)
+        rs = [position_result(o, view, batch.labels, self_distill, chunk=chunk)
+              for kind in ("eagle3", "hydra") for o in model.draft[kind].draft_outputs(view)]
+        sum(r.loss for r in rs).backward()
+        results[chunk] = ([(float(r.loss), int(r.correct), int(r.count)) for r in rs],
+                          [p.grad.clone() for p in model.draft.parameters() if p.grad is not None])
+    (small, grads_small), (whole, grads_whole) = results[5], results[10_000]
+    assert [c[1:] for c in small] == [c[1:] for c in whole]
+    assert [c[0] for c in small] == pytest.approx([c[0] for c in whole], rel=1e-5)
+    for a, b in zip(grads_small, grads_whole):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
