@@ -135,3 +135,15 @@ def _decode_losslessly(run_dir: Path, weights: dict[str, torch.Tensor]):
         assert torch.equal(got, want), kind
         assert stats.tau >= 1.0
     return model
+
+
+def test_speculative_evaluation_runs_under_zero3(tmp_path: Path) -> None:
+    """ZeRO-3 gathers parameters in every module's forward, on every rank together: the evaluation's fixed number
+    of rounds keeps the ranks' forwards in step whatever each accepts."""
+    heads = "heads: [{kind: mtp, depth: 2}, {kind: eagle3, steps: 2}, {kind: hydra, num_heads: 2}]"
+    proc = run_train(tmp_path / "z3", tmp_path / "cache", [
+        f"plugins=[{{type: draft, eval_prompts: 2, eval_rounds: 3, {heads}}}]", "backend.zero_stage=3",
+        "train.steps=4", "eval.every=4", "checkpoint.every=4"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    last = _records(tmp_path / "z3")[-1]
+    assert {"eval/draft/mtp/tau", "eval/draft/eagle3/accept2", "eval/draft/hydra/acc2"} <= set(last)
