@@ -1,4 +1,5 @@
-"""Medusa's residual block, also Hydra's (whose first block projects a wider input down)."""
+"""Medusa's residual block, also Hydra's (whose first block projects a wider input down), and the heads both
+build from them."""
 
 from __future__ import annotations
 
@@ -32,3 +33,24 @@ class ResBlock(nn.Module):
         if self.residual is not None:
             self.residual.weight.zero_()
             self.residual.weight[:, : self.residual.weight.shape[0]].copy_(torch.eye(self.residual.weight.shape[0]))
+
+
+class ResidualHeads(nn.Module):
+    """Heads of residual blocks (`blocks.{k}`) each with a vocabulary projection of its own (`lm_heads.{k}`)."""
+
+    def __init__(self, blocks: list[nn.Sequential], hidden: int, vocab: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.lm_heads = nn.ModuleList(nn.Linear(hidden, vocab, bias=False) for _ in blocks)
+
+    @property
+    def positions(self) -> int:
+        return len(self.blocks)
+
+    @torch.no_grad()
+    def reset(self, lm_head: torch.Tensor) -> None:
+        """Blocks that pass the hidden state through, every projection a copy of the base's `lm_head` weight."""
+        for blocks, head in zip(self.blocks, self.lm_heads):
+            for block in blocks:
+                block.reset()
+            head.weight.copy_(lm_head)

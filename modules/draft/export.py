@@ -52,6 +52,14 @@ README = {
 }
 
 
+def _mtp_names(k: int, first: int) -> dict[str, str]:
+    """MTP module k's tensors: our name inside the mtp head -> the name on disk (decoder layer first + k)."""
+    hf = f"model.layers.{first + k}."
+    names = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+             "norm.weight": "shared_head.norm.weight", **{f"block.{a}": b for a, b in LAYER_NAMES.items()}}
+    return {f"depths.{k}.{a}": hf + b for a, b in names.items()}
+
+
 def export_draft(cfg: DraftConfig, ctx: ExportContext) -> None:
     """Take the heads out of the plain export and add one variant per head kind."""
     heads = {n: ctx.state.pop(n) for n in [n for n in ctx.state if n.startswith(PREFIX)]}
@@ -85,12 +93,8 @@ def _mtp_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant | No
         out = dict(hf_state)
         like = hf_state["model.norm.weight"]
         for k in range(head.depth):
-            ours, hf = f"depths.{k}.", f"model.layers.{first + k}."
-            names = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-                     "norm.weight": "shared_head.norm.weight",
-                     **{f"block.{a}": b for a, b in LAYER_NAMES.items()}}
-            out.update(_cast({hf + b: own[ours + a] for a, b in names.items()}, like))
-            out[hf + "shared_head.head.weight"] = _head_weight(hf_state).clone()
+            out.update(_cast({disk: own[ours] for ours, disk in _mtp_names(k, first).items()}, like))
+            out[f"model.layers.{first + k}.shared_head.head.weight"] = _head_weight(hf_state).clone()
         return out
 
     return ExportVariant("mtp", tensors, lambda _: {"num_nextn_predict_layers": head.depth,
@@ -193,12 +197,7 @@ def load_heads(directory: Path | str, kind: str, model: nn.Module) -> nn.Module:
     if kind == "mtp":
         depth = int(config["num_nextn_predict_layers"])
         module = head_module({"kind": "mtp", "depth": depth}, cfg)
-        ours = {}
-        for k in range(depth):
-            hf = f"model.layers.{cfg.num_layers + k}."
-            names = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-                     "norm.weight": "shared_head.norm.weight", **{f"block.{a}": b for a, b in LAYER_NAMES.items()}}
-            ours.update({f"depths.{k}.{a}": state[hf + b] for a, b in names.items()})
+        ours = {a: state[b] for k in range(depth) for a, b in _mtp_names(k, cfg.num_layers).items()}
     elif kind == "eagle3":
         module = head_module({"kind": "eagle3", "layers": config["eagle_aux_hidden_state_layer_ids"],
                               "steps": config["speculators_config"]["proposal_methods"][0]["speculative_tokens"],

@@ -8,33 +8,19 @@ import torch
 from torch import nn
 
 from .base import BaseStep, BaseView, DraftOutput
-from .blocks import ResBlock
+from .blocks import ResBlock, ResidualHeads
 from .targets import shifted_tokens
 
 
-class HydraHeads(nn.Module):
+class HydraHeads(ResidualHeads):
     """`blocks.{k}` (the first block of head k takes (k + 2)H, k from 0) then `lm_heads.{k}` [V, H]."""
 
     kind = "hydra"
 
     def __init__(self, hidden: int, vocab: int, num_heads: int, num_layers: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(ResBlock((k + 2) * hidden, hidden), *(ResBlock(hidden, hidden) for _ in range(num_layers - 1)))
-            for k in range(num_heads))
-        self.lm_heads = nn.ModuleList(nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads))
-
-    @property
-    def positions(self) -> int:
-        return len(self.blocks)
-
-    @torch.no_grad()
-    def reset(self, lm_head: torch.Tensor) -> None:
-        """Blocks pass the hidden state through, every projection a copy of the base's `lm_head` weight."""
-        for blocks, head in zip(self.blocks, self.lm_heads):
-            for block in blocks:
-                block.reset()
-            head.weight.copy_(lm_head)
+        super().__init__([nn.Sequential(ResBlock((k + 2) * hidden, hidden),
+                                        *(ResBlock(hidden, hidden) for _ in range(num_layers - 1)))
+                          for k in range(num_heads)], hidden, vocab)
 
     def logits(self, k: int, hidden: torch.Tensor, prefix_embeds: list[torch.Tensor]) -> torch.Tensor:
         """Head k's (0-based) logits from the hidden state and the k + 1 embeddings before its token."""

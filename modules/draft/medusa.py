@@ -10,31 +10,17 @@ import torch
 from torch import nn
 
 from .base import BaseStep, BaseView, DraftOutput
-from .blocks import ResBlock
+from .blocks import ResBlock, ResidualHeads
 
 
-class MedusaHeads(nn.Module):
+class MedusaHeads(ResidualHeads):
     """`num_heads` heads: `blocks.{k}` (residual blocks) then `lm_heads.{k}` [V, H] (k from 0: offset k + 1)."""
 
     kind = "medusa"
 
     def __init__(self, hidden: int, vocab: int, num_heads: int, num_layers: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(*(ResBlock(hidden, hidden) for _ in range(num_layers)))
-                                    for _ in range(num_heads))
-        self.lm_heads = nn.ModuleList(nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads))
-
-    @property
-    def positions(self) -> int:
-        return len(self.blocks)
-
-    @torch.no_grad()
-    def reset(self, lm_head: torch.Tensor) -> None:
-        """Blocks as the identity, every head's projection a copy of the base's `lm_head` weight."""
-        for blocks, head in zip(self.blocks, self.lm_heads):
-            for block in blocks:
-                block.reset()
-            head.weight.copy_(lm_head)
+        super().__init__([nn.Sequential(*(ResBlock(hidden, hidden) for _ in range(num_layers)))
+                          for _ in range(num_heads)], hidden, vocab)
 
     def logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """Head k's (0-based) logits from final hidden states [..., H]."""
