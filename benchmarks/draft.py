@@ -3,6 +3,7 @@
     python benchmarks/draft.py                 # 4 runs of the quickstart on 2 CPU ranks, then decoding speed
     python benchmarks/draft.py --steps 60      # shorter runs
     python benchmarks/draft.py --speed-only    # decoding speed of the runs already in --out
+    python benchmarks/draft.py --only joint-heads frozen-heads   # train these again, read the others
 
 Runs (same corpus, seed and data order):
   dense         the quickstart model (the baseline, and the frozen base)
@@ -58,6 +59,11 @@ def train(name: str, overrides: list[str], args: argparse.Namespace) -> list[dic
     if proc.returncode:
         raise SystemExit(f"training {name} failed:\n{proc.stdout[-4000:]}")
     print(f"trained {name} in {time.monotonic() - start:.0f}s", flush=True)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """The metrics records of a run trained earlier (--only)."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -142,6 +148,8 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-draft"))
     parser.add_argument("--speed-only", action="store_true", help="decoding speed of the runs already in --out")
+    parser.add_argument("--only", nargs="+", choices=["dense", "joint-mtp", "joint-heads", "frozen-heads"],
+                        help="train these runs only; the others' results are read from --out")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -149,7 +157,9 @@ def main() -> None:
     args = parser.parse_args()
     result: dict = {"steps": args.steps, "device": "cpu"}
     if not args.speed_only:
-        quality = {name: acceptance(train(name, overrides, args)) for name, overrides in runs(args.steps, Path(args.out)).items()}
+        quality = {name: acceptance(train(name, overrides, args) if not args.only or name in args.only
+                                    else _records(Path(args.out) / name))
+                   for name, overrides in runs(args.steps, Path(args.out)).items()}
         result["quality"] = quality
         result["mtp_eval_loss_minus_dense"] = round(quality["joint-mtp"]["eval_loss"] - quality["dense"]["eval_loss"], 4)
     result["speed"] = speed(args)
