@@ -81,6 +81,32 @@ def acceptance(records: list[dict]) -> dict:
     return out
 
 
+def plot_acceptance(quality: dict, out: Path) -> Path:
+    """Acceptance per draft position of every head, joint and frozen side by side (tau in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, run in zip(axes, ("joint-heads", "frozen-heads")):
+        for kind in KINDS:
+            if kind in quality.get(run, {}):
+                accept = quality[run][kind]["accept"]
+                ax.plot(range(1, len(accept) + 1), accept, marker="o",
+                        label=f"{kind} (tau {quality[run][kind]['tau']:.2f})")
+        ax.set_title(f"{run} (base eval loss {quality[run]['eval_loss']:.3f})")
+        ax.set_xlabel("draft position")
+        ax.set_xticks(range(1, 4))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("rounds accepting drafts 1..k")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _model(run_dir: Path):
     """The run's last checkpoint as our fp32 model with its heads (eval mode), and the run's held-out prompts."""
     from slimtrain.data import prepare
@@ -162,6 +188,7 @@ def main() -> None:
                    for name, overrides in runs(args.steps, Path(args.out)).items()}
         result["quality"] = quality
         result["mtp_eval_loss_minus_dense"] = round(quality["joint-mtp"]["eval_loss"] - quality["dense"]["eval_loss"], 4)
+        print(f"plot: {plot_acceptance(quality, Path(args.out) / 'acceptance.png')}", flush=True)
     result["speed"] = speed(args)
     print(json.dumps(result))
 
