@@ -22,7 +22,7 @@ class BaseView:
     model: the base `Transformer` (its `embed`, `lm_head`, `cfg`). input_ids, doc_ids, position_ids [B, S]
     (doc_ids PAD_DOC_ID on padding, 0 everywhere for rows of one document). documents: the layout the
     attention backends take (None: one causal document per row). hidden: the final normed hidden states;
-    last_hidden: the last layer's output before the final norm (MTP's h^0); layer_hidden: outputs of the layers
+    last_hidden: the last layer's output before the final norm; layer_hidden: outputs of the layers
     a head asked for (`ModelInputs.hidden_layers`), by layer index.
     """
 
