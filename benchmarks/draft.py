@@ -9,6 +9,7 @@ Runs (same corpus, seed and data order):
   dense         the quickstart model (the baseline, and the frozen base)
   joint-mtp     the quickstart with one MTP module trained jointly (is the base's eval loss any worse?)
   joint-heads   the quickstart with mtp (depth 2), medusa, hydra (3 heads each) and eagle3 (3 steps) jointly
+  joint-detached  the same, medusa, hydra and eagle3 with detach_base (only MTP's loss reaches the model's layers)
   frozen-heads  the same heads on the frozen dense model (branched at its last step), self-distilled, as many steps
 Acceptance per draft position and tau (tokens per base forward) come from each run's last evaluation (chains of
 each head's own length on held-out prompts). Decoding speed: batch-1 greedy tokens/s of plain KV-cache decoding
@@ -31,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ("mtp", "medusa", "hydra", "eagle3")
 HEADS = [{"kind": "mtp", "depth": 2}, {"kind": "medusa", "num_heads": 3}, {"kind": "hydra", "num_heads": 3},
          {"kind": "eagle3", "steps": 3, "draft_vocab_size": 4096}]
+# MTP shapes the model, the other heads follow it without shaping its layers (detach_base).
+DETACHED = [HEADS[0], *({**h, "detach_base": True} for h in HEADS[1:])]
 EVAL = {"eval_prompts": 8, "eval_rounds": 16}
 TREES = {"medusa": [3, 2, 2], "hydra": [3, 2, 2]}
 
@@ -42,6 +45,7 @@ def runs(steps: int, out: Path) -> dict[str, list[str]]:
         "dense": [],
         "joint-mtp": [f"plugins=[{json.dumps({'type': 'draft', **EVAL, 'heads': [{'kind': 'mtp', 'depth': 1}]})}]"],
         "joint-heads": [f"plugins=[{json.dumps({'type': 'draft', **EVAL, 'heads': HEADS})}]"],
+        "joint-detached": [f"plugins=[{json.dumps({'type': 'draft', **EVAL, 'heads': DETACHED})}]"],
         "frozen-heads": [f"plugins=[{json.dumps({'type': 'draft', 'mode': 'frozen', 'targets': 'self_distill', **EVAL, 'heads': HEADS})}]",
                          f"checkpoint.branch_from={dense_ckpt}", f"train.steps={2 * steps}"],
     }
@@ -174,7 +178,9 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-draft"))
     parser.add_argument("--speed-only", action="store_true", help="decoding speed of the runs already in --out")
-    parser.add_argument("--only", nargs="+", choices=["dense", "joint-mtp", "joint-heads", "frozen-heads"],
+    parser.add_argument("--skip-speed", action="store_true", help="no decoding-speed measurement")
+    parser.add_argument("--only", nargs="+", choices=["dense", "joint-mtp", "joint-heads", "joint-detached",
+                                                      "frozen-heads"],
                         help="train these runs only; the others' results are read from --out")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -189,7 +195,8 @@ def main() -> None:
         result["quality"] = quality
         result["mtp_eval_loss_minus_dense"] = round(quality["joint-mtp"]["eval_loss"] - quality["dense"]["eval_loss"], 4)
         print(f"plot: {plot_acceptance(quality, Path(args.out) / 'acceptance.png')}", flush=True)
-    result["speed"] = speed(args)
+    if not args.skip_speed:
+        result["speed"] = speed(args)
     print(json.dumps(result))
 
 

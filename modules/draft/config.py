@@ -24,6 +24,11 @@ class _Head(BaseModel):
         "empty: loss_weight throughout.")
     decay: float = Field(1.0, gt=0, le=1, description="Draft position k (1-based) weighs decay^(k-1) within the "
                          "head's loss (Medusa-2 0.8, EAGLE-3 0.8); 1.0 weighs every position alike.")
+    detach_base: bool = Field(
+        False, description="Joint mode: the model's hidden states reach this head detached, so its loss trains the "
+        "head and not the model's layers (Megatron's mtp_detach_heads); only the embedding and output head it "
+        "shares (mtp's, and the token embeddings hydra and eagle3 read) still get its gradient. E.g. joint MTP "
+        "shaping the model while Medusa heads follow it. A frozen base detaches every head.")
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "_Head":

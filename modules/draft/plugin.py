@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterable
 
 import torch
@@ -13,7 +14,7 @@ from slimtrain.modules.plugin_registry import register_plugin
 from slimtrain.modules.plugin_stack import DRY_RUN_VOCAB
 from slimtrain.modules.transformer.init import init_weights as init_like_base
 
-from .base import own_generator_seed
+from .base import BaseView, own_generator_seed
 from .config import DraftConfig, HeadConfig, HydraHead, MedusaHead, MTPHead
 from .eagle3 import Eagle3Head as Eagle3Module
 from .evaluation import base_view, evaluate_heads
@@ -73,6 +74,12 @@ def check_heads(cfg: DraftConfig, model_cfg: Any) -> None:
                          f"({model_cfg.vocab_size}); lower it or leave it null for the whole vocabulary")
 
 
+def _detached(view: BaseView) -> BaseView:
+    """`view` with the model's hidden states cut from the graph (a head's loss then trains the head only)."""
+    return replace(view, hidden=view.hidden.detach(), last_hidden=view.last_hidden.detach(),
+                   layer_hidden={k: v.detach() for k, v in view.layer_hidden.items()})
+
+
 @register_plugin("draft", DraftConfig)
 class DraftPlugin(Plugin):
     """Speculative-decoding draft heads (docs/draft.md)."""
@@ -128,11 +135,11 @@ class DraftPlugin(Plugin):
         model = ctx.model
         view = base_view(model, outputs, batch)
         if self.cfg.mode == "frozen":  # nothing flows back into the base, whatever the engine does with frozen tensors
-            view.hidden, view.last_hidden = view.hidden.detach(), view.last_hidden.detach()
-            view.layer_hidden = {k: v.detach() for k, v in view.layer_hidden.items()}
+            view = _detached(view)
+        detached = _detached(view)
         terms = {}
         for head in self.cfg.heads:
-            outs = model.draft[head.kind].draft_outputs(view)
+            outs = model.draft[head.kind].draft_outputs(detached if head.detach_base else view)
             scale = self.weights[head.kind] / (len(outs) if head.kind == "mtp" else 1)
             for out in outs:
                 r = position_result(out, view, batch.labels, self.cfg.targets == "self_distill")

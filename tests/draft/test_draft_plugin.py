@@ -206,3 +206,18 @@ def test_chunked_head_losses_equal_whole_ones(self_distill: bool) -> None:
     assert [c[0] for c in small] == pytest.approx([c[0] for c in whole], rel=1e-5)
     for a, b in zip(grads_small, grads_whole):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_detach_base_keeps_a_heads_loss_out_of_the_models_layers() -> None:
+    """Joint mode with `detach_base`: the head learns, the model's layers get nothing from its loss (an MTP
+    head's loss still reaches the embedding and output head it shares)."""
+    heads = [{"kind": "medusa", "num_heads": 1, "detach_base": True}, {"kind": "mtp", "detach_base": True}]
+    stack, model = _build("joint", heads=heads)
+    batch = _batch()
+    out = model(batch.input_ids, batch.position_ids, batch.doc_ids)
+    terms = stack.losses(out, batch, PluginContext(model=model, step=1))
+    sum(t.weight * t.value for t in terms.values()).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.layers.parameters())
+    assert model.draft["medusa"].blocks[0][0].linear.bias.grad.abs().sum() > 0
+    assert model.draft["mtp"].depths[0].eh_proj.weight.grad.abs().sum() > 0
+    assert model.embed.weight.grad.abs().sum() > 0  # through MTP's shared embedding
