@@ -4,12 +4,11 @@ trained heads decode losslessly."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import run_train, run_until_checkpoint_then_kill
+from train_helpers import records, run_train, run_until_checkpoint_then_kill
 
 from slimtrain.trainer.lifecycle.branch import source_weights
 
@@ -19,12 +18,6 @@ HEADS = ("heads: [{kind: mtp, depth: 2, loss_weight_schedule: [[0, 0.3], [15, 0.
          "{kind: medusa, num_heads: 2}, {kind: hydra, num_heads: 2}, {kind: eagle3, steps: 2, draft_vocab_size: 256}]")
 JOINT = [f"plugins=[{{type: draft, mode: joint, eval_prompts: 2, eval_rounds: 4, {HEADS}}}]",
          "train.steps=20", "checkpoint.every=10", "eval.every=10"]
-VOLATILE = {"time_s", "tokens_per_s", "mfu"}
-
-
-def _records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
 
 
 def test_joint_heads_resume_bitwise_after_sigkill(tmp_path: Path) -> None:
@@ -34,8 +27,8 @@ def test_joint_heads_resume_bitwise_after_sigkill(tmp_path: Path) -> None:
     run_until_checkpoint_then_kill(tmp_path / "resumed", cache, 10, JOINT)
     resumed = run_train(tmp_path / "resumed", cache, JOINT)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    want = _records(tmp_path / "straight")
-    assert want == _records(tmp_path / "resumed")
+    want = records(tmp_path / "straight")
+    assert want == records(tmp_path / "resumed")
     last_eval = want[-1]
     for key in ("eval/draft/mtp_1", "eval/draft/mtp_2", "eval/draft/medusa/acc2", "eval/draft/hydra/acc1",
                 "eval/draft/mtp/tau", "eval/draft/medusa/accept2", "eval/draft/hydra/tau", "eval/draft/eagle3/acc2",
@@ -145,5 +138,5 @@ def test_speculative_evaluation_runs_under_zero3(tmp_path: Path) -> None:
         f"plugins=[{{type: draft, eval_prompts: 2, eval_rounds: 3, {heads}}}]", "backend.zero_stage=3",
         "train.steps=4", "eval.every=4", "checkpoint.every=4"])
     assert proc.returncode == 0, proc.stdout[-3000:]
-    last = _records(tmp_path / "z3")[-1]
+    last = records(tmp_path / "z3")[-1]
     assert {"eval/draft/mtp/tau", "eval/draft/eagle3/accept2", "eval/draft/hydra/acc2"} <= set(last)

@@ -12,13 +12,13 @@ packed per expert, and reloads. The refusals are unit tests on the recipe.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from train_helpers import records
 
 from slimtrain.modules.context import LocalCommunicator
 from slimtrain.modules.expert_parallel import expert_modules, expert_parameter_counts
@@ -46,7 +46,6 @@ QAT = "{type: qat, weights: {bits: 4, group_size: 16}, estimator: lsq, calibrate
 MOE_QAT = MOE.replace("}]", "}, " + QAT + "]")
 STEPS, HALF = 8, 4
 RUN = [MOE_QAT, f"train.steps={STEPS}", f"checkpoint.every={HALF}", f"eval.every={HALF}", "backend.precision=fp32"]
-VOLATILE = {"time_s", "tokens_per_s", "mfu"}
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=32)
 CPU = torch.device("cpu")
 
@@ -182,13 +181,8 @@ def test_tagged_parameters_leave_their_optimizer_group_with_its_settings() -> No
 # -- 2 gloo ranks through `slimtrain train` ------------------------------------------------------------------
 
 
-def _records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
-
-
 def _steps(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in _records(run_dir) if "loss" in r}
+    return {r["step"]: r for r in records(run_dir) if "loss" in r}
 
 
 def _rolled_back(run: Path, copy: Path, step: int) -> Path:
@@ -249,15 +243,15 @@ def test_expert_parallel_training_equals_every_expert_on_every_rank(runs) -> Non
     assert ep2[STEPS]["loss"] < ep2[1]["loss"] - 0.2  # it learns
     assert (ep2[HALF]["qat/active"], ep2[HALF + 1]["qat/active"]) == (0.0, 1.0)
     assert "moe/z" in ep2[STEPS] and len(ep2[STEPS]["moe/load/layer0"]) == 4
-    evals = [r for r in _records(runs.ep2) if "eval_loss" in r]  # evaluation runs the exchange too
+    evals = [r for r in records(runs.ep2) if "eval_loss" in r]  # evaluation runs the exchange too
     assert [r["eval_loss"] for r in evals] == pytest.approx(
-        [r["eval_loss"] for r in _records(runs.ref) if "eval_loss" in r], rel=1e-5)
+        [r["eval_loss"] for r in records(runs.ref) if "eval_loss" in r], rel=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_expert_parallel_run_resumes_bitwise_after_sigkill(runs) -> None:
-    assert _records(runs.ep2_resumed) == _records(runs.ep2)  # every number, evaluations included
+    assert records(runs.ep2_resumed) == records(runs.ep2)  # every number, evaluations included
     assert "resharding" not in runs.ep2_resumed_stdout  # DeepSpeed's own files, as saved
 
 

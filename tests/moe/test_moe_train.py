@@ -4,10 +4,9 @@ decides every later step)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
-from train_helpers import run_train, run_until_checkpoint_then_kill
+from train_helpers import records, run_train, run_until_checkpoint_then_kill
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -15,12 +14,6 @@ MOE = ("plugins=[{type: moe, num_experts: 4, top_k: 2, expert_intermediate_size:
        "router: sigmoid, bias_update_rate: 0.01, z_loss_weight: 0.001, seq_aux_loss_weight: 0.001, "
        "global_aux_loss_weight: 0.01, capacity_factor: 1.5}]")
 OVERRIDES = [MOE, "train.steps=20", "checkpoint.every=10", "eval.every=10", "logging.plot=true"]
-VOLATILE = {"time_s", "tokens_per_s", "mfu"}
-
-
-def _records(run_dir) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
 
 
 def test_moe_resumes_bitwise_after_sigkill_bias_included(tmp_path) -> None:
@@ -30,7 +23,7 @@ def test_moe_resumes_bitwise_after_sigkill_bias_included(tmp_path) -> None:
     run_until_checkpoint_then_kill(tmp_path / "resumed", cache, 10, OVERRIDES)
     resumed = run_train(tmp_path / "resumed", cache, OVERRIDES)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    want, got = _records(tmp_path / "straight"), _records(tmp_path / "resumed")
+    want, got = records(tmp_path / "straight"), records(tmp_path / "resumed")
     assert want == got
     last = [r for r in want if "loss" in r][-1]
     assert {"moe/aux", "moe/seq_aux", "moe/global_aux", "moe/z", "moe/maxvio", "moe/maxvio/layer1", "moe/cv",

@@ -65,6 +65,16 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+VOLATILE = {"time_s", "tokens_per_s", "mfu"}
+"""Metric keys that depend on the machine's speed: left out when runs are compared record for record."""
+
+
+def records(run_dir: Path) -> list[dict]:
+    """Every metrics.jsonl record of a run, without the `VOLATILE` keys."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step → training loss from metrics.jsonl."""
     out = {}
