@@ -198,6 +198,11 @@ class ExportVariant:
     tensor name of the plain export to our parameter name. config(hf_to_ours) returns the keys merged
     into its config.json (e.g. `quantization_config`), or with `standalone` the whole config.json: a
     directory that is not the model but something an engine loads beside it (draft heads, a speculator).
+
+    appended_layers: decoder layers the variant adds after the model's (our names, `layers.{num_layers + k}.*`,
+    each shaped as a layer of the model): the exporter names them with the model's own mapping, as layers of a
+    model that many layers deeper (an MoE block's experts, bias and all), and hands them to `transform` inside
+    `hf_state` (e.g. DeepSeek-V3's MTP layers, `model.layers.{num_hidden_layers + k}.*`).
     """
 
     name: str
@@ -205,6 +210,7 @@ class ExportVariant:
     config: Callable[[dict[str, str]], dict[str, Any]] = lambda hf_to_ours: {}
     readme: str = ""
     standalone: bool = False
+    appended_layers: StateDict = field(default_factory=dict)
 
 
 @dataclass
@@ -268,6 +274,13 @@ class Plugin:
         """What the model is called with for `batch` (default: unchanged). E.g. encoder outputs spliced
         in place of context tokens, hidden states of chosen layers requested, labels re-targeted."""
         return inputs
+
+    def extend_outputs(self, outputs: TransformerOutput, batch: Any, ctx: PluginContext) -> None:
+        """Run what the plugin adds to the forward (draft heads with decoder blocks of their own) before any
+        plugin's `losses` reads `outputs`. A block that reports aux (an MoE layer's routing) appends it to
+        `outputs.aux`'s lists after the model's layers, so that the plugin owning that sub-layer (balancing
+        losses, load statistics) sees it as one more layer. Called in plugin order, on every micro-batch whose
+        losses are computed; the plugin keeps what it computed for its own `losses`."""
 
     def losses(self, outputs: TransformerOutput, batch: Any, ctx: PluginContext) -> dict[str, LossTerm]:
         """Extra loss terms for one micro-batch (`outputs` is the model's output, `batch` the Batch).

@@ -135,7 +135,9 @@ class PluginStack:
         return ctx
 
     def losses(self, outputs: TransformerOutput, batch: Any, ctx: PluginContext) -> dict[str, LossTerm]:
-        """Every plugin's loss terms, named `<plugin>/<term>`."""
+        """Every plugin's loss terms, named `<plugin>/<term>`, once every plugin extended the outputs."""
+        for plugin in self._overriding("extend_outputs"):
+            plugin.extend_outputs(outputs, batch, ctx)
         return {f"{plugin.name}/{name}": term for plugin in self._overriding("losses")
                 for name, term in plugin.losses(outputs, batch, ctx).items()}
 

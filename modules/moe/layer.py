@@ -72,6 +72,11 @@ class MoELayer(nn.Module):
         """The routed experts of the layer, over all ranks."""
         return self.cfg.num_experts
 
+    def replica(self) -> "MoELayer":
+        """A fresh, uninitialised layer of this configuration holding all its experts (a block built beside the
+        model's layers, e.g. an MTP block: `slimtrain.modules.transformer.layers.replicate_mlp`)."""
+        return MoELayer(self.cfg, self.router.in_features, self.experts.intermediate)
+
     def expert_parameters(self) -> dict[str, nn.Parameter]:
         """The stacked expert weights (dim 0: this rank's experts)."""
         return {f"experts.{name}": p for name, p in self.experts.named_parameters(recurse=False)}

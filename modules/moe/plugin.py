@@ -49,21 +49,35 @@ class MoEPlugin(Plugin):
         for i in chosen:
             model.layers[i].mlp = MoELayer(self.cfg, model.cfg.hidden_size, self._width(model.cfg))
 
-    def _moe_layers(self, model: nn.Module) -> list[tuple[int, MoELayer]]:
-        return [(i, layer.mlp) for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoELayer)]
+    @staticmethod
+    def _moe_layers(model: nn.Module) -> list[tuple[int, str, MoELayer]]:
+        """(layer number, qualified name, layer) of every MoE layer, in module order: the model's own (numbered by
+        their index), then those of blocks a later plugin built beside the model's layers (an MTP block's, numbered
+        num_layers, num_layers + 1, ... as the Hugging Face layout numbers them and as their routing follows the
+        model's layers in `outputs.aux`, see `Plugin.extend_outputs`)."""
+        own = {id(layer.mlp): i for i, layer in enumerate(model.layers)}
+        found, extra = [], model.cfg.num_layers
+        for name, module in model.named_modules():
+            if isinstance(module, MoELayer):
+                i = own.get(id(module))
+                if i is None:
+                    i, extra = extra, extra + 1
+                found.append((i, name, module))
+        return found
 
     def init_weights(self, model: nn.Module, init: WeightInit) -> None:
         cfg = model.cfg
         residual = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # the dense model's rule for outputs
-        for i, moe in self._moe_layers(model):
-            dense = dense_mlp(init.source, i)  # the starting checkpoint's MLP of this layer, if it had one
+        for i, qualified, moe in self._moe_layers(model):
+            # The starting checkpoint's MLP of this layer, if it had one (a block outside the layers has none).
+            dense = dense_mlp(init.source, i) if i < cfg.num_layers else None
             upcycled = self._upcycle(moe, dense, init) if dense is not None else set()
             if dense is not None:
                 init.consume(*dense_mlp_names(i))
             experts = moe.expert_parameters()
             for name in moe.own_parameters:  # not the ones another plugin put inside (QAT's step sizes)
                 p = moe.get_parameter(name)
-                if f"layers.{i}.mlp.{name}" in init.imported or name in upcycled:
+                if f"{qualified}.{name}" in init.imported or name in upcycled:
                     continue
                 std = residual if name.endswith(("down", "down_proj.weight")) else cfg.init_std
                 if name in experts:  # all E experts drawn, this rank's kept: any expert-parallel size, same weights
@@ -72,7 +86,7 @@ class MoEPlugin(Plugin):
                 else:
                     p.copy_(torch.randn(p.shape, generator=init.generator) * std)
             for name in ("bias_steps", "bias_base"):  # a checkpoint's bias (imported) stays
-                if f"layers.{i}.mlp.{name}" not in init.imported:
+                if f"{qualified}.{name}" not in init.imported:
                     getattr(moe, name).zero_()
 
     def _upcycle(self, moe: MoELayer, dense: DenseMLP, init: WeightInit) -> set[str]:
@@ -92,7 +106,7 @@ class MoEPlugin(Plugin):
 
     def on_step_start(self, ctx: PluginContext) -> None:
         dense = 0 < ctx.step <= self.cfg.dense_training_steps  # a pure function of the step: a resume is exact
-        for _, moe in self._moe_layers(ctx.model):
+        for _, _, moe in self._moe_layers(ctx.model):
             moe.dense_routing = dense
 
     def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
@@ -134,7 +148,9 @@ class MoEPlugin(Plugin):
         self.pending, self.last = None, totals
         if self.cfg.bias_update_rate:
             with torch.no_grad():
-                for (_, moe), load in zip(self._moe_layers(ctx.model), totals[:, :self.cfg.num_experts]):
+                for (_, _, moe), load in zip(self._moe_layers(ctx.model), totals[:, :self.cfg.num_experts]):
+                    if not moe.router.weight.requires_grad:  # a frozen layer (draft heads on a frozen base) routes as it did
+                        continue
                     step = torch.sign(load.mean() - load).to(moe.bias_steps.dtype)
                     moe.bias_steps += step.to(moe.bias_steps.device)
 
@@ -146,7 +162,7 @@ class MoEPlugin(Plugin):
         shares = load_shares(self.last.cpu(), c.num_experts)
         if c.capacity_factor is None:
             per_layer.pop("dropped")
-        layers = [i for i, _ in self._moe_layers(ctx.model)]
+        layers = [i for i, _, _ in self._moe_layers(ctx.model)]
         out: dict[str, float | list[float]] = {}
         for name, values in per_layer.items():
             out[f"moe/{name}"] = float(values.mean())

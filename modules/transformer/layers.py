@@ -72,15 +72,30 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def replicate_mlp(mlp: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """A new, uninitialised MLP of `mlp`'s kind, for a block built beside the model's layers (an MTP block takes
+    the kind of MLP the model's last layer has): the dense MLP, or what a plugin put in its place when that module
+    offers `replica()` (a fresh module of its kind and shape, holding all its experts, without what other plugins
+    installed inside it). Whoever owns that kind initialises it (`Plugin.init_weights` sees the whole model)."""
+    if type(mlp) is MLP:
+        return MLP(cfg)
+    replica = getattr(mlp, "replica", None)
+    if replica is None:
+        raise ValueError(f"{type(mlp).__name__}, the model's MLP, cannot be replicated for a block outside the "
+                         "model's layers: give that class a replica() method returning a fresh module of its kind")
+    return replica()
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module | None = None) -> None:
+        """`mlp`: the block's MLP (default: a dense one)."""
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg) if mlp is None else mlp
         self.recompute = False  # activation checkpointing: see Transformer.set_activation_checkpointing
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> BlockOutput:

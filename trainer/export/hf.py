@@ -88,7 +88,8 @@ def write_hf_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir
                    (card or "") + notes)
         for variant in extra.variants:  # a variant holds the plugins' tensors too: their keys describe them
             keys = variant.config(hf_to_ours)
-            _write_dir(tmp / variant.name, variant.transform(hf_state, hf_to_ours),
+            appended = _appended_layers(variant.appended_layers, state, model_cfg, adapters, set(mapped), dtype)
+            _write_dir(tmp / variant.name, variant.transform({**hf_state, **appended}, hf_to_ours),
                        keys if variant.standalone else config(), {} if variant.standalone else {**adapter_keys, **keys},
                        ids, tokenizer_dir, f"{card or ''}{notes}\n\n{variant.readme}\n")
     except BaseException:
@@ -105,6 +106,22 @@ def _adapters(plugins: PluginStack | None, model_cfg: ModelConfig) -> ModelAdapt
         return model_adapters(plugins, model_cfg)
     except MappingError as exc:
         raise CheckpointError(f"cannot export: {exc}") from None
+
+
+def _appended_layers(layers: dict[str, torch.Tensor], state: dict[str, torch.Tensor], model_cfg: ModelConfig,
+                     adapters: ModelAdapters, plain: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A variant's extra decoder layers (`ExportVariant.appended_layers`) under HF names: mapped as the layers of a
+    model that much deeper, with the model's own mapping, in the export's dtype."""
+    if not layers:
+        return {}
+    depth = 1 + max(int(name.split(".")[1]) for name in layers)
+    deeper = model_cfg.model_copy(update={"num_layers": depth})
+    try:
+        mapped = adapters.to_hf({**state, **layers}, deeper)
+    except MappingError as exc:
+        raise CheckpointError(f"cannot export the appended layers {sorted(layers)[:3]}...: {exc}") from None
+    keep = adapters.architecture.keeps_fp32
+    return {k: v.detach().to(torch.float32 if keep(k) else dtype).clone() for k, v in mapped.items() if k not in plain}
 
 
 def _hf_to_ours(state: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor]) -> dict[str, str]:
