@@ -41,7 +41,8 @@ class KVCache:
         layers = list(layers)
         attn = getattr(layers[0], "attn", None) or layers[0].self_attn
         weight = attn.k_proj.weight
-        kv_heads = weight.shape[0] // attn.head_dim
+        # The Linear's width, not the weight's shape: ZeRO-3 leaves a partitioned weight empty between forwards.
+        kv_heads = getattr(attn.k_proj, "out_features", weight.shape[0]) // attn.head_dim
         return cls(len(layers), batch, max_len, kv_heads, attn.head_dim, weight.dtype, weight.device)
 
     @classmethod
