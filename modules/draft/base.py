@@ -39,12 +39,14 @@ class BaseView:
 @dataclass
 class DraftOutput:
     """Offset k's features [B, S, F] and `project` (features [N, F] -> logits [N, V']). `vocab` [V']: the
-    target id of each logit, for a head over a reduced draft vocabulary (None: the whole vocabulary)."""
+    target id of each logit, for a head over a reduced draft vocabulary (None: the whole vocabulary). `aux`: what
+    the head's own block reported (an MoE MLP's routing), which joins the model's `outputs.aux`."""
 
     offset: int
     features: torch.Tensor
     project: Callable[[torch.Tensor], torch.Tensor]
     vocab: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

@@ -53,11 +53,21 @@ README = {
 
 
 def _mtp_names(k: int, first: int) -> dict[str, str]:
-    """MTP module k's tensors: our name inside the mtp head -> the name on disk (decoder layer first + k)."""
+    """MTP module k's own tensors (not its block's): our name inside the mtp head -> the name on disk (decoder
+    layer first + k). The block is written as the model's own layer first + k (`ExportVariant.appended_layers`)."""
     hf = f"model.layers.{first + k}."
     names = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-             "norm.weight": "shared_head.norm.weight", **{f"block.{a}": b for a, b in LAYER_NAMES.items()}}
+             "norm.weight": "shared_head.norm.weight"}
     return {f"depths.{k}.{a}": hf + b for a, b in names.items()}
+
+
+def _mtp_blocks(own: StateDict, depth: int, first: int) -> StateDict:
+    """The MTP blocks' tensors under the names of the model's layers first + k."""
+    out = {}
+    for k in range(depth):
+        prefix = f"depths.{k}.block."
+        out.update({f"layers.{first + k}.{n.removeprefix(prefix)}": t for n, t in own.items() if n.startswith(prefix)})
+    return out
 
 
 def export_draft(cfg: DraftConfig, ctx: ExportContext) -> None:
@@ -82,15 +92,11 @@ def _head_weight(hf_state: StateDict) -> torch.Tensor:
     return hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
 
 
-def _mtp_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant | None:
-    if type(ctx.model.layers[-1].mlp).__name__ != "MLP":
-        ctx.notes.append("draft heads: no mtp/ variant: an MoE model's MTP layers are MoE layers in the DeepSeek-V3 / "
-                         "GLM-4.5 layout, and these MTP blocks are dense")
-        return None
+def _mtp_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
     first = ctx.model_cfg.num_layers
 
     def tensors(hf_state: StateDict, hf_to_ours: dict[str, str]) -> StateDict:
-        out = dict(hf_state)
+        out = dict(hf_state)  # the model, and the blocks as its layers first + k (an MoE block as its MoE layers)
         like = hf_state["model.norm.weight"]
         for k in range(head.depth):
             out.update(_cast({disk: own[ours] for ours, disk in _mtp_names(k, first).items()}, like))
@@ -98,7 +104,8 @@ def _mtp_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant | No
         return out
 
     return ExportVariant("mtp", tensors, lambda _: {"num_nextn_predict_layers": head.depth,
-                                                    "num_mtp_layers": head.depth}, README["mtp"])
+                                                    "num_mtp_layers": head.depth}, README["mtp"],
+                         appended_layers=_mtp_blocks(own, head.depth, first))
 
 
 def _eagle3_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
@@ -169,6 +176,25 @@ def _hydra_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
         standalone=True)
 
 
+def _mtp_blocks_from_disk(state: StateDict, depth: int, cfg: Any, from_hf: FromHF | None) -> StateDict:
+    """The MTP blocks (decoder layers num_layers + k on disk) under our names inside the mtp head."""
+    first = cfg.num_layers
+    if from_hf is None:
+        return {f"depths.{k}.block.{a}": state[f"model.layers.{first + k}.{b}"]
+                for k in range(depth) for a, b in LAYER_NAMES.items()}
+    # The whole file read as a model `depth` layers deeper, less what only MTP layers have.
+    mtp_only = {b for k in range(depth) for b in _mtp_names(k, first).values()}
+    mtp_only |= {f"model.layers.{first + k}.shared_head.head.weight" for k in range(depth)}
+    mapped = from_hf({n: t for n, t in state.items() if n not in mtp_only},
+                     cfg.model_copy(update={"num_layers": first + depth}))
+    out = {}
+    for name, tensor in mapped.items():
+        parts = name.split(".", 2)
+        if parts[0] == "layers" and int(parts[1]) >= first:
+            out[f"depths.{int(parts[1]) - first}.block.{parts[2]}"] = tensor
+    return out
+
+
 # -- reload ------------------------------------------------------------------------------------------------
 
 
@@ -185,9 +211,14 @@ def read_safetensors(directory: Path) -> StateDict:
     return state
 
 
-def load_heads(directory: Path | str, kind: str, model: nn.Module) -> nn.Module:
+FromHF = Callable[[StateDict, Any], StateDict]  # (HF state dict, our model config) -> our names: an export's mapping
+
+
+def load_heads(directory: Path | str, kind: str, model: nn.Module, from_hf: FromHF | None = None) -> nn.Module:
     """A variant directory's heads as our module for `model` (the base, e.g. imported from the plain export), in
-    the base's dtype and device, ready for `SpeculativeDecoder`."""
+    the base's dtype and device, ready for `SpeculativeDecoder`. `from_hf`: the model's mapping from HF names
+    (`trainer.export.mapping.ModelAdapters.from_hf`), which reads MTP blocks that are not dense Llama layers (an
+    MoE base's); None: the Llama names."""
     from .plugin import head_module
 
     directory = Path(directory)
@@ -196,8 +227,9 @@ def load_heads(directory: Path | str, kind: str, model: nn.Module) -> nn.Module:
     cfg = model.cfg
     if kind == "mtp":
         depth = int(config["num_nextn_predict_layers"])
-        module = head_module({"kind": "mtp", "depth": depth}, cfg)
+        module = head_module({"kind": "mtp", "depth": depth}, cfg, model)
         ours = {a: state[b] for k in range(depth) for a, b in _mtp_names(k, cfg.num_layers).items()}
+        ours.update(_mtp_blocks_from_disk(state, depth, cfg, from_hf))
     elif kind == "eagle3":
         module = head_module({"kind": "eagle3", "layers": config["eagle_aux_hidden_state_layer_ids"],
                               "steps": config["speculators_config"]["proposal_methods"][0]["speculative_tokens"],

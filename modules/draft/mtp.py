@@ -7,7 +7,9 @@ final normed hidden state, what vLLM and transformers hand their MTP layers) and
     h^k  = norm(decoder block(h'))    (causal within each document, the base's positions; `shared_head.norm`)
     logits of x_{t+k+1} = lm_head(h^k)                                 (the shared head)
 
-The next depth reads the normed h^k, as transformers' `MtpModel` chains its layers.
+The next depth reads the normed h^k, as transformers' `MtpModel` chains its layers. The block's MLP is of the
+kind the base's last layer has (an MoE layer on an MoE base, as DeepSeek-V3 and GLM-4.5 build theirs); its
+routing joins the model's in `outputs.aux` (`DraftOutput.aux`), so the MoE plugin balances it as one more layer.
 """
 
 from __future__ import annotations
@@ -17,39 +19,49 @@ from torch import nn
 
 from slimtrain.modules.transformer.attention import bind_attention
 from slimtrain.modules.transformer.kv_cache import KVCache
-from slimtrain.modules.transformer.layers import DecoderBlock, RMSNorm
+from slimtrain.modules.transformer.layers import MLP, Aux, DecoderBlock, RMSNorm, replicate_mlp
 from slimtrain.modules.transformer.rope import rope_cos_sin
 
 from .base import BaseStep, BaseView, DraftOutput
 from .targets import shifted_tokens
 
 
-class MTPModule(nn.Module):
-    """One depth: `enorm`, `hnorm`, `eh_proj`, `block` (a decoder block like the base's), `norm`."""
+def _dense(mlp: nn.Module) -> bool:
+    return type(mlp) is MLP
 
-    def __init__(self, cfg) -> None:
+
+class MTPModule(nn.Module):
+    """One depth: `enorm`, `hnorm`, `eh_proj`, `block` (a decoder block like the base's), `norm`. `mlp_like`:
+    the base's last MLP, whose kind the block's MLP takes (None: dense)."""
+
+    def __init__(self, cfg, mlp_like: nn.Module | None = None) -> None:
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.block = DecoderBlock(cfg)
+        self.block = DecoderBlock(cfg, None if mlp_like is None else replicate_mlp(mlp_like, cfg))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attend) -> torch.Tensor:
-        """h^k [B, S, H] (normed) from the embeddings of tokens t + k and h^{k-1} (both [B, S, H])."""
+                attend) -> tuple[torch.Tensor, Aux]:
+        """(h^k [B, S, H] normed, the block's aux) from the embeddings of tokens t + k and h^{k-1} ([B, S, H])."""
         x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(hidden)], dim=-1))
-        return self.norm(self.block(x, cos, sin, attend)[0])
+        out, aux = self.block(x, cos, sin, attend)
+        return self.norm(out), aux
 
 
 class MTPHeads(nn.Module):
-    """`depths.{k}`: the module of depth k + 1 (1..D)."""
+    """`depths.{k}`: the module of depth k + 1 (1..D); `mlp_like`: the base's last MLP (see `MTPModule`)."""
 
     kind = "mtp"
 
-    def __init__(self, cfg, depth: int) -> None:
+    def __init__(self, cfg, depth: int, mlp_like: nn.Module | None = None) -> None:
         super().__init__()
-        self.depths = nn.ModuleList(MTPModule(cfg) for _ in range(depth))
+        self.depths = nn.ModuleList(MTPModule(cfg, mlp_like) for _ in range(depth))
+
+    def foreign_modules(self) -> list[str]:
+        """Names of the modules another plugin owns and initialises (an MoE block MLP), empty when dense."""
+        return [f"depths.{k}.block.mlp" for k, m in enumerate(self.depths) if not _dense(m.block.mlp)]
 
     @property
     def positions(self) -> int:
@@ -63,8 +75,8 @@ class MTPHeads(nn.Module):
         hidden, outputs = base.hidden, []
         for k, module in enumerate(self.depths, start=1):
             embeds = model.embed(shifted_tokens(base.input_ids, base.doc_ids, k))
-            hidden = module(embeds, hidden, cos, sin, attend)
-            outputs.append(DraftOutput(k, hidden, model.lm_head))
+            hidden, aux = module(embeds, hidden, cos, sin, attend)
+            outputs.append(DraftOutput(k, hidden, model.lm_head, aux=aux))
         return outputs
 
     def drafter(self, model: nn.Module) -> "MTPDrafter":
@@ -110,7 +122,7 @@ class MTPDrafter:
             positions = torch.arange(lo, hi + 1, device=previous.device)[None]
             cos, sin = rope_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta, previous.dtype)
             bound = cache.bind(hi + 1 - lo)
-            out = module(model.embed(tokens)[None], previous[lo:hi + 1][None], cos, sin, bound.layer(0))[0]
+            out = module(model.embed(tokens)[None], previous[lo:hi + 1][None], cos, sin, bound.layer(0))[0][0]
             cache.commit(hi + 1 - lo)
             drafts.append(int(model.lm_head(out[-1]).argmax()))
             real = max(lo, n - depth)  # positions whose inputs were all accepted tokens

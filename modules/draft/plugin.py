@@ -26,12 +26,13 @@ from .mtp import MTPHeads
 DRAFT_ORDER = 30  # after moe (10) and qat (20): the heads read the finished model's hidden states
 
 
-def head_module(head: HeadConfig | dict, model_cfg: Any) -> nn.Module:
-    """One head's module for a model of `model_cfg` (`head`: its recipe entry, or that entry as a dict)."""
+def head_module(head: HeadConfig | dict, model_cfg: Any, model: nn.Module | None = None) -> nn.Module:
+    """One head's module for a model of `model_cfg` (`head`: its recipe entry, or that entry as a dict). With
+    `model` (the base, after the other plugins applied), MTP blocks take the kind of MLP its last layer has."""
     if isinstance(head, dict):
         head = TypeAdapter(HeadConfig).validate_python(head)
     if isinstance(head, MTPHead):
-        return MTPHeads(model_cfg, head.depth)
+        return MTPHeads(model_cfg, head.depth, None if model is None else model.layers[-1].mlp)
     if isinstance(head, MedusaHead):
         return MedusaHeads(model_cfg.hidden_size, model_cfg.vocab_size, head.num_heads, head.num_layers)
     if isinstance(head, HydraHead):
@@ -45,9 +46,9 @@ def head_module(head: HeadConfig | dict, model_cfg: Any) -> nn.Module:
     return Eagle3Module(model_cfg, head.layer_ids(model_cfg.num_layers), head.steps, size)
 
 
-def build_heads(cfg: DraftConfig, model_cfg: Any) -> nn.ModuleDict:
-    """The configured heads, by kind."""
-    return nn.ModuleDict({head.kind: head_module(head, model_cfg) for head in cfg.heads})
+def build_heads(cfg: DraftConfig, model_cfg: Any, model: nn.Module | None = None) -> nn.ModuleDict:
+    """The configured heads, by kind (`model`: see `head_module`)."""
+    return nn.ModuleDict({head.kind: head_module(head, model_cfg, model) for head in cfg.heads})
 
 
 def check_heads(cfg: DraftConfig, model_cfg: Any) -> None:
@@ -74,6 +75,12 @@ def check_heads(cfg: DraftConfig, model_cfg: Any) -> None:
                          f"({model_cfg.vocab_size}); lower it or leave it null for the whole vocabulary")
 
 
+def _own_weights(module: nn.Module, foreign: list[str]) -> set[str]:
+    """`module`'s weight names outside the `foreign` sub-modules (for `init_weights(only=...)`)."""
+    return {f"{name}.weight" for name, _ in module.named_modules()
+            if not any(name == f or name.startswith(f"{f}.") for f in foreign)}
+
+
 def _detached(view: BaseView) -> BaseView:
     """`view` with the model's hidden states cut from the graph (a head's loss then trains the head only)."""
     return replace(view, hidden=view.hidden.detach(), last_hidden=view.last_hidden.detach(),
@@ -90,6 +97,7 @@ class DraftPlugin(Plugin):
         super().__init__(cfg)
         self.cfg: DraftConfig = cfg
         self.weights = {h.kind: h.weight_at(0) for h in cfg.heads}
+        self._computed: tuple | None = None  # (outputs, view, head outputs) of the micro-batch being lost
 
     def configure(self, model_cfg):
         check_heads(self.cfg, model_cfg)
@@ -97,14 +105,16 @@ class DraftPlugin(Plugin):
 
     def apply(self, model: nn.Module) -> None:
         check_heads(self.cfg, model.cfg)
-        model.draft = build_heads(self.cfg, model.cfg)
+        model.draft = build_heads(self.cfg, model.cfg, model)
 
     def init_weights(self, model: nn.Module, init: WeightInit) -> None:
         lm_head = init.starting("lm_head.weight")
         lm_head = model.lm_head.weight if lm_head is None else lm_head.to(model.lm_head.weight)
         for kind, heads in model.draft.items():
             if kind == "mtp":  # decoder blocks as the base's are initialised; the head and embedding are shared
-                init_like_base(heads, model.cfg, seed=own_generator_seed(init.generator))
+                # An MLP another plugin made (MoE) is that plugin's to initialise: its init saw the whole model.
+                init_like_base(heads, model.cfg, seed=own_generator_seed(init.generator),
+                               only=_own_weights(heads, heads.foreign_modules()))
             elif kind == "eagle3":  # a base-like layer; the output head starts as the base's rows of its vocabulary
                 init_like_base(heads, model.cfg, seed=own_generator_seed(init.generator))
                 heads.set_vocabulary(init.token_counts(), lm_head)
@@ -131,15 +141,28 @@ class DraftPlugin(Plugin):
     def _hidden_layers(model: nn.Module) -> tuple[int, ...]:
         return tuple(sorted({k for head in model.draft.values() for k in getattr(head, "hidden_layers", ())}))
 
-    def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
-        model = ctx.model
-        view = base_view(model, outputs, batch)
+    def extend_outputs(self, outputs, batch, ctx: PluginContext) -> None:
+        """Every head's outputs, kept for `losses`; what their blocks reported joins `outputs.aux` (an MoE MTP
+        block's routing follows the model's layers, one entry per depth)."""
+        view = base_view(ctx.model, outputs, batch)
         if self.cfg.mode == "frozen":  # nothing flows back into the base, whatever the engine does with frozen tensors
             view = _detached(view)
         detached = _detached(view)
+        heads = {head.kind: ctx.model.draft[head.kind].draft_outputs(detached if head.detach_base else view)
+                 for head in self.cfg.heads}
+        for out in (o for outs in heads.values() for o in outs):
+            for name, value in out.aux.items():
+                outputs.aux.setdefault(name, []).append(value)
+        self._computed = (outputs, view, heads)
+
+    def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
+        if self._computed is None or self._computed[0] is not outputs:
+            self.extend_outputs(outputs, batch, ctx)  # called on its own (not through the stack)
+        _, view, heads = self._computed
+        self._computed = None  # the micro-batch's graph is the loss's now
         terms = {}
         for head in self.cfg.heads:
-            outs = model.draft[head.kind].draft_outputs(detached if head.detach_base else view)
+            outs = heads[head.kind]
             scale = self.weights[head.kind] / (len(outs) if head.kind == "mtp" else 1)
             for out in outs:
                 r = position_result(out, view, batch.labels, self.cfg.targets == "self_distill")
