@@ -43,7 +43,10 @@ MOE = ("plugins=[{type: moe, num_experts: 4, top_k: 2, expert_intermediate_size:
 # recipe calibrating at step 3, at ZeRO-1 and at ZeRO-2 without expert parallelism, measured 7e-5 apart in gradient
 # norm at that step and 4e-4 five steps later, beyond the rounding compared below.
 QAT = "{type: qat, weights: {bits: 4, group_size: 16}, estimator: lsq, calibrate: false, start_step: 4}"
-MOE_QAT = MOE.replace("}]", "}, " + QAT + "]")
+# An MTP block rides along too: on this MoE base its MLP is an MoE layer (layer 2), sharded and balanced like the
+# model's own, resumed and exported with them.
+MTP = "{type: draft, heads: [{kind: mtp, depth: 1}], eval_prompts: 0}"
+MOE_QAT = MOE.replace("}]", "}, " + QAT + ", " + MTP + "]")
 STEPS, HALF = 8, 4
 RUN = [MOE_QAT, f"train.steps={STEPS}", f"checkpoint.every={HALF}", f"eval.every={HALF}", "backend.precision=fp32"]
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=32)
@@ -71,7 +74,7 @@ def test_what_expert_parallelism_cannot_do_is_refused_with_the_fix(overrides: li
 
 def test_qat_of_the_experts_is_accepted_with_expert_parallelism() -> None:
     recipe = load_recipe(str(TINY), [MOE_QAT, "backend.expert_parallel_size=2"])
-    assert [p.type for p in recipe.plugins] == ["moe", "qat"]
+    assert [p.type for p in recipe.plugins] == ["moe", "qat", "draft"]
 
 
 def test_a_world_the_expert_groups_do_not_tile_is_refused() -> None:
