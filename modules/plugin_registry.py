@@ -24,7 +24,8 @@ ENTRY_POINT_GROUP = "slimtrain.plugins"
 PLUGINS: Registry[tuple[type[PluginConfig], type[Plugin]]] = Registry("plugin")
 
 # Built-in plugins, imported on first lookup (each module registers itself on import).
-_BUILTIN_MODULES = ("slimtrain.modules.qat.plugin", "slimtrain.modules.moe.plugin", "slimtrain.modules.draft.plugin")
+_BUILTIN_MODULES = ("slimtrain.modules.qat.plugin", "slimtrain.modules.moe.plugin", "slimtrain.modules.draft.plugin",
+                    "slimtrain.modules.compressor.plugin")
 _loaded = {"builtins": False, "entry_points": False}
 
 
