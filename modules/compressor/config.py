@@ -150,9 +150,12 @@ class CompressorModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_pooling(self) -> "CompressorModelConfig":
-        given = self.model_fields_set
+        # A key of the other pooling would be silently ignored: say so instead. "Given" means "not its default", so
+        # that a recipe dumped whole (a checkpoint's recipe.yaml) loads again.
+        fields = type(self).model_fields
+        given = {k for k in ("pooling_factor", "vectors_per_span", "pooled_layers", "num_memory_tokens")
+                 if getattr(self, k) != fields[k].default}
         if self.pooling == "memory":
-            # Mean pooling's keys would be silently ignored: say so instead.
             stray = [k for k in ("pooling_factor", "vectors_per_span", "pooled_layers") if k in given]
             if stray:
                 raise ValueError(f"{stray[0]} applies to pooling 'mean', but pooling is 'memory' (num_memory_tokens "

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from slimtrain.core.sentinels import IGNORE_INDEX
+from slimtrain.core.transforms import TRANSFORMS
 
 from .projector import CONT, REC
 
@@ -48,6 +49,7 @@ def vectors_per_context(tokens: int, factor: int | None, count: int | None, memo
     return math.ceil(tokens / factor)
 
 
+@TRANSFORMS.register("compressor-examples")
 class CompressorExamples:
     """The batch transform (see the module docstring). `identity()` is part of the loader's resume fingerprint."""
 

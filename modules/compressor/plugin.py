@@ -91,8 +91,11 @@ class CompressorPlugin(Plugin):
             p.copy_(source.to(p.dtype))
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
-        mine = list(model.compressor.parameters())
-        groups = [ParamGroup("compressor/encoder", mine, lr_scale=self.cfg.lr_scale)]
+        compressor = model.compressor
+        mine = list(compressor.parameters())
+        groups = [ParamGroup("compressor/encoder", list(compressor.encoder.parameters()), lr_scale=self.cfg.lr_scale),
+                  ParamGroup("compressor/projector", list(compressor.projectors.parameters()),
+                             lr_scale=self.cfg.projector_lr_scale)]
         if self.cfg.decoder == "frozen":
             held = {id(p) for p in mine}
             groups.append(ParamGroup("compressor/frozen_decoder", [p for p in model.parameters() if id(p) not in held],

@@ -32,7 +32,9 @@ class CompressorConfig(PluginConfig, CompressorModelConfig):
         True, description="A learned <Rec> or <Cont> vector after each compressed span says which task follows "
         "(ARC-Encoder); false: none, the first target token is predicted from the last compressed vector (needs "
         "reconstruction_fraction 0: nothing would tell the two tasks apart).")
-    lr_scale: float = Field(1.0, gt=0, description="Learning-rate multiplier of the encoder and projector.")
+    lr_scale: float = Field(1.0, gt=0, description="Learning-rate multiplier of the encoder (ARC: 1e-5).")
+    projector_lr_scale: float = Field(1.0, gt=0, description="Learning-rate multiplier of the projector and its "
+                                      "<Rec>/<Cont> embeddings (ARC: 5e-5, five times the encoder's).")
     eval_exact_match: int = Field(4, ge=0, description="Held-out reconstruction examples per rank decoded greedily "
                                   "at every evaluation for the exact-match rate (0 skips it).")
 
