@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -108,19 +108,28 @@ def check_unknown_keys(model: type[BaseModel], value: dict, prefix: str) -> None
         if key not in fields:
             fix = did_you_mean(str(key), fields) or f"valid keys: {', '.join(sorted(fields))}"
             raise ValueError(f"unknown key {prefix}{key} — {fix}")
-        nested = _model_of(fields[key].annotation)
-        if nested is not None and isinstance(sub, dict):
+        nested = _model_for(fields[key].annotation, sub) if isinstance(sub, dict) else None
+        if nested is not None:
             check_unknown_keys(nested, sub, f"{prefix}{key}.")
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_of(arg)
-        if found is not None:
-            return found
+def _model_for(annotation: Any, value: dict) -> type[BaseModel] | None:
+    """The model `value` is validated as: the annotation's one model, or, in a tagged union of models, the member
+    whose Literal tag (e.g. `source: separate`) the value names (None without one: pydantic's error says which)."""
+    models = _models_of(annotation)
+    if len(models) <= 1:
+        return models[0] if models else None
+    for model in models:
+        for name, field in model.model_fields.items():
+            if get_origin(field.annotation) is Literal and value.get(name) in get_args(field.annotation):
+                return model
     return None
+
+
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) or () for m in _models_of(arg)]
 
 
 def build_plugins(configs: list[PluginConfig]) -> list[Plugin]:

@@ -1,4 +1,4 @@
-"""`slimtrain` command line: train | validate | data | launch | export | quickstart."""
+"""`slimtrain` command line: train | validate | data | launch | export | quickstart | speculate | compress."""
 
 from __future__ import annotations
 
@@ -249,9 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_quickstart)
 
+    from slimtrain.trainer.compress import add_compress_parser
     from slimtrain.trainer.speculate import add_speculate
 
     add_speculate(sub)
+    add_compress_parser(sub)
     _add_plugin_commands(sub)
     return parser
 

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from slimtrain.modules.plugin import ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit
+from slimtrain.modules.plugin import ExportContext, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit
 from slimtrain.modules.plugin_registry import register_plugin
 from slimtrain.modules.transformer.io import ModelInputs, Splice
 
@@ -17,6 +17,7 @@ from .compressor import Compressed, ContextCompressor
 from .config import TruncatedEncoder, encoder_model_config
 from .evaluation import evaluate_compressor
 from .examples import CompressorExamples
+from .export import export_compressor
 from .recipe import CompressorConfig
 from .spans import Spans
 
@@ -121,3 +122,6 @@ class CompressorPlugin(Plugin):
         # only the decoder's gradient flows through it (never: its parameters always train).
         return ModelCounts(total_params=counts.total_params + n, active_params=counts.active_params + n,
                            flops_per_token=counts.flops_per_token + 6 * n)
+
+    def export(self, ctx: ExportContext) -> None:
+        export_compressor(self.cfg, ctx)
