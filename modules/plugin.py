@@ -260,6 +260,11 @@ class Plugin:
         (seeded from the recipe); leave the tensors named in `init.imported` as they are. Tensors of the
         starting checkpoint that the model lacks are in `init.source`: `init.consume(name)` each one used."""
 
+    def model_sources(self) -> list[tuple[str, Path]]:
+        """(recipe field, directory) of every model the plugin reads weights from at build, beside the run's own
+        (a second decoder): the trainer refuses one whose tokenizer is not the run's data's, before the build."""
+        return []
+
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
         """Optimizer groups of this plugin's parameters (default: none; they join the recipe's groups)."""
         return []

@@ -86,6 +86,11 @@ class PluginStack:
         self.apply(model)
         return model
 
+    def model_sources(self) -> list[tuple[str, Path]]:
+        """Every plugin's `model_sources`, fields prefixed `plugins.<plugin>.`."""
+        return [(f"plugins.{plugin.name}.{field}", path) for plugin in self._overriding("model_sources")
+                for field, path in plugin.model_sources()]
+
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
         """Every plugin's optimizer groups, checked: unique names, each parameter in one group, of this model."""
         groups = [g for plugin in self.plugins for g in plugin.param_groups(model)]

@@ -22,15 +22,9 @@ KINDS = ("mtp", "eagle3", "medusa", "hydra")
 
 def llama_model_config(hf: dict) -> "ModelConfig":
     """Our model config for a `LlamaForCausalLM` config.json (what `slimtrain export` writes for a dense model)."""
-    from slimtrain.modules.transformer import ModelConfig
+    from slimtrain.modules.transformer.hf_llama import model_config_from_hf
 
-    rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    return ModelConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                       intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-                       num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads"),
-                       head_dim=hf.get("head_dim"), rope_theta=rope, norm_eps=hf.get("rms_norm_eps", 1e-5),
-                       max_seq_len=hf.get("max_position_embeddings", 2048),
-                       tie_embeddings=hf.get("tie_word_embeddings", False), attention="sdpa")
+    return model_config_from_hf(hf)
 
 
 def load_exported(export_dir: Path, kind: str) -> tuple["Transformer", "torch.nn.Module"]:

@@ -15,6 +15,8 @@ from slimtrain.modules.hf_adapters import Adapter, NameMismatch, StateDict, regi
 from slimtrain.modules.transformer.config import ModelConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transformers import LlamaConfig
 
 HF_ARCHITECTURE = "LlamaForCausalLM"
@@ -84,6 +86,40 @@ def from_hf(hf_state: StateDict, cfg: ModelConfig) -> StateDict:
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     return state
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Our model config for a `LlamaForCausalLM` config.json (what `slimtrain export` writes for a dense model)."""
+    rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    return ModelConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                       intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+                       num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads"),
+                       head_dim=hf.get("head_dim"), rope_theta=rope, norm_eps=hf.get("rms_norm_eps", 1e-5),
+                       max_seq_len=hf.get("max_position_embeddings", 2048),
+                       tie_embeddings=hf.get("tie_word_embeddings", False), attention="sdpa")
+
+
+def read_llama_dir(path: "Path | str") -> tuple[ModelConfig, StateDict]:
+    """A local `LlamaForCausalLM` directory (config.json and .safetensors files) as our config and state dict
+    (fp32). A directory of another architecture is refused, naming it."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} holds no config.json: give a Hugging Face model directory (an export)")
+    hf = json.loads(config.read_text(encoding="utf-8"))
+    if hf.get("architectures") != [HF_ARCHITECTURE]:
+        raise ValueError(f"{path} holds a {hf.get('architectures')} model; a {HF_ARCHITECTURE} directory is needed")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .safetensors file")
+    cfg = model_config_from_hf(hf)
+    hf_state = {k: v.float() for f in files for k, v in load_file(str(f)).items()}
+    return cfg, from_hf(hf_state, cfg)
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, object]:

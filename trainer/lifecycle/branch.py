@@ -124,6 +124,22 @@ def check_same_tokenizer(step_dir: Path, tokenizer_hash_now: str) -> None:
                           f"{str(saved)!r}")
 
 
+def check_model_sources(sources: list[tuple[str, Path]], tokenizer_hash_now: str) -> None:
+    """Every model a plugin reads weights from (`Plugin.model_sources`) was trained with this run's tokenizer: an
+    export directory's tokenizer files, or a checkpoint step directory's `tokenizer/`."""
+    from slimtrain.data.tokenizer import tokenizer_hash_of
+
+    for field, path in sources:
+        saved = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+        if not ((saved / "tokenizer.json").is_file() or (saved / "tokenizer_config.json").is_file()):
+            raise RecipeError(f"{field}={str(path)!r} holds no tokenizer, so nothing shows that its token ids mean "
+                              "what this run's data's do; copy the tokenizer it was trained with into it")
+        if tokenizer_hash_of(saved, field) != tokenizer_hash_now:
+            raise RecipeError(f"{field}={str(path)!r} was trained with another tokenizer than this recipe's "
+                              "data.tokenizer gives; use a model of the same tokenizer, or set data.tokenizer.path "
+                              f"to {str(saved)!r}")
+
+
 def pinned_source(recipe, ckpt_root: Path, is_main: bool, barrier, again: bool = False) -> Path:
     """Collective: the step directory this run branches from, resolved once by rank 0 and recorded in
     `ckpt_root/branch.json`, so that every rank, and a restart before the branch's first checkpoint, uses

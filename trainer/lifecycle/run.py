@@ -14,6 +14,7 @@ from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends import Backend, build_backend
 from slimtrain.trainer.backends.build import ModelInit
+from slimtrain.trainer.lifecycle.branch import check_model_sources
 from slimtrain.trainer.recipe.schema import Recipe
 from slimtrain.trainer.errors import RecipeError
 from slimtrain.trainer.optim import build_optimizer, build_scheduler
@@ -81,6 +82,7 @@ def build_parts(recipe: Recipe) -> RunParts:
     prepared = prepare_data(recipe, dist.get_rank(), dist.barrier)
     plugins = PluginStack.from_configs(recipe.plugins)
     model_cfg = plugins.configure(resolve_model_config(recipe, prepared.tokenizer.vocab_size))
+    check_model_sources(plugins.model_sources(), prepared.tokenizer.hash)
     torch.manual_seed(recipe.run.seed)
     hf = recipe.checkpoint.init_from_hf
     init = ModelInit(seed=recipe.run.seed, init_from_hf=Path(hf) if hf else None,
