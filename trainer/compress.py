@@ -83,14 +83,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         compressor = load_compressor(variant, dtype=torch.float32)  # fp32, as the imported decoder
     except (ValueError, FileNotFoundError) as exc:  # not our format, edited, or its tensors missing
         raise CheckpointError(f"{variant}: {exc}") from None
-    decoder = load_decoder(export_dir)
+    decoder = load_decoder(_decoder_dir(args, export_dir, config))
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
     context = _context_ids(tokenizer, Path(args.text), int(config["context_tokens"]))
     before = tokenizer.encode(args.prefix, add_special_tokens=False) if args.prefix else []
     after = tokenizer.encode(args.prompt, add_special_tokens=False) if args.prompt else []
     task = _task(args, bool(config["task_vectors"]))
     try:
-        embeds = compress_text(compressor, decoder, context, before, after, task=task)
+        embeds = compress_text(compressor, decoder, context, before, after, task=task, decoder_name=args.decoder)
     except ValueError as exc:  # a token id outside the decoder's vocabulary, a span the encoder cannot take
         raise SlimtrainError(str(exc)) from None
     slots = embeds.shape[0] - len(before) - len(after)  # the context's vectors and its task vector
@@ -109,6 +109,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decoder_dir(args: argparse.Namespace, export_dir: Path, config: dict) -> Path:
+    """The decoder the embeddings are for: the export's own, or an extra decoder the compressor trained for."""
+    names = list(config["projectors"])
+    if args.decoder not in names:
+        raise SlimtrainError(f"--decoder {args.decoder}: the compressor has projectors for {names}")
+    if args.decoder == "main":
+        return export_dir
+    if not args.decoder_path:
+        raise SlimtrainError(f"--decoder {args.decoder} needs --decoder-path: that decoder's Hugging Face directory "
+                             "(the recipe's decoders entry of that name)")
+    return Path(args.decoder_path)
+
+
 def _count(text: str) -> int:
     value = int(text) if text.isdigit() else -1
     if value < 0:
@@ -123,6 +136,9 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--text", required=True, help="a text file: the context to compress")
     p.add_argument("--out", default="compressed.pt", help="where to torch.save the [seq, hidden] embeddings")
     p.add_argument("--prompt", default="", help="text after the compressed context (what the decoder continues)")
+    p.add_argument("--decoder", default="main", help="which decoder the embeddings are for: main (the export's "
+                   "own) or the name of one of the recipe's extra decoders")
+    p.add_argument("--decoder-path", default="", help="with --decoder NAME: that decoder's Hugging Face directory")
     p.add_argument("--prefix", default="", help="uncompressed text before the compressed context (training put "
                    "none there)")
     p.add_argument("--task", choices=TASKS, default=None, help="the task vector after the context: cont (continue "

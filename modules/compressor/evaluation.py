@@ -23,20 +23,23 @@ from torch import nn
 from slimtrain.modules.plugin import PluginContext
 from slimtrain.modules.transformer.io import ModelInputs
 
+from .compressor import MAIN
 from .projector import REC
 
 LOSSES = ("none", "full", "comp", "zeroed", "shuffled")
 
 
-def evaluate_compressor(ctx: PluginContext, batches: Iterable[Any], exact_match: int,
-                        task_vectors: bool = True) -> dict[str, float]:
+def evaluate_compressor(ctx: PluginContext, batches: Iterable[Any], exact_match: int, task_vectors: bool = True,
+                        decoder: nn.Module | None = None, projector: str = MAIN) -> dict[str, float]:
+    """The metrics above for the run's own decoder, or for `decoder` (an extra one) through its `projector`."""
     from .plugin import compress_batch, decoder_inputs
 
     model, sums, matches = ctx.model, torch.zeros(len(LOSSES) + 3, dtype=torch.float64), []
+    reader = model if decoder is None else decoder
     for batch in batches:
         extras = batch.extras
         base = ModelInputs.of(batch)
-        compressed = compress_batch(model, batch, task_vectors)
+        compressed = compress_batch(model, batch, task_vectors, projector)
         vectors = compressed.vectors
         shuffled = vectors[torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(0))
                            .to(vectors.device)]
@@ -47,14 +50,14 @@ def evaluate_compressor(ctx: PluginContext, batches: Iterable[Any], exact_match:
         rows += [(decoder_inputs(base, batch, v), batch.labels, extras["gap_dec"])
                  for v in (vectors, torch.zeros_like(vectors), shuffled)]
         for i, (inputs, targets, mask) in enumerate(rows):
-            logits = model(**inputs.model_kwargs()).logits
+            logits = reader(**inputs.model_kwargs()).logits
             sums[i] += _token_loss(logits, targets, mask).sum().double().cpu()
             if i == 2:
                 sums[len(LOSSES) + 1] += _correct(logits, batch.labels, extras["rec_dec"]).double().cpu()
                 sums[len(LOSSES) + 2] += extras["rec_dec"].sum().double().cpu()
         sums[len(LOSSES)] += extras["gap_dec"].sum().double().cpu()
         if len(matches) < exact_match:
-            matches.extend(_greedy_matches(model, batch, compressed, exact_match - len(matches)))
+            matches.extend(_greedy_matches(reader, batch, compressed, exact_match - len(matches)))
     total = ctx.comm.all_reduce(sums.to(ctx.device), group="data").cpu()
     tokens = float(total[len(LOSSES)])
     out = {f"loss_{name}": float(total[i]) / max(tokens, 1) for i, name in enumerate(LOSSES)}

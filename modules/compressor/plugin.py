@@ -9,12 +9,16 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from slimtrain.modules.plugin import ExportContext, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit
+from slimtrain.modules.plugin import (
+    ExportContext, LossTerm, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit,
+)
 from slimtrain.modules.plugin_registry import register_plugin
+from slimtrain.modules.plugin_stack import DRY_RUN_VOCAB
 from slimtrain.modules.transformer.io import ModelInputs, Splice
 
-from .compressor import Compressed, ContextCompressor
+from .compressor import MAIN, Compressed, ContextCompressor
 from .config import TruncatedEncoder, encoder_model_config
+from .decoders import ExtraDecoders, decoder_loss, drawn_decoder, extra_config
 from .evaluation import evaluate_compressor
 from .examples import CompressorExamples
 from .export import export_compressor
@@ -24,13 +28,13 @@ from .spans import Spans
 COMPRESSOR_ORDER = 40  # after moe, qat and draft: the decoder the vectors go into is the finished model
 
 
-def compress_batch(model: nn.Module, batch: Any, task_vectors: bool = True) -> Compressed:
-    """The compressed vectors of every example of `batch` (with their task vectors), in the decoder row's slot
-    order."""
+def compress_batch(model: nn.Module, batch: Any, task_vectors: bool = True, decoder: str = MAIN) -> Compressed:
+    """The compressed vectors of every example of `batch` (with their task vectors) for `decoder`, in the decoder
+    row's slot order."""
     extras = batch.extras
     spans = Spans.from_span_ids(extras["ctx_ids"], extras["ctx_span"])
     task = extras["ctx_task"][spans.rows, spans.starts] if task_vectors else None
-    return model.compressor.compress(spans, task)
+    return model.compressor.compress(spans, task, decoder)
 
 
 def decoder_inputs(inputs: ModelInputs, batch: Any, vectors: torch.Tensor | None) -> ModelInputs:
@@ -50,6 +54,8 @@ class CompressorPlugin(Plugin):
     def __init__(self, cfg: CompressorConfig) -> None:
         super().__init__(cfg)
         self.cfg: CompressorConfig = cfg
+        self.extra = ExtraDecoders(cfg.decoders)
+        self.drawn = MAIN  # the decoder this step trains through (on_step_start)
 
     def configure(self, model_cfg):
         encoder = encoder_model_config(self.cfg, model_cfg) if model_cfg.vocab_size is not None else None
@@ -58,10 +64,29 @@ class CompressorPlugin(Plugin):
             raise ValueError(f"context_tokens={self.cfg.context_tokens} gives spans of {longest} positions, more than "
                              f"the encoder's max_seq_len={encoder.max_seq_len}; lower context_tokens or raise the "
                              "encoder's max_seq_len")
+        for i, decoder in enumerate(self.cfg.decoders):
+            cfg = extra_config(decoder, f"decoders.{i}.path")
+            known = model_cfg.vocab_size not in (None, DRY_RUN_VOCAB)  # a validation before the tokenizer exists
+            if known and cfg.vocab_size != model_cfg.vocab_size:
+                raise ValueError(f"decoders.{i} ({decoder.name}) has a vocabulary of {cfg.vocab_size} tokens and the "
+                                 f"data's tokenizer {model_cfg.vocab_size}; give a decoder trained with that tokenizer")
         return model_cfg
 
     def apply(self, model: nn.Module) -> None:
-        model.compressor = ContextCompressor(self.cfg, model.cfg)
+        widths = None
+        if self.cfg.decoders:  # a projector per decoder, the run's own first
+            widths = {MAIN: model.cfg.hidden_size}
+            widths.update({d.name: extra_config(d, f"decoders.{i}.path").hidden_size
+                           for i, d in enumerate(self.cfg.decoders)})
+        model.compressor = ContextCompressor(self.cfg, model.cfg, widths)
+
+    def model_sources(self):
+        from pathlib import Path
+
+        return [(f"decoders.{i}.path", Path(d.path)) for i, d in enumerate(self.cfg.decoders)]
+
+    def on_step_start(self, ctx: PluginContext) -> None:
+        self.drawn = drawn_decoder(self.extra.names, ctx.step) if self.cfg.decoders else MAIN
 
     def init_weights(self, model: nn.Module, init: WeightInit) -> None:
         compressor: ContextCompressor = model.compressor
@@ -110,10 +135,27 @@ class CompressorPlugin(Plugin):
                                    c.reconstruction_fraction, c.factor, c.vectors_per_span, memory, c.task_vectors)]
 
     def model_inputs(self, inputs: ModelInputs, batch, ctx: PluginContext) -> ModelInputs:
-        return decoder_inputs(inputs, batch, compress_batch(ctx.model, batch, self.cfg.task_vectors).vectors)
+        vectors = compress_batch(ctx.model, batch, self.cfg.task_vectors).vectors
+        if ctx.training and self.drawn != MAIN:  # this step trains through another decoder: the run's own LM loss
+            vectors = vectors.detach()          # (a joint decoder still learns from it) leaves the compressor be
+        return decoder_inputs(inputs, batch, vectors)
+
+    def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
+        if not ctx.training or self.drawn == MAIN:
+            return {}
+        decoder = self.extra.get(self.drawn, ctx.model)
+        vectors = compress_batch(ctx.model, batch, self.cfg.task_vectors, self.drawn).vectors
+        value = decoder_loss(decoder, decoder_inputs(ModelInputs.of(batch), batch, vectors), batch.labels)
+        return {f"decoder_{self.drawn}": LossTerm(value, 1.0)}
 
     def evaluate(self, ctx: PluginContext, batches: Iterable[Any]) -> dict[str, float]:
-        return evaluate_compressor(ctx, batches, self.cfg.eval_exact_match, self.cfg.task_vectors)
+        batches = list(batches)  # one pass per decoder
+        out = evaluate_compressor(ctx, batches, self.cfg.eval_exact_match, self.cfg.task_vectors)
+        for name in self.extra.configs:
+            theirs = evaluate_compressor(ctx, batches, self.cfg.eval_exact_match, self.cfg.task_vectors,
+                                         self.extra.get(name, ctx.model), name)
+            out.update({f"{key}/{name}": value for key, value in theirs.items()})
+        return out
 
     def counts(self, model_cfg, counts: ModelCounts, seq_len: int, causal: bool) -> ModelCounts:
         with torch.device("meta"):

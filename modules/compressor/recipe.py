@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slimtrain.modules.plugin import PluginConfig
 
 from .config import CompressorModelConfig
+
+
+class ExtraDecoder(BaseModel):
+    """One more decoder the encoder learns to serve (ARC's multi-decoder training), always frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Its projector's key (`projectors.<name>` in the export), the suffix of its "
+                      "metrics and loss term, and `slimtrain compress --decoder <name>`.")
+    path: str = Field(description="A local Hugging Face LlamaForCausalLM directory (an export of one of our runs, "
+                      "or a released dense Llama checkpoint) trained with the data's tokenizer.")
 
 
 class CompressorConfig(PluginConfig, CompressorModelConfig):
@@ -35,6 +46,10 @@ class CompressorConfig(PluginConfig, CompressorModelConfig):
     lr_scale: float = Field(1.0, gt=0, description="Learning-rate multiplier of the encoder (ARC: 1e-5).")
     projector_lr_scale: float = Field(1.0, gt=0, description="Learning-rate multiplier of the projector and its "
                                       "<Rec>/<Cont> embeddings (ARC: 5e-5, five times the encoder's).")
+    decoders: list[ExtraDecoder] = Field(
+        default_factory=list, description="More decoders for the same encoder, each with its own projector and "
+        "<Rec>/<Cont> embeddings (ARC-Encoder's multi-decoder training). Each step draws one decoder uniformly, the "
+        "run's own (named main) included, and the compressor learns through it; every evaluation measures them all.")
     eval_exact_match: int = Field(4, ge=0, description="Held-out reconstruction examples per rank decoded greedily "
                                   "at every evaluation for the exact-match rate (0 skips it).")
 
@@ -43,6 +58,10 @@ class CompressorConfig(PluginConfig, CompressorModelConfig):
         if self.min_context_tokens > self.context_tokens:
             raise ValueError(f"min_context_tokens={self.min_context_tokens} exceeds context_tokens="
                              f"{self.context_tokens}; lower it to at most {self.context_tokens}")
+        names = [d.name for d in self.decoders]
+        if "main" in names or len(set(names)) < len(names):
+            raise ValueError(f"decoders names {names} must be distinct and not 'main' (the run's own decoder's "
+                             "name); rename them")
         if not self.task_vectors and self.reconstruction_fraction:
             raise ValueError(f"reconstruction_fraction={self.reconstruction_fraction} with task_vectors: false: without "
                              "<Rec>/<Cont> the decoder cannot tell a reconstruction from a continuation; set "

@@ -167,7 +167,8 @@ def test_compress_text_refuses_bad_input(exported) -> None:
 
 def _args(out: Path, text: Path, **changes) -> argparse.Namespace:
     return argparse.Namespace(**{"export": str(out), "text": str(text), "out": str(text.with_suffix(".pt")),
-                                 "prompt": "", "prefix": "", "task": None, "generate": 0, **changes})
+                                 "prompt": "", "prefix": "", "task": None, "generate": 0, "decoder": "main",
+                                 "decoder_path": "", **changes})
 
 
 def test_the_compress_command(exported, tmp_path: Path, capsys) -> None:

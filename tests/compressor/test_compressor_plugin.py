@@ -131,3 +131,68 @@ def test_a_context_longer_than_the_encoder_takes_is_refused() -> None:
                                                               "continuation_tokens": 8})])
     with pytest.raises(ValueError, match="context_tokens=200 .* max_seq_len=128"):
         stack.configure(CFG)
+
+
+# -- several decoders ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_decoder(tmp_path_factory) -> str:
+    """A second decoder, 48 wide, as a local LlamaForCausalLM directory (an export)."""
+    from slimtrain.trainer.export.hf import write_hf_dir
+
+    cfg = CFG.model_copy(update={"hidden_size": 48, "num_layers": 2})
+    other = Transformer(cfg)
+    other.init_weights(5)
+    out = tmp_path_factory.mktemp("other") / "hf"
+    write_hf_dir(dict(other.state_dict()), cfg, out, tokenizer_dir=None, ids={})
+    return str(out)
+
+
+def test_each_decoder_has_its_projector_and_the_runs_own_is_unchanged(other_decoder: str) -> None:
+    stack, model = build(decoders=[{"name": "other", "path": other_decoder}])
+    projectors = model.compressor.projectors
+    assert list(projectors) == ["main", "other"] and projectors["other"].up.weight.shape == (48, 32)
+    _, single = build()
+    for p, q in zip(projectors["main"].parameters(), single.compressor.projectors["main"].parameters()):
+        assert torch.equal(p, q)  # the run's own projector draws what it drew without the extra decoder
+    assert stack.model_sources() == [("plugins.compressor.decoders.0.path", __import__("pathlib").Path(other_decoder))]
+
+
+def test_a_step_drawing_another_decoder_trains_the_compressor_through_it(other_decoder: str) -> None:
+    from slimtrain.modules.compressor.decoders import drawn_decoder
+
+    names = ["main", "other"]
+    draws = [drawn_decoder(names, step) for step in range(1, 41)]
+    assert draws == [drawn_decoder(names, step) for step in range(1, 41)] and set(draws) == set(names)
+    stack, model = build(decoders=[{"name": "other", "path": other_decoder}])
+    step = draws.index("other") + 1
+    ctx = stack.bind(PluginContext(model=model, step=step))
+    stack.on_step_start(ctx)
+    b = batch(stack)
+    loss, _, terms = lm_loss(model, b, label_norm=float((b.labels != IGNORE_INDEX).sum()), plugins=stack, ctx=ctx)
+    assert set(terms) == {"compressor/decoder_other"} and float(terms["compressor/decoder_other"]) > 0
+    loss.backward()
+    projectors = model.compressor.projectors
+    assert projectors["other"].down.weight.grad.abs().sum() > 0 and projectors["main"].down.weight.grad is None
+    assert model.compressor.encoder.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
+    extra = stack.plugins[0].extra.models["other"]
+    assert all(p.grad is None for p in extra.parameters())
+    model.eval()
+    ctx.training = False
+    with torch.no_grad():
+        out = stack.evaluate(ctx, lambda: [batch(stack)])
+    assert {"compressor/gap_closed", "compressor/gap_closed/other", "compressor/rec_acc/other"} <= set(out)
+
+
+def test_bad_extra_decoders_are_refused(other_decoder: str, tmp_path) -> None:
+    with pytest.raises(ValidationError, match="not 'main'"):
+        validate_plugin_config({**BLOCK, "decoders": [{"name": "main", "path": other_decoder}]})
+    stack = PluginStack.from_configs([validate_plugin_config({**BLOCK, "decoders": [
+        {"name": "other", "path": other_decoder}]})])
+    with pytest.raises(ValueError, match="vocabulary of 64 tokens and the data's tokenizer 100"):
+        stack.configure(CFG.model_copy(update={"vocab_size": 100}))
+    stack = PluginStack.from_configs([validate_plugin_config({**BLOCK, "decoders": [
+        {"name": "other", "path": str(tmp_path)}]})])
+    with pytest.raises(ValueError, match="decoders.0.path=.* holds no config.json"):
+        stack.configure(CFG)
