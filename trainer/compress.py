@@ -5,7 +5,6 @@ place (`modules/compressor/export.py::compress_text`), save them as the `[seq, h
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,21 +20,9 @@ TASKS = ("cont", "rec")
 
 def load_decoder(export_dir: Path) -> "Transformer":
     """The plain export (a dense LlamaForCausalLM directory) as our decoder, fp32, eval."""
-    from slimtrain.modules.transformer import Transformer
-    from slimtrain.trainer.export.importer import import_hf
-    from slimtrain.trainer.speculate import llama_model_config
+    from slimtrain.trainer.export.importer import load_dense_export
 
-    config = export_dir / "config.json"
-    if not config.is_file():
-        raise CheckpointError(f"{export_dir} holds no config.json; point at a directory written by `slimtrain export`")
-    hf = json.loads(config.read_text(encoding="utf-8"))
-    if hf.get("architectures") != ["LlamaForCausalLM"]:
-        raise CheckpointError(f"{export_dir} is a {hf.get('architectures')} export; compress runs with dense "
-                              "(LlamaForCausalLM) decoders")
-    cfg = llama_model_config(hf)
-    model = Transformer(cfg)
-    import_hf(model, cfg, export_dir)
-    return model.eval()
+    return load_dense_export(export_dir, "compress")
 
 
 def _task(args: argparse.Namespace, trained_with_tasks: bool) -> str | None:

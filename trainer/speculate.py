@@ -5,7 +5,6 @@ greedy decoding of the same prompt (whose output the speculative one must equal,
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,37 +14,22 @@ from slimtrain.trainer.errors import CheckpointError
 if TYPE_CHECKING:  # imported where used: the CLI starts without torch
     import torch
 
-    from slimtrain.modules.transformer import ModelConfig, Transformer
+    from slimtrain.modules.transformer import Transformer
 
 KINDS = ("mtp", "eagle3", "medusa", "hydra")
-
-
-def llama_model_config(hf: dict) -> "ModelConfig":
-    """Our model config for a `LlamaForCausalLM` config.json (what `slimtrain export` writes for a dense model)."""
-    from slimtrain.modules.transformer.hf_llama import model_config_from_hf
-
-    return model_config_from_hf(hf)
 
 
 def load_exported(export_dir: Path, kind: str) -> tuple["Transformer", "torch.nn.Module"]:
     """The plain export as our model (fp32, eval) and its `kind` variant's heads."""
     from slimtrain.modules.draft.export import load_heads
-    from slimtrain.modules.transformer import Transformer
-    from slimtrain.trainer.export.importer import import_hf
+    from slimtrain.trainer.export.importer import load_dense_export
 
     variant = export_dir / kind
     if not (variant / "config.json").is_file():
         found = [k for k in KINDS if (export_dir / k / "config.json").is_file()]
         raise CheckpointError(f"{export_dir} has no {kind}/ variant; it holds {found or 'no draft heads'} (export a "
                               "checkpoint trained with that head kind)")
-    hf = json.loads((export_dir / "config.json").read_text())
-    if hf.get("architectures") != ["LlamaForCausalLM"]:
-        raise CheckpointError(f"{export_dir} is a {hf.get('architectures')} export; speculate runs dense "
-                              "(LlamaForCausalLM) exports")
-    cfg = llama_model_config(hf)
-    model = Transformer(cfg)
-    import_hf(model, cfg, export_dir)
-    model.eval()
+    model = load_dense_export(export_dir, "speculate")
     return model, load_heads(variant, kind, model)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, randomise
+from mtp_parity import check_transformers_mtp
 
 from slimtrain.modules.draft.config import DraftConfig
 from slimtrain.modules.draft.export import load_heads, read_safetensors
@@ -76,7 +77,6 @@ def test_mtp_layout_loads_into_transformers_mtp_model(exported) -> None:
     """transformers' own MtpModel, loaded from mtp/, drafts with our modules' logits (the Llama class needs the
     MTP layers listed as ignorable, as the real MTP models' classes list theirs)."""
     from transformers import LlamaForCausalLM
-    from transformers.modeling_layers import MtpModel
 
     out, model, _ = exported
     config = json.loads((out / "mtp" / "config.json").read_text())
@@ -84,39 +84,7 @@ def test_mtp_layout_loads_into_transformers_mtp_model(exported) -> None:
     names = set(read_safetensors(out / "mtp"))
     assert {"model.layers.4.eh_proj.weight", "model.layers.5.shared_head.head.weight",
             "model.layers.5.self_attn.q_proj.weight", "model.layers.4.shared_head.norm.weight"} <= names
-
-    class WithMtp(LlamaForCausalLM):
-        _keys_to_ignore_on_load_unexpected = [r"model\.layers\.4\..*", r"model\.layers\.5\..*"]
-
-    hf = WithMtp.from_pretrained(out / "mtp", attn_implementation="eager").eval()
-    mtp = MtpModel.from_pretrained(hf).eval()
-    ids = torch.randint(0, CFG.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        ours = model(ids)
-        hidden = hf(ids, output_hidden_states=True).hidden_states[-1]
-        torch.testing.assert_close(hidden, ours.hidden_states, atol=1e-5, rtol=0)
-        from slimtrain.modules.draft.base import BaseView
-
-        view = BaseView(model, ids, torch.zeros_like(ids), torch.arange(12)[None], None, ours.hidden_states,
-                        ours.last_hidden)
-        ours_k = [o.project(o.features) for o in model.draft["mtp"].draft_outputs(view)]
-        # transformers' layer k reads tokens t + k + 1 (ids shifted by k + 1) and the previous layer's output.
-        h = hidden
-        for k, layer in enumerate(mtp.layers):
-            shifted = torch.zeros_like(ids)
-            shifted[:, : 12 - k - 1] = ids[:, k + 1:]
-            emb = mtp.embed_tokens(shifted)
-            pos = torch.arange(12)[None]
-            cos_sin = mtp.rotary_emb(h, pos)
-            mask = torch.full((12, 12), float("-inf")).triu(1)[None, None]
-            h = layer(emb, h, cos_sin, mask, pos, None)
-            torch.testing.assert_close(mtp._project_to_logits(h)[0, : 12 - k - 1], ours_k[k][0, : 12 - k - 1],
-                                       atol=1e-4, rtol=0)
-        # and transformers' own speculative path with these layers stays the base's greedy output
-        from slimtrain.modules.transformer.generate import greedy_generate
-
-        drafted = hf.generate(ids, max_new_tokens=16, use_mtp=True, do_sample=False)
-        assert torch.equal(drafted, greedy_generate(model, ids, 16))
+    check_transformers_mtp(model, LlamaForCausalLM, out / "mtp", [4, 5])
 
 
 def test_eagle3_files_follow_the_speculators_schema(exported) -> None:

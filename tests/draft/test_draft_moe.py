@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from mtp_parity import check_transformers_mtp
+
 from slimtrain.core.sentinels import IGNORE_INDEX
-from slimtrain.modules.draft.base import BaseView
 from slimtrain.modules.draft.export import load_heads, read_safetensors
 from slimtrain.modules.draft.speculate import SpeculativeDecoder
 from slimtrain.modules.moe.layer import MoELayer
@@ -129,34 +130,10 @@ def test_mtp_layers_are_written_as_the_models_moe_layers(exported) -> None:
 
 def test_transformers_mtp_model_drafts_our_logits(exported) -> None:
     from transformers import Glm4MoeForCausalLM
-    from transformers.modeling_layers import MtpModel
 
     out, model, _ = exported
-    first = CFG.num_layers
-
-    class WithMtp(Glm4MoeForCausalLM):  # the released class lists layer 92 (GLM-4.5's depth); ours is 3 deep
-        _keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{first + k}\..*" for k in range(DEPTH)]
-
-    hf = WithMtp.from_pretrained(out / "mtp", attn_implementation="eager").eval()
-    mtp = MtpModel.from_pretrained(hf).eval()
-    ids = torch.randint(0, CFG.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        ours = model(ids)
-        hidden = hf(ids, output_hidden_states=True).hidden_states[-1]
-        torch.testing.assert_close(hidden, ours.hidden_states, atol=1e-5, rtol=0)
-        view = BaseView(model, ids, torch.zeros_like(ids), torch.arange(12)[None], None, ours.hidden_states,
-                        ours.last_hidden)
-        ours_k = [o.project(o.features) for o in model.draft["mtp"].draft_outputs(view)]
-        h, pos = hidden, torch.arange(12)[None]
-        for k, layer in enumerate(mtp.layers):  # layer k reads tokens t + k + 1 and the previous layer's output
-            shifted = torch.zeros_like(ids)
-            shifted[:, : 12 - k - 1] = ids[:, k + 1:]
-            mask = torch.full((12, 12), float("-inf")).triu(1)[None, None]
-            h = layer(mtp.embed_tokens(shifted), h, mtp.rotary_emb(h, pos), mask, pos, None)
-            torch.testing.assert_close(mtp._project_to_logits(h)[0, : 12 - k - 1], ours_k[k][0, : 12 - k - 1],
-                                       atol=1e-4, rtol=0)
-        drafted = hf.generate(ids, max_new_tokens=16, use_mtp=True, do_sample=False)
-        assert torch.equal(drafted, greedy_generate(model, ids, 16))
+    # The released class lists layer 92 (GLM-4.5's depth) as its MTP layer; ours is 3 deep.
+    check_transformers_mtp(model, Glm4MoeForCausalLM, out / "mtp", [CFG.num_layers + k for k in range(DEPTH)])
 
 
 def test_mtp_export_reloads_into_our_decoder_exactly(exported) -> None:

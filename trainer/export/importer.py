@@ -19,7 +19,7 @@ from torch import nn
 from slimtrain.modules.hf_adapters import NameMismatch, get_adapter
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
-from slimtrain.trainer.errors import RecipeError
+from slimtrain.trainer.errors import CheckpointError, RecipeError
 from slimtrain.trainer.export.mapping import MappingError, ModelAdapters, model_adapters
 
 
@@ -173,3 +173,22 @@ def _architecture_names(model: nn.Module, adapters: ModelAdapters, cfg: ModelCon
 def _fp32(tensor: torch.Tensor) -> torch.Tensor:
     """Floating tensors in fp32; integer tensors as they are (an MoE's selection bias is fp32 bits in an int32)."""
     return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def load_dense_export(export_dir: Path, command: str) -> nn.Module:
+    """A dense export (a `LlamaForCausalLM` directory, what `slimtrain export` writes for a dense model) as our
+    model, fp32, in eval mode; `command` names the command that needs it, in the refusal of another class."""
+    from slimtrain.modules.transformer import Transformer
+    from slimtrain.modules.transformer.hf_llama import model_config_from_hf
+
+    config = export_dir / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{export_dir} holds no config.json; point at a directory written by `slimtrain export`")
+    hf = json.loads(config.read_text(encoding="utf-8"))
+    if hf.get("architectures") != ["LlamaForCausalLM"]:
+        raise CheckpointError(f"{export_dir} is a {hf.get('architectures')} export; {command} runs dense "
+                              "(LlamaForCausalLM) exports")
+    cfg = model_config_from_hf(hf)
+    model = Transformer(cfg)
+    import_hf(model, cfg, export_dir)
+    return model.eval()
