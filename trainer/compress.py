@@ -126,8 +126,8 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--decoder", default="main", help="which decoder the embeddings are for: main (the export's "
                    "own) or the name of one of the recipe's extra decoders")
     p.add_argument("--decoder-path", default="", help="with --decoder NAME: that decoder's Hugging Face directory")
-    p.add_argument("--prefix", default="", help="uncompressed text before the compressed context (training put "
-                   "none there)")
+    p.add_argument("--prefix", default="", help="uncompressed text before the compressed context (trained with "
+                   "the recipe's prefix_tokens > 0: config.json prefix_tokens)")
     p.add_argument("--task", choices=TASKS, default=None, help="the task vector after the context: cont (continue "
                    "it, the default) or rec (rewrite it)")
     p.add_argument("--generate", type=_count, default=0, metavar="N", help="print the decoder's greedy "

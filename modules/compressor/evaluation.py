@@ -1,7 +1,7 @@
 """What the compressor is measured by at every evaluation, on the held-out examples (plugins.md (a.6)).
 
 On the same continuation tokens (each example's tokens 1 .. t-1), the decoder's loss
-    loss_none     without the context (the vector slots are padding: the continuation alone),
+    loss_none     without the context (the continuation alone, after its uncompressed prefix if any),
     loss_full     reading the context tokens themselves (the original row, context and continuation one document),
     loss_comp     reading the compressed vectors,
 and the controls loss_zeroed (vectors set to 0) and loss_shuffled (vectors permuted across the batch), which a
@@ -14,6 +14,7 @@ greedily, token for token.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Iterable
 
 import torch
@@ -43,10 +44,11 @@ def evaluate_compressor(ctx: PluginContext, batches: Iterable[Any], exact_match:
         vectors = compressed.vectors
         shuffled = vectors[torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(0))
                            .to(vectors.device)]
-        none = replace_docs(decoder_inputs(base, batch, None), extras)
-        full = _full_inputs(base, batch)
-        targets_full = torch.roll(batch.input_ids, -1, dims=1)
-        rows = [(none, batch.labels, extras["gap_dec"]), (full, targets_full, extras["gap_full"])]
+        none = replace(base, input_ids=extras["none_ids"], position_ids=extras["none_pos"], doc_ids=extras["none_doc"],
+                       splice=None)
+        full = replace(base, position_ids=extras["full_pos"], doc_ids=extras["full_doc"], splice=None)
+        rows = [(none, torch.roll(extras["none_ids"], -1, dims=1), extras["gap_none"]),
+                (full, torch.roll(batch.input_ids, -1, dims=1), extras["gap_full"])]
         rows += [(decoder_inputs(base, batch, v), batch.labels, extras["gap_dec"])
                  for v in (vectors, torch.zeros_like(vectors), shuffled)]
         for i, (inputs, targets, mask) in enumerate(rows):
@@ -71,20 +73,6 @@ def evaluate_compressor(ctx: PluginContext, batches: Iterable[Any], exact_match:
         counts = ctx.comm.all_reduce(counts.to(ctx.device), group="data").cpu()
         out["rec_exact"] = float(counts[0] / counts[1].clamp(min=1))
     return out
-
-
-def replace_docs(inputs: ModelInputs, extras: dict) -> ModelInputs:
-    """The decoder row with its vector slots turned into padding: each continuation is its own document."""
-    from dataclasses import replace
-
-    docs = extras["dec_doc"].masked_fill(extras["dec_vec"], -1)
-    return replace(inputs, doc_ids=docs)
-
-
-def _full_inputs(base: ModelInputs, batch: Any) -> ModelInputs:
-    from dataclasses import replace
-
-    return replace(base, position_ids=batch.extras["full_pos"], doc_ids=batch.extras["full_doc"], splice=None)
 
 
 def _token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -102,9 +102,10 @@ def compressor_config(cfg: CompressorConfig, decoder: ModelConfig, own: StateDic
         "decoder": {"hidden_size": decoder.hidden_size, "vocab_size": decoder.vocab_size, "path": ".."},
         "projectors": projectors, "pooling_factor": cfg.factor, "task_vectors": cfg.task_vectors,
         "context_tokens": cfg.context_tokens, "continuation_tokens": cfg.continuation_tokens,
+        "prefix_tokens": cfg.prefix_tokens,
         "max_context_tokens": encoder.max_seq_len - memory,
-        "layout": "decoder input = [prompt before (optional, untrained)] + [the span's vectors] + [<Cont> or <Rec> "
-                  "vector if task_vectors] + [prompt after], positions 0.. from its start",
+        "layout": "decoder input = [uncompressed prefix, up to prefix_tokens] + [the span's vectors] + [<Cont> or "
+                  "<Rec> vector if task_vectors] + [prompt after], positions 0.. from its start",
     }
 
 
@@ -174,8 +175,8 @@ def compress_text(compressor: ContextCompressor, decoder: Transformer, context_i
 
     The token embeddings of `prompt_ids_before`, then the compressed vectors of `context_ids` (one span) with the
     `task` vector after them, then the token embeddings of `prompt_ids_after`; read by the decoder at positions
-    0 .. seq-1. Training lays an example out the same way with no prompt before the vectors, so that part is
-    empty by default (an uncompressed prefix there is read, but was never trained on). task: "cont" or "rec" for
+    0 .. seq-1: the layout of a training example, whose prefix (up to the recipe's `prefix_tokens`, 0 by default)
+    is the same document's tokens before the span. task: "cont" or "rec" for
     a compressor trained with task vectors (config.json `task_vectors`), None for one trained without.
     In the decoder's dtype and on its device (vLLM's `prompt_embeds`, transformers' `inputs_embeds[0]`).
     """

@@ -132,7 +132,8 @@ class CompressorPlugin(Plugin):
         c = self.cfg
         memory = c.num_memory_tokens if c.pooling == "memory" else None
         return [CompressorExamples(c.context_tokens, c.continuation_tokens, c.min_context_tokens,
-                                   c.reconstruction_fraction, c.factor, c.vectors_per_span, memory, c.task_vectors)]
+                                   c.reconstruction_fraction, c.factor, c.vectors_per_span, memory, c.task_vectors,
+                                   c.prefix_tokens)]
 
     def model_inputs(self, inputs: ModelInputs, batch, ctx: PluginContext) -> ModelInputs:
         vectors = compress_batch(ctx.model, batch, self.cfg.task_vectors).vectors

@@ -36,6 +36,9 @@ class CompressorConfig(PluginConfig, CompressorModelConfig):
                                      "predicts after the compressed context (the same document's next tokens).")
     min_context_tokens: int = Field(8, ge=1, description="A document segment with fewer tokens left than this plus "
                                     "two gives no further example.")
+    prefix_tokens: int = Field(0, ge=0, description="Continuation examples read up to this many uncompressed tokens "
+                               "of the same document before the compressed span (ARC's optional prefix; the length "
+                               "drawn per example in [0, prefix_tokens]); 0: none. Never a target.")
     reconstruction_fraction: float = Field(
         0.2, ge=0, le=1, description="Share of examples whose target is the context itself (decoder reads the "
         "vectors and <Rec>, then rewrites the span; ARC: 20 %); the others continue it after <Cont>.")
@@ -63,7 +66,7 @@ class CompressorConfig(PluginConfig, CompressorModelConfig):
             raise ValueError(f"decoders names {names} must be distinct and not 'main' (the run's own decoder's "
                              "name); rename them")
         if not self.task_vectors and self.reconstruction_fraction:
-            raise ValueError(f"reconstruction_fraction={self.reconstruction_fraction} with task_vectors: false: without "
-                             "<Rec>/<Cont> the decoder cannot tell a reconstruction from a continuation; set "
+            raise ValueError(f"reconstruction_fraction={self.reconstruction_fraction} with task_vectors: false: "
+                             "without <Rec>/<Cont> the decoder cannot tell a reconstruction from a continuation; set "
                              "reconstruction_fraction: 0 or task_vectors: true")
         return self

@@ -108,3 +108,33 @@ def test_the_decoder_row_never_spills() -> None:
     for row in range(2):
         last = (out["dec_doc"][row] >= 0).nonzero().flatten()
         assert int(last[-1]) < S
+
+
+def test_an_uncompressed_prefix_comes_from_the_document_before_the_span() -> None:
+    fields = rows(4)
+    out = transform(prefix_tokens=6, reconstruction_fraction=0.0)(fields, [7, 8])
+    ids = fields["input_ids"]
+    with_prefix = 0
+    for row in range(2):
+        for e in examples(out, row):
+            context = (out["ctx_span"][row] == e).nonzero().flatten()
+            where = (out["dec_doc"][row] == e).nonzero().flatten()
+            first_slot = int((out["dec_vec"][row] & (out["dec_doc"][row] == e)).nonzero()[0])
+            p = first_slot - int(where[0])
+            assert 0 <= p <= 6
+            start = int(context[0])
+            assert torch.equal(out["dec_ids"][row][where[:p]], ids[row][start - p:start])  # the tokens before it
+            assert out["labels"][row][where[:p]].eq(IGNORE_INDEX).all()  # read, never a target
+            with_prefix += p > 0
+    assert with_prefix > 0
+    # the three layouts measure the same continuation tokens
+    targets = [out["labels"][out["gap_dec"]], torch.roll(out["none_ids"], -1, 1)[out["gap_none"]],
+               torch.roll(fields["input_ids"], -1, 1)[out["gap_full"]]]
+    assert len(targets[0]) > 0 and all(torch.equal(targets[0], t) for t in targets[1:])
+
+
+def test_no_prefix_draws_the_examples_it_drew_before() -> None:
+    fields = rows(5)
+    plain = transform()(fields, [1, 2])
+    zero = transform(prefix_tokens=0)(fields, [1, 2])
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)

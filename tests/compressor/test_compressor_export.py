@@ -163,6 +163,9 @@ def test_compress_text_refuses_bad_input(exported) -> None:
         compress_text(loaded, model, [])
     with pytest.raises(ValueError, match="max_seq_len=128"):
         compress_text(loaded, model, ids(8, 129))
+    wider = Transformer(CFG.model_copy(update={"hidden_size": 48}))  # a decoder the projector does not write for
+    with pytest.raises(ValueError, match="writes 32-wide vectors but the decoder is 48 wide"):
+        compress_text(loaded, wider.double(), [1, 2, 3])
 
 
 def _args(out: Path, text: Path, **changes) -> argparse.Namespace:

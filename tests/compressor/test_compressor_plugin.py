@@ -46,11 +46,13 @@ def batch(stack: PluginStack, seed: int = 0) -> Batch:
     return Batch(ids, fields["labels"], pos, docs, extras=extras)
 
 
-def test_pooling_factor_1_with_an_identity_projector_reads_the_full_context() -> None:
+@pytest.mark.parametrize("prefix", [0, 4])
+def test_pooling_factor_1_with_an_identity_projector_reads_the_full_context(prefix: int) -> None:
     """No encoder layer, no norm, PF 1, identity projector, no task vectors: the vectors are the context's own
-    token embeddings, so the decoder's loss on the continuation is its loss with the context tokens."""
+    token embeddings, so the decoder's loss on the continuation is its loss with the context tokens (after the
+    same uncompressed prefix)."""
     stack, model = build(encoder={"source": "truncate", "layers": 0}, pooling_factor=1, pooled_layers=0,
-                         final_norm=False, task_vectors=False, reconstruction_fraction=0.0)
+                         final_norm=False, task_vectors=False, reconstruction_fraction=0.0, prefix_tokens=prefix)
     projector = model.compressor.projectors["main"]
     with torch.no_grad():
         projector.down.weight.copy_(torch.eye(CFG.hidden_size))
