@@ -198,3 +198,16 @@ def test_bad_extra_decoders_are_refused(other_decoder: str, tmp_path) -> None:
         {"name": "other", "path": str(tmp_path)}]})])
     with pytest.raises(ValueError, match="decoders.0.path=.* holds no config.json"):
         stack.configure(CFG)
+
+
+def test_docs_describe_every_compressor_key() -> None:
+    from pathlib import Path
+
+    from slimtrain.modules.compressor.config import SeparateEncoder, TruncatedEncoder
+    from slimtrain.modules.compressor.recipe import CompressorConfig, ExtraDecoder
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "compressor.md").read_text()
+    for cls in (CompressorConfig, TruncatedEncoder, SeparateEncoder, ExtraDecoder):
+        for name in cls.model_fields:
+            if name != "type":
+                assert f"| `{name}` |" in doc, (cls.__name__, name)
