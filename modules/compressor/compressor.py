@@ -105,15 +105,19 @@ class ContextCompressor(nn.Module):
         encoded = self.encoder(spans)
         states, counts = encoded.states, encoded.counts
         ids = self._task_ids(task, spans.count, counts.device)
-        if ids is not None:
-            # The task vector goes in the slot after the span's last vector, in encoder space (ARC), before the
-            # projector; a span without one gets it written past its count, where nothing reads it.
-            states = torch.cat([states, states.new_zeros(states.shape[0], 1, states.shape[2])], dim=1)
-            task_states = projector.task_embeds().to(states.dtype)[ids.clamp(min=0)]
-            states = states.index_put((torch.arange(spans.count, device=states.device), counts), task_states)
-            counts = counts + (ids != NO_TASK)
-        keep = torch.arange(states.shape[1], device=states.device)[None, :] < counts[:, None]
-        return Compressed(vectors=projector(states[keep]), counts=counts, spans=spans)
+        if ids is None:
+            keep = torch.arange(states.shape[1], device=states.device)[None, :] < counts[:, None]
+            return Compressed(vectors=projector(states[keep]), counts=counts, spans=spans)
+        # The task vector goes in the slot after the span's last vector (ARC appends it in encoder space; the
+        # projector is linear, so it is projected with the spans' vectors and put in place after); a span without
+        # one gets it written past its count, where nothing reads it.
+        projected, specials = projector(states, with_tasks=True)
+        projected = torch.cat([projected, projected.new_zeros(projected.shape[0], 1, projected.shape[2])], dim=1)
+        rows = torch.arange(spans.count, device=projected.device)
+        projected = projected.index_put((rows, counts), specials[ids.clamp(min=0)])
+        counts = counts + (ids != NO_TASK)
+        keep = torch.arange(projected.shape[1], device=projected.device)[None, :] < counts[:, None]
+        return Compressed(vectors=projected[keep], counts=counts, spans=spans)
 
     @staticmethod
     def _task_ids(task: Task | torch.Tensor | None, count: int, device: torch.device) -> torch.Tensor | None:

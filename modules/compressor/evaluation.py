@@ -31,11 +31,13 @@ LOSSES = ("none", "full", "comp", "zeroed", "shuffled")
 
 
 def evaluate_compressor(ctx: PluginContext, batches: Iterable[Any], exact_match: int, task_vectors: bool = True,
-                        decoder: nn.Module | None = None, projector: str = MAIN) -> dict[str, float]:
-    """The metrics above for the run's own decoder, or for `decoder` (an extra one) through its `projector`."""
+                        decoder: nn.Module | None = None, projector: str = MAIN,
+                        longest: int = 64) -> dict[str, float]:
+    """The metrics above for the run's own decoder, or for `decoder` (an extra one) through its `projector`;
+    `longest`: the longest reconstruction target (context_tokens)."""
     from .plugin import compress_batch, decoder_inputs
 
-    model, sums, matches = ctx.model, torch.zeros(len(LOSSES) + 3, dtype=torch.float64), []
+    model, sums, held = ctx.model, torch.zeros(len(LOSSES) + 3, dtype=torch.float64), []
     reader = model if decoder is None else decoder
     for batch in batches:
         extras = batch.extras
@@ -58,8 +60,8 @@ def evaluate_compressor(ctx: PluginContext, batches: Iterable[Any], exact_match:
                 sums[len(LOSSES) + 1] += _correct(logits, batch.labels, extras["rec_dec"]).double().cpu()
                 sums[len(LOSSES) + 2] += extras["rec_dec"].sum().double().cpu()
         sums[len(LOSSES)] += extras["gap_dec"].sum().double().cpu()
-        if len(matches) < exact_match:
-            matches.extend(_greedy_matches(reader, batch, compressed, exact_match - len(matches)))
+        if len(held) < exact_match:
+            held.extend(_reconstructions(batch, compressed, exact_match - len(held)))
     total = ctx.comm.all_reduce(sums.to(ctx.device), group="data").cpu()
     tokens = float(total[len(LOSSES)])
     out = {f"loss_{name}": float(total[i]) / max(tokens, 1) for i, name in enumerate(LOSSES)}
@@ -69,6 +71,7 @@ def evaluate_compressor(ctx: PluginContext, batches: Iterable[Any], exact_match:
     out["gap_closed"] = (out["loss_none"] - out["loss_comp"]) / gap if gap != 0 else float("nan")
     out["rec_acc"] = float(total[len(LOSSES) + 1] / total[len(LOSSES) + 2].clamp(min=1))
     if exact_match:
+        matches = _greedy_matches(reader, held, exact_match, longest)
         counts = torch.tensor([sum(matches), len(matches)], dtype=torch.float64)
         counts = ctx.comm.all_reduce(counts.to(ctx.device), group="data").cpu()
         out["rec_exact"] = float(counts[0] / counts[1].clamp(min=1))
@@ -83,17 +86,30 @@ def _correct(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) ->
     return (logits[mask].argmax(-1) == targets[mask]).sum()
 
 
-@torch.no_grad()
-def _greedy_matches(model: nn.Module, batch: Any, compressed, limit: int) -> list[bool]:
-    """For up to `limit` reconstruction examples of `batch`: does greedy decoding after their vectors rewrite the
-    context exactly?"""
+def _reconstructions(batch: Any, compressed, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(vectors, context tokens) of up to `limit` reconstruction examples of `batch`."""
     spans, ends = compressed.spans, compressed.counts.cumsum(0)
     tasks = batch.extras["ctx_task"][spans.rows, spans.starts]
     found = []
     for i in (tasks == REC).nonzero().flatten().tolist()[:limit]:
-        vectors = compressed.vectors[int(ends[i] - compressed.counts[i]):int(ends[i])]
-        target = spans.tokens[i, : int(spans.lengths[i])]
-        found.append(bool(torch.equal(greedy_after(model, vectors, target.numel()), target)))
+        vectors = compressed.vectors[int(ends[i] - compressed.counts[i]):int(ends[i])].detach()
+        found.append((vectors, spans.tokens[i, : int(spans.lengths[i])]))
+    return found
+
+
+@torch.no_grad()
+def _greedy_matches(model: nn.Module, held: list[tuple[torch.Tensor, torch.Tensor]], count: int,
+                    steps: int) -> list[bool]:
+    """Whether greedy decoding after each held example's vectors rewrites its context exactly. Every rank runs
+    `count` decodes of `steps` tokens whatever it holds (cycling its examples, or decoding a stand-in it does not
+    count when it holds none): an engine that shards parameters (ZeRO-3) needs every forward on every rank."""
+    stand_in = [(torch.zeros(1, model.embed.weight.shape[1], device=model.embed.weight.device), None)]
+    cycle, found = held or stand_in, []
+    for i in range(count):
+        vectors, target = cycle[i % len(cycle)]
+        got = greedy_after(model, vectors, steps)
+        if held and i < len(held):
+            found.append(bool(torch.equal(got[: target.numel()], target)))
     return found
 
 

@@ -151,10 +151,11 @@ class CompressorPlugin(Plugin):
 
     def evaluate(self, ctx: PluginContext, batches: Iterable[Any]) -> dict[str, float]:
         batches = list(batches)  # one pass per decoder
-        out = evaluate_compressor(ctx, batches, self.cfg.eval_exact_match, self.cfg.task_vectors)
+        c = self.cfg
+        out = evaluate_compressor(ctx, batches, c.eval_exact_match, c.task_vectors, longest=c.context_tokens)
         for name in self.extra.configs:
-            theirs = evaluate_compressor(ctx, batches, self.cfg.eval_exact_match, self.cfg.task_vectors,
-                                         self.extra.get(name, ctx.model), name)
+            theirs = evaluate_compressor(ctx, batches, c.eval_exact_match, c.task_vectors,
+                                         self.extra.get(name, ctx.model), name, c.context_tokens)
             out.update({f"{key}/{name}": value for key, value in theirs.items()})
         return out
 

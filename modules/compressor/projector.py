@@ -30,9 +30,16 @@ class Projector(nn.Module):
         self.cont_embed = nn.Parameter(torch.ones(in_width))
         self.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., in_width] -> [..., out_width], in the projector's dtype."""
-        return self.up(self.down(x.to(self.down.weight.dtype)))
+    def forward(self, x: torch.Tensor, with_tasks: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[..., in_width] -> [..., out_width], in the projector's dtype; `with_tasks`: also the projected `<Rec>`
+        and `<Cont>` vectors [2, out_width]. They are read here, inside the forward, because an engine that gathers
+        a module's parameters around its forward (DeepSpeed ZeRO-3) holds them only there."""
+        dtype = self.down.weight.dtype
+        if not with_tasks:
+            return self.up(self.down(x.to(dtype)))
+        rows = torch.cat([x.reshape(-1, x.shape[-1]).to(dtype), self.task_embeds().to(dtype)])
+        out = self.up(self.down(rows))
+        return out[:-2].reshape(*x.shape[:-1], out.shape[-1]), out[-2:]
 
     def task_embeds(self) -> torch.Tensor:
         """[2, in_width]: the `<Rec>` (row REC) and `<Cont>` (row CONT) embeddings, in encoder space."""
@@ -42,11 +49,11 @@ class Projector(nn.Module):
         """[out_width]: the projected `<Rec>` or `<Cont>` vector a decoder reads after a compressed span."""
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not one of {list(TASKS)}")
-        return self(self.task_embeds()[TASKS.index(task)])
+        return self.specials()[TASKS.index(task)]
 
     def specials(self) -> torch.Tensor:
         """[2, out_width]: both projected task vectors (rows REC and CONT)."""
-        return self(self.task_embeds())
+        return self(self.rec_embed.new_zeros(0, self.down.in_features), with_tasks=True)[1]
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -97,3 +97,14 @@ def _export_and_compress(run_dir: Path, tmp_path: Path) -> None:
     assert "vectors" in proc.stdout
     embeds = torch.load(tmp_path / "emb.pt")
     assert embeds.dim() == 2 and embeds.shape[1] == 64  # tiny-cpu's hidden size
+
+
+def test_a_joint_decoder_trains_and_evaluates_under_zero3(tmp_path: Path) -> None:
+    """ZeRO-3 gathers parameters in each module's forward, on every rank together: the task vectors are read in
+    the projector's forward and the greedy exact-match decodes run the same number of forwards on every rank."""
+    block = BLOCK.replace("decoder: frozen", "decoder: joint")
+    proc = run_train(tmp_path / "z3", tmp_path / "cache", [f"plugins=[{block}]", "backend.zero_stage=3",
+                                                            "train.steps=4", "eval.every=4", "checkpoint.every=4"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    last = records(tmp_path / "z3")[-1]
+    assert math.isfinite(last["eval/compressor/loss_comp"]) and "eval/compressor/rec_exact" in last
