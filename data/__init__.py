@@ -16,6 +16,7 @@ _EXPORTS = {
     "Loader": "slimtrain.data.loader",
     "PreparedData": "slimtrain.data.pipeline",
     "prepare": "slimtrain.data.pipeline",
+    "check_inputs": "slimtrain.data.pipeline",
     "build_loader": "slimtrain.data.pipeline",
     "PACKERS": "slimtrain.data.packing",
     "document_causal_mask": "slimtrain.core.masks",

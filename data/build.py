@@ -3,12 +3,14 @@
 Resumable: shards are numbered by their position in the source's document stream, so a re-run
 re-reads the source, skips every shard already complete on disk and tokenizes only the rest.
 Concurrent prepares of the same source serialise on a lock file; the second finds the manifest.
+A prepare that fails on bad input (a value found part-way through the source) removes what it wrote, and the
+directory when nothing else is in it: no shards without a manifest stay behind under a name no later
+prepare will look for.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import multiprocessing
 import os
 import re
@@ -18,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterator
 
+from slimtrain.core.locks import lock_file, release
 from slimtrain.data.config import DataConfig
 from slimtrain.data.encode import EncodeSettings, ShardTask, encode_shard, init_worker
 from slimtrain.data.errors import ShardError
@@ -26,6 +29,8 @@ from slimtrain.data.shards import (
 )
 from slimtrain.data.sources import DocumentSource, digest
 from slimtrain.data.tokenizer import TokenizerInfo
+
+LOCK = ".lock"
 
 
 def source_dir(cfg: DataConfig, src: DocumentSource, tokenizer_identity: str) -> Path:
@@ -45,13 +50,29 @@ def source_dir(cfg: DataConfig, src: DocumentSource, tokenizer_identity: str) ->
 @contextlib.contextmanager
 def directory_lock(directory: Path) -> Iterator[None]:
     """Exclusive lock on `directory` (a `.lock` file), held for the whole prepare of one source."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fd = lock_file(directory / LOCK)
+            break
+        except FileNotFoundError:  # a failed prepare removed the directory while we waited: make it again
+            continue
+    try:
+        yield
+    finally:
+        release(fd)
+
+
+def remove_attempt(directory: Path, before: set[str]) -> None:
+    """After a failed prepare (holding the lock): remove what it wrote, every entry not in `before`; and the
+    directory itself when nothing else is left in it, since its name is keyed to the input that failed."""
+    for path in directory.iterdir():
+        if path.name not in before and path.name != LOCK:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    remove_stale_tmp(directory)
+    if [p.name for p in directory.iterdir()] == [LOCK]:
+        (directory / LOCK).unlink()  # a prepare waiting on it locks a new one (slimtrain.core.locks)
+        directory.rmdir()
 
 
 def shard_batches(documents: Iterator[str], max_chars: int) -> Iterator[list[str]]:
@@ -145,15 +166,21 @@ def prepare_source(
             _check_tokenizer(directory, manifest, tok)
             verify_shards(directory, manifest, checksums=cfg.verify_checksums)
             return manifest
-        src.check()  # bad input fails here, before any shard is written
-        remove_stale_tmp(directory)
-        settings = EncodeSettings(
-            eos_id=tok.eos_id, bos_id=tok.bos_id if cfg.tokenizer.add_bos else None, dtype=dtype.name,
-            val_fraction=cfg.val_fraction, tokenizer_hash=tok.hash, fast_encode=cfg.tokenizer.fast_encode,
-        )
-        shards, timing = _write_shards(cfg, src, tok, directory, settings, progress)
-        manifest = _manifest(cfg, src, tok, settings, shards, timing)
-        write_manifest(directory, manifest)
+        before = {p.name for p in directory.iterdir()}
+        try:
+            src.check()  # most bad input fails here, before any shard is written
+            remove_stale_tmp(directory)
+            settings = EncodeSettings(
+                eos_id=tok.eos_id, bos_id=tok.bos_id if cfg.tokenizer.add_bos else None, dtype=dtype.name,
+                val_fraction=cfg.val_fraction, tokenizer_hash=tok.hash, fast_encode=cfg.tokenizer.fast_encode,
+            )
+            shards, timing = _write_shards(cfg, src, tok, directory, settings, progress)
+            write_manifest(directory, _manifest(cfg, src, tok, settings, shards, timing))
+        except Exception:
+            # Bad input found part-way (a value that is not text): no orphan shards stay behind. An interruption
+            # (KeyboardInterrupt, a kill) keeps the complete ones instead, so that a rerun resumes.
+            remove_attempt(directory, before)
+            raise
         return read_manifest(directory)  # type: ignore[return-value]
 
 

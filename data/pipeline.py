@@ -12,8 +12,8 @@ from slimtrain.data.errors import DataError
 from slimtrain.data.dataset import TokenDataset
 from slimtrain.data.loader import Loader, StreamSpec
 from slimtrain.data.build import prepare_source, source_dir
-from slimtrain.data.sources import DocumentSource, digest, open_source
-from slimtrain.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
+from slimtrain.data.sources import DocumentSource, FilesDocumentSource, digest, open_source
+from slimtrain.data.tokenizer import TokenizerInfo, check_tokenizer_path, load_tokenizer, train_bpe
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,17 @@ def resolve_tokenizer(cfg: DataConfig, sources: list[DocumentSource], progress: 
     info = load_tokenizer(out, cache_dir=cfg.cache_dir, eos_token=t.eos_token, add_bos=t.add_bos,
                           where="data.tokenizer.train")
     return info, str(out.resolve())
+
+
+def check_inputs(cfg: DataConfig) -> None:
+    """What can be checked of the inputs without reading them, before a run launches: every local source's paths
+    match files and a local tokenizer exists (SourceError / TokenizerError naming the field)."""
+    for index, source in enumerate(cfg.sources):
+        src = open_source(source, index)
+        if isinstance(src, FilesDocumentSource):
+            src.files()
+    if cfg.tokenizer.path is not None:
+        check_tokenizer_path(Path(cfg.tokenizer.path).expanduser(), "data.tokenizer.path")
 
 
 def prepare(cfg: DataConfig, progress: bool = True, rebuild: bool = False) -> PreparedData:

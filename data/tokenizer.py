@@ -62,14 +62,19 @@ def tokenizer_hash_of(path: Path, where: str) -> str:
     return tokenizer_hash(_load_hf(path, where))
 
 
-def _load_hf(path: Path, where: str) -> object:
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+def check_tokenizer_path(path: Path, where: str) -> None:
+    """TokenizerError when the local tokenizer `path` does not exist."""
     if not path.exists():
         raise TokenizerError(
             f"{where}: {str(path)!r} does not exist; point it at a tokenizer.json or a tokenizer directory, or use "
             "`train: {vocab_size: N}` (or `slimtrain data tokenizer`) to train one"
         )
+
+
+def _load_hf(path: Path, where: str) -> object:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    check_tokenizer_path(path, where)
     if path.is_dir() and not (path / "tokenizer_config.json").exists() and (path / "tokenizer.json").exists():
         path = path / "tokenizer.json"
     try:

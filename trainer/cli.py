@@ -67,22 +67,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     from slimtrain.trainer.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if not _under_launcher(args.nproc):
-        nproc = args.nproc or recipe.run.local_procs
-        recipe.check_world(nproc)  # fail before any process starts
-        _check_resume(recipe, nproc)
-        if nproc > 1:
-            from slimtrain.data import prepare
+    if _under_launcher(args.nproc):
+        return train_worker(recipe)
+    nproc = args.nproc or recipe.run.local_procs
+    _check_before_launch(recipe, nproc)  # fail before any process starts, writing nothing
+    from slimtrain.trainer.lifecycle.run_lock import hold_run_dir
 
-            prepare(recipe.data, progress=True)  # once, before the ranks start
-            return _spawn_local(nproc, args)
-    return train_worker(recipe)
+    # This process holds the run directory for the run's life; the ranks it starts end with it (env/lifeline.py).
+    with hold_run_dir(Path(recipe.run.resolved_output_dir)):
+        if nproc == 1:
+            return train_worker(recipe, holds_run_dir=True)
+        from slimtrain.data import prepare
+
+        prepared = prepare(recipe.data, progress=True)  # once, before the ranks start
+        if recipe.checkpoint.init_from_hf and recipe.model.vocab_size is None:
+            _check_init_from_hf(recipe, prepared.tokenizer.vocab_size)  # the tokenizer's size is known now
+        return _spawn_local(nproc, args)
+
+
+def _check_before_launch(recipe, nproc: int) -> None:
+    """Everything that can be checked before a process starts: the world, the checkpoint it would resume or branch
+    from, the HF directory it would start from, that the model can be exported, that the data inputs exist."""
+    from slimtrain.data import check_inputs
+    from slimtrain.modules.plugin_stack import PluginStack
+    from slimtrain.trainer.export.hf import check_exportable
+
+    recipe.check_world(nproc)
+    _check_resume(recipe, nproc)
+    check_inputs(recipe.data)
+    if recipe.checkpoint.init_from_hf:
+        _check_init_from_hf(recipe, recipe.model.vocab_size)
+    why_not = check_exportable(recipe.model, PluginStack.from_configs(recipe.plugins))
+    if why_not:
+        print(f"note: this model will not be exportable to Hugging Face format ({why_not}); training goes on",
+              file=sys.stderr)
+
+
+def _check_init_from_hf(recipe, vocab_size: int | None) -> None:
+    from slimtrain.modules.plugin_stack import PluginStack
+    from slimtrain.trainer.export.importer import check_init_from_hf
+
+    model = recipe.model.model_copy(update={"vocab_size": vocab_size})
+    check_init_from_hf(Path(recipe.checkpoint.init_from_hf), model, PluginStack.from_configs(recipe.plugins))
 
 
 def _check_resume(recipe, world_size: int) -> None:
     """The checkpoint a run would resume (or branch) from must suit the recipe (checked again at load)."""
-    from pathlib import Path
-
     from slimtrain.trainer.lifecycle.branch import check_fresh_start, check_resume, resume_mode
     from slimtrain.trainer.lifecycle.checkpoint import find_resume_point
 
@@ -103,11 +133,27 @@ def _check_resume(recipe, world_size: int) -> None:
         BACKENDS.get(recipe.backend.type).check_resumable(recipe, path, world_size)
 
 
-def train_worker(recipe) -> int:
-    """One rank: initialise torch.distributed, build the parts, run the loop."""
+def train_worker(recipe, holds_run_dir: bool = False) -> int:
+    """One rank: initialise torch.distributed, build the parts, run the loop. Rank 0 holds the run directory
+    unless the `slimtrain train` that started it does (`holds_run_dir`, or SLIMTRAIN_LAUNCHER_PID)."""
     from slimtrain.trainer.lifecycle import signals
 
     signals.install()  # as early as possible: a preemption warning may arrive during start-up
+    from slimtrain.trainer.env.distributed import resolve_dist_env
+    from slimtrain.trainer.env.lifeline import LAUNCHER_PID, tie_rank_to_launcher
+
+    env = resolve_dist_env()
+    if env.source != "single":
+        tie_rank_to_launcher()
+    if holds_run_dir or os.environ.get(LAUNCHER_PID) or env.rank != 0:
+        return _train_rank(recipe)
+    from slimtrain.trainer.lifecycle.run_lock import hold_run_dir, wait_for_requeue
+
+    with hold_run_dir(Path(recipe.run.resolved_output_dir), wait_s=wait_for_requeue()):
+        return _train_rank(recipe)
+
+
+def _train_rank(recipe) -> int:
     from slimtrain.trainer.backends import BACKENDS
 
     BACKENDS.get(recipe.backend.type).prepare_process()
@@ -123,9 +169,10 @@ def train_worker(recipe) -> int:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     env = init_distributed(backend)
     set_cpu_threads(env.local_world_size)
-    if env.rank == 0:
+    parts = build_parts(recipe)
+    if env.rank == 0:  # after the build: a start that fails there leaves no run directory
         write_run_files(recipe, dump_recipe(recipe))
-    Trainer(recipe, build_parts(recipe)).run()
+    Trainer(recipe, parts).run()
     import torch.distributed as dist
 
     dist.barrier()
@@ -134,15 +181,18 @@ def train_worker(recipe) -> int:
 
 
 def _spawn_local(nproc: int, args: argparse.Namespace) -> int:
-    """Start `nproc` ranks on this machine with torchrun; SIGTERM/SIGUSR1 are forwarded to them."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "slimtrain.trainer.cli", "train", args.recipe, *args.overrides]
+    """Start `nproc` ranks on this machine with torchrun; SIGTERM/SIGUSR1 are forwarded to them. torchrun's agent
+    starts every rank in a session of its own, so signals to this process group never reach them: the agent and
+    the ranks instead end when this process does, however it ends (env/lifeline.py)."""
+    from slimtrain.trainer.env.lifeline import LAUNCHER_PID, agent_command
     from slimtrain.trainer.lifecycle.run import threads_per_rank
 
+    cmd = agent_command(["torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                         "-m", "slimtrain.trainer.cli", "train", args.recipe, *args.overrides])
     # Setting OMP_NUM_THREADS ourselves (cores shared between the local ranks) also keeps torchrun quiet.
-    env = dict(os.environ, SLIMTRAIN_LOCAL_LAUNCH="1")
+    env = dict(os.environ, SLIMTRAIN_LOCAL_LAUNCH="1", **{LAUNCHER_PID: str(os.getpid())})
     env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
-    proc = subprocess.Popen(cmd, env=env)  # same process group: killing the group kills every rank
+    proc = subprocess.Popen(cmd, env=env)
 
     def forward(signum: int, _frame) -> None:
         # torchrun itself dies on SIGUSR1; deliver the signal straight to the worker processes.

@@ -35,6 +35,38 @@ def check_export_args(out_dir: Path, dtype: str = "fp32", overwrite: bool = Fals
         raise CheckpointError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
 
 
+def check_exportable(model_cfg: ModelConfig, plugins: PluginStack) -> str | None:
+    """Before a run launches: `slimtrain export` will be able to write this model (the recipe's model block, before
+    the plugins configure it). A model the architecture its plugins choose cannot describe is refused
+    (RecipeError): that would be learnt only after the whole run. Returns why the model will not be exportable
+    when its plugins' options have no Hugging Face architecture at all (a recipe's choice: the run trains, export
+    refuses, naming the option), else None."""
+    from slimtrain.modules.plugin_stack import DRY_RUN_VOCAB
+    from slimtrain.trainer.errors import RecipeError
+
+    cfg = model_cfg if model_cfg.vocab_size is not None else model_cfg.model_copy(update={"vocab_size": DRY_RUN_VOCAB})
+    cfg = plugins.configure(cfg)
+    try:
+        adapters = model_adapters(plugins, cfg)
+    except MappingError as exc:
+        return str(exc)
+    try:
+        adapters.config(cfg)
+        adapters.architecture.hf_config(cfg, bos_id=None, eos_id=None)
+    except Exception as exc:  # transformers' config validation raises its own error types
+        shown = ", ".join(f"model.{k}={getattr(model_cfg, k)}" for k in _GEOMETRY)
+        hint = (" (transformers wants model.num_heads to divide model.hidden_size, even with model.head_dim set)"
+                if cfg.hidden_size % cfg.num_heads else "")
+        why = " ".join(str(exc).split())
+        raise RecipeError(f"the recipe's model could not be exported: {adapters.architecture.hf_architecture}, the "
+                          f"Hugging Face class `slimtrain export` writes for it, refuses it ({why}). The model block "
+                          f"has {shown}: change it until that class accepts it{hint}") from None
+    return None
+
+
+_GEOMETRY = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "num_layers")
+
+
 def export_checkpoint(ckpt_path: Path, out_dir: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
     """`slimtrain export`: read the checkpoint once, then write config/weights/tokenizer/generation config/card."""
     check_export_args(out_dir, dtype, overwrite)

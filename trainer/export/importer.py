@@ -23,8 +23,10 @@ from slimtrain.trainer.errors import CheckpointError, RecipeError
 from slimtrain.trainer.export.mapping import MappingError, ModelAdapters, model_adapters
 
 
-def read_hf_state(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors` or of the shards its index lists."""
+def read_hf_state(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors` or of the shards its index lists; `meta`: their names, shapes and
+    dtypes only, on the meta device, from the files' headers (a check before launch reads no weights)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -38,8 +40,42 @@ def read_hf_state(path: Path) -> dict[str, torch.Tensor]:
                           "point it at a directory written by save_pretrained or `slimtrain export`")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(str(path / name)))
+        if not (path / name).is_file():
+            raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {name}, which its index lists, is missing; "
+                              "copy the whole directory")
+        if not meta:
+            state.update(load_file(str(path / name)))
+            continue
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():
+                sliced = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(sliced.get_dtype(), torch.float32)
+                state[key] = torch.empty(sliced.get_shape(), dtype=dtype, device="meta")
     return state
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def check_init_from_hf(path: Path, cfg: ModelConfig, plugins: PluginStack) -> None:
+    """Before any process starts: the directory fits the recipe's model block `cfg` with the plugins configured
+    and applied (config.json, the tensors' names and shapes), as the build's import will find; only the files'
+    headers are read. A null vocab_size (the tokenizer's, not known yet) is taken from the directory's."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} is not a directory; point it at a directory "
+                          "written by save_pretrained or `slimtrain export`")
+    hf = _read_config(path)
+    read_hf_state(path, meta=True)  # the weight files are there
+    if cfg.vocab_size is None:
+        if not isinstance(hf.get("vocab_size"), int):
+            raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: its config.json has no vocab_size; set "
+                              "model.vocab_size, or use a directory written by save_pretrained or `slimtrain export`")
+        cfg = cfg.model_copy(update={"vocab_size": hf["vocab_size"]})
+    cfg = plugins.configure(cfg)
+    import_hf(plugins.skeleton(cfg), cfg, path, plugins, meta=True)
 
 
 def check_hf_config(path: Path, cfg: ModelConfig, plugins: PluginStack | None = None) -> None:
@@ -65,19 +101,21 @@ def _check_config_with(path: Path, cfg: ModelConfig, adapters: ModelAdapters) ->
 
 
 @torch.no_grad()
-def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, plugins: PluginStack | None = None) -> frozenset[str]:
+def load_hf_into(model: nn.Module, cfg: ModelConfig, path: Path, plugins: PluginStack | None = None,
+                 meta: bool = False) -> frozenset[str]:
     """Copy the HF weights into `model` (built with `plugins` applied); returns the names of the tensors it filled.
 
     Every tensor of the dense model must be in the directory; the plugins' own tensors load when they are
     there (the plugins initialise the others). A tensor of the directory that no adapter claims is refused.
+    `meta`: only check names and shapes (see `check_init_from_hf`).
     """
     check_hf_config(path, cfg, plugins)
     adapters = _adapters(path, plugins, cfg)
     try:
-        state = adapters.from_hf(read_hf_state(path), cfg)
+        state = adapters.from_hf(read_hf_state(path, meta), cfg)
     except MappingError as exc:
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
-    missing, unexpected = model.load_state_dict({k: _fp32(v) for k, v in state.items()}, strict=False)
+    missing, unexpected = _load(model, {k: _fp32(v) for k, v in state.items()}, path)
     # What only plugins' adapters map is theirs to initialise when absent; whatever the architecture maps must load
     # (also where a plugin moved the dense modules, e.g. into experts).
     required = _architecture_names(model, adapters, cfg, plugins)
@@ -101,23 +139,38 @@ DENSE = "llama"  # the architecture of the model without plugins (PluginStack.hf
 
 
 @torch.no_grad()
-def import_hf(model: nn.Module, cfg: ModelConfig, path: Path, plugins: PluginStack | None = None) -> HFImport:
+def import_hf(model: nn.Module, cfg: ModelConfig, path: Path, plugins: PluginStack | None = None,
+              meta: bool = False) -> HFImport:
     """Copy the HF weights into `model`, as `load_hf_into`; a directory of the dense architecture into a model
     whose plugins chose another (an MoE) loads every tensor the model still holds and returns the others
-    in `unused` (the plugins may take them; the build refuses those none takes)."""
+    in `unused` (the plugins may take them; the build refuses those none takes). `meta`: see `load_hf_into`."""
     plugins = plugins if plugins is not None else PluginStack()
     if not (_holds_dense(path) and _exports_as(plugins, cfg) != DENSE):
-        return HFImport(load_hf_into(model, cfg, path, plugins))
+        return HFImport(load_hf_into(model, cfg, path, plugins, meta))
     dense = ModelAdapters(DENSE, get_adapter(DENSE), tuple(plugins.hf_adapters()))
     _check_config_with(path, cfg, dense)
     try:
-        state = dense.from_hf(read_hf_state(path), cfg)
+        state = dense.from_hf(read_hf_state(path, meta), cfg)
     except MappingError as exc:
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: {exc}") from None
     held = model.state_dict()
     filled = {k: _fp32(v) for k, v in state.items() if k in held}
-    model.load_state_dict(filled, strict=False)
+    _load(model, filled, path)
     return HFImport(frozenset(filled), {k: _fp32(v) for k, v in state.items() if k not in held})
+
+
+def _load(model: nn.Module, state: dict[str, torch.Tensor], path: Path):
+    """model.load_state_dict(state, strict=False), a tensor of another shape refused naming it (and the field)."""
+    try:
+        return model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        wrong = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        if not wrong:
+            raise
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} holds tensors of other shapes than the recipe's "
+                          f"model: {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''} — its config.json does "
+                          "not describe its weights, or the model block differs; use a directory whose weights fit "
+                          "the model block") from None
 
 
 def _holds_dense(path: Path) -> bool:
@@ -139,7 +192,10 @@ def _read_config(path: Path) -> dict:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} has no config.json")
-    return json.loads(config_file.read_text())
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise RecipeError(f"checkpoint.init_from_hf={str(path)!r}: config.json is not valid JSON ({exc})") from None
 
 
 def _adapters(path: Path, plugins: PluginStack | None, cfg: ModelConfig) -> ModelAdapters:

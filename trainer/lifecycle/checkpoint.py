@@ -11,7 +11,8 @@ Layout under `{run}/checkpoints/`:
     latest                          the name of the newest complete step directory
 
 A save writes into `step_X.tmp/`, flushes every file to disk, writes the manifest and renames the
-directory, so a crash mid-save (or a node losing power) leaves the previous checkpoint as `latest`. On
+directory, so a crash mid-save (or a node losing power) leaves the previous checkpoint as `latest`. A save
+that fails (disk full, no permission) stops the run on every rank with a CheckpointError that says so. On
 resume a checkpoint whose files do not match its manifest is skipped with a warning in favour of the
 previous complete one; when none is complete the run stops rather than start again from step 0 over them.
 """
@@ -49,33 +50,84 @@ def save_checkpoint(root: Path, step: int, backend: Backend, state: dict[str, An
     """Collective: every rank must call it. Returns the completed step directory.
 
     `copy_dirs` ({name: source}) are copied in by rank 0 (e.g. the tokenizer), so that a checkpoint
-    is self-contained for export.
+    is self-contained for export. A save that fails part-way (disk full, no permission) raises CheckpointError
+    on every rank, `latest` still naming the previous checkpoint; a rank that fails inside the backend's own
+    save cannot tell the others (they wait in its collectives), and its launcher ends them.
     """
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".tmp")
-    if backend.rank == 0:
+    _agreed(backend, root, step, lambda: _start_save(root, tmp, backend.rank))
+    try:
+        backend.save(tmp)
+    except Exception as exc:
+        raise CheckpointError(_save_failed(root, step, f"rank {backend.rank}: {exc}")) from exc
+    _agreed(backend, root, step, lambda: _save_rank_files(tmp, step, backend.rank))
+    maybe_fault("die_during_save", step, backend.rank)
+
+    def complete() -> None:
+        if backend.rank == 0:
+            _complete(root, tmp, final, step, state, recipe_yaml, keep, copy_dirs)
+
+    _agreed(backend, root, step, complete)
+    return final
+
+
+def _start_save(root: Path, tmp: Path, rank: int) -> None:
+    if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    backend.barrier()
-    backend.save(tmp)
-    _save_rng(tmp / "rng" / f"rank_{backend.rank:05d}.pt")
-    if int(os.environ.get("LOCAL_RANK", backend.rank)) == 0:
+
+
+def _save_rank_files(tmp: Path, step: int, rank: int) -> None:
+    """What every rank adds to the backend's state: its RNG states; one rank per node flushes the node's files."""
+    maybe_fault("disk_full_during_save", step, rank)
+    _save_rng(tmp / "rng" / f"rank_{rank:05d}.pt")
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
         _sync_tree(tmp)  # one rank per node flushes what that node's ranks wrote (the page cache is per node)
-    maybe_fault("die_during_save", step, backend.rank)
-    backend.barrier()
-    if backend.rank == 0:  # what it writes now is flushed too: the manifest must not reach the disk first
-        _write_json(tmp / STATE, state)
-        _write_durably(tmp / "recipe.yaml", recipe_yaml)
-        for name, src in (copy_dirs or {}).items():
-            shutil.copytree(src, tmp / name, dirs_exist_ok=True)
-            _sync_tree(tmp / name)
-        _fsync_dir(tmp)
-        _write_json(tmp / MANIFEST, {"step": step, "files": _file_sizes(tmp)})
-        _replace_dir(tmp, final)
-        _write_latest(root, final.name)
-        _apply_retention(root, keep, protect=final.name)
-    backend.barrier()
-    return final
+
+
+def _complete(root: Path, tmp: Path, final: Path, step: int, state: dict[str, Any], recipe_yaml: str, keep: int,
+              copy_dirs: dict[str, Path] | None) -> None:
+    """Rank 0, after every rank's files are on disk: trainer state, recipe, copies, manifest; then the rename and
+    `latest`. What it writes is flushed too: the manifest must not reach the disk first."""
+    _write_json(tmp / STATE, state)
+    _write_durably(tmp / "recipe.yaml", recipe_yaml)
+    for name, src in (copy_dirs or {}).items():
+        shutil.copytree(src, tmp / name, dirs_exist_ok=True)
+        _sync_tree(tmp / name)
+    _fsync_dir(tmp)
+    _write_json(tmp / MANIFEST, {"step": step, "files": _file_sizes(tmp)})
+    _replace_dir(tmp, final)
+    _write_latest(root, final.name)
+    _apply_retention(root, keep, protect=final.name)
+
+
+def _agreed(backend: Backend, root: Path, step: int, work) -> None:
+    """Collective: run this rank's `work`, then stop every rank (CheckpointError) if it failed on any. Rank 0
+    removes the unfinished step directory: nothing more is written into it."""
+    try:
+        work()
+        error = None
+    except Exception as exc:
+        error = exc
+    failed = float(error is not None)
+    if backend.world_size > 1:
+        (failed,) = backend.all_reduce_sum([failed])
+    if not failed:
+        return
+    if backend.rank == 0:
+        shutil.rmtree(root / (step_dir_name(step) + ".tmp"), ignore_errors=True)
+    why = (f"rank {backend.rank}: {error}" if error is not None
+           else f"{int(failed)} other rank(s) failed; see their errors")
+    raise CheckpointError(_save_failed(root, step, why)) from error
+
+
+def _save_failed(root: Path, step: int, why: str) -> str:
+    latest = root / "latest"
+    kept = f"{latest.read_text().strip()} stays `latest`" if latest.is_file() else "no earlier checkpoint exists"
+    return (f"saving the checkpoint of step {step} into {root} failed ({why}); the run stopped. {kept}, and nothing "
+            "of the failed save is used. Free space or fix permissions there (or set another run.output_dir), then "
+            "run the same command again to resume from the last complete checkpoint")
 
 
 def find_resumable(root: Path) -> Path | None:
@@ -246,7 +298,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        if old.exists() and not dst.exists():
+            os.replace(old, dst)  # the checkpoint `latest` names stays where it names it
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
