@@ -207,6 +207,10 @@ def test_submit_saves_the_script_beside_the_log(
         (("recipes/missing.yaml", *CPU_FLAGS), "no such file"),
         # 8 rows per step do not split over 3 ranks of 2-row micro-batches: caught before queueing.
         ((str(TINY), "--nodes", "3", "--gpus-per-node", "0", "--env", "cpu"), "train.global_batch_size=8"),
+        # What `slimtrain train` checks before launch, from the login node: a model export would refuse, and an
+        # init_from_hf directory this node sees that is no Hugging Face model.
+        ((str(TINY), "model.num_heads=6", "model.num_kv_heads=2", "model.head_dim=12", *CPU_FLAGS), "num_heads=6"),
+        ((str(TINY), f"checkpoint.init_from_hf={REPO / 'recipes'}", *CPU_FLAGS), "checkpoint.init_from_hf"),
     ],
 )
 def test_bad_launches_are_refused_before_submission(

@@ -227,9 +227,31 @@ def check_recipe(recipe: Path, overrides: tuple[str, ...], world_size: int) -> o
     try:
         loaded = load_recipe(str(recipe), list(overrides))
         loaded.check_world(world_size)
+        _check_from_login_node(loaded)
         return loaded
     except RecipeError as e:
         raise LaunchError(f"recipe {str(recipe)!r} is invalid, nothing submitted:\n{e}") from None
+
+
+def _check_from_login_node(recipe) -> None:
+    """What `slimtrain train` checks before launch, as far as this node can: that the model can be exported, and
+    the `init_from_hf` directory when this node sees it. A path this node does not see (cluster storage mounted
+    on the compute nodes only) and the data inputs are checked by rank 0 when the job starts (exit 2)."""
+    from slimtrain.modules.plugin_stack import PluginStack
+    from slimtrain.trainer.export.hf import check_exportable
+    from slimtrain.trainer.export.importer import check_init_from_hf
+
+    plugins = PluginStack.from_configs(recipe.plugins)
+    why_not = check_exportable(recipe.model, plugins)
+    if why_not:
+        print(f"note: this model will not be exportable to Hugging Face format ({why_not}); training goes on",
+              file=sys.stderr)
+    hf = recipe.checkpoint.init_from_hf
+    if hf and Path(hf).exists():
+        check_init_from_hf(Path(hf), recipe.model, PluginStack.from_configs(recipe.plugins))
+    elif hf:
+        print(f"note: checkpoint.init_from_hf={hf!r} is not visible from this node; the job checks it when it starts",
+              file=sys.stderr)
 
 
 @dataclass(frozen=True)
