@@ -211,6 +211,8 @@ def test_submit_saves_the_script_beside_the_log(
         # init_from_hf directory this node sees that is no Hugging Face model.
         ((str(TINY), "model.num_heads=6", "model.num_kv_heads=2", "model.head_dim=12", *CPU_FLAGS), "num_heads=6"),
         ((str(TINY), f"checkpoint.init_from_hf={REPO / 'recipes'}", *CPU_FLAGS), "checkpoint.init_from_hf"),
+        ((str(TINY), f"data.tokenizer.path={REPO / 'recipes' / 'no-such-tokenizer'}", *CPU_FLAGS),
+         "no-such-tokenizer"),
     ],
 )
 def test_bad_launches_are_refused_before_submission(

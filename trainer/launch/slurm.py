@@ -222,6 +222,7 @@ def check_recipe(recipe: Path, overrides: tuple[str, ...], world_size: int) -> o
         raise LaunchError(f"RECIPE {str(recipe)!r}: no such file; pass a recipe YAML, e.g. recipes/tiny-cpu.yaml")
     # Imported here: the recipe schema pulls in the model and plugin configs, which the rest of this
     # module (rendering, option checks) does not need.
+    from slimtrain.data.errors import DataError
     from slimtrain.trainer.recipe.schema import RecipeError, load_recipe
 
     try:
@@ -229,7 +230,7 @@ def check_recipe(recipe: Path, overrides: tuple[str, ...], world_size: int) -> o
         loaded.check_world(world_size)
         _check_from_login_node(loaded)
         return loaded
-    except RecipeError as e:
+    except (RecipeError, DataError) as e:  # DataError: a data input this node sees is missing
         raise LaunchError(f"recipe {str(recipe)!r} is invalid, nothing submitted:\n{e}") from None
 
 
@@ -246,12 +247,30 @@ def _check_from_login_node(recipe) -> None:
     if why_not:
         print(f"note: this model will not be exportable to Hugging Face format ({why_not}); training goes on",
               file=sys.stderr)
+    _check_visible_data(recipe.data)
     hf = recipe.checkpoint.init_from_hf
     if hf and Path(hf).exists():
         check_init_from_hf(Path(hf), recipe.model, PluginStack.from_configs(recipe.plugins))
     elif hf:
         print(f"note: checkpoint.init_from_hf={hf!r} is not visible from this node; the job checks it when it starts",
               file=sys.stderr)
+
+
+def _check_visible_data(data) -> None:
+    """The data inputs, when this node sees where they live: every local source's directories (before any
+    wildcard) and the tokenizer path exist here. Otherwise rank 0 checks them when the job starts."""
+    from slimtrain.data import check_inputs
+
+    roots = [Path(p.split("*")[0].split("?")[0] or ".").expanduser() for s in data.sources
+             for p in getattr(s, "paths", None) or ()]
+    if data.tokenizer.path is not None:
+        roots.append(Path(data.tokenizer.path).expanduser())
+    unseen = [str(r) for r in roots if not (r if r.is_dir() else r.parent).exists()]
+    if unseen:
+        print(f"note: {unseen[0]} is not visible from this node; the job checks the data inputs when it starts",
+              file=sys.stderr)
+        return
+    check_inputs(data)
 
 
 @dataclass(frozen=True)
