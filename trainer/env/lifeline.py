@@ -18,13 +18,13 @@ not do; the last complete checkpoint stays `latest` and a restart resumes from i
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import runpy
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 LAUNCHER_PID = "SLIMTRAIN_LAUNCHER_PID"
@@ -53,13 +53,25 @@ def tie_rank_to_launcher() -> None:
     die_with_parent(parent)
     launcher = int(os.environ.get(LAUNCHER_PID) or 0) or None
 
+    done = threading.Event()
+
     def watch() -> None:
         while os.getppid() == parent and (launcher is None or alive(launcher)):
-            time.sleep(POLL_S)
+            if done.wait(POLL_S):
+                return  # the rank is exiting on its own
         print("slimtrain: the launcher of this rank is gone; ending the rank", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    threading.Thread(target=watch, name="slimtrain-lifeline", daemon=True).start()
+    thread = threading.Thread(target=watch, name="slimtrain-lifeline", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        # End the thread before the interpreter finalizes: a daemon thread still waiting then is stopped from
+        # under it, which is suspected of the rare C++ abort seen once at a rank's exit.
+        done.set()
+        thread.join(timeout=2 * POLL_S)
+
+    atexit.register(stop)
 
 
 def alive(pid: int) -> bool:
