@@ -26,6 +26,13 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return mask[:, None, :, :]
 
 
+def window_band(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """Boolean [1, 1, S, S]: True where key j lies in query i's sliding window, j > i - window (transformers' rule:
+    a token sees itself and the window - 1 tokens before it). AND it with a causal or document mask."""
+    i = torch.arange(seq_len, device=device)
+    return (i[None, :] > i[:, None] - window)[None, None]
+
+
 def single_document_rows(doc_ids: torch.Tensor) -> bool:
     """True when every row holds one document and no padding: the document mask is the causal mask."""
     return bool(((doc_ids == doc_ids[:, :1]) & (doc_ids != PAD_DOC_ID)).all())

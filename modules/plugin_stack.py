@@ -186,14 +186,15 @@ class PluginStack:
             counts = plugin.counts(model_cfg, counts, seq_len, causal)
         return counts
 
-    def hf_architecture(self, model_cfg: ModelConfig, default: str = "llama") -> str:
-        """The architecture adapter the model exports as: the one a plugin names, else `default`.
-        Two plugins naming different architectures cannot compose in one export."""
+    def hf_architecture(self, model_cfg: ModelConfig, default: str | None = None) -> str:
+        """The architecture adapter the model exports as: the one a plugin names, else `default` (None: the dense
+        model's family, `model.architecture`). Two plugins naming different architectures cannot compose in one
+        export."""
         named = {p.name: arch for p in self.plugins if (arch := p.hf_architecture(model_cfg)) is not None}
         if len(set(named.values())) > 1:
             raise ValueError(f"plugins ask for different Hugging Face architectures ({named}); at most one "
                              "plugin may choose the architecture")
-        return next(iter(named.values()), default)
+        return next(iter(named.values()), default or model_cfg.architecture)
 
     def hf_adapters(self) -> list[tuple[str, HFAdapter]]:
         """(plugin name, its own tensor adapter) of the plugins that have one, in composition order."""

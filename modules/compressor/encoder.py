@@ -17,7 +17,7 @@ from torch import nn
 from slimtrain.modules.transformer import ModelConfig, Transformer
 from slimtrain.modules.transformer.init import init_weights
 from slimtrain.modules.transformer.layers import DecoderBlock, RMSNorm
-from slimtrain.modules.transformer.rope import rope_cos_sin
+from slimtrain.modules.transformer.rope import rope_for
 
 from .attention import SpanAttention
 from .config import CompressorModelConfig, TruncatedEncoder
@@ -126,7 +126,7 @@ class SpanEncoder(nn.Module):
     def _rope(self, length: int, like: torch.Tensor) -> Rope:
         """RoPE at positions 0 .. length-1 in every row: each span's own positions (spans start at slot 0)."""
         positions = torch.arange(length, device=like.device)[None, :].expand(like.shape[0], -1)
-        return rope_cos_sin(positions, self.model_cfg.dim_per_head, self.model_cfg.rope_theta, like.dtype)
+        return rope_for(self.model_cfg, positions, like.dtype)
 
     @staticmethod
     def _block(block: DecoderBlock, x: torch.Tensor, rope: Rope, attend: SpanAttention) -> torch.Tensor:

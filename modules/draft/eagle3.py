@@ -19,7 +19,7 @@ from slimtrain.core.masks import document_causal_mask
 from slimtrain.modules.transformer.attention.base import repeat_kv
 from slimtrain.modules.transformer.kv_cache import KVCache
 from slimtrain.modules.transformer.layers import MLP, RMSNorm
-from slimtrain.modules.transformer.rope import apply_rope, rope_cos_sin
+from slimtrain.modules.transformer.rope import apply_rope, rope_for
 
 from .base import BaseStep, BaseView, DraftOutput
 from .targets import shifted_tokens
@@ -134,7 +134,7 @@ class Eagle3Head(nn.Module):
         keys, values, outputs = [], [], []
         for j in range(self.steps):
             positions = base.position_ids + j
-            cos, sin = rope_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta, hidden.dtype)
+            cos, sin = rope_for(cfg, positions, hidden.dtype)
             embeds = model.embed(shifted_tokens(base.input_ids, base.doc_ids, j + 1))
             q, k, v = layer.self_attn.qkv(layer.inputs(embeds, hidden), cos, sin)
             keys.append(k)
@@ -179,7 +179,7 @@ class Eagle3Drafter:
         """Run the layer on `tokens`' embeddings and `hidden` [m, H] at positions start.., through the cache."""
         cfg, device = self.model.cfg, hidden.device
         positions = torch.arange(start, start + len(tokens), device=device)[None]
-        cos, sin = rope_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta, hidden.dtype)
+        cos, sin = rope_for(cfg, positions, hidden.dtype)
         bound = self.cache.bind(len(tokens))
         out = self.head.layer(self.model.embed(torch.tensor([tokens], device=device)), hidden[None], cos, sin,
                               bound.layer(0))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from slimtrain.modules.plugin import ExportContext, ExportVariant, StateDict
-from slimtrain.modules.transformer.hf_llama import LAYER_NAMES
+from slimtrain.modules.transformer.hf_llama import layer_names
 
 from .config import DraftConfig
 
@@ -181,7 +181,7 @@ def _mtp_blocks_from_disk(state: StateDict, depth: int, cfg: Any, from_hf: FromH
     first = cfg.num_layers
     if from_hf is None:
         return {f"depths.{k}.block.{a}": state[f"model.layers.{first + k}.{b}"]
-                for k in range(depth) for a, b in LAYER_NAMES.items()}
+                for k in range(depth) for a, b in layer_names(cfg).items()}
     # The whole file read as a model `depth` layers deeper, less what only MTP layers have.
     mtp_only = {b for k in range(depth) for b in _mtp_names(k, first).values()}
     mtp_only |= {f"model.layers.{first + k}.shared_head.head.weight" for k in range(depth)}

@@ -20,7 +20,7 @@ from torch import nn
 from slimtrain.modules.transformer.attention import bind_attention
 from slimtrain.modules.transformer.kv_cache import KVCache
 from slimtrain.modules.transformer.layers import MLP, Aux, DecoderBlock, RMSNorm, replicate_mlp
-from slimtrain.modules.transformer.rope import rope_cos_sin
+from slimtrain.modules.transformer.rope import rope_for
 
 from .base import BaseStep, BaseView, DraftOutput
 from .targets import shifted_tokens
@@ -70,7 +70,7 @@ class MTPHeads(nn.Module):
     def draft_outputs(self, base: BaseView) -> list[DraftOutput]:
         model = base.model
         s = base.input_ids.shape[1]
-        cos, sin = rope_cos_sin(base.position_ids, model.cfg.dim_per_head, model.cfg.rope_theta, base.hidden.dtype)
+        cos, sin = rope_for(model.cfg, base.position_ids, base.hidden.dtype)
         attend = bind_attention(model.cfg.attention, base.documents, s, base.hidden.device, base.hidden.dtype)
         hidden, outputs = base.hidden, []
         for k, module in enumerate(self.depths, start=1):
@@ -120,7 +120,7 @@ class MTPDrafter:
             sequence = self.tokens + drafts
             tokens = torch.tensor([sequence[t + depth] for t in range(lo, hi + 1)], device=previous.device)
             positions = torch.arange(lo, hi + 1, device=previous.device)[None]
-            cos, sin = rope_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta, previous.dtype)
+            cos, sin = rope_for(cfg, positions, previous.dtype)
             bound = cache.bind(hi + 1 - lo)
             out = module(model.embed(tokens)[None], previous[lo:hi + 1][None], cos, sin, bound.layer(0))[0][0]
             cache.commit(hi + 1 - lo)

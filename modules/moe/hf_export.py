@@ -295,7 +295,7 @@ class MoEArchitecture:
         dense = len(moe_layer_indices(self.moe, cfg.num_layers)) < cfg.num_layers
         # intermediate_size is the dense MLPs' (Mixtral: the experts'); without dense layers it computes nothing.
         llama_view = {k: v for k, v in hf.items() if k != "intermediate_size" or (dense and self.target != "mixtral")}
-        wrong = hf_llama.check_config(llama_view, cfg)
+        wrong = hf_llama.check_common(llama_view, cfg)
         ours = self.config_keys(cfg)
         for key, field in _MOE_FIELDS[self.target].items():
             theirs = effective.get(key)

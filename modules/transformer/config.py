@@ -6,9 +6,52 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .families import family_errors
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class RopeScaling(BaseModel):
+    """RoPE frequency scaling for long contexts, as transformers defines each type (`rope_parameters`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["linear", "dynamic", "yarn", "llama3"] = Field(
+        description="linear: positions divided by `factor`; dynamic: NTK-aware base grown when a forward's positions "
+        "pass model.max_seq_len; yarn: YaRN's ramp between interpolated and extrapolated frequencies, with its "
+        "attention factor; llama3: Llama 3.1's low/high-frequency rule.")
+    factor: float = Field(gt=0, description="How many times longer a context the scaling stretches RoPE to.")
+    original_max_seq_len: int | None = Field(
+        None, gt=0, description="The context length the model was pretrained at (yarn, llama3: required; the HF key "
+        "original_max_position_embeddings).")
+    low_freq_factor: float = Field(1.0, gt=0, description="llama3: wavelengths above original/low_freq_factor are "
+                                   "divided by `factor`.")
+    high_freq_factor: float = Field(4.0, gt=0, description="llama3: wavelengths below original/high_freq_factor are "
+                                    "kept; those between are interpolated.")
+    beta_fast: float = Field(32.0, gt=0, description="yarn: rotations that bound the extrapolated dimensions.")
+    beta_slow: float = Field(1.0, gt=0, description="yarn: rotations that bound the interpolated dimensions.")
+    attention_factor: float | None = Field(
+        None, gt=0, description="yarn: scale of cos and sin; null: 0.1 ln(factor) + 1 (or from mscale/mscale_all_dim).")
+    mscale: float | None = Field(None, description="yarn: numerator of the default attention factor (DeepSeek style).")
+    mscale_all_dim: float | None = Field(None, description="yarn: denominator of the default attention factor.")
+    truncate: bool = Field(True, description="yarn: round the correction range to whole dimensions (transformers' "
+                           "default).")
+
+    @model_validator(mode="after")
+    def _check_original(self) -> "RopeScaling":
+        if self.type in ("yarn", "llama3") and self.original_max_seq_len is None:
+            raise ValueError(f"model.rope_scaling.type={self.type!r} needs original_max_seq_len, the context length "
+                             "the model was pretrained at (original_max_position_embeddings in config.json)")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor}")
+        return self
+
 
 class ModelConfig(BaseModel):
-    """A Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP."""
+    """A Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, and the options of the families
+    it imports and exports as (Llama 3.x / SmolLM, Mistral, Qwen2/2.5, Qwen3)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -27,6 +70,22 @@ class ModelConfig(BaseModel):
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     max_seq_len: int = Field(2048, gt=0, description="Longest sequence the model is built for (RoPE cache).")
     tie_embeddings: bool = Field(False, description="Share the input embedding and the output head weights.")
+    architecture: Literal["llama", "mistral", "qwen2", "qwen3"] = Field(
+        "llama", description="The Hugging Face class the dense model exports as (LlamaForCausalLM, "
+        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM); taken from checkpoint.init_from_hf's config.json "
+        "when the recipe imports one. Each class computes only some of the options below (refused otherwise).")
+    rope_scaling: RopeScaling | None = Field(None, description="RoPE frequency scaling; null: plain RoPE.")
+    qkv_bias: bool = Field(False, description="Biases on the q, k and v projections (Qwen2: always).")
+    o_bias: bool = Field(False, description="A bias on the attention output projection (Llama/Qwen3 "
+                         "attention_bias sets it with qkv_bias).")
+    mlp_bias: bool = Field(False, description="Biases on the MLP projections (Llama's mlp_bias).")
+    qk_norm: bool = Field(False, description="RMSNorm over each head of q and k before RoPE (Qwen3: always).")
+    sliding_window: int | None = Field(
+        None, gt=0, description="Sliding-window attention: a token attends to itself and the window - 1 tokens before "
+        "it (transformers' rule); null: full causal attention.")
+    sliding_window_layers: list[int] | None = Field(
+        None, description="The layers that use the sliding window; null: every layer (Mistral). Qwen2/Qwen3 slide "
+        "on the layers from max_window_layers on.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal init; output projections are scaled by 1/sqrt(2*num_layers).")
     attention: Literal["auto", "sdpa", "flex", "varlen", "flash", "eager"] = Field(
         "auto",
@@ -54,7 +113,24 @@ class ModelConfig(BaseModel):
             )
         if self.dim_per_head % 2:
             raise ValueError(f"model.head_dim={self.dim_per_head} must be even for RoPE")
+        bad = [i for i in self.sliding_window_layers or () if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"model.sliding_window_layers={self.sliding_window_layers} names layers {bad}, outside "
+                             f"0..{self.num_layers - 1}")
+        if self.sliding_window_layers is not None and self.sliding_window is None:
+            raise ValueError("model.sliding_window_layers is set but model.sliding_window is null; set the window, or "
+                             "remove sliding_window_layers")
+        wrong = family_errors(self)
+        if wrong:
+            raise ValueError(f"model.architecture={self.architecture!r} cannot compute this model: " + "; ".join(wrong))
         return self
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer`, None for full attention."""
+        if self.sliding_window is None:
+            return None
+        layers = self.sliding_window_layers
+        return self.sliding_window if layers is None or layer in layers else None
 
     @property
     def kv_heads(self) -> int:
@@ -72,7 +148,8 @@ class ModelConfig(BaseModel):
             raise ValueError("model.vocab_size is not resolved yet (it is taken from the tokenizer)")
         h, d, v = self.hidden_size, self.dim_per_head, self.vocab_size
         attn = h * d * (self.num_heads * 2 + self.kv_heads * 2)
-        mlp = 3 * h * self.intermediate_size
+        attn += (self.num_heads + 2 * self.kv_heads) * d * self.qkv_bias + h * self.o_bias + 2 * d * self.qk_norm
+        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * self.mlp_bias
         per_layer = attn + mlp + 2 * h
         emb = v * h * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + emb + h

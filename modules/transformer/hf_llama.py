@@ -1,8 +1,11 @@
-"""The dense decoder as Hugging Face `LlamaForCausalLM`: parameter names, config, and the config check.
+"""The dense decoder as a Hugging Face Llama-family class: tensor names, and the adapters of the four families.
+
+Llama, Mistral, Qwen2 and Qwen3 name their tensors alike (Qwen's biases and q/k norms under the same layer
+prefixes), so one mapping serves all four; their config.json differs and lives in `hf_config`.
 
 Our RoPE uses the same "rotate half" layout as HF Llama, so weights map by name only, with no
 permutation of q/k rows. With tied embeddings HF stores only `model.embed_tokens.weight`.
-Registered as the "llama" architecture adapter when `slimtrain.modules.hf_adapters` is imported.
+Registered as the "llama", "mistral", "qwen2" and "qwen3" adapters when `slimtrain.modules.hf_adapters` is imported.
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slimtrain.modules.hf_adapters import Adapter, NameMismatch, StateDict, register_adapter
+from slimtrain.modules.hf_adapters import Adapter, NameMismatch, StateDict, get_adapter, register_adapter
 from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.modules.transformer.hf_config import (  # noqa: F401 - re-exported: callers read configs here
+    FAMILIES, _rope_dict, check_config, hf_config, model_config_from_hf)
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    from transformers import LlamaConfig
 
 HF_ARCHITECTURE = "LlamaForCausalLM"
 
@@ -40,11 +43,25 @@ LAYER_NAMES = {
 }
 
 
+def layer_names(cfg: ModelConfig) -> dict[str, str]:
+    """Per decoder layer of `cfg`: our suffix -> the HF suffix, with the options' tensors (biases, q/k norms), which
+    Llama, Mistral, Qwen2 and Qwen3 all name alike."""
+    names = dict(LAYER_NAMES)
+    qkv = ("q", "k", "v") if cfg.qkv_bias else ()
+    names.update({f"attn.{p}_proj.bias": f"self_attn.{p}_proj.bias" for p in qkv + (("o",) if cfg.o_bias else ())})
+    if cfg.mlp_bias:
+        names.update({f"mlp.{p}.bias": f"mlp.{p}.bias" for p in ("gate_proj", "up_proj", "down_proj")})
+    if cfg.qk_norm:
+        names.update({f"attn.{p}_norm.weight": f"self_attn.{p}_norm.weight" for p in ("q", "k")})
+    return names
+
+
 def name_map(cfg: ModelConfig) -> dict[str, str]:
-    """Every parameter name of our dense model -> its HF Llama name."""
+    """Every parameter name of our dense model -> its HF name (the Llama family's names)."""
     names = dict(_GLOBAL_NAMES)
+    per_layer = layer_names(cfg)
     for i in range(cfg.num_layers):
-        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{hf}" for ours, hf in LAYER_NAMES.items()})
+        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{hf}" for ours, hf in per_layer.items()})
     return names
 
 
@@ -88,20 +105,9 @@ def from_hf(hf_state: StateDict, cfg: ModelConfig) -> StateDict:
     return state
 
 
-def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Our model config for a `LlamaForCausalLM` config.json (what `slimtrain export` writes for a dense model)."""
-    rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    return ModelConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                       intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-                       num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads"),
-                       head_dim=hf.get("head_dim"), rope_theta=rope, norm_eps=hf.get("rms_norm_eps", 1e-5),
-                       max_seq_len=hf.get("max_position_embeddings", 2048),
-                       tie_embeddings=hf.get("tie_word_embeddings", False), attention="sdpa")
-
-
-def read_llama_dir(path: "Path | str") -> tuple[ModelConfig, StateDict]:
-    """A local `LlamaForCausalLM` directory (config.json and .safetensors files) as our config and state dict
-    (fp32). A directory of another architecture is refused, naming it."""
+def read_dense_dir(path: "Path | str") -> tuple[ModelConfig, StateDict]:
+    """A local directory of a dense family (Llama, Mistral, Qwen2, Qwen3: config.json and .safetensors files) as our
+    config and state dict (fp32). A directory of another architecture is refused, naming the supported ones."""
     import json
     from pathlib import Path
 
@@ -111,61 +117,15 @@ def read_llama_dir(path: "Path | str") -> tuple[ModelConfig, StateDict]:
     config = path / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{path} holds no config.json: give a Hugging Face model directory (an export)")
-    hf = json.loads(config.read_text(encoding="utf-8"))
-    if hf.get("architectures") != [HF_ARCHITECTURE]:
-        raise ValueError(f"{path} holds a {hf.get('architectures')} model; a {HF_ARCHITECTURE} directory is needed")
+    cfg = model_config_from_hf(json.loads(config.read_text(encoding="utf-8")), str(path))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors file")
-    cfg = model_config_from_hf(hf)
     hf_state = {k: v.float() for f in files for k, v in load_file(str(f)).items()}
     return cfg, from_hf(hf_state, cfg)
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, object]:
-    import transformers
-    from packaging.version import Version
-
-    # transformers renamed `torch_dtype` to `dtype` in 4.56; the old name is deprecated since.
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: str(dtype).removeprefix("torch.")}
-
-
-def hf_config(
-    cfg: ModelConfig,
-    *,
-    bos_id: int | None,
-    eos_id: int | list[int] | None,
-    pad_id: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> "LlamaConfig":
-    """The `LlamaConfig` of our model; `dtype` is the dtype the weights are saved in."""
-    from transformers import LlamaConfig
-
-    if cfg.vocab_size is None:
-        raise ValueError("model.vocab_size is None; resolve it from the tokenizer before exporting")
-    return LlamaConfig(
-        architectures=[HF_ARCHITECTURE],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.dim_per_head,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        initializer_range=cfg.init_std,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,  # transformers 5 folds it into rope_parameters
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        **_dtype_kwarg(dtype),
-    )
+read_llama_dir = read_dense_dir  # the name it had when only Llama was read
 
 
 # config.json key -> our ModelConfig field that must equal it for the weights to compute our model.
@@ -180,13 +140,12 @@ _MATCH = {
     "head_dim": "dim_per_head",
     "rms_norm_eps": "norm_eps",
 }
-# What our decoder computes and a Llama-family config may say otherwise: the weights would load into a
-# model that computes something else (e.g. Llama 3's `llama3` RoPE scaling, theta 500000).
-_PLAIN = {"hidden_act": ("silu", None), "attention_bias": (False, None), "mlp_bias": (False, None)}
 
 
-def check_config(hf: dict[str, Any], cfg: ModelConfig) -> list[str]:
-    """Every value of a Llama-family config.json that our decoder with `cfg` does not compute, one line each."""
+def check_common(hf: dict[str, Any], cfg: ModelConfig) -> list[str]:
+    """Every value among the keys all Llama-style classes share (sizes, RoPE, activation, biases) of a config.json
+    that our decoder with `cfg` does not compute, one line each: what the MoE classes' checks build on. A dense
+    family's own config.json is checked field by field instead (`hf_config.check_config`)."""
     wrong = []
     for hf_key, ours in _MATCH.items():
         theirs, mine = hf.get(hf_key), getattr(cfg, ours)
@@ -194,17 +153,20 @@ def check_config(hf: dict[str, Any], cfg: ModelConfig) -> list[str]:
             theirs = hf.get("num_attention_heads")
         if theirs is not None and theirs != mine:
             wrong.append(f"model.{ours}={mine} but {hf_key}={theirs}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = hf.get("rope_theta", rope.get("rope_theta"))
-    if theta is not None and float(theta) != cfg.rope_theta:
-        wrong.append(f"model.rope_theta={cfg.rope_theta} but rope_theta={theta}")
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        wrong.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}, which slimtrain's decoder does "
-                     "not compute (plain RoPE only)")
-    wrong += [f"{key}={hf[key]!r}, which slimtrain's decoder does not compute" for key, ok in _PLAIN.items()
-              if key in hf and hf[key] not in ok]
+    rope = _rope_dict(hf)
+    if float(rope["rope_theta"]) != cfg.rope_theta:
+        wrong.append(f"model.rope_theta={cfg.rope_theta} but rope_theta={rope['rope_theta']}")
+    kind = rope.get("rope_type", "default")
+    ours = "default" if cfg.rope_scaling is None else cfg.rope_scaling.type
+    if kind != ours:
+        wrong.append(f"model.rope_scaling is {ours!r} but the checkpoint's RoPE scaling is {kind!r}")
+    plain = {"hidden_act": ("silu", None), "attention_bias": (cfg.qkv_bias, None), "mlp_bias": (cfg.mlp_bias, None)}
+    wrong += [f"{key}={hf[key]!r}, which slimtrain's decoder with this model block does not compute"
+              for key, ok in plain.items() if key in hf and hf[key] not in ok]
     return wrong
 
 
-LLAMA = register_adapter("llama", Adapter(hf_architecture=HF_ARCHITECTURE, to_hf=to_hf, from_hf=from_hf,
-                                          hf_config=hf_config, check_config=check_config))
+for _name, (_class, _) in FAMILIES.items():
+    register_adapter(_name, Adapter(hf_architecture=_class, to_hf=to_hf, from_hf=from_hf, hf_config=hf_config,
+                                    check_config=check_config))
+LLAMA = get_adapter("llama")

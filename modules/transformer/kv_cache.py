@@ -113,15 +113,24 @@ class CachedAttention:
         self.mask = torch.cat([torch.ones(new_tokens, self.start, dtype=torch.bool, device=device), new], dim=1)
         self.end = end
 
-    def layer(self, index: int) -> "_LayerAttention":
-        return _LayerAttention(self, index)
+    def layer(self, index: int, window: int | None = None) -> "_LayerAttention":
+        """What decoder block `index` calls as `attend`; `window`: its sliding window (None: full attention)."""
+        return _LayerAttention(self, index, window)
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """[new, end] bool: the mask cut to keys at most window - 1 positions before each new token's position."""
+        if window is None:
+            return self.mask
+        device = self.mask.device
+        query = torch.arange(self.start, self.end, device=device)[:, None]
+        return self.mask & (torch.arange(self.end, device=device)[None, :] > query - window)
 
 
 class _LayerAttention:
     """attend(q, k, v) of one layer: store k, v at the new positions, attend over the cache up to them."""
 
-    def __init__(self, bound: CachedAttention, index: int) -> None:
-        self.bound, self.index = bound, index
+    def __init__(self, bound: CachedAttention, index: int, window: int | None = None) -> None:
+        self.bound, self.index, self.window = bound, index, window
 
     @property
     def name(self) -> str:
@@ -139,5 +148,5 @@ class _LayerAttention:
         q = q.transpose(1, 2)
         groups = q.shape[1] // keys.shape[1]
         out = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups),
-                                             attn_mask=b.mask[None, None])
+                                             attn_mask=b.mask_for(self.window)[None, None])
         return out.transpose(1, 2)

@@ -1,6 +1,6 @@
 """The decoder's building blocks: RMSNorm, grouped-query attention, SwiGLU MLP, the pre-norm block.
 
-Every projection is a plain `nn.Linear` without bias, reachable by module path
+Every projection is a plain `nn.Linear` (biased where the config asks: Qwen2's q/k/v), reachable by module path
 (`layers.{i}.attn.q_proj`, `layers.{i}.mlp.down_proj`, ...), so plugins and parallel backends can
 swap them after the model is built.
 """
@@ -43,10 +43,13 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.dim_per_head
         q_width, kv_width = cfg.num_heads * self.head_dim, cfg.kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
-        self.o_proj = nn.Linear(q_width, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_width, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_width, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_width, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by every head, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> torch.Tensor:
         b, s, _ = x.shape
@@ -55,6 +58,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         return self.o_proj(out.reshape(b, s, -1))
 
@@ -64,9 +69,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

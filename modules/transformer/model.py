@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Collection
+from typing import Callable, Collection
 
 import torch
 from torch import nn
 
 from slimtrain.core.documents import Documents, as_documents
 
-from .attention import bind_attention, check_backend
+from .attention import BoundAttention, bind_attention, check_backend
 from .config import ModelConfig
 from .init import init_weights
 from .io import Splice, TransformerOutput
 from .kv_cache import KVCache
 from .layers import DecoderBlock, RMSNorm
-from .rope import rope_cos_sin
+from .rope import rope_for
 
 
 class Transformer(nn.Module):
@@ -103,18 +103,19 @@ class Transformer(nn.Module):
         start = 0 if cache is None else cache.length
         if position_ids is None:
             position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.dim_per_head, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_for(self.cfg, position_ids, x.dtype)
         if cache is None:
             if tree_mask is not None:
                 raise ValueError("tree_mask shapes attention among tokens added to a KV cache: pass cache= with it")
-            attend = bind_attention(self.cfg.attention, docs, s, x.device, x.dtype)
+            attend = self.bind_attention(docs, s, x.device, x.dtype)
         else:
             self._check_cache(cache, docs, tree_mask)
             cached = cache.bind(s, tree_mask)
         layer_hidden: dict[int, torch.Tensor] = {}
         aux: dict[str, list[torch.Tensor]] = {}
         for i, layer in enumerate(self.layers):
-            x, reported = layer(x, cos, sin, attend if cache is None else cached.layer(i))
+            window = self.cfg.window_of(i)
+            x, reported = layer(x, cos, sin, attend(window) if cache is None else cached.layer(i, window))
             for name, value in reported.items():
                 aux.setdefault(name, []).append(value)
             for asked in wanted.get(i, ()):
@@ -124,6 +125,19 @@ class Transformer(nn.Module):
         hidden = self.norm(x)
         return TransformerOutput(logits=self.lm_head(hidden) if with_logits else None, hidden_states=hidden,
                                  last_hidden=x, layer_hidden=layer_hidden, aux=aux)
+
+    def bind_attention(self, docs: Documents | None, seq_len: int, device: torch.device,
+                       dtype: torch.dtype) -> Callable[[int | None], BoundAttention]:
+        """The attention of one forward by sliding window (None: full): each mask is prepared once, for every
+        layer with that window."""
+        bound: dict[int | None, BoundAttention] = {}
+
+        def attend(window: int | None) -> BoundAttention:
+            if window not in bound:
+                bound[window] = bind_attention(self.cfg.attention, docs, seq_len, device, dtype, window)
+            return bound[window]
+
+        return attend
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                splice: Splice | None) -> torch.Tensor:

@@ -56,7 +56,7 @@ def cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append("dense")
         return _dense_reference(*args)
 
-    monkeypatch.setattr(varlen_mod, "_varlen_call", lambda: varlen)
+    monkeypatch.setattr(varlen_mod, "_varlen_call", lambda window=None: varlen)
     monkeypatch.setattr(flash_mod, "_kernels_for", lambda device: (dense, varlen))
     return calls
 

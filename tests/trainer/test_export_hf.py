@@ -117,10 +117,13 @@ def test_init_from_hf_refuses_what_the_decoder_would_compute_otherwise(tmp_path:
     config = json.loads((out / "config.json").read_text())
     for change, message in (
         ({"rope_theta": 500000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
-         "model.rope_theta=10000.0 but rope_theta=500000.0"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 32.0}}, "RoPE scaling 'llama3'"),
-        ({"rms_norm_eps": 1e-6}, "model.norm_eps=1e-05 but rms_norm_eps=1e-06"),
+         "model.rope_theta=10000.0 but config.json's rope_theta gives 500000.0"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 32.0}},
+         "model.rope_scaling=None but config.json's rope_parameters gives {'type': 'llama3', 'factor': 32.0"),
+        ({"rms_norm_eps": 1e-6}, "model.norm_eps=1e-05 but config.json's rms_norm_eps gives 1e-06"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0}}, "rope_type='longrope'"),
+        ({"attention_bias": True}, "model.qkv_bias=False but config.json's attention_bias gives True"),
     ):
         (out / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(RecipeError, match=re.escape(message)):

@@ -19,6 +19,7 @@ from torch import nn
 from slimtrain.modules.hf_adapters import NameMismatch, get_adapter
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.modules.transformer.hf_config import FAMILY_OF_CLASS, SUPPORTED, model_config_from_hf
 from slimtrain.trainer.errors import CheckpointError, RecipeError
 from slimtrain.trainer.export.mapping import MappingError, ModelAdapters, model_adapters
 
@@ -135,7 +136,6 @@ class HFImport:
     unused: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-DENSE = "llama"  # the architecture of the model without plugins (PluginStack.hf_architecture's default)
 
 
 @torch.no_grad()
@@ -145,9 +145,9 @@ def import_hf(model: nn.Module, cfg: ModelConfig, path: Path, plugins: PluginSta
     whose plugins chose another (an MoE) loads every tensor the model still holds and returns the others
     in `unused` (the plugins may take them; the build refuses those none takes). `meta`: see `load_hf_into`."""
     plugins = plugins if plugins is not None else PluginStack()
-    if not (_holds_dense(path) and _exports_as(plugins, cfg) != DENSE):
+    if not (_holds_dense(path) and _exports_as(plugins, cfg) != cfg.architecture):
         return HFImport(load_hf_into(model, cfg, path, plugins, meta))
-    dense = ModelAdapters(DENSE, get_adapter(DENSE), tuple(plugins.hf_adapters()))
+    dense = ModelAdapters(cfg.architecture, get_adapter(cfg.architecture), tuple(plugins.hf_adapters()))
     _check_config_with(path, cfg, dense)
     try:
         state = dense.from_hf(read_hf_state(path, meta), cfg)
@@ -174,10 +174,10 @@ def _load(model: nn.Module, state: dict[str, torch.Tensor], path: Path):
 
 
 def _holds_dense(path: Path) -> bool:
-    """Whether `path`'s config.json names the dense architecture's class (LlamaForCausalLM)."""
+    """Whether `path`'s config.json names a dense family's class (LlamaForCausalLM, Qwen3ForCausalLM, ...)."""
     if not (Path(path) / "config.json").is_file():
         return False
-    return _read_config(path).get("architectures") == [get_adapter(DENSE).hf_architecture]
+    return (_read_config(path).get("architectures") or [None])[0] in FAMILY_OF_CLASS
 
 
 def _exports_as(plugins: PluginStack, cfg: ModelConfig) -> str | None:
@@ -235,16 +235,15 @@ def load_dense_export(export_dir: Path, command: str) -> nn.Module:
     """A dense export (a `LlamaForCausalLM` directory, what `slimtrain export` writes for a dense model) as our
     model, fp32, in eval mode; `command` names the command that needs it, in the refusal of another class."""
     from slimtrain.modules.transformer import Transformer
-    from slimtrain.modules.transformer.hf_llama import model_config_from_hf
 
     config = export_dir / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{export_dir} holds no config.json; point at a directory written by `slimtrain export`")
     hf = json.loads(config.read_text(encoding="utf-8"))
-    if hf.get("architectures") != ["LlamaForCausalLM"]:
-        raise CheckpointError(f"{export_dir} is a {hf.get('architectures')} export; {command} runs dense "
-                              "(LlamaForCausalLM) exports")
-    cfg = model_config_from_hf(hf)
+    if (hf.get("architectures") or [None])[0] not in FAMILY_OF_CLASS:
+        raise CheckpointError(f"{export_dir} is a {hf.get('architectures')} export; {command} runs dense exports "
+                              f"({SUPPORTED})")
+    cfg = model_config_from_hf(hf, str(export_dir))
     model = Transformer(cfg)
     import_hf(model, cfg, export_dir)
     return model.eval()

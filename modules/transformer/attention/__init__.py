@@ -77,11 +77,15 @@ class BoundAttention:
 
 
 def bind_attention(
-    name: str, doc_ids: torch.Tensor | Documents | None, seq_len: int, device: torch.device, dtype: torch.dtype
+    name: str, doc_ids: torch.Tensor | Documents | None, seq_len: int, device: torch.device, dtype: torch.dtype,
+    window: int | None = None,
 ) -> BoundAttention:
-    """Resolve `name` and prepare its mask once, for all layers of one forward."""
+    """Resolve `name` and prepare its mask once, for all layers of one forward (with the sliding `window`, the
+    layers that slide). A window that covers the whole row changes nothing and is dropped."""
     backend = BACKENDS.get(resolve_backend(name, device, dtype))
-    return BoundAttention(backend, backend.prepare(as_documents(doc_ids), seq_len, device))
+    if window is not None and window >= seq_len:
+        window = None
+    return BoundAttention(backend, backend.prepare(as_documents(doc_ids), seq_len, device, window))
 
 
 __all__ = ["BACKENDS", "AttentionBackend", "BoundAttention", "bind_attention", "check_backend", "resolve_backend"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from slimtrain.core.documents import Documents
+from slimtrain.core.masks import document_causal_mask, window_band
 
 # `enable_gqa` arrived in torch 2.5; before it, kv heads are repeated to the query heads' count.
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -23,8 +24,10 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> Any:
-        """The mask structure for this forward (shared by all layers); docs None = plain causal."""
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device, window: int | None = None) -> Any:
+        """The mask structure for this forward (shared by the layers with this window); docs None = plain causal.
+        window: sliding-window attention (a key at most window - 1 tokens back); None = full. A backend that
+        cannot slide raises a RuntimeError naming the backends that can."""
         ...
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
@@ -49,6 +52,18 @@ def is_plain_causal(docs: Documents | None) -> bool:
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     """Boolean [1, 1, S, S], True where query i may attend key j (j <= i)."""
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def dense_mask(docs: Documents | None, seq_len: int, device: torch.device, window: int | None) -> torch.Tensor:
+    """The boolean mask [B or 1, 1, S, S] of a document (or plain causal) mask cut to a sliding window."""
+    mask = causal_mask(seq_len, device) if docs is None else document_causal_mask(docs.ids)
+    return mask if window is None else mask & window_band(seq_len, window, device)
+
+
+def cannot_slide(backend: str, why: str) -> RuntimeError:
+    """The refusal of a sliding window by a backend that has no such kernel."""
+    return RuntimeError(f"model.attention={backend!r} cannot compute model.sliding_window ({why}); choose attention "
+                        "'sdpa' (any device), 'flex' (CUDA) or 'flash' with flash-attn 2")
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,8 @@ import math
 import torch
 
 from slimtrain.core.documents import Documents
-from slimtrain.core.masks import document_causal_mask
 
-from .base import causal_mask, repeat_kv
+from .base import dense_mask, repeat_kv
 
 
 class EagerAttention:
@@ -17,8 +16,9 @@ class EagerAttention:
 
     name = "eager"
 
-    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> torch.Tensor:
-        return causal_mask(seq_len, device) if docs is None else document_causal_mask(docs.ids)
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device,
+                window: int | None = None) -> torch.Tensor:
+        return dense_mask(docs, seq_len, device, window)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

@@ -24,7 +24,7 @@ import torch
 
 from slimtrain.core.documents import Documents
 
-from .base import is_plain_causal, over_flat_batch, require_cuda_half
+from .base import cannot_slide, is_plain_causal, over_flat_batch, require_cuda_half
 
 _DISTRIBUTIONS = {"fa2": "flash-attn", "fa4": "flash-attn-4"}
 Kernels = tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]
@@ -120,13 +120,14 @@ def _kernels(impl: str) -> Kernels:
         return dense, varlen
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
-    def dense2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def dense2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
         require_cuda_half(q, "flash")
-        return flash_attn_func(q, k, v, causal=True)
+        return flash_attn_func(q, k, v, causal=True, window_size=window_size)
 
-    def varlen2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    def varlen2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
         require_cuda_half(q, "flash")
-        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True, window_size=window_size)
 
     return dense2, varlen2
 
@@ -146,8 +147,14 @@ class FlashAttention:
 
     name = "flash"
 
-    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> tuple[Any, ...]:
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device,
+                window: int | None = None) -> tuple[Any, ...]:
         dense, varlen = _kernels_for(device)
+        if window is not None:
+            if flash_impl(device) != "fa2":
+                raise cannot_slide("flash", "flash-attn-4 is not wired for windows here; install flash-attn 2")
+            # flash-attn 2's window (left, right): keys i - left .. i + right, so a window of w is w - 1 back
+            dense, varlen = (functools.partial(k, window_size=(window - 1, 0)) for k in (dense, varlen))
         return dense, varlen, None if is_plain_causal(docs) else docs.varlen_args()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: tuple[Any, ...]) -> torch.Tensor:

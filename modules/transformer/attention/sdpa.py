@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from slimtrain.core.documents import Documents
-from slimtrain.core.masks import document_causal_mask
 
-from .base import causal_attention, is_plain_causal, repeat_kv
+from .base import causal_attention, dense_mask, is_plain_causal, repeat_kv
 
 
 class SdpaAttention:
@@ -16,8 +15,11 @@ class SdpaAttention:
 
     name = "sdpa"
 
-    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
-        return None if is_plain_causal(docs) else document_causal_mask(docs.ids)
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device,
+                window: int | None = None) -> torch.Tensor | None:
+        if window is None and is_plain_causal(docs):
+            return None
+        return dense_mask(None if is_plain_causal(docs) else docs, seq_len, device, window)
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None

@@ -19,7 +19,7 @@ import torch
 
 from slimtrain.core.documents import Documents
 
-from .base import causal_attention, is_plain_causal, over_flat_batch, require_cuda_half
+from .base import cannot_slide, causal_attention, is_plain_causal, over_flat_batch, require_cuda_half
 
 _NEEDS = (
     "model.attention='varlen' needs torch>=2.10 with torch.nn.attention.varlen (found {}); "
@@ -43,16 +43,21 @@ def check_varlen_available() -> None:
 
 
 @functools.cache
-def _varlen_call() -> Callable[..., torch.Tensor]:
-    """`varlen_attn` bound to causal masking and GQA, whichever keywords this torch version spells.
+def _varlen_call(window: int | None = None) -> Callable[..., torch.Tensor]:
+    """`varlen_attn` bound to causal masking (cut to a sliding `window`) and GQA, whichever keywords this torch
+    version spells.
 
-    torch 2.10 took `is_causal=`; later versions take `window_size=(-1, 0)`; GQA became an explicit
-    `enable_gqa=` flag later still (before it, the kernel took fewer kv heads as they came).
+    torch 2.10 took `is_causal=`; later versions take `window_size=(-1, 0)` (left, right: a window of `window` is
+    `window - 1` keys back); GQA became an explicit `enable_gqa=` flag later still (before it, the kernel took
+    fewer kv heads as they came).
     """
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
-    causal: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if window is not None and "window_size" not in params:
+        raise cannot_slide("varlen", f"torch {torch.__version__}'s varlen_attn takes no window_size")
+    left = -1 if window is None else window - 1
+    causal: dict[str, Any] = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
     has_gqa_flag = "enable_gqa" in params
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -71,14 +76,19 @@ class VarlenAttention:
 
     name = "varlen"
 
-    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device) -> tuple[Any, ...] | None:
-        if is_plain_causal(docs):
+    def prepare(self, docs: Documents | None, seq_len: int, device: torch.device,
+                window: int | None = None) -> tuple[Any, ...] | None:
+        if window is None and is_plain_causal(docs):
             return None
         check_varlen_available()
-        return (_varlen_call(), *docs.varlen_args())
+        if is_plain_causal(docs):  # a sliding window over whole rows: each row one sequence (cu_seqlens in the call)
+            return _varlen_call(window), None, seq_len
+        return (_varlen_call(window), *docs.varlen_args())
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: tuple[Any, ...] | None) -> torch.Tensor:
         if prepared is None:
             return causal_attention(q, k, v)
         call, cu, max_len = prepared
+        if cu is None:
+            cu = torch.arange(0, (q.shape[0] + 1) * max_len, max_len, dtype=torch.int32, device=q.device)
         return over_flat_batch(call, q, k, v, cu, max_len)
