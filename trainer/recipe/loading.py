@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from slimtrain.core.registry import did_you_mean
+from slimtrain.trainer.recipe.from_checkpoint import model_block_from_checkpoint
 from slimtrain.trainer.recipe.schema import Recipe
 from slimtrain.trainer.errors import RecipeError
 
@@ -178,7 +179,9 @@ def _list_index(node: list, part: str, item: str, where: str) -> int:
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    """Validate a merged dict into a Recipe, turning pydantic's report into actionable lines."""
+    """Validate a merged dict into a Recipe, turning pydantic's report into actionable lines. A recipe that
+    continues from a Hugging Face checkpoint takes the model fields it leaves out from the checkpoint's config."""
+    raw = model_block_from_checkpoint(raw, source)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:

@@ -108,7 +108,8 @@ class ScheduleConfig(_Strict):
 class OptimConfig(_Strict):
     """AdamW; norms, biases and embeddings get no weight decay."""
 
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    lr: float = Field(3e-4, ge=0, description="Peak learning rate; 0 trains nothing (a round trip through the "
+                      "trainer that must change no weight).")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay on matrices (not norms/biases/embeddings).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -127,8 +128,10 @@ class CheckpointConfig(_Strict):
         "into previous_N/ in the run directory. A job SLURM requeued resumes all the same."
     )
     init_from_hf: str | None = Field(
-        None, description="Initialise the weights from a local Hugging Face Llama-family directory "
-        "(continued pretraining); the model block must match its config. Ignored when resuming."
+        None, description="Initialise the weights from a local Hugging Face directory (continued pretraining): "
+        "LlamaForCausalLM (Llama 2/3.x, SmolLM), MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, or an MoE "
+        "export of the moe plugin. For the dense families the model block's sizes and options come from its "
+        "config.json (fields the recipe sets must agree). Ignored when resuming."
     )
     branch_from: str | None = Field(
         None, description="Continue another run from one of its checkpoints under this recipe (a run directory: "
