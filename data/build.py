@@ -33,14 +33,15 @@ from slimtrain.data.tokenizer import TokenizerInfo
 LOCK = ".lock"
 
 
-def source_dir(cfg: DataConfig, src: DocumentSource, tokenizer_identity: str) -> Path:
-    """`cache_dir/<label>-<key>`: the key covers everything that changes the shards' content.
+def source_dir(cfg: DataConfig, src: DocumentSource, tokenizer_identity: str, add_bos: bool) -> Path:
+    """`cache_dir/<label>-<key>`: the key covers everything that changes the shards' content (`add_bos`: whether
+    documents start with BOS, as resolved from the recipe and the tokenizer, `TokenizerInfo.add_bos`).
 
     The tokenizer enters by identity (its path or training spec), not by content hash, so that a
     tokenizer replaced in place is caught by the manifest check instead of silently re-tokenizing.
     """
     key = digest([
-        FORMAT, src.fingerprint(), src.cfg.max_documents, tokenizer_identity, cfg.tokenizer.add_bos,
+        FORMAT, src.fingerprint(), src.cfg.max_documents, tokenizer_identity, add_bos,
         cfg.val_fraction, cfg.shard_size_mb, cfg.token_dtype,
     ])
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", src.label)[:40] or "source"
@@ -171,7 +172,7 @@ def prepare_source(
             src.check()  # most bad input fails here, before any shard is written
             remove_stale_tmp(directory)
             settings = EncodeSettings(
-                eos_id=tok.eos_id, bos_id=tok.bos_id if cfg.tokenizer.add_bos else None, dtype=dtype.name,
+                eos_id=tok.eos_id, bos_id=tok.bos_id if tok.add_bos else None, dtype=dtype.name,
                 val_fraction=cfg.val_fraction, tokenizer_hash=tok.hash, fast_encode=cfg.tokenizer.fast_encode,
             )
             shards, timing = _write_shards(cfg, src, tok, directory, settings, progress)

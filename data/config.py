@@ -100,7 +100,12 @@ class TokenizerConfig(BaseModel):
     train: TrainTokenizerConfig | None = Field(
         None, description="Train a byte-level BPE on the sources instead (cached under `cache_dir`)."
     )
-    add_bos: bool = Field(False, description="Start every document with the BOS token (every document ends with EOS).")
+    add_bos: bool | None = Field(
+        None,
+        description="Start every document with the BOS token. Unset: as the tokenizer's own encoding does (Llama 3's "
+        "`<|begin_of_text|>`, Mistral's `<s>`; none for Qwen, SmolLM, GPT-2 or a BPE trained here). Every document "
+        "ends with EOS.",
+    )
     eos_token: str | None = Field(
         None,
         description="EOS token string, for a bare tokenizer.json that does not declare one "

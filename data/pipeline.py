@@ -78,7 +78,7 @@ def prepare(cfg: DataConfig, progress: bool = True, rebuild: bool = False) -> Pr
     tok, identity = resolve_tokenizer(cfg, sources, progress)
     directories, manifests = [], []
     for src in sources:
-        directory = source_dir(cfg, src, identity)
+        directory = source_dir(cfg, src, identity, tok.add_bos)
         manifests.append(prepare_source(cfg, src, tok, directory, progress=progress, rebuild=rebuild))
         directories.append(directory)
     pairs = list(zip(directories, manifests))

@@ -1,7 +1,22 @@
 """Tokenizers: load any local Hugging Face tokenizer, or train a byte-level BPE with HF `tokenizers`.
 
 Whatever the origin, the tokenizer is normalised into a directory written by `save_pretrained`
-(`TokenizerInfo.tokenizer_dir`), which `transformers.AutoTokenizer` loads and export copies.
+(`TokenizerInfo.tokenizer_dir`), which `transformers.AutoTokenizer` loads and export copies. Nothing in it is
+changed but an EOS token the recipe names (`data.tokenizer.eos_token`): its special tokens, added tokens and chat
+template (`chat_template.jinja`, or `chat_template` in tokenizer_config.json) reach the export as they were.
+
+How a document becomes token ids (the convention a released checkpoint was trained with, e.g. for continued
+pretraining from its own tokenizer):
+- its text is encoded without special tokens, then
+- BOS is prepended when the tokenizer's own encoding adds one (`tokenizer(text)` starts with `bos_token`: Llama 3's
+  `<|begin_of_text|>` and Mistral's `<s>`, added by tokenizer.json's post-processor or `add_bos_token`), and not
+  otherwise (Qwen2/2.5/3 have no BOS; SmolLM, GPT-2 and the BPE trained here do not add theirs).
+  `data.tokenizer.add_bos: true/false` overrides;
+- EOS (`eos_token`: Llama 3 base `<|end_of_text|>`, Qwen and SmolLM `<|endoftext|>`, Mistral `</s>`) is always
+  appended, whether or not the tokenizer appends one: it is what separates packed documents. An instruct
+  checkpoint's eos_token is its end-of-turn (`<|eot_id|>`, `<|im_end|>`); set `data.tokenizer.eos_token` to the
+  base model's end-of-text for plain documents.
+- Padding uses `pad_token`, else EOS (padding is masked out of the loss; the tokenizer is not given a pad token).
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ class TokenizerInfo:
     eos_id: int
     bos_id: int | None
     pad_id: int
+    add_bos: bool = False  # whether every document starts with BOS (resolved: see the module docstring)
 
     @property
     def vocab_size(self) -> int:
@@ -53,7 +69,10 @@ class TokenizerInfo:
 def tokenizer_hash(hf: object) -> str:
     """sha256 of the serialised tokenizer and its special tokens: equal hashes give equal token ids."""
     h = hashlib.sha256(hf.backend_tokenizer.to_str().encode())  # type: ignore[attr-defined]
-    h.update(repr((hf.eos_token, hf.bos_token, hf.pad_token)).encode())  # type: ignore[attr-defined]
+    # A missing pad token counts as EOS (the pipeline pads with it): the hashes of tokenizers saved when the pad token
+    # was set to EOS, and of the caches and checkpoints that recorded them, stay what they were.
+    pad = hf.pad_token if hf.pad_token is not None else hf.eos_token  # type: ignore[attr-defined]
+    h.update(repr((hf.eos_token, hf.bos_token, pad)).encode())  # type: ignore[attr-defined]
     return h.hexdigest()
 
 
@@ -117,26 +136,48 @@ def tokenizer_size(path: Path, where: str = "data.tokenizer.path") -> int:
     return len(_load_hf(Path(path).expanduser(), where))  # type: ignore[arg-type]
 
 
-def load_tokenizer(
-    path: Path, *, cache_dir: Path, eos_token: str | None = None, add_bos: bool = False,
-    where: str = "data.tokenizer.path",
-) -> TokenizerInfo:
-    """Load a local tokenizer and save a normalised copy under `cache_dir/tokenizers/<hash>`."""
-    hf = _load_hf(Path(path).expanduser(), where)
-    eos_id = _resolve_eos(hf, eos_token, where)
-    if hf.pad_token is None:  # type: ignore[attr-defined]
-        hf.pad_token = hf.eos_token  # type: ignore[attr-defined]  # padding is masked out; any id will do
+def tokenizer_adds_bos(hf: object) -> bool:
+    """Whether the tokenizer's own encoding (special tokens on, as the model was trained) starts a text with BOS."""
     bos_id = hf.bos_token_id  # type: ignore[attr-defined]
-    if add_bos and bos_id is None:
+    if bos_id is None:
+        return False
+    probe = "a"  # any text: a post-processor or add_bos_token adds BOS to every one
+    plain = hf.encode(probe, add_special_tokens=False)  # type: ignore[attr-defined]
+    full = hf.encode(probe, add_special_tokens=True)  # type: ignore[attr-defined]
+    return full[:1] == [bos_id] and plain[:1] != [bos_id]
+
+
+def _resolve_add_bos(hf: object, add_bos: bool | None, where: str) -> bool:
+    """`add_bos` as the recipe sets it, else (None) the tokenizer's own convention (`tokenizer_adds_bos`)."""
+    if add_bos is None:
+        return tokenizer_adds_bos(hf)
+    if add_bos and hf.bos_token_id is None:  # type: ignore[attr-defined]
         raise TokenizerError(
             f"{where}: data.tokenizer.add_bos is true but the tokenizer has no BOS token; set add_bos: false "
-            "or use a tokenizer that declares bos_token"
+            "(or leave it unset: the tokenizer's own convention) or use a tokenizer that declares bos_token"
         )
+    return add_bos
+
+
+def load_tokenizer(
+    path: Path, *, cache_dir: Path, eos_token: str | None = None, add_bos: bool | None = None,
+    where: str = "data.tokenizer.path",
+) -> TokenizerInfo:
+    """Load a local tokenizer and save a normalised copy under `cache_dir/tokenizers/<hash>`.
+
+    `add_bos`: None follows the tokenizer (BOS when its own encoding adds one), True/False forces it."""
+    hf = _load_hf(Path(path).expanduser(), where)
+    eos_id = _resolve_eos(hf, eos_token, where)
+    starts_with_bos = _resolve_add_bos(hf, add_bos, where)
+    # A tokenizer without a pad token keeps none (its export is the checkpoint's); padding is masked out, EOS will do.
+    pad_id = hf.pad_token_id if hf.pad_token is not None else eos_id  # type: ignore[attr-defined]
+    bos_id = hf.bos_token_id  # type: ignore[attr-defined]
     digest = tokenizer_hash(hf)
     out = Path(cache_dir) / "tokenizers" / digest[:16]
     if not (out / "tokenizer.json").exists():
         _atomic_save(hf, out)
-    return TokenizerInfo(hf=hf, tokenizer_dir=out, hash=digest, eos_id=eos_id, bos_id=bos_id, pad_id=hf.pad_token_id)  # type: ignore[attr-defined]
+    return TokenizerInfo(hf=hf, tokenizer_dir=out, hash=digest, eos_id=eos_id, bos_id=bos_id, pad_id=int(pad_id),
+                         add_bos=starts_with_bos)
 
 
 def _atomic_save(hf: object, out: Path) -> None:

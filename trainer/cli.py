@@ -97,6 +97,7 @@ def _check_before_launch(recipe, nproc: int) -> None:
     check_inputs(recipe.data)
     if recipe.checkpoint.init_from_hf:
         _check_init_from_hf(recipe, recipe.model.vocab_size)
+        _check_tokenizer_fits_checkpoint(recipe)
     why_not = check_exportable(recipe.model, PluginStack.from_configs(recipe.plugins))
     if why_not:
         print(f"note: this model will not be exportable to Hugging Face format ({why_not}); training goes on",
@@ -109,6 +110,44 @@ def _check_init_from_hf(recipe, vocab_size: int | None) -> None:
 
     model = recipe.model.model_copy(update={"vocab_size": vocab_size})
     check_init_from_hf(Path(recipe.checkpoint.init_from_hf), model, PluginStack.from_configs(recipe.plugins))
+
+
+def _check_tokenizer_fits_checkpoint(recipe) -> None:
+    """Every token id of the recipe's tokenizer has a row in the embedding of `checkpoint.init_from_hf` (a
+    checkpoint may have more rows than tokens: Qwen pads 151,665 tokens to 151,936 rows; those rows stay and are
+    exported). Skipped when the directory is not visible here: the import checks the shapes at the job's start."""
+    import json
+
+    from slimtrain.trainer.errors import RecipeError
+
+    hf_dir = Path(recipe.checkpoint.init_from_hf).expanduser()
+    config = hf_dir / "config.json"
+    if not config.is_file():
+        return
+    rows = recipe.model.vocab_size or json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
+    if not isinstance(rows, int):
+        return  # check_init_from_hf has refused a config.json without vocab_size already
+    where, size = _tokenizer_size(recipe.data.tokenizer)
+    if size > rows:
+        raise RecipeError(
+            f"{where} gives {size} tokens but checkpoint.init_from_hf={str(hf_dir)!r} has {rows} embedding rows: "
+            f"ids {rows}..{size - 1} would have no embedding. Use the checkpoint's own tokenizer "
+            f"(data.tokenizer.path: {str(hf_dir)!r}) or one of at most {rows} tokens")
+    if recipe.model.vocab_size is None and size != rows:
+        # A null vocab_size takes the tokenizer's size, whose embedding would not be the checkpoint's.
+        raise RecipeError(
+            f"model.vocab_size is null, so the model would get the tokenizer's {size} rows ({where}), but "
+            f"checkpoint.init_from_hf={str(hf_dir)!r} has {rows}; set model.vocab_size={rows} (a tokenizer smaller "
+            "than the embedding is fine)")
+
+
+def _tokenizer_size(tokenizer) -> tuple[str, int]:
+    """(the recipe field, the number of ids) of `data.tokenizer`: a local tokenizer's size, or the trained BPE's."""
+    if tokenizer.path is not None:
+        from slimtrain.data.tokenizer import tokenizer_size
+
+        return f"data.tokenizer.path={str(tokenizer.path)!r}", tokenizer_size(tokenizer.path)
+    return "data.tokenizer.train.vocab_size", tokenizer.train.vocab_size
 
 
 def _check_resume(recipe, world_size: int) -> None:
@@ -302,8 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     from slimtrain.trainer.compress import add_compress_parser
     from slimtrain.trainer.speculate import add_speculate
 
+    from slimtrain.trainer.random_checkpoint import add_parser as add_make_checkpoint
+
     add_speculate(sub)
     add_compress_parser(sub)
+    add_make_checkpoint(sub)
     _add_plugin_commands(sub)
     return parser
 

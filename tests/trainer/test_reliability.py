@@ -100,7 +100,8 @@ def test_init_from_hf_is_refused_by_the_launcher_leaving_nothing(tmp_path: Path)
     (hf / "config.json").write_text(json.dumps({"hidden_size": 64}))
     other = _hf_dir(tmp_path / "other", hidden_size=32)
     for source, message in ((hf, "holds no model.safetensors"),
-                            (other, "does not match the recipe's model: model.hidden_size=64 but hidden_size=32")):
+                            (other, "the recipe's model block disagrees with the checkpoint: model.hidden_size=64 but "
+                                    "config.json's hidden_size gives 32")):
         proc = run_train(tmp_path / "run", tmp_path / "cache", [f"checkpoint.init_from_hf={source}"], nproc=2)
         assert proc.returncode == 2, proc.stdout
         assert message in proc.stdout

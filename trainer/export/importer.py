@@ -37,6 +37,7 @@ def read_hf_state(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
+        _refuse_pickle(path)
         raise RecipeError(f"checkpoint.init_from_hf={str(path)!r} holds no model.safetensors(.index.json); "
                           "point it at a directory written by save_pretrained or `slimtrain export`")
     state: dict[str, torch.Tensor] = {}
@@ -53,6 +54,23 @@ def read_hf_state(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
                 dtype = _SAFETENSORS_DTYPES.get(sliced.get_dtype(), torch.float32)
                 state[key] = torch.empty(sliced.get_shape(), dtype=dtype, device="meta")
     return state
+
+
+# Weights saved with torch.save (pickle): unpickling can run code the checkpoint carries, so they are never loaded.
+_PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
+
+
+def _refuse_pickle(path: Path) -> None:
+    """RecipeError naming the pickle weight files of `path` and how to convert them, when it holds any."""
+    found = sorted({p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern) if p.is_file()})
+    if not found:
+        return
+    shown = ", ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+    raise RecipeError(
+        f"checkpoint.init_from_hf={str(path)!r} holds its weights only as pickle ({shown}), which slimtrain never "
+        "loads (unpickling can run code from the checkpoint); convert them to safetensors once, where you trust the "
+        "files: `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)` writes "
+        "model.safetensors (or its shards and model.safetensors.index.json) next to them")
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -227,7 +245,8 @@ def _architecture_names(model: nn.Module, adapters: ModelAdapters, cfg: ModelCon
 
 
 def _fp32(tensor: torch.Tensor) -> torch.Tensor:
-    """Floating tensors in fp32; integer tensors as they are (an MoE's selection bias is fp32 bits in an int32)."""
+    """Floating tensors in fp32; integer tensors as they are (an MoE's selection bias is fp32 bits in an int32).
+    bf16 and fp16 values are exactly representable in fp32: the fp32 masters equal the checkpoint's values."""
     return tensor.float() if tensor.is_floating_point() else tensor
 
 
