@@ -198,7 +198,9 @@ COMPUTED = {"architecture": "architectures", "vocab_size": "vocab_size", "hidden
             "rope_theta": "rope_theta", "rope_scaling": "rope_parameters", "norm_eps": "rms_norm_eps",
             "tie_embeddings": "tie_word_embeddings", "qkv_bias": "attention_bias", "o_bias": "attention_bias",
             "mlp_bias": "mlp_bias", "qk_norm": "(the class)", "sliding_window": "sliding_window",
-            "sliding_window_layers": "layer_types / max_window_layers"}
+            "sliding_window_layers": "layer_types / max_window_layers",
+            # the context the checkpoint declares; a shorter training length is data.seq_len's
+            "max_seq_len": "max_position_embeddings"}
 
 
 def differences(theirs: dict[str, Any], cfg: ModelConfig) -> list[str]:

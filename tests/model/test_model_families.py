@@ -173,3 +173,42 @@ def _ours_state(hf: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     from slimtrain.modules.transformer.hf_llama import from_hf
 
     return from_hf(hf.state_dict(), cfg)
+
+
+def test_flex_honours_the_window_like_eager() -> None:
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      architecture="qwen2", qkv_bias=True, sliding_window=5, sliding_window_layers=[1],
+                      attention="eager", max_seq_len=64)
+    eager = Transformer(cfg).eval()
+    flex = Transformer(cfg.model_copy(update={"attention": "sdpa"})).eval()
+    flex.load_state_dict(eager.state_dict())
+    flex.cfg = flex.cfg.model_copy(update={"attention": "flex"})  # built where check_backend passes
+    doc_ids = torch.tensor([[0] * 9 + [1] * 23, [0] * 32])
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = eager(ids, doc_ids=doc_ids).logits
+        assert (flex(ids, doc_ids=doc_ids).logits - ref).abs().max() <= 1e-5
+        assert (flex(ids).logits - eager(ids).logits).abs().max() <= 1e-5  # plain rows: the window's block mask
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flex", "varlen", "flash"])
+def test_cuda_backends_honour_the_window_or_refuse(backend: str) -> None:
+    cfg = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, architecture="mistral", sliding_window=9, attention="eager", max_seq_len=128)
+    eager = Transformer(cfg).cuda().to(torch.bfloat16).eval()
+    other = Transformer(cfg.model_copy(update={"attention": "sdpa"})).cuda().to(torch.bfloat16).eval()
+    other.load_state_dict(eager.state_dict())
+    other.cfg = other.cfg.model_copy(update={"attention": backend})
+    doc_ids = torch.tensor([[0] * 40 + [1] * 88, [0] * 128], device="cuda")
+    ids = torch.randint(0, 64, (2, 128), device="cuda")
+    try:
+        with torch.no_grad():
+            out = other(ids, doc_ids=doc_ids).logits
+    except RuntimeError as exc:
+        assert "cannot compute model.sliding_window" in str(exc) or "needs" in str(exc) or "install" in str(exc)
+        return
+    with torch.no_grad():
+        ref = eager(ids, doc_ids=doc_ids).logits
+    assert (out.float() - ref.float()).abs().max() <= 5e-2
