@@ -1,16 +1,21 @@
-"""The `moe` plugin's models as Hugging Face MoE classes: which class a config can be, the adapter that maps our
-stacked experts to per-expert tensors and back, the config.json, and the check `checkpoint.init_from_hf` runs.
+"""The `moe` plugin's models as Hugging Face MoE classes: the adapter that maps our stacked experts to per-expert
+tensors and back, the config.json, and the check `checkpoint.init_from_hf` runs. Which class a model becomes (its
+family and MoE options choose it) is `hf_targets`:
 
-    MixtralForCausalLM   softmax, renormalised top-k, every layer MoE, no shared experts
-    Qwen2MoeForCausalLM  softmax otherwise: dense layers (mlp_only_layers), norm_topk_prob false, one shared
-                         expert gated by sigmoid(shared_expert_gate(x)); zero q/k/v biases are written
+    MixtralForCausalLM   softmax, renormalised top-k, every layer MoE, no shared experts; Mistral's sliding window
+    Qwen2MoeForCausalLM  softmax otherwise: dense layers (mlp_only_layers), norm_topk_prob, one shared expert gated
+                         by sigmoid(shared_expert_gate(x)); the model's q/k/v biases (zeros when it has none) and
+                         sliding-window layers (layer_types)
+    Qwen3MoeForCausalLM  softmax, dense layers (mlp_only_layers), norm_topk_prob, no shared experts; q/k norms,
+                         attention_bias, a sliding window on every layer
     Glm4MoeForCausalLM   sigmoid router with the selection bias (e_score_correction_bias), expert groups, a
                          routed scaling factor, ungated shared experts, first_k_dense_replace dense layers
 
 On disk every expert is its own three tensors (`experts.{e}.{gate,up,down}_proj.weight`, Mixtral's
 `w1/w3/w2`): what transformers' save_pretrained writes by default and what older transformers and vLLM read.
 A configuration no class computes exactly is refused with a ValueError naming the option to change.
-Attention, norms, embeddings and dense MLPs are named as the Llama adapter names them (`hf_llama`).
+Attention, norms, embeddings and dense MLPs are named as the dense families name them (`hf_llama`); RoPE and its
+scaling are written as the dense family writes them (`hf_config.rope_keys`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ import torch
 from slimtrain.modules.hf_adapters import ADAPTERS, Adapter, NameMismatch, StateDict, register_adapter
 from slimtrain.modules.transformer import hf_llama
 from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.modules.transformer.families import max_window_layers
+from slimtrain.modules.transformer.hf_config import rope_keys
 
 from .config import MoEConfig
+from .hf_checks import config_errors
+from .hf_targets import LAYOUTS, Layout, choose_target  # noqa: F401 - re-exported: callers choose targets here
 from .plugin import moe_layer_indices
 
 if TYPE_CHECKING:
@@ -34,72 +43,19 @@ if TYPE_CHECKING:
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How one HF class names an MoE block under `model.layers.{i}.`.
-
-    block: the MoE module; experts: an expert's gate, up and down projections; shared: the shared experts'
-    module (None: the class has none); shared_gate: the shared experts' sigmoid gate (Qwen2-MoE).
-    """
-
-    hf_class: str
-    config_class: str
-    block: str
-    experts: tuple[str, str, str]
-    shared: str | None = None
-    shared_gate: str | None = None
-
-
-LAYOUTS = {
-    "mixtral": Layout("MixtralForCausalLM", "MixtralConfig", "block_sparse_moe", ("w1", "w3", "w2")),
-    "qwen2-moe": Layout("Qwen2MoeForCausalLM", "Qwen2MoeConfig", "mlp", _PROJ, "shared_expert", "shared_expert_gate"),
-    "glm4-moe": Layout("Glm4MoeForCausalLM", "Glm4MoeConfig", "mlp", _PROJ, "shared_experts"),
-}
-
-
 # -- the target ------------------------------------------------------------------------------------------------
 
-def choose_target(moe: MoEConfig) -> str:
-    """The key of LAYOUTS whose class computes exactly what `moe` computes; a ValueError naming the fix if none."""
-    if moe.router == "sigmoid":
-        _check_glm(moe)
-        return "glm4-moe"
-    if moe.routed_scaling_factor != 1:
-        raise ValueError(f"moe.routed_scaling_factor={moe.routed_scaling_factor} with router: softmax: no Hugging Face "
-                         "class scales softmax routing weights (Mixtral, Qwen2-MoE); set routed_scaling_factor: 1, "
-                         "or use router: sigmoid (exported as Glm4MoeForCausalLM)")
-    if not moe.num_shared_experts and moe.renormalize and moe.first_k_dense == 0 and moe.every == 1:
-        return "mixtral"
-    if moe.num_shared_experts and not moe.shared_expert_gate:
-        raise ValueError(f"moe.num_shared_experts={moe.num_shared_experts} with shared_expert_gate: false and router: "
-                         "softmax: the class for softmax MoE with shared experts (Qwen2MoeForCausalLM) always scales "
-                         "its shared expert by a sigmoid gate; set shared_expert_gate: true (or router: sigmoid, "
-                         "exported as Glm4MoeForCausalLM with ungated shared experts)")
-    return "qwen2-moe"
-
-
-def _check_glm(moe: MoEConfig) -> None:
-    if moe.every != 1:
-        raise ValueError(f"moe.every={moe.every} with router: sigmoid: Glm4MoeForCausalLM makes every layer from "
-                         "first_k_dense_replace on an MoE layer; set every: 1")
-    if moe.num_shared_experts and moe.shared_expert_gate:
-        raise ValueError("moe.shared_expert_gate=true with router: sigmoid: Glm4MoeForCausalLM's shared experts are "
-                         "not gated; set shared_expert_gate: false")
-    if moe.n_group > 1 and moe.num_experts // moe.n_group < 2:
-        raise ValueError(f"moe.n_group={moe.n_group} leaves {moe.num_experts // moe.n_group} expert per group: "
-                         "Glm4MoeForCausalLM scores a group by its two best experts; lower n_group to at most "
-                         f"{moe.num_experts // 2}")
-
-
 def register_architecture(moe: MoEConfig, model_cfg: ModelConfig) -> str:
-    """Register (once) the adapter of `moe`'s target bound to `moe`, and return its name.
+    """Register (once) the adapter of `moe`'s target on the dense model `model_cfg`, bound to `moe`, and return
+    its name.
 
-    The name encodes the MoE options ("moe-glm4-moe-<12 hex digits>"), so that calling again is free and two
-    MoE configurations never share an adapter. Refusals (`choose_target`) are ValueErrors, which the exporter
-    and the importer report. The target depends on the MoE options alone; `model_cfg` reaches the adapter
-    with every call.
+    The name encodes the target and the MoE options ("moe-glm4-moe-<12 hex digits>"), so that calling again is
+    free and two MoE configurations never share an adapter. Refusals (`choose_target`: MoE options or model options
+    the family's MoE class does not compute) are ValueErrors, which the exporter and the importer report. The
+    adapter depends on the target and the MoE options alone; `model_cfg` (biases, windows) reaches it with every
+    call.
     """
-    target = choose_target(moe)
+    target = choose_target(moe, model_cfg)
     digest = hashlib.sha256(moe.model_dump_json().encode()).hexdigest()[:12]
     name = f"moe-{target}-{digest}"
     if name not in ADAPTERS:
@@ -128,11 +84,12 @@ class MoEArchitecture:
         return self.moe.expert_intermediate_size or cfg.intermediate_size
 
     def names(self, cfg: ModelConfig) -> dict[str, str]:
-        """Our name -> HF name of every tensor that maps one to one: the Llama names of everything but the
-        MoE layers' MLPs, the routers and the shared experts. Stacked experts and buffers are mapped apart."""
+        """Our name -> HF name of every tensor that maps one to one: the dense family's names (biases and q/k
+        norms included) of everything but the MoE layers' MLPs, the routers and the shared experts. Stacked experts
+        and buffers are mapped apart."""
         moe_layers = moe_layer_indices(self.moe, cfg.num_layers)
-        dense_mlp = {f"layers.{i}.mlp.{p}.weight" for i in moe_layers for p in _PROJ}
-        names = {k: v for k, v in hf_llama.name_map(cfg).items() if k not in dense_mlp}
+        replaced = tuple(f"layers.{i}.mlp." for i in moe_layers)  # the dense MLP's weights and biases went
+        names = {k: v for k, v in hf_llama.name_map(cfg).items() if not k.startswith(replaced)}
         lay = self.layout
         for i in moe_layers:
             block = f"model.layers.{i}.{lay.block}"
@@ -150,7 +107,7 @@ class MoEArchitecture:
 
     def to_hf(self, state: StateDict, cfg: ModelConfig) -> StateDict:
         """Our state dict -> HF names. Every expert's tensors are views of our stacked ones (no copies); the
-        tensors the class has and our model lacks (zero biases, empty shared experts) are new."""
+        tensors the class has and our model lacks (Qwen2-MoE's zero q/k/v biases, empty shared experts) are new."""
         names, moe_layers = self.names(cfg), moe_layer_indices(self.moe, cfg.num_layers)
         stacked = {f"layers.{i}.mlp.{t}" for i in moe_layers for t in ("experts.gate_up", "experts.down",
                                                                         "bias_steps", "bias_base")}
@@ -162,7 +119,7 @@ class MoEArchitecture:
             ours = f"layers.{i}.mlp."
             hf.update(_split(state[ours + "experts.gate_up"], state[ours + "experts.down"], self.expert_names(cfg, i)))
             hf.update(self._extras(state, cfg, i))
-        if self.target == "qwen2-moe":
+        if self.target == "qwen2-moe" and not cfg.qkv_bias:
             hf.update(_zero_qkv_biases(state, cfg))
         return hf
 
@@ -213,12 +170,13 @@ class MoEArchitecture:
         return {f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in layers}
 
     def _optional_extras(self, hf_state: StateDict, cfg: ModelConfig) -> set[str]:
-        """HF tensors our model has no use for and that change nothing: zero q/k/v biases, empty shared experts.
-        A nonzero bias or a shared expert of nonzero width is a ValueError (the model would compute otherwise)."""
+        """HF tensors our model has no use for and that change nothing: zero q/k/v biases (a model without
+        them), empty shared experts. A nonzero bias or a shared expert of nonzero width is a ValueError (the model
+        would compute otherwise)."""
         lay, extra = self.layout, set()
-        if self.target == "qwen2-moe":
+        if self.target == "qwen2-moe" and not cfg.qkv_bias:
             extra |= {f"model.layers.{i}.self_attn.{p}.bias" for i in range(cfg.num_layers) for p in _PROJ_QKV}
-            _refuse_nonzero(hf_state, extra, "slimtrain's attention has no q/k/v biases", "qkv_bias")
+            _refuse_nonzero(hf_state, extra)
         if lay.shared and not self.moe.num_shared_experts:
             blocks = [f"model.layers.{i}.{lay.block}" for i in moe_layer_indices(self.moe, cfg.num_layers)]
             shared = {f"{b}.{lay.shared}.{p}.weight" for b in blocks for p in _PROJ}
@@ -241,127 +199,93 @@ class MoEArchitecture:
 
     def hf_config(self, cfg: ModelConfig, *, bos_id: int | None, eos_id: int | list[int] | None,
                   pad_id: int | None = None, dtype: torch.dtype = torch.float32) -> "PretrainedConfig":
-        """The transformers config of the target class, built on the Llama adapter's values."""
+        """The transformers config of the target class, built on the dense family's values and RoPE keys."""
         import transformers
 
-        llama = hf_llama.hf_config(cfg, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, dtype=dtype).to_dict()
-        common = {k: llama[k] for k in _COMMON_KEYS if k in llama}
-        keys = {**common, **self.config_keys(cfg), "architectures": [self.layout.hf_class]}
+        family = hf_llama.hf_config(cfg, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, dtype=dtype).to_dict()
+        common = {k: family[k] for k in _COMMON_KEYS if k in family}
+        keys = {**common, **self._rope_keys(cfg), **self.config_keys(cfg), "architectures": [self.layout.hf_class]}
         config = getattr(transformers, self.layout.config_class)(**keys)
+        aliases = getattr(config, "attribute_map", {})
         for key, value in self._written_as_is(cfg).items():  # keys the class folds away or does not declare
-            setattr(config, key, value)
+            if key in aliases:  # setattr would write the name the alias points to: the file gets both names
+                config.__dict__[key] = value
+            else:
+                setattr(config, key, value)
         return config
 
+    def _rope_keys(self, cfg: ModelConfig) -> dict[str, Any]:
+        """RoPE and its scaling as the installed transformers spells them; GLM's rotates the whole head."""
+        keys = rope_keys(cfg)
+        if self.target == "glm4-moe" and "rope_parameters" in keys:  # the class's default factor is 0.5
+            keys["rope_parameters"] = {**keys["rope_parameters"], "partial_rotary_factor": 1.0}
+        return keys
+
     def config_keys(self, cfg: ModelConfig) -> dict[str, Any]:
-        """The target's own config.json keys (those the Llama config lacks or sets otherwise)."""
+        """The target's own config.json keys (those the dense family's config lacks or sets otherwise)."""
         m, width = self.moe, self.width(cfg)
         if self.target == "mixtral":  # all layers MoE: its intermediate_size is the experts'
             return dict(intermediate_size=width, num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
-                        sliding_window=None, output_router_logits=False, router_aux_loss_coef=m.aux_loss_weight)
-        if self.target == "qwen2-moe":
-            moe_layers = set(moe_layer_indices(m, cfg.num_layers))
-            # Sparse in transformers: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0. With a step
-            # of 1, mlp_only_layers names our dense layers exactly, whatever first_k_dense and every are.
-            dense = [i for i in range(cfg.num_layers) if i not in moe_layers]
-            return dict(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=width,
-                        shared_expert_intermediate_size=m.num_shared_experts * width, norm_topk_prob=m.renormalize,
-                        decoder_sparse_step=1, mlp_only_layers=dense, qkv_bias=True, use_sliding_window=False,
-                        output_router_logits=False, router_aux_loss_coef=m.aux_loss_weight)
+                        output_router_logits=False, router_aux_loss_coef=m.aux_loss_weight, **self._window_keys(cfg))
+        if self.target == "qwen2-moe":  # q/k/v biases always (zeros for a model without): vLLM builds them anyway
+            return dict(self._qwen_keys(cfg), shared_expert_intermediate_size=m.num_shared_experts * width,
+                        qkv_bias=True)
+        if self.target == "qwen3-moe":
+            return dict(self._qwen_keys(cfg), attention_bias=cfg.qkv_bias)
         return dict(n_routed_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=width,
                     n_shared_experts=m.num_shared_experts, first_k_dense_replace=m.first_k_dense, n_group=m.n_group,
                     topk_group=m.topk_group, routed_scaling_factor=m.routed_scaling_factor,
-                    norm_topk_prob=m.renormalize, use_qk_norm=False, attention_bias=False, num_nextn_predict_layers=0,
-                    output_router_logits=False, partial_rotary_factor=1.0,  # the class's default is 0.5
-                    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
-                                     "partial_rotary_factor": 1.0})
+                    norm_topk_prob=m.renormalize, use_qk_norm=False, attention_bias=cfg.qkv_bias,
+                    num_nextn_predict_layers=0, output_router_logits=False,
+                    partial_rotary_factor=1.0)  # the class's default is 0.5
+
+    def _qwen_keys(self, cfg: ModelConfig) -> dict[str, Any]:
+        """What Qwen2-MoE and Qwen3-MoE share: experts, their layers, the window."""
+        m, moe_layers = self.moe, set(moe_layer_indices(self.moe, cfg.num_layers))
+        # Sparse in transformers: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0. With a step of 1,
+        # mlp_only_layers names our dense layers exactly, whatever first_k_dense and every are.
+        return dict(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=self.width(cfg),
+                    norm_topk_prob=m.renormalize, decoder_sparse_step=1,
+                    mlp_only_layers=[i for i in range(cfg.num_layers) if i not in moe_layers],
+                    output_router_logits=False, router_aux_loss_coef=m.aux_loss_weight, **self._window_keys(cfg))
+
+    def _window_keys(self, cfg: ModelConfig) -> dict[str, Any]:
+        """The sliding window as the target reads it: Mixtral's on every layer; Qwen3-MoE's on every layer when
+        use_sliding_window; Qwen2-MoE's on the layers layer_types names (max_window_layers for older readers)."""
+        if self.target == "mixtral":
+            return {"sliding_window": cfg.sliding_window}
+        keys: dict[str, Any] = {"use_sliding_window": cfg.sliding_window is not None,
+                                "sliding_window": cfg.sliding_window}
+        if self.target == "qwen2-moe":
+            keys["max_window_layers"] = max_window_layers(cfg)
+            keys["layer_types"] = ["sliding_attention" if cfg.window_of(i) else "full_attention"
+                                   for i in range(cfg.num_layers)]
+        return keys
 
     def _written_as_is(self, cfg: ModelConfig) -> dict[str, Any]:
-        # Qwen2-MoE's class reads num_experts; readers that expect num_local_experts (the name Mixtral and
-        # Qwen3-MoE's save_pretrained use) find it too. GLM: transformers folds partial_rotary_factor into
-        # rope_parameters, and vLLM's glm4_moe reads the top-level key with a default of 0.5: both places.
+        # The Qwen MoE classes name the expert count num_experts or num_local_experts (transformers 5 writes the
+        # latter for Qwen3-MoE, 4.x and vLLM's older readers the former): both are written. GLM: transformers folds
+        # partial_rotary_factor into rope_parameters, and vLLM's glm4_moe reads the top-level key with a default of
+        # 0.5: both places.
         if self.target == "qwen2-moe":
             return {"num_local_experts": self.moe.num_experts}
+        if self.target == "qwen3-moe":
+            return {"num_experts": self.moe.num_experts}
         if self.target == "glm4-moe":
             return {"partial_rotary_factor": 1.0}
         return {}
 
     def check_config(self, hf: dict[str, Any], cfg: ModelConfig) -> list[str]:
         """Every value of a config.json that our model with `cfg` and these MoE options does not compute."""
-        import transformers
-
-        # Absent keys take the installed class's defaults (e.g. Glm4Moe's num_experts_per_tok 8).
-        defaults = getattr(transformers, self.layout.config_class)().to_dict()
-        effective = {**defaults, **hf}
-        dense = len(moe_layer_indices(self.moe, cfg.num_layers)) < cfg.num_layers
-        # intermediate_size is the dense MLPs' (Mixtral: the experts'); without dense layers it computes nothing.
-        llama_view = {k: v for k, v in hf.items() if k != "intermediate_size" or (dense and self.target != "mixtral")}
-        wrong = hf_llama.check_common(llama_view, cfg)
-        ours = self.config_keys(cfg)
-        for key, field in _MOE_FIELDS[self.target].items():
-            theirs = effective.get(key)
-            if theirs != ours[key]:
-                wrong.append(f"moe.{field}={self._field_value(field, cfg)} but {key}={theirs}")
-        return wrong + self._check_computation(effective, hf, cfg)
-
-    def _field_value(self, field: str, cfg: ModelConfig) -> Any:
-        if field == "expert_intermediate_size":
-            return f"{self.moe.expert_intermediate_size} (expert width {self.width(cfg)})"
-        if field == "num_shared_experts":
-            return f"{self.moe.num_shared_experts} (shared width {self.moe.num_shared_experts * self.width(cfg)})"
-        return getattr(self.moe, field)
-
-    def _check_computation(self, effective: dict[str, Any], hf: dict[str, Any], cfg: ModelConfig) -> list[str]:
-        """What else the class may compute unlike ours: Qwen2-MoE's layer pattern, sliding windows, partial
-        RoPE, q/k norms."""
-        wrong = []
-        if self.target == "mixtral" and (hf.get("sliding_window") or cfg.max_seq_len) < cfg.max_seq_len:
-            wrong.append(f"sliding_window={hf['sliding_window']}, which slimtrain's attention does not compute "
-                         f"(model.max_seq_len={cfg.max_seq_len})")
-        if self.target == "qwen2-moe":
-            layers = _qwen2_moe_layers(effective, cfg.num_layers)
-            if layers != moe_layer_indices(self.moe, cfg.num_layers):
-                wrong.append(f"moe.first_k_dense/every={self.moe.first_k_dense}/{self.moe.every} make layers "
-                             f"{moe_layer_indices(self.moe, cfg.num_layers)} MoE but decoder_sparse_step="
-                             f"{effective.get('decoder_sparse_step')} and mlp_only_layers="
-                             f"{effective.get('mlp_only_layers')} make {layers}")
-            if effective.get("use_sliding_window"):
-                wrong.append("use_sliding_window=True, which slimtrain's attention does not compute")
-        if self.target == "glm4-moe":
-            rope = hf.get("rope_parameters") or {}
-            factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))  # the class's default
-            if factor != 1.0:
-                wrong.append(f"partial_rotary_factor={factor}: slimtrain's RoPE rotates the whole head (1.0)")
-            if effective.get("use_qk_norm"):
-                wrong.append("use_qk_norm=True, which slimtrain's attention does not compute")
-        return wrong
+        return config_errors(self, hf, cfg)
 
 
-# config.json key -> the MoE option it must equal, per target (Qwen2-MoE's layer pattern is checked apart).
-_MOE_FIELDS = {
-    "mixtral": {"num_local_experts": "num_experts", "num_experts_per_tok": "top_k",
-                "intermediate_size": "expert_intermediate_size"},
-    "qwen2-moe": {"num_experts": "num_experts", "num_experts_per_tok": "top_k",
-                  "moe_intermediate_size": "expert_intermediate_size",
-                  "shared_expert_intermediate_size": "num_shared_experts", "norm_topk_prob": "renormalize"},
-    "glm4-moe": {"n_routed_experts": "num_experts", "num_experts_per_tok": "top_k",
-                 "moe_intermediate_size": "expert_intermediate_size", "n_shared_experts": "num_shared_experts",
-                 "first_k_dense_replace": "first_k_dense", "n_group": "n_group", "topk_group": "topk_group",
-                 "routed_scaling_factor": "routed_scaling_factor", "norm_topk_prob": "renormalize"},
-}
-# What the Llama config holds that every target takes as is.
+# What the dense family's config holds that every target takes as is (RoPE comes from `rope_keys`).
 _COMMON_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
-                "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-                "pad_token_id", "dtype", "torch_dtype")
+                "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "dtype",
+                "torch_dtype")
 _PROJ_QKV = ("q_proj", "k_proj", "v_proj")
-
-
-def _qwen2_moe_layers(effective: dict[str, Any], num_layers: int) -> list[int]:
-    """The layers transformers' Qwen2-MoE makes sparse: not in mlp_only_layers and (i + 1) % step == 0."""
-    only, step = effective.get("mlp_only_layers") or [], effective.get("decoder_sparse_step") or 1
-    if not effective.get("num_experts"):
-        return []
-    return [i for i in range(num_layers) if i not in only and (i + 1) % step == 0]
 
 
 # -- tensors ---------------------------------------------------------------------------------------------------
@@ -404,12 +328,12 @@ def _zero_qkv_biases(state: StateDict, cfg: ModelConfig) -> StateDict:
     return out
 
 
-def _refuse_nonzero(hf_state: StateDict, names: set[str], why: str, key: str) -> None:
+def _refuse_nonzero(hf_state: StateDict, names: set[str]) -> None:
     for name in sorted(n for n in names if n in hf_state):
         if bool(hf_state[name].any()):
-            raise ValueError(f"{name} is nonzero (max |b| = {float(hf_state[name].abs().max()):.3g}) and {why}: this "
-                             f"checkpoint ({key}) cannot be imported exactly; start from a checkpoint without "
-                             "attention biases")
+            raise ValueError(f"{name} is nonzero (max |b| = {float(hf_state[name].abs().max()):.3g}) and slimtrain's "
+                             "attention has no q/k/v biases with model.qkv_bias=false: the checkpoint cannot be "
+                             "imported exactly; set model.qkv_bias: true (model.architecture: qwen2) to import them")
 
 
 def _check_tied(state: StateDict, cfg: ModelConfig) -> None:

@@ -46,10 +46,10 @@ def model_fields_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict
     """The `ModelConfig` fields (as keyword arguments) that a dense family's config.json describes."""
     family = family_of(hf, where)
     wrong = [f"{key}={hf[key]!r}" for key, ok in _PLAIN.items() if key in hf and hf[key] not in ok]
-    rope = _rope_dict(hf)
+    rope = rope_dict(hf)
     if rope.get("partial_rotary_factor", 1.0) not in (1, 1.0):
         wrong.append(f"rope_parameters.partial_rotary_factor={rope['partial_rotary_factor']!r}")
-    theta, scaling = _rope_from_hf(rope, hf, wrong)
+    theta, scaling = rope_from_hf(rope, hf, wrong)
     if wrong:
         raise ValueError(f"{where}: " + "; ".join(wrong) + " — slimtrain's decoder does not compute "
                          f"{'this' if len(wrong) == 1 else 'these'} (it computes SiLU MLPs, full-width RoPE of type "
@@ -73,7 +73,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
     return ModelConfig(**model_fields_from_hf(hf, where), attention="sdpa")
 
 
-def _rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
+def rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
     """The RoPE settings in one dict, whichever transformers version wrote the file."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     if "rope_type" not in rope and "type" in rope:
@@ -82,7 +82,7 @@ def _rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
     return rope
 
 
-def _rope_from_hf(rope: dict[str, Any], hf: dict[str, Any], wrong: list[str]) -> tuple[float, RopeScaling | None]:
+def rope_from_hf(rope: dict[str, Any], hf: dict[str, Any], wrong: list[str]) -> tuple[float, RopeScaling | None]:
     kind = rope.get("rope_type", "default")
     theta = float(rope["rope_theta"])
     if kind == "default":

@@ -17,7 +17,7 @@ import torch
 from slimtrain.modules.hf_adapters import Adapter, NameMismatch, StateDict, get_adapter, register_adapter
 from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.modules.transformer.hf_config import (  # noqa: F401 - re-exported: callers read configs here
-    FAMILIES, _rope_dict, check_config, hf_config, model_config_from_hf)
+    FAMILIES, rope_dict, check_config, hf_config, model_config_from_hf)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -153,7 +153,7 @@ def check_common(hf: dict[str, Any], cfg: ModelConfig) -> list[str]:
             theirs = hf.get("num_attention_heads")
         if theirs is not None and theirs != mine:
             wrong.append(f"model.{ours}={mine} but {hf_key}={theirs}")
-    rope = _rope_dict(hf)
+    rope = rope_dict(hf)
     if float(rope["rope_theta"]) != cfg.rope_theta:
         wrong.append(f"model.rope_theta={cfg.rope_theta} but rope_theta={rope['rope_theta']}")
     kind = rope.get("rope_type", "default")
