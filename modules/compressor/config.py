@@ -40,7 +40,8 @@ class TruncatedEncoder(BaseModel):
 
 
 class SeparateEncoder(BaseModel):
-    """A Llama-family encoder of its own size (fresh weights); it shares only the decoder's vocabulary."""
+    """A Llama-style encoder of its own size (fresh weights: plain RoPE, no biases, no q/k norms, whatever the
+    decoder's family); it shares only the decoder's vocabulary."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -184,8 +185,14 @@ class CompressorModelConfig(BaseModel):
 def encoder_model_config(cfg: CompressorModelConfig, decoder: ModelConfig) -> ModelConfig:
     """The encoder's architecture as a `ModelConfig` (its blocks are built from it), given the decoder's.
 
-    A truncated encoder is the decoder's config with `layers` layers; a separate one takes the decoder's
-    vocabulary only. The attention backend field is unused: the encoder attends through its own span mask.
+    A truncated encoder is the decoder's config with `layers` layers (its family's biases, q/k norms and RoPE
+    scaling included) and no sliding window; a separate one takes the decoder's vocabulary only. The attention
+    backend field is unused: the encoder attends through its own span mask.
+
+    No window, by choice: the encoder attends bidirectionally over whole spans (ARC drops the decoder's causal
+    mask too), and spans are short (context_tokens, 64 by default) next to the windows released models slide
+    (4096 and up). Keeping the decoder's window would also name layers a truncation cuts off (Qwen's windows are
+    on the last layers), which the config refuses when the export is reloaded.
     """
     if decoder.vocab_size is None:
         raise ValueError("the decoder's model.vocab_size is not resolved yet; resolve it from the tokenizer before "
@@ -196,7 +203,9 @@ def encoder_model_config(cfg: CompressorModelConfig, decoder: ModelConfig) -> Mo
             raise ValueError(f"encoder.layers={enc.layers} exceeds the decoder's model.num_layers="
                              f"{decoder.num_layers}; truncate to at most {decoder.num_layers} layers")
         # num_layers >= 1 for ModelConfig; a 0-layer encoder builds no block, so 1 only sizes the (unused) init scale.
-        return decoder.model_copy(update={"num_layers": max(enc.layers, 1)})
+        # Validated (not model_copy'd): the export writes it out and `load_compressor` validates it again.
+        return ModelConfig.model_validate({**decoder.model_dump(), "num_layers": max(enc.layers, 1),
+                                           "sliding_window": None, "sliding_window_layers": None})
     return ModelConfig(vocab_size=decoder.vocab_size, hidden_size=enc.hidden_size,
                        intermediate_size=enc.intermediate_size, num_layers=enc.num_layers, num_heads=enc.num_heads,
                        num_kv_heads=enc.num_kv_heads, head_dim=enc.head_dim, rope_theta=enc.rope_theta,

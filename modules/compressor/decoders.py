@@ -1,5 +1,6 @@
-"""The extra decoders of a multi-decoder compressor (`decoders:`): loaded frozen from local Llama directories, one
-drawn per step, and the loss of the drawn one.
+"""The extra decoders of a multi-decoder compressor (`decoders:`): loaded frozen from local Hugging Face directories
+of a dense family slimtrain imports (Llama, Mistral, Qwen2, Qwen3: biases, q/k norms, RoPE scaling and sliding
+windows as their config.json says), one drawn per step, and the loss of the drawn one.
 
 They live beside the model, not in it: frozen and read from their directories at every build, they are neither
 the engine's to shard nor the checkpoint's to save (a resume reads them again; `model_sources` checks their
@@ -19,7 +20,8 @@ from torch import nn
 
 from slimtrain.core.sentinels import IGNORE_INDEX
 from slimtrain.modules.transformer import ModelConfig, Transformer
-from slimtrain.modules.transformer.hf_llama import model_config_from_hf, read_llama_dir
+from slimtrain.modules.transformer.hf_config import SUPPORTED
+from slimtrain.modules.transformer.hf_llama import model_config_from_hf, read_dense_dir
 from slimtrain.modules.transformer.io import ModelInputs
 
 from .compressor import MAIN
@@ -27,17 +29,18 @@ from .recipe import ExtraDecoder
 
 
 def extra_config(decoder: ExtraDecoder, field: str) -> ModelConfig:
-    """The extra decoder's architecture, from its config.json (no weights read)."""
+    """The extra decoder's architecture, from its config.json (no weights read); a class slimtrain does not import
+    is refused, naming `field` and the classes it imports."""
     path = Path(decoder.path) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{field}={decoder.path!r} holds no config.json: give a local Hugging Face "
-                         "LlamaForCausalLM directory (e.g. `slimtrain export` of a run)")
-    return model_config_from_hf(json.loads(path.read_text(encoding="utf-8")))
+        raise ValueError(f"{field}={decoder.path!r} holds no config.json: give a local Hugging Face directory of "
+                         f"one of {SUPPORTED} (e.g. `slimtrain export` of a run)")
+    return model_config_from_hf(json.loads(path.read_text(encoding="utf-8")), f"{field}={decoder.path!r}")
 
 
 def load_extra(decoder: ExtraDecoder, like: torch.Tensor) -> Transformer:
     """The extra decoder as our frozen model, in `like`'s dtype and on its device."""
-    cfg, state = read_llama_dir(decoder.path)
+    cfg, state = read_dense_dir(decoder.path)
     model = Transformer(cfg.model_copy(update={"attention": "auto"}))
     model.load_state_dict(state, strict=True)
     model.requires_grad_(False)

@@ -1,9 +1,12 @@
-"""The compressor's encoder: token embeddings of its own, Llama decoder blocks run bidirectionally within each
-context span, then span pooling (pooling.py) into a few vectors per span.
+"""The compressor's encoder: token embeddings of its own, decoder blocks run bidirectionally within each context
+span, then span pooling (pooling.py) into a few vectors per span.
 
 The blocks are the model's `DecoderBlock`s, built from a `ModelConfig` (`encoder_model_config`): a truncated copy
 of the decoder (ARC-Encoder: the LLM without its last layers and without its causal mask) or a separately sized
-one. Attention is `SpanAttention`: every token sees its whole span and nothing else, no padding, no other span.
+one. A truncated copy keeps the decoder family's biases (Qwen2), q/k norms (Qwen3) and RoPE scaling (Llama 3.1):
+the blocks compute them, and RoPE comes from `rope_for` with the encoder's config. Attention is `SpanAttention`:
+every token sees its whole span and nothing else, no padding, no other span, and no sliding window (see
+`encoder_model_config` for why).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The compressor's serving export: a standalone `compressor/` directory beside the decoder's plain Hugging Face
 export, its reload (`load_compressor`), and the decoder-ready embeddings a serving engine takes (`compress_text`).
 
-    OUT/              the decoder alone (LlamaForCausalLM for a dense one): no compressor tensor is left in it
+    OUT/              the decoder alone (its family's class for a dense one: LlamaForCausalLM, Qwen3ForCausalLM,
+                      ...): no compressor tensor is left in it
     OUT/compressor/   model.safetensors: our names under the compressor (`encoder.embed.weight`,
                       `encoder.layers.{i}.attn.q_proj.weight`, `projectors.{decoder}.down.weight`, ... and the
                       `<Rec>` / `<Cont>` embeddings `projectors.{decoder}.rec_embed` / `cont_embed`, in encoder
@@ -60,7 +61,7 @@ the model is served in):
     out = llm.generate({"prompt_embeds": embeds}, SamplingParams(temperature=0, max_tokens=32))
 
 (`vllm serve EXPORT_DIR --enable-prompt-embeds` takes them in the Completions API.) With transformers:
-`LlamaForCausalLM.from_pretrained(EXPORT_DIR).generate(inputs_embeds=embeds[None], max_new_tokens=32,
+`AutoModelForCausalLM.from_pretrained(EXPORT_DIR).generate(inputs_embeds=embeds[None], max_new_tokens=32,
 do_sample=False)` returns the new tokens only.
 """
 

@@ -10,6 +10,9 @@ values come from the span's un-pooled tokens:
     p' = p + o_proj(attn(q = q_proj(norm(p)) at positions 0 .. G-1,  k, v = k/v_proj(norm(x)) at 0 .. L-1))
     p'' = p' + mlp(post_attn_norm(p'))
 
+The projections are the block's own modules, so their biases (Qwen2's q/k/v) come with them, and q and k pass through
+the block's q/k norms before RoPE where it has them (Qwen3), exactly as in `Attention.forward`.
+
 Positions: pooled query j takes RoPE position j (ARC re-indexes the pooled queries 0 .. n/PF - 1; the keys keep
 their token positions 0 .. n-1). We follow ARC rather than placing a query at its group's centre: it is the setting
 the published numbers come from, and with a frozen decoder the encoder learns whichever offsets it is given.
@@ -93,6 +96,8 @@ def _pooled_query_block(block: DecoderBlock, tokens: torch.Tensor, pooled: torch
     q = attn.q_proj(block.input_norm(pooled)).view(n, g, -1, attn.head_dim)
     k = attn.k_proj(kv_in).view(n, length, -1, attn.head_dim)
     v = attn.v_proj(kv_in).view(n, length, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3's per-head norms, before RoPE as `Attention.forward` applies them
+        q, k = attn.q_norm(q), attn.k_norm(k)
     out = attend(apply_rope(q, *rope_q), apply_rope(k, *rope_k), v)
     x = pooled + attn.o_proj(out.reshape(n, g, -1))
     out, aux = with_aux(block.mlp(block.post_attn_norm(x)), {})

@@ -18,8 +18,9 @@ class ExtraDecoder(BaseModel):
 
     name: str = Field(description="Its projector's key (`projectors.<name>` in the export), the suffix of its "
                       "metrics and loss term, and `slimtrain compress --decoder <name>`.")
-    path: str = Field(description="A local Hugging Face LlamaForCausalLM directory (an export of one of our runs, "
-                      "or a released dense Llama checkpoint) trained with the data's tokenizer.")
+    path: str = Field(description="A local Hugging Face directory of a dense LlamaForCausalLM, MistralForCausalLM, "
+                      "Qwen2ForCausalLM or Qwen3ForCausalLM (an export of one of our runs, or a released "
+                      "checkpoint) trained with the data's tokenizer.")
 
 
 class CompressorConfig(PluginConfig, CompressorModelConfig):

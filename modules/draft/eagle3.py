@@ -7,6 +7,10 @@ base's hidden states entering three layers (default 2, L/2, L-3 as vLLM's), conc
 position t stands for position t + j and attends to the first step's keys up to t (real features) and to
 its own chain's keys of steps 1..j, exactly as it will in decoding. An optional reduced draft vocabulary
 (`d2t`, `t2d`, from the corpus's token frequencies) shrinks the output head.
+
+Whatever the base's family, the layer is the `speculators` format's Llama layer (`draft_layer_config`): no biases,
+no q/k norms, full attention; it shares the base's shapes and RoPE (scaling included), since it attends at the
+base's positions and serving engines build its rotary embedding from the same values.
 """
 
 from __future__ import annotations
@@ -17,12 +21,22 @@ from torch import nn
 
 from slimtrain.core.masks import document_causal_mask
 from slimtrain.modules.transformer.attention.base import repeat_kv
+from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.modules.transformer.kv_cache import KVCache
 from slimtrain.modules.transformer.layers import MLP, RMSNorm
 from slimtrain.modules.transformer.rope import apply_rope, rope_for
 
 from .base import BaseStep, BaseView, DraftOutput
 from .targets import shifted_tokens
+
+
+def draft_layer_config(cfg: ModelConfig) -> ModelConfig:
+    """The EAGLE-3 layer's config for a base of config `cfg`: the base's shapes, norm epsilon and RoPE, without the
+    family options the format's layer cannot hold (its `transformer_layer_config` is a bias-free Llama layer, which
+    vLLM and speculators build for every target family: a qwen2 base's q/k/v biases or a llama base's MLP biases
+    would be trained here and lost on export)."""
+    return cfg.model_copy(update={"architecture": "llama", "qkv_bias": False, "o_bias": False, "mlp_bias": False,
+                                  "qk_norm": False, "sliding_window": None, "sliding_window_layers": None})
 
 
 class Eagle3Attention(nn.Module):
@@ -54,7 +68,7 @@ class Eagle3Layer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = Eagle3Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(draft_layer_config(cfg))
 
     def inputs(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """[norm(embedding), norm(hidden)]: 2H (the residual keeps the un-normed hidden: norm_before_residual false)."""

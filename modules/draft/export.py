@@ -3,7 +3,9 @@ reload into our speculative decoder (`load_heads`).
 
     mtp/      the whole model with MTP module k as decoder layer num_hidden_layers + k (DeepSeek-V3 / GLM-4.5
               layout: enorm, hnorm, eh_proj, the block, shared_head.norm, shared_head.head), config
-              num_nextn_predict_layers: vLLM's `mtp` method, transformers' `generate(use_mtp=True)`.
+              num_nextn_predict_layers: vLLM's `mtp` method, transformers' `generate(use_mtp=True)`. The class is the
+              plain export's (the base's family, or its MoE class); the appended layers carry the family's biases
+              and q/k norms, and attend fully (mtp.py), which `mtp_layer_types` states where the config has types.
     eagle3/   the draft alone in the `speculators` format vLLM loads (method `eagle3`).
     medusa/   the heads alone in the legacy Medusa layout (TGI, TensorRT-LLM, older vLLM).
     hydra/    the heads alone in our own layout (no serving engine loads Hydra).
@@ -21,6 +23,8 @@ import torch
 from torch import nn
 
 from slimtrain.modules.plugin import ExportContext, ExportVariant, StateDict
+from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.modules.transformer.hf_config import FAMILIES, rope_keys
 from slimtrain.modules.transformer.hf_llama import layer_names
 
 from .config import DraftConfig
@@ -40,7 +44,8 @@ README = {
     "mtp": "**mtp/**: the model with its multi-token-prediction modules as decoder layers num_hidden_layers + k "
            "(DeepSeek-V3 layout, `num_nextn_predict_layers` in config.json). vLLM: `--speculative-config "
            "'{\"method\": \"mtp\", \"num_speculative_tokens\": D}'`; transformers: `generate(use_mtp=True)` once the "
-           "model class lists the MTP layers in `_keys_to_ignore_on_load_unexpected` (a plain Llama class does not).",
+           "model class lists the MTP layers in `_keys_to_ignore_on_load_unexpected` (the dense Llama, Mistral and "
+           "Qwen classes do not). The MTP layers attend fully, whatever sliding window the model's layers use.",
     "eagle3": "**eagle3/**: the EAGLE-3 draft in the `speculators` format. vLLM: `--speculative-config "
               "'{\"model\": \"<this directory>\", \"method\": \"eagle3\", \"num_speculative_tokens\": K}'` with the "
               "parent directory as the target model; `verifier.name_or_path` is `..` (set it to the base model's "
@@ -92,8 +97,39 @@ def _head_weight(hf_state: StateDict) -> torch.Tensor:
     return hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
 
 
+# Families whose transformers config has per-layer `layer_types`: transformers' `MtpModel` then needs
+# `mtp_layer_types` (it refuses the config without), and reads the MTP layers' attention from it.
+_TYPED_LAYERS = ("qwen2", "qwen3")
+
+
+def mtp_config(cfg: ModelConfig, depth: int) -> dict[str, Any]:
+    """The keys the mtp/ variant adds to the plain export's config.json for `depth` MTP layers."""
+    keys: dict[str, Any] = {"num_nextn_predict_layers": depth, "num_mtp_layers": depth}
+    if cfg.architecture in _TYPED_LAYERS:
+        keys["mtp_layer_types"] = ["full_attention"] * depth  # as the blocks trained (mtp.MTP_WINDOW)
+    return keys
+
+
+def mtp_window_note(cfg: ModelConfig) -> str | None:
+    """What a reader of the mtp/ variant of a Mistral model must know when its sliding window binds, else None.
+
+    MistralConfig (and MixtralConfig) has no per-layer types: transformers' `MtpModel` masks the MTP layers fully (its documented rule,
+    what the blocks trained with), but its flash-attention path also hands every attention the config's
+    `sliding_window`, so it would slide them."""
+    w = cfg.sliding_window
+    if cfg.architecture != "mistral" or w is None or w >= cfg.max_seq_len:
+        return None
+    return (f"draft heads: mtp/'s MTP layers attend fully as trained, but the Mistral family's config (Mistral, or "
+            f"Mixtral for an MoE) has one model.sliding_window={w} for every layer: load mtp/ in transformers with "
+            f"attn_implementation eager or sdpa (flash-attention would slide the MTP layers over contexts longer than "
+            f"{w} tokens)")
+
+
 def _mtp_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
     first = ctx.model_cfg.num_layers
+    note = mtp_window_note(ctx.model_cfg)
+    if note is not None:
+        ctx.notes.append(note)
 
     def tensors(hf_state: StateDict, hf_to_ours: dict[str, str]) -> StateDict:
         out = dict(hf_state)  # the model, and the blocks as its layers first + k (an MoE block as its MoE layers)
@@ -103,8 +139,8 @@ def _mtp_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
             out[f"model.layers.{first + k}.shared_head.head.weight"] = _head_weight(hf_state).clone()
         return out
 
-    return ExportVariant("mtp", tensors, lambda _: {"num_nextn_predict_layers": head.depth,
-                                                    "num_mtp_layers": head.depth}, README["mtp"],
+    keys = mtp_config(ctx.model_cfg, head.depth)
+    return ExportVariant("mtp", tensors, lambda _: keys, README["mtp"] + (f"\n\n{note}" if note else ""),
                          appended_layers=_mtp_blocks(own, head.depth, first))
 
 
@@ -112,8 +148,8 @@ def _eagle3_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
     cfg = ctx.model_cfg
     layers = list(ctx.model.draft["eagle3"].aux_layers)
     draft_vocab = own["lm_head.weight"].shape[0]
-    # The plain export's class: LlamaForCausalLM for a dense base (an MoE base's class is its MoE plugin's choice).
-    verifier = ["LlamaForCausalLM"] if type(ctx.model.layers[-1].mlp).__name__ == "MLP" else []
+    # The plain export's class: the family's for a dense base (an MoE base's class is its MoE plugin's choice).
+    verifier = [FAMILIES[cfg.architecture][0]] if type(ctx.model.layers[-1].mlp).__name__ == "MLP" else []
 
     def tensors(hf_state: StateDict, hf_to_ours: dict[str, str]) -> StateDict:
         out = _cast({b: own[a] for a, b in EAGLE3_LAYER.items()}, hf_state["model.norm.weight"])
@@ -125,7 +161,7 @@ def _eagle3_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
         layer = {"model_type": "llama", "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
                  "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
                  "head_dim": cfg.dim_per_head, "num_hidden_layers": 1, "rms_norm_eps": cfg.norm_eps,
-                 "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+                 **eagle3_rope(cfg), "max_position_embeddings": cfg.max_seq_len,
                  "vocab_size": cfg.vocab_size, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
                  "tie_word_embeddings": False}
         return {"architectures": ["Eagle3DraftModel"], "speculators_model_type": "eagle3",
@@ -140,6 +176,31 @@ def _eagle3_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
                     "verifier": {"name_or_path": "..", "architectures": verifier}}}
 
     return ExportVariant("eagle3", tensors, config, README["eagle3"], standalone=True)
+
+
+def eagle3_rope(cfg: ModelConfig) -> dict[str, Any]:
+    """The EAGLE-3 layer's RoPE keys (`transformer_layer_config`): the base's theta and scaling, which the layer
+    trained with, in transformers 4's spelling (`rope_theta`, `rope_scaling`: what the speculators releases and vLLM
+    read; transformers 5's LlamaConfig reads it too)."""
+    keys = rope_keys(cfg)  # the installed transformers' spelling, converted
+    params = dict(keys.get("rope_parameters") or keys.get("rope_scaling") or {})
+    params.pop("rope_theta", None)
+    return {"rope_theta": cfg.rope_theta,
+            "rope_scaling": None if params.get("rope_type", "default") == "default" else params}
+
+
+def _check_eagle3_rope(config: dict[str, Any], cfg: ModelConfig, directory: Path) -> None:
+    """An EAGLE-3 directory's RoPE must be the base's: the layer is rebuilt with the base's (`rope_for`)."""
+    layer = config.get("transformer_layer_config", {})
+    written = layer.get("rope_scaling") or {}
+    ours = eagle3_rope(cfg)["rope_scaling"] or {}
+    theirs = (float(layer.get("rope_theta", cfg.rope_theta)), written.get("rope_type", written.get("type", "default")),
+              written.get("factor"))
+    want = (cfg.rope_theta, ours.get("rope_type", "default"), ours.get("factor"))
+    if theirs != want:
+        raise ValueError(f"{directory}/config.json: transformer_layer_config's RoPE (theta, type, factor) = {theirs} "
+                         f"but the base model's is {want} (model.rope_theta, model.rope_scaling); load the heads onto "
+                         "the base they were exported with")
 
 
 def _medusa_variant(own: StateDict, ctx: ExportContext, head) -> ExportVariant:
@@ -217,8 +278,8 @@ FromHF = Callable[[StateDict, Any], StateDict]  # (HF state dict, our model conf
 def load_heads(directory: Path | str, kind: str, model: nn.Module, from_hf: FromHF | None = None) -> nn.Module:
     """A variant directory's heads as our module for `model` (the base, e.g. imported from the plain export), in
     the base's dtype and device, ready for `SpeculativeDecoder`. `from_hf`: the model's mapping from HF names
-    (`trainer.export.mapping.ModelAdapters.from_hf`), which reads MTP blocks that are not dense Llama layers (an
-    MoE base's); None: the Llama names."""
+    (`trainer.export.mapping.ModelAdapters.from_hf`), which reads MTP blocks that are not dense layers (an MoE
+    base's); None: the dense families' names (`layer_names`: biases and q/k norms as `model.cfg` has them)."""
     from .plugin import head_module
 
     directory = Path(directory)
@@ -231,6 +292,7 @@ def load_heads(directory: Path | str, kind: str, model: nn.Module, from_hf: From
         ours = {a: state[b] for k in range(depth) for a, b in _mtp_names(k, cfg.num_layers).items()}
         ours.update(_mtp_blocks_from_disk(state, depth, cfg, from_hf))
     elif kind == "eagle3":
+        _check_eagle3_rope(config, cfg, directory)
         module = head_module({"kind": "eagle3", "layers": config["eagle_aux_hidden_state_layer_ids"],
                               "steps": config["speculators_config"]["proposal_methods"][0]["speculative_tokens"],
                               "draft_vocab_size": config["draft_vocab_size"]}, cfg)

@@ -10,6 +10,10 @@ final normed hidden state, what vLLM and transformers hand their MTP layers) and
 The next depth reads the normed h^k, as transformers' `MtpModel` chains its layers. The block's MLP is of the
 kind the base's last layer has (an MoE layer on an MoE base, as DeepSeek-V3 and GLM-4.5 build theirs); its
 routing joins the model's in `outputs.aux` (`DraftOutput.aux`), so the MoE plugin balances it as one more layer.
+The block is built from the base's config, so it has the base family's biases and q/k norms; its attention is
+full (`MTP_WINDOW`) on every family, whatever sliding window the base's layers use: DeepSeek-V3's MTP layers have
+none, and transformers' `MtpModel` masks an MTP layer fully unless the config's `mtp_layer_types` says otherwise
+(export.py writes it where the family's config has per-layer types; Mistral's has none: see `mtp_window_note`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from slimtrain.modules.transformer.rope import rope_for
 
 from .base import BaseStep, BaseView, DraftOutput
 from .targets import shifted_tokens
+
+
+MTP_WINDOW: int | None = None
+"""The sliding window of every MTP block's attention: none (see the module docstring)."""
 
 
 def _dense(mlp: nn.Module) -> bool:
@@ -71,7 +79,8 @@ class MTPHeads(nn.Module):
         model = base.model
         s = base.input_ids.shape[1]
         cos, sin = rope_for(model.cfg, base.position_ids, base.hidden.dtype)
-        attend = bind_attention(model.cfg.attention, base.documents, s, base.hidden.device, base.hidden.dtype)
+        attend = bind_attention(model.cfg.attention, base.documents, s, base.hidden.device, base.hidden.dtype,
+                                MTP_WINDOW)
         hidden, outputs = base.hidden, []
         for k, module in enumerate(self.depths, start=1):
             embeds = model.embed(shifted_tokens(base.input_ids, base.doc_ids, k))
@@ -122,7 +131,8 @@ class MTPDrafter:
             positions = torch.arange(lo, hi + 1, device=previous.device)[None]
             cos, sin = rope_for(cfg, positions, previous.dtype)
             bound = cache.bind(hi + 1 - lo)
-            out = module(model.embed(tokens)[None], previous[lo:hi + 1][None], cos, sin, bound.layer(0))[0][0]
+            out = module(model.embed(tokens)[None], previous[lo:hi + 1][None], cos, sin,
+                         bound.layer(0, MTP_WINDOW))[0][0]
             cache.commit(hi + 1 - lo)
             drafts.append(int(model.lm_head(out[-1]).argmax()))
             real = max(lo, n - depth)  # positions whose inputs were all accepted tokens
