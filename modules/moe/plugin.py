@@ -111,7 +111,9 @@ class MoEPlugin(Plugin):
 
     def losses(self, outputs, batch, ctx: PluginContext) -> dict[str, LossTerm]:
         c = self.cfg
-        real = (batch.doc_ids.reshape(-1, 1) >= 0)  # padding excluded by weights: no wait on the device
+        shard = getattr(ctx.model, "sequence_shard", None)  # the routed tokens are this rank's slice of the rows
+        doc_ids = batch.doc_ids if shard is None else shard.local(batch.doc_ids)
+        real = (doc_ids.reshape(-1, 1) >= 0)  # padding excluded by weights: no wait on the device
         aux = outputs.aux
         layers = list(zip(aux["moe/logits"], aux["moe/scores"], aux["moe/experts"]))
         dropped = aux.get("moe/dropped", [None] * len(layers))

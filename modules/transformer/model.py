@@ -16,6 +16,7 @@ from .io import Splice, TransformerOutput
 from .kv_cache import KVCache
 from .layers import DecoderBlock, RMSNorm
 from .rope import rope_for
+from .sequence_shard import SequenceShard
 
 
 class Transformer(nn.Module):
@@ -37,6 +38,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Set by a backend that splits the sequence over ranks (Ulysses): see `SequenceShard`.
+        self.sequence_shard: SequenceShard | None = None
         self.init_weights()
 
     def tie_weights(self) -> None:
@@ -96,9 +99,13 @@ class Transformer(nn.Module):
         See `ModelInputs` for the same arguments as one object (training never passes a cache).
         """
         docs = as_documents(doc_ids)
-        x = self._embed(input_ids, inputs_embeds, splice)
-        b, s = x.shape[:2]
-        self._check_inputs((b, s), x.device, position_ids, docs)
+        if self.sequence_shard is not None and cache is None:
+            x, position_ids = self._embed_shard(input_ids, inputs_embeds, splice, position_ids, docs)
+            s = docs.ids.shape[1] if docs is not None else position_ids.shape[1] * self.sequence_shard.size
+        else:
+            x = self._embed(input_ids, inputs_embeds, splice)
+            b, s = x.shape[:2]
+            self._check_inputs((b, s), x.device, position_ids, docs)
         wanted = self._layer_indices(hidden_layers)
         start = 0 if cache is None else cache.length
         if position_ids is None:
@@ -129,15 +136,38 @@ class Transformer(nn.Module):
     def bind_attention(self, docs: Documents | None, seq_len: int, device: torch.device,
                        dtype: torch.dtype) -> Callable[[int | None], BoundAttention]:
         """The attention of one forward by sliding window (None: full): each mask is prepared once, for every
-        layer with that window."""
+        layer with that window. With a sequence shard, each is wrapped by the shard's attention (the whole
+        sequence's mask, this rank's heads)."""
         bound: dict[int | None, BoundAttention] = {}
+        shard = self.sequence_shard
 
         def attend(window: int | None) -> BoundAttention:
             if window not in bound:
-                bound[window] = bind_attention(self.cfg.attention, docs, seq_len, device, dtype, window)
+                local = bind_attention(self.cfg.attention, docs, seq_len, device, dtype, window)
+                bound[window] = local if shard is None else shard.attention(local)
             return bound[window]
 
         return attend
+
+    def _embed_shard(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, splice: Splice | None,
+                     position_ids: torch.Tensor | None, docs: Documents | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's embeddings [B, S/N, H], its positions [B, S/N]) of whole rows, under a sequence shard: the
+        inputs, positions and documents are the whole rows' (so masks and positions stay global), only this
+        rank's 1/N of the sequence is embedded."""
+        if splice is not None:
+            raise ValueError("splice (a compressor's embeddings) cannot run under sequence parallelism: its spans "
+                             "would cross the shards; set backend.sequence_parallel=1")
+        full = input_ids if input_ids is not None else inputs_embeds
+        if full is None or full.dim() < 2:
+            raise ValueError("give the model exactly one of input_ids [batch, seq] and inputs_embeds [batch, seq, hidden]")
+        b, s = full.shape[:2]
+        self._check_inputs((b, s), full.device, position_ids, docs)
+        if position_ids is None:
+            position_ids = torch.arange(s, device=full.device).expand(b, s)
+        local = self.sequence_shard.local
+        x = self._embed(None if input_ids is None else local(input_ids),
+                        None if inputs_embeds is None else local(inputs_embeds), None)
+        return x, local(position_ids)
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                splice: Splice | None) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slimtrain.core.sentinels import IGNORE_INDEX, PAD_DOC_ID
 from slimtrain.data.batch import Batch
 from slimtrain.modules.expert_parallel import expert_parameter_counts
 from slimtrain.modules.plugin_stack import PluginStack
@@ -22,6 +23,7 @@ from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
 from slimtrain.trainer.backends import deepspeed_experts as experts
+from slimtrain.trainer.backends.deepspeed_ulysses import create_sequence_groups, sequence_mpu
 from slimtrain.trainer.backends.deepspeed_branch import (
     add_fresh_entries, drop_entries, fresh_parameters, saved_param_shapes,
 )
@@ -41,7 +43,8 @@ DS_TAG = "ds"  # sub-directory of a checkpoint step directory that holds DeepSpe
 
 
 def ds_config(cfg: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, world_size: int) -> dict[str, Any]:
-    """The ds_config generated from the recipe; `backend.raw` is merged over it last."""
+    """The ds_config generated from the recipe; `backend.raw` is merged over it last. `world_size`: all ranks
+    (a sequence-parallel group counts as one data-parallel replica)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     offload: dict[str, Any] = {}
     if cfg.offload_optimizer:
@@ -52,7 +55,8 @@ def ds_config(cfg: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, worl
     conf = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum(world_size),
+        "gradient_accumulation_steps": train.grad_accum(cfg.data_parallel_size(world_size)),
+        **({"sequence_parallel_size": cfg.sequence_parallel} if cfg.sequence_parallel > 1 else {}),
         "gradient_clipping": optim.grad_clip or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
@@ -101,6 +105,9 @@ class DeepSpeedBackend:
             self.expert_groups = experts.create_groups(cfg.expert_parallel_size, dist.get_backend())
             self.process_groups.update({experts.EXPERT_GROUP: self.expert_groups.expert,
                                         experts.EXPERT_DATA_GROUP: self.expert_groups.expert_data})
+        self.sequence = create_sequence_groups(cfg.sequence_parallel) if cfg.sequence_parallel > 1 else None
+        if self.sequence is not None:
+            self.process_groups["sequence"] = self.sequence.group
         self.comm = TorchCommunicator(self.process_groups)
         self.cross_entropy = None  # whole logits on every rank: the trainer's own loss
         # The branch source the build initialised plugins' parameters from, and the source parameters they consumed.
@@ -109,13 +116,14 @@ class DeepSpeedBackend:
 
     @property
     def dp_rank(self) -> int:
-        """This rank's index among the data-parallel replicas (what the loader shards by)."""
-        return self.rank
+        """This rank's index among the data-parallel replicas (what the loader shards by): the ranks of a
+        sequence-parallel group are one replica and read the same rows."""
+        return self.rank // self.cfg.sequence_parallel
 
     @property
     def dp_size(self) -> int:
         """Data-parallel replicas (what gradient accumulation is computed from)."""
-        return self.world_size
+        return self.world_size // self.cfg.sequence_parallel
 
     @property
     def module(self) -> nn.Module:
@@ -139,6 +147,7 @@ class DeepSpeedBackend:
         built = build(model_cfg, plugins, init, self.device, parallelize)
         if groups is not None:
             experts.mark(built.model, groups)  # before the optimizer: its groups split on these marks
+        built.model.sequence_shard = self.sequence  # None without sequence parallelism
         self.built_from, self.consumed = init.branch_from, built.consumed
         return built.model
 
@@ -157,7 +166,7 @@ class DeepSpeedBackend:
             args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
             self.engine, _, _, _ = deepspeed.initialize(
                 args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
-                dist_init_required=False,
+                dist_init_required=False, mpu=sequence_mpu() if self.sequence is not None else None,
             )
         except ValidationError as exc:  # DeepSpeed's own config models: only backend.raw can feed them bad values
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: got {e.get('input')!r} — {e['msg']}"
@@ -177,10 +186,11 @@ class DeepSpeedBackend:
         maybe_fault("slow_step", self.engine.global_steps + 1, self.rank)
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"expected {self.grad_accum} micro-batches per step, got {len(micro_batches)}")
-        local_labels = sum(b.num_label_tokens for b in micro_batches)
-        local_tokens = sum(b.num_tokens for b in micro_batches)
+        local_labels = sum(self._label_tokens(b) for b in micro_batches)
+        local_tokens = sum(self._tokens(b) for b in micro_batches)
         global_labels, global_tokens = self.all_reduce_sum([local_labels, local_tokens])
-        norm = max(global_labels, 1.0) / (self.world_size * self.grad_accum)
+        # DeepSpeed averages gradients over the data-parallel replicas (summing a sequence-parallel group's).
+        norm = max(global_labels, 1.0) / (self.dp_size * self.grad_accum)
         lr = float(self.engine.get_lr()[0])
         # Summed on the device and read once after the last micro-batch: a read per micro-batch would
         # make the host wait for each backward before it could queue the next forward.
@@ -237,7 +247,19 @@ class DeepSpeedBackend:
         """(sum of token losses, label tokens, the plugins' loss terms) of one micro-batch on this rank."""
         self.engine.eval()
         _, token_loss_sum, terms = loss_fn(self.engine, batch.to(self.device), 1.0)
-        return float(token_loss_sum), batch.num_label_tokens, {k: float(v) for k, v in terms.items()}
+        return float(token_loss_sum), self._label_tokens(batch), {k: float(v) for k, v in terms.items()}
+
+    def _label_tokens(self, batch: Batch) -> int:
+        """Label tokens this rank's loss covers: its slice of the sequence under sequence parallelism."""
+        if self.sequence is None:
+            return batch.num_label_tokens
+        return int((self.sequence.local(batch.labels) != IGNORE_INDEX).sum())
+
+    def _tokens(self, batch: Batch) -> int:
+        """Real tokens this rank computes (its slice of the sequence under sequence parallelism)."""
+        if self.sequence is None:
+            return batch.num_tokens
+        return int((self.sequence.local(batch.doc_ids) != PAD_DOC_ID).sum())
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks, in float64 so token counts stay exact."""

@@ -37,6 +37,12 @@ class DeepSpeedConfig(_Strict):
         "backend.zero_stage 1 or 2. Checkpoints resume at another size (converted through DeepSpeed's universal "
         "checkpoint) and export whole. 1: every rank holds every expert."
     )
+    sequence_parallel: int = Field(
+        1, ge=1, description="Sequence parallelism (DeepSpeed-Ulysses): groups of this many consecutive ranks split "
+        "each row's sequence, every rank holding 1/N of the tokens (1/N of the heads inside attention, exchanged by "
+        "DeepSpeed's all-to-all). The ranks of a group read the same rows; data-parallel replicas are world size / "
+        "N. model.num_heads, the key/value heads and data.seq_len must divide by N. 1: off."
+    )
     raw: dict[str, Any] = Field(
         default_factory=dict, description="Deep-merged into the generated ds_config last (for experts; "
         "keys the recipe already controls are refused)."
@@ -59,6 +65,10 @@ class DeepSpeedConfig(_Strict):
             raise ValueError(f"backend.raw.zero_optimization.stage={zero['stage']!r} is set by the recipe; "
                              "use backend.zero_stage instead")
         self._check_expert_parallel(zero)
+        if self.sequence_parallel > 1 and self.expert_parallel_size > 1:
+            raise ValueError(f"backend.sequence_parallel={self.sequence_parallel} with backend.expert_parallel_size="
+                             f"{self.expert_parallel_size}: the two do not compose on this backend yet; set one of "
+                             "them to 1")
         return self
 
     def _check_expert_parallel(self, zero: dict[str, Any]) -> None:
@@ -105,14 +115,24 @@ class DeepSpeedConfig(_Strict):
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel replicas on `world_size` ranks: every rank is one (ZeRO shards states, not the batch;
-        expert parallelism shards experts, not the batch). Refuses a world the expert groups do not tile."""
+        expert parallelism shards experts, not the batch), except that a sequence-parallel group is one replica.
+        Refuses a world the expert or sequence groups do not tile."""
         check_expert_world(self.expert_parallel_size, world_size)
-        return world_size
+        sp = self.sequence_parallel
+        if world_size % sp:
+            from slimtrain.trainer.errors import RecipeError
+
+            raise RecipeError(f"backend.sequence_parallel={sp} does not divide the world size {world_size}: "
+                              f"launch a multiple of {sp} ranks, or choose a sequence_parallel that divides "
+                              f"{world_size}")
+        return world_size // sp
 
     def check_recipe(self, recipe: "Recipe") -> None:
         """What this engine refuses in the rest of the recipe (called when the recipe is validated)."""
         if self.expert_parallel_size > 1:
             check_expert_layers(recipe, self.expert_parallel_size)
+        if self.sequence_parallel > 1:
+            check_sequence_parallel(recipe, self.sequence_parallel)
         if recipe.train.compile and self.zero_stage == 3:
             raise ValueError(
                 "train.compile=true with backend.zero_stage=3 is not supported (ZeRO-3 gathers parameters in hooks "
@@ -176,3 +196,33 @@ def check_expert_layers(recipe: "Recipe", ep: int) -> None:
             module.shard_experts(LocalCommunicator(), "expert", 0, ep)
         except ValueError as exc:
             raise ValueError(f"backend.expert_parallel_size={ep}: {where} ({name}): {exc}") from None
+
+
+# Plugins whose layers see whole sequences (a draft head reads the next tokens, a compressor whole spans): a slice of
+# the sequence would cut what they read.
+_WHOLE_SEQUENCE_PLUGINS = {"draft": "its heads read tokens ahead of each position, across the slice boundary",
+                           "compressor": "its spans and examples are cut from whole rows"}
+
+
+def check_sequence_parallel(recipe: "Recipe", sp: int) -> None:
+    """Refuse what sequence parallelism over `sp` ranks cannot split: heads, the sequence, some plugins."""
+    m = recipe.model
+    for field, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", m.kv_heads),
+                         ("data.seq_len", recipe.data.seq_len)):
+        if value % sp:
+            choices = [d for d in range(1, value + 1) if value % d == 0 and d > 1][:8]
+            raise ValueError(f"backend.sequence_parallel={sp} must divide {field}={value} (each rank takes 1/{sp} of "
+                             f"the {'sequence' if field == 'data.seq_len' else 'heads'}); choose one of {choices} "
+                             f"or change {field}")
+    for spec in recipe.plugins:
+        why = _WHOLE_SEQUENCE_PLUGINS.get(spec.type)
+        if why:
+            raise ValueError(f"plugins: {spec.type!r} cannot run with backend.sequence_parallel={sp}: {why}; set "
+                             "backend.sequence_parallel=1 or remove the plugin")
+        if spec.type == "moe" and getattr(spec, "seq_aux_loss_weight", 0):
+            raise ValueError(f"plugins: moe.seq_aux_loss_weight with backend.sequence_parallel={sp}: the "
+                             "per-sequence balance loss needs whole rows; use aux_loss_weight or "
+                             "global_aux_loss_weight, or set backend.sequence_parallel=1")
+    if recipe.train.compile:
+        raise ValueError(f"train.compile=true with backend.sequence_parallel={sp} is not supported (DeepSpeed's "
+                         "all-to-all inside compiled blocks is untested here); set train.compile=false")

@@ -139,7 +139,8 @@ def edge_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> float:
 def _zero_block(recipe: Recipe, params: int) -> tuple[dict, bool]:
     """The `zero_optimization` block the backend will hand DeepSpeed (generated, `backend.raw` merged, bucket
     fitted to the model), and whether gradients accumulate in fp32 (`data_types.grad_accum_dtype`)."""
-    config = fit_gradient_bucket(ds_config(recipe.backend, recipe.train, recipe.optim, 1), params)
+    smallest_world = getattr(recipe.backend, "sequence_parallel", 1)  # one data-parallel replica
+    config = fit_gradient_bucket(ds_config(recipe.backend, recipe.train, recipe.optim, smallest_world), params)
     fp32_accum = (config.get("data_types") or {}).get("grad_accum_dtype") in ("fp32", "float32")
     return config["zero_optimization"], fp32_accum
 
@@ -189,7 +190,9 @@ def estimate(recipe: Recipe, world_size: int, vocab_size: int) -> MemoryEstimate
     experts = expert_parameter_count(plugins, cfg) if ep > 1 else 0
     held = params - experts + experts // ep
     largest = max(vocab_size * cfg.hidden_size, 3 * cfg.hidden_size * cfg.intermediate_size)
-    tokens = train.micro_batch_size * recipe.data.seq_len
+    # Under sequence parallelism a rank holds 1/N of each row's tokens (inside attention: 1/N of the heads over the
+    # whole row, the same bytes), and its loss covers only those.
+    tokens = train.micro_batch_size * recipe.data.seq_len // getattr(backend, "sequence_parallel", 1)
     per_layer = block_activation_bytes_per_token(cfg, w) * tokens
     if train.activation_checkpointing:  # every block's input, plus one block recomputed at a time
         activations = cfg.num_layers * w * cfg.hidden_size * tokens + per_layer
@@ -211,7 +214,9 @@ def format_estimate(e: MemoryEstimate, recipe: Recipe, world_size: int, gpu_gb: 
         f"memory per GPU (estimate): {world_size} GPUs, ZeRO-{b.zero_stage}, {b.precision}, micro-batch "
         f"{t.micro_batch_size} x {recipe.data.seq_len} tokens, activation checkpointing "
         f"{'on' if t.activation_checkpointing else 'off'}"
-        + (f", loss in chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else ""),
+        + (f", loss in chunks of {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else "")
+        + (f", sequence parallel {sp} ({recipe.data.seq_len // sp} tokens of each row per GPU)"
+           if (sp := getattr(b, "sequence_parallel", 1)) > 1 else ""),
         f"  parameters   {e.params / 1e9:8.2f} B  (largest layer {e.largest_layer / 1e6:.0f} M)",
         *([f"  experts      {e.expert_params / 1e9:8.2f} B  of them, spread over {e.expert_parallel} ranks: "
            f"{e.held_params / 1e9:.2f} B held per GPU (backend.expert_parallel_size)"]

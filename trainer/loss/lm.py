@@ -25,6 +25,13 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def local_labels(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The labels of the tokens this rank computes: all of them, or its slice of the sequence when the backend
+    splits the sequence over ranks (`Transformer.sequence_shard`), whose logits are that slice only."""
+    shard = getattr(unwrapped(model), "sequence_shard", None)
+    return labels if shard is None else shard.local(labels)
+
+
 def lm_loss(model: nn.Module, batch: Batch, label_norm: float, plugins: PluginStack = NO_PLUGINS,
             ctx: PluginContext | None = None, chunk_tokens: int = 0,
             cross_entropy: CrossEntropySum = fp32_cross_entropy_sum,
@@ -42,11 +49,12 @@ def lm_loss(model: nn.Module, batch: Batch, label_norm: float, plugins: PluginSt
         ctx = PluginContext(model=unwrapped(model), device=batch.input_ids.device)
     inputs = plugins.inputs(batch, ctx, with_logits=not chunked)
     out = model(**inputs.model_kwargs())
+    labels = local_labels(model, inputs.labels)
     if chunked:
-        token_loss_sum = chunked_lm_loss_sum(unwrapped(model).lm_head, out.hidden_states, inputs.labels,
+        token_loss_sum = chunked_lm_loss_sum(unwrapped(model).lm_head, out.hidden_states, labels,
                                              chunk_tokens, cross_entropy)
     else:
-        token_loss_sum = cross_entropy(out.logits, inputs.labels)
+        token_loss_sum = cross_entropy(out.logits, labels)
     loss = token_loss_sum / label_norm
     terms: dict[str, torch.Tensor] = {}
     for name, term in plugins.losses(out, batch, ctx).items():
