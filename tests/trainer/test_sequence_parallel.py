@@ -1,6 +1,6 @@
 """Sequence parallelism (DeepSpeed-Ulysses, `backend.sequence_parallel`) on 2 gloo ranks: the sharded model equals
 one process (logits, loss, gradients) on packed rows whose documents cross the slice boundary; training gives one
-rank's losses step by step at ZeRO-2 and at ZeRO-3 with activation checkpointing; SIGKILL and resume is bitwise;
+rank's losses step by step at ZeRO-0, 1, 2 and at ZeRO-3 with activation checkpointing; SIGKILL and resume is bitwise;
 bad layouts are refused naming the field."""
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def test_training_matches_one_rank_and_resumes_bitwise(tmp_path: Path) -> None:
     one = run_train(tmp_path / "one", cache, steps, nproc=1)
     assert one.returncode == 0, one.stdout[-3000:]
     reference = losses(tmp_path / "one")
-    for name, extra in (("zero2", []), ("zero3", ["backend.zero_stage=3", "train.activation_checkpointing=true"])):
+    layouts = (("zero2", []), ("zero0", ["backend.zero_stage=0"]), ("zero1", ["backend.zero_stage=1"]),
+               ("zero3", ["backend.zero_stage=3", "train.activation_checkpointing=true"]))
+    for name, extra in layouts:
         run = run_train(tmp_path / name, cache, steps + SP + extra, nproc=2)
         assert run.returncode == 0, run.stdout[-3000:]
         got = losses(tmp_path / name)
