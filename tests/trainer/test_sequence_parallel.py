@@ -67,3 +67,12 @@ def test_a_world_the_groups_do_not_tile_is_refused() -> None:
     with pytest.raises(RecipeError, match="backend.sequence_parallel=2 does not divide the world size 3"):
         DeepSpeedConfig(sequence_parallel=2).data_parallel_size(3)
     assert DeepSpeedConfig(sequence_parallel=2).data_parallel_size(4) == 2
+
+
+def test_the_memory_estimate_counts_one_slice_of_each_row() -> None:
+    from slimtrain.trainer.env.memory import estimate
+
+    whole = estimate(load_recipe(TINY, ["model.vocab_size=512"]), 2, 512)
+    sliced = estimate(load_recipe(TINY, SP + ["model.vocab_size=512"]), 2, 512)
+    assert sliced.activations == pytest.approx(whole.activations / 2)
+    assert sliced.logits == pytest.approx(whole.logits / 2)
