@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import RMSNorm
+from .sharding import shard_of
 
 # Projections that write into the residual stream: scaled by 1/sqrt(2 * num_layers) so that the
 # residual's variance does not grow with depth (GPT-2's rule).
@@ -20,9 +21,12 @@ def _normal_(weight: torch.Tensor, std: float, generator: torch.Generator | None
     if weight.is_meta:  # built on the meta device: the caller initialises after materialising
         return
     # Drawn on the CPU in fp32, then copied: the same seed gives the same weights on any device
-    # and in any parameter dtype.
-    sample = torch.empty(weight.shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
-    weight.copy_(sample)
+    # and in any parameter dtype. A tensor-parallel slice draws the whole tensor and keeps its slice, so that a
+    # sharded model starts from the single-device weights.
+    shard = shard_of(weight)
+    shape = weight.shape if shard is None else shard.full_shape
+    sample = torch.empty(shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
+    weight.copy_(sample if shard is None else shard.take(sample))
 
 
 @torch.no_grad()
@@ -43,9 +47,14 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int | None = None,
             continue
         if isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
-        elif isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in seen:
+        elif _dense_like(module) and id(module.weight) not in seen:
             seen.add(id(module.weight))
             std = residual_std if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS else cfg.init_std
             _normal_(module.weight, std, generator)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
+
+
+def _dense_like(module: nn.Module) -> bool:
+    """A Linear or Embedding, or a backend's parallel version of one (`init_like_dense = True`): drawn alike."""
+    return isinstance(module, (nn.Linear, nn.Embedding)) or getattr(module, "init_like_dense", False)

@@ -19,6 +19,7 @@ from torch import nn
 from slimtrain.modules.hf_adapters import NameMismatch, get_adapter
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.modules.transformer.sharding import shard_of
 from slimtrain.modules.transformer.hf_config import FAMILY_OF_CLASS, SUPPORTED, model_config_from_hf
 from slimtrain.trainer.errors import CheckpointError, RecipeError
 from slimtrain.trainer.export.mapping import MappingError, ModelAdapters, model_adapters
@@ -178,7 +179,10 @@ def import_hf(model: nn.Module, cfg: ModelConfig, path: Path, plugins: PluginSta
 
 
 def _load(model: nn.Module, state: dict[str, torch.Tensor], path: Path):
-    """model.load_state_dict(state, strict=False), a tensor of another shape refused naming it (and the field)."""
+    """model.load_state_dict(state, strict=False), a tensor of another shape refused naming it (and the field). A
+    parameter a tensor-parallel backend sharded takes its slice of the whole tensor (`sharding.Shard`)."""
+    params = dict(model.named_parameters())
+    state = {name: _slice_for(params.get(name), tensor) for name, tensor in state.items()}
     try:
         return model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
@@ -189,6 +193,12 @@ def _load(model: nn.Module, state: dict[str, torch.Tensor], path: Path):
                           f"model: {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''} — its config.json does "
                           "not describe its weights, or the model block differs; use a directory whose weights fit "
                           "the model block") from None
+
+
+def _slice_for(param: torch.Tensor | None, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (whole) as the slice `param` holds, when `param` is a shard of a tensor of that shape."""
+    shard = None if param is None else shard_of(param)
+    return shard.take(tensor) if shard is not None and tuple(tensor.shape) == shard.full_shape else tensor
 
 
 def _holds_dense(path: Path) -> bool:

@@ -1,0 +1,122 @@
+"""Tensor parallelism of our `Transformer` through megatron-core's layers, after the plugins applied (torchtitan's
+principle: the same model, parallelised by the engine).
+
+Attention's q/k/v and the MLP's gate/up become `ColumnParallelLinear` (output features split), o and down
+`RowParallelLinear` (input features split, the output all-reduced), the embedding `VocabParallelEmbedding` and the
+head a column-parallel layer whose logits stay split over the vocabulary, for `vocab_parallel_cross_entropy`. The
+parameters keep their names (`layers.0.attn.q_proj.weight`, ...) and are marked as slices
+(`slimtrain.modules.transformer.sharding`), so that the seed's weights, an import and an export see whole tensors.
+Head counts follow from the projections' widths, so the attention needs no change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtrain.core.sentinels import IGNORE_INDEX
+from slimtrain.modules.transformer.layers import MLP
+from slimtrain.modules.transformer.sharding import Shard, mark_shard
+
+_COLUMN = ("q_proj", "k_proj", "v_proj")
+
+
+def parallelize(model: nn.Module, config: Any, rank: int, size: int) -> None:
+    """Swap `model`'s projections, embedding and head for megatron-core's tensor-parallel layers (`size` ranks, this
+    one `rank`), in place; `config` is megatron's ModelParallelConfig."""
+    if size == 1:
+        return
+    for i, layer in enumerate(model.layers):
+        attn = layer.attn
+        for name in _COLUMN:
+            setattr(attn, name, column(getattr(attn, name), config, rank, size))
+        attn.o_proj = row(attn.o_proj, config, rank, size)
+        if type(layer.mlp) is not MLP:
+            raise ValueError(f"layers.{i}.mlp is a {type(layer.mlp).__name__} (swapped in by a plugin): the megatron "
+                             "backend parallelises the dense MLP only so far; set backend.tensor_parallel=1")
+        for name in ("gate_proj", "up_proj"):
+            setattr(layer.mlp, name, column(getattr(layer.mlp, name), config, rank, size))
+        layer.mlp.down_proj = row(layer.mlp.down_proj, config, rank, size)
+    model.embed = embedding(model.embed, config, rank, size)
+    model.lm_head = column(model.lm_head, config, rank, size)
+    model.tie_weights()
+
+
+def _check_plain(module: nn.Module, kind: type) -> None:
+    if type(module) is not kind:
+        raise ValueError(f"a {type(module).__name__} (swapped in by a plugin) cannot be split by the megatron backend "
+                         "yet; set backend.tensor_parallel=1")
+
+
+def column(linear: nn.Linear, config: Any, rank: int, size: int) -> nn.Module:
+    """`linear` as a column-parallel layer (this rank's output features), its outputs left split."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    _check_plain(linear, nn.Linear)
+
+    class ColumnLinear(ColumnParallelLinear):
+        init_like_dense = True  # initialise_weights draws it as the nn.Linear it replaces
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0]
+
+    layer = ColumnLinear(linear.in_features, linear.out_features, config=config, init_method=_no_init,
+                         bias=linear.bias is not None, gather_output=False, skip_bias_add=False)
+    mark_shard(layer.weight, Shard(0, rank, size, (linear.out_features, linear.in_features)))
+    if layer.bias is not None:
+        mark_shard(layer.bias, Shard(0, rank, size, (linear.out_features,)))
+    return layer
+
+
+def row(linear: nn.Linear, config: Any, rank: int, size: int) -> nn.Module:
+    """`linear` as a row-parallel layer: this rank's input features in, the whole output (all-reduced) out."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    _check_plain(linear, nn.Linear)
+
+    class RowLinear(RowParallelLinear):
+        init_like_dense = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0]
+
+    layer = RowLinear(linear.in_features, linear.out_features, config=config, init_method=_no_init,
+                      bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False)
+    mark_shard(layer.weight, Shard(1, rank, size, (linear.out_features, linear.in_features)))
+    return layer
+
+
+def embedding(embed: nn.Embedding, config: Any, rank: int, size: int) -> nn.Module:
+    """`embed` split over the vocabulary (rows): each rank looks up its ids, the results all-reduced."""
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    _check_plain(embed, nn.Embedding)
+    if embed.num_embeddings % size:
+        raise ValueError(f"model.vocab_size={embed.num_embeddings} does not split over backend.tensor_parallel={size} "
+                         f"ranks; use a vocabulary padded to a multiple of {size} (model.vocab_size)")
+
+    class VocabEmbedding(VocabParallelEmbedding):
+        init_like_dense = True
+
+    layer = VocabEmbedding(embed.num_embeddings, embed.embedding_dim, init_method=_no_init, config=config)
+    mark_shard(layer.weight, Shard(0, rank, size, (embed.num_embeddings, embed.embedding_dim)))
+    return layer
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Megatron's own initialisation is skipped: the model's `init_weights` draws the whole tensors from the seed."""
+
+
+def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed token cross-entropy of logits split over the vocabulary (megatron's `vocab_parallel_cross_entropy`,
+    in fp32); IGNORE_INDEX labels count nothing."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    keep = labels != IGNORE_INDEX
+    # megatron shifts its input by the row maxima in place: hand it a copy, never the model's logits themselves
+    # (a bf16 input is copied by the upcast already).
+    upcast = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    per_token = vocab_parallel_cross_entropy(upcast, labels.masked_fill(~keep, 0))
+    return (per_token * keep).sum()
