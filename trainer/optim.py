@@ -78,7 +78,8 @@ def _split_engine_groups(groups: list[dict]) -> list[dict]:
 def _no_decay_ids(model: nn.Module) -> set[int]:
     ids = set()
     for module in model.modules():
-        if isinstance(module, nn.Embedding):
+        # A backend's parallel embedding (megatron's vocabulary-parallel one) says so: it is not an nn.Embedding.
+        if isinstance(module, nn.Embedding) or getattr(module, "is_embedding", False):
             ids.update(id(p) for p in module.parameters(recurse=False))
     return ids
 

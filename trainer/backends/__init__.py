@@ -6,6 +6,7 @@ from pathlib import Path
 
 from slimtrain.trainer.backends.base import Backend, LossFn, StepResult
 from slimtrain.trainer.backends.deepspeed_config import DeepSpeedConfig
+from slimtrain.trainer.backends.megatron.config import MegatronConfig
 from slimtrain.trainer.backends.registry import BACKENDS, BackendEntry, register_backend
 
 __all__ = ["Backend", "LossFn", "StepResult", "BACKENDS", "BackendEntry", "build_backend", "register_backend"]
@@ -65,3 +66,45 @@ def _deepspeed_memory(recipe, world_size: int, gpu_gb: float) -> str:
 register_backend("deepspeed", BackendEntry(config=DeepSpeedConfig, start=_start_deepspeed,
                                            check_resumable=_deepspeed_resumable, prepare_process=_deepspeed_process,
                                            read_weights=_deepspeed_weights, memory=_deepspeed_memory))
+
+
+def _start_megatron(**kwargs) -> Backend:
+    from slimtrain.trainer.backends.megatron.backend import MegatronBackend
+
+    return MegatronBackend(**kwargs)
+
+
+def _megatron_resumable(recipe, checkpoint: Path, world_size: int) -> None:
+    import json
+
+    from slimtrain.trainer.backends.megatron.backend import LAYOUT, MEGATRON_DIR
+    from slimtrain.trainer.errors import RecipeError
+
+    layout_file = checkpoint / MEGATRON_DIR / LAYOUT
+    if not layout_file.is_file():
+        raise RecipeError(f"{checkpoint} was not written by the megatron backend (no {MEGATRON_DIR}/{LAYOUT}); resume "
+                          "it with the backend that wrote it")
+    saved = json.loads(layout_file.read_text())
+    now = {"tensor_parallel": recipe.backend.tensor_parallel, "world_size": world_size}
+    if {k: saved[k] for k in now} != now:
+        raise RecipeError(f"{checkpoint} was written at tensor_parallel={saved['tensor_parallel']} on "
+                          f"{saved['world_size']} ranks and this run uses tensor_parallel={now['tensor_parallel']} on "
+                          f"{world_size}: the megatron backend resumes at the same layout so far; launch that layout")
+
+
+def _megatron_process() -> None:
+    import warnings
+
+    # megatron-core warns at import that Transformer Engine and apex are missing: expected on CPU, not actionable.
+    warnings.filterwarnings("ignore", module=r"megatron\.core")
+
+
+def _megatron_weights(step_dir: Path, recipe, model_cfg) -> dict:
+    from slimtrain.trainer.backends.megatron.backend import read_weights
+
+    return read_weights(step_dir)
+
+
+register_backend("megatron", BackendEntry(config=MegatronConfig, start=_start_megatron,
+                                          check_resumable=_megatron_resumable, prepare_process=_megatron_process,
+                                          read_weights=_megatron_weights))

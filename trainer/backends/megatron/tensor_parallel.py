@@ -18,7 +18,7 @@ from torch import nn
 
 from slimtrain.core.sentinels import IGNORE_INDEX
 from slimtrain.modules.transformer.layers import MLP
-from slimtrain.modules.transformer.sharding import Shard, mark_shard
+from slimtrain.modules.transformer.sharding import Shard, mark_shard as _mark
 
 _COLUMN = ("q_proj", "k_proj", "v_proj")
 
@@ -99,10 +99,20 @@ def embedding(embed: nn.Embedding, config: Any, rank: int, size: int) -> nn.Modu
 
     class VocabEmbedding(VocabParallelEmbedding):
         init_like_dense = True
+        is_embedding = True  # no weight decay, as the nn.Embedding it replaces (trainer.optim)
 
     layer = VocabEmbedding(embed.num_embeddings, embed.embedding_dim, init_method=_no_init, config=config)
     mark_shard(layer.weight, Shard(0, rank, size, (embed.num_embeddings, embed.embedding_dim)))
     return layer
+
+
+def mark_shard(param: torch.Tensor, shard: Shard) -> None:
+    """Mark `param` as a slice for our model (init, import, export) and for megatron-core (gradient norms and
+    clipping count a split tensor on every rank, a whole one once)."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    _mark(param, shard)
+    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=shard.dim, stride=1)
 
 
 def _no_init(weight: torch.Tensor) -> None:

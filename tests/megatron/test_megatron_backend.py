@@ -1,0 +1,87 @@
+"""The megatron-core backend (`backend.type: megatron`) through `slimtrain train` on 2 gloo ranks, megatron-core run
+on CPU by the test-only shim: tensor parallelism 2 trains as the DeepSpeed backend does on one rank (the same
+losses step by step), resumes bitwise after SIGKILL and exports the weights the DeepSpeed backend's run exports;
+data parallelism 2 with megatron's distributed optimizer does too; bad layouts are refused naming the field."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "trainer"))
+from train_helpers import REPO, TINY, losses, run_train, run_until_checkpoint_then_kill  # noqa: E402
+
+from slimtrain.trainer.errors import RecipeError  # noqa: E402
+from slimtrain.trainer.recipe.schema import load_recipe  # noqa: E402
+
+MEGATRON = "backend={type: megatron, tensor_parallel: %d, precision: fp32, distributed_optimizer: %s}"
+STEPS = ["train.steps=6", "checkpoint.every=3", "eval.every=3"]
+
+
+@pytest.fixture
+def shim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranks `slimtrain train` starts load the CPU shim (a sitecustomize on PYTHONPATH)."""
+    paths = [str(HERE / "sitecustomize"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+
+
+@pytest.mark.slow
+def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Path, shim: None) -> None:
+    cache = tmp_path / "cache"
+    reference = run_train(tmp_path / "deepspeed", cache, STEPS, nproc=1)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    runs = {"tp2": [MEGATRON % (2, "false")], "dp2": [MEGATRON % (1, "true")]}
+    for name, backend in runs.items():
+        proc = run_train(tmp_path / name, cache, STEPS + backend, nproc=2)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        got, want = losses(tmp_path / name), losses(tmp_path / "deepspeed")
+        assert got.keys() == want.keys() and max(abs(got[s] - want[s]) for s in got) <= 1e-5, (name, got, want)
+    run_until_checkpoint_then_kill(tmp_path / "killed", cache, 3, STEPS + runs["tp2"], nproc=2)
+    resumed = run_train(tmp_path / "killed", cache, STEPS + runs["tp2"], nproc=2)
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stdout[-3000:]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "tp2")  # every step, bitwise (fp32)
+    exported = {name: _export(tmp_path / name, tmp_path / f"{name}-hf") for name in ("deepspeed", "tp2")}
+    assert exported["tp2"].keys() == exported["deepspeed"].keys()
+    assert max(float((exported["tp2"][k] - exported["deepspeed"][k]).abs().max()) for k in exported["tp2"]) <= 1e-5
+
+
+def _export(run: Path, out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the export needs no megatron: no shim
+    env.update(PYTHONPATH=os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]) if os.pathsep in os.environ.get(
+        "PYTHONPATH", "") else None
+    proc = subprocess.run([sys.executable, "-m", "slimtrain.trainer.cli", "export", str(run), str(out), "--verify"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "(ok)" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["backend={type: megatron, tensor_parallel: 4}", "model.num_kv_heads=2"],
+     "backend.tensor_parallel=4 must divide model.num_kv_heads=2"),
+    (["backend={type: megatron, pipeline_parallel: 2}"], "backend.pipeline_parallel=2: the megatron backend runs "
+                                                         "tensor and data parallelism so far"),
+    (["backend={type: megatron}", "plugins=[{type: qat, weights: {group_size: 16}}]"],
+     "plugins ['qat'] on the megatron backend are not built yet"),
+    (["backend={type: megatron, tensor_parallel: 2}", "model.vocab_size=513"],
+     "backend.tensor_parallel=2 must divide model.vocab_size=513"),
+])
+def test_bad_layouts_are_refused_naming_the_field(overrides: list[str], message: str) -> None:
+    with pytest.raises(RecipeError, match=__import__("re").escape(message)):
+        load_recipe(TINY, overrides)
+
+
+def test_a_world_the_layout_does_not_tile_is_refused() -> None:
+    from slimtrain.trainer.backends.megatron.config import MegatronConfig
+
+    with pytest.raises(RecipeError, match="tensor_parallel x pipeline_parallel = 2 does not divide the world size 3"):
+        MegatronConfig(tensor_parallel=2).data_parallel_size(3)
+    assert MegatronConfig(tensor_parallel=2).data_parallel_size(4) == 2

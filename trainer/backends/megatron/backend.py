@@ -1,0 +1,244 @@
+"""The megatron-core backend: its `parallel_state` groups, tensor-parallel layers (tensor_parallel.py), DDP and
+optimizer (`get_megatron_optimizer`, with the distributed optimizer as an option), behind the Backend protocol.
+
+Built so far: tensor and data parallelism, fp32 and bf16, gradient accumulation and clipping, the same learning-rate
+schedules and no-decay groups as the DeepSpeed backend, exact resume at the same layout, export. Pipeline, sequence
+and expert parallelism, plugins, and resharded `dist_checkpointing` checkpoints are refused by its config until
+they are built (docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slimtrain.data.batch import Batch
+from slimtrain.modules.plugin_stack import PluginStack
+from slimtrain.modules.transformer.config import ModelConfig
+from slimtrain.modules.transformer.sharding import shard_of
+from slimtrain.trainer.backends.base import LossFn, StepResult
+from slimtrain.trainer.backends.build import ModelInit, build
+from slimtrain.trainer.backends.communicator import TorchCommunicator
+from slimtrain.trainer.backends.megatron.config import MegatronConfig
+from slimtrain.trainer.backends.megatron.tensor_parallel import parallelize, vocab_parallel_cross_entropy_sum
+from slimtrain.trainer.recipe.schema import OptimConfig, TrainConfig
+
+MEGATRON_DIR = "megatron"  # sub-directory of a checkpoint step directory that holds this backend's files
+LAYOUT = "layout.json"
+
+
+class MegatronBackend:
+    """megatron-core's groups, layers, DDP and optimizer around our model."""
+
+    def __init__(self, cfg: MegatronConfig, train: TrainConfig, optim: OptimConfig) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.model_parallel_config import ModelParallelConfig
+
+        self.cfg, self.optim_cfg = cfg, optim
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        cfg.data_parallel_size(self.world_size)  # refuses a world the layout does not tile
+        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel)
+        self.ps = ps
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.process_groups: dict[str, Any] = {"data": ps.get_data_parallel_group(),
+                                               "tensor": ps.get_tensor_model_parallel_group()}
+        self.comm = TorchCommunicator(self.process_groups)
+        self.cross_entropy = vocab_parallel_cross_entropy_sum if cfg.tensor_parallel > 1 else None
+        self.grad_accum = train.grad_accum(self.dp_size)
+        self.bf16 = cfg.precision == "bf16"
+        self.parallel_config = ModelParallelConfig(
+            tensor_model_parallel_size=cfg.tensor_parallel, use_cpu_initialization=True, perform_initialization=False,
+            gradient_accumulation_fusion=False, params_dtype=torch.float32)
+        self.model: nn.Module | None = None
+        self.ddp = None
+        self.optimizer = None
+        self.scheduler = None
+        self.steps_done = 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index (the ranks of a tensor-parallel group read the same rows)."""
+        return self.ps.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            from slimtrain.trainer.env.distributed import cuda_device_index
+
+            return torch.device("cuda", cuda_device_index())
+        return torch.device("cpu")
+
+    def build_model(self, model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit) -> nn.Module:
+        """The model with megatron's tensor-parallel layers in place of the projections, embedding and head."""
+        tp = self.cfg.tensor_parallel
+        split = (lambda model: parallelize(model, self.parallel_config, self.tp_rank, tp))
+        self.model = build(model_cfg, plugins, init, self.device, split).model
+        return self.model
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
+        """megatron's DDP around the model and its optimizer over the same decay/no-decay groups as `optimizer`
+        (built by the trainer: its groups and `scheduler`'s learning rates are followed, it never steps)."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        if self.bf16:
+            model.to(torch.bfloat16)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   use_distributed_optimizer=self.cfg.distributed_optimizer)
+        self.ddp = DistributedDataParallel(self._transformer_config(model.cfg), ddp_config, model)
+        self.optimizer = self._optimizer(optimizer)
+        self.scheduler = scheduler
+
+    def _transformer_config(self, cfg: ModelConfig) -> Any:
+        from megatron.core.transformer import TransformerConfig
+
+        return TransformerConfig(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                                 num_attention_heads=cfg.num_heads, tensor_model_parallel_size=self.cfg.tensor_parallel,
+                                 use_cpu_initialization=True, perform_initialization=False,
+                                 gradient_accumulation_fusion=False, bf16=self.bf16, params_dtype=torch.float32)
+
+    def _optimizer(self, torch_optimizer: torch.optim.Optimizer) -> Any:
+        from megatron.core.optimizer import OptimizerConfig, ParamGroupOverride, get_megatron_optimizer
+        from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+
+        o = self.optim_cfg
+        no_decay = {id(p) for g in torch_optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+        config = OptimizerConfig(optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
+                                 adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip or 0.0, bf16=self.bf16,
+                                 params_dtype=torch.float32, use_distributed_optimizer=self.cfg.distributed_optimizer)
+        # The trainer's groups: matrices decay; norms, biases and embeddings do not (DeepSpeed backend's groups).
+        key = ParamKey(predicate=ParamPredicate(name="slimtrain_no_decay", fn=lambda p: id(p) in no_decay))
+        return get_megatron_optimizer(config, [self.ddp], config_overrides={key: ParamGroupOverride(wd_mult=0.0)})
+
+    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepResult:
+        """Forward/backward every micro-batch, then megatron's optimizer step. The loss is normalised by the global
+        label count: megatron's DDP averages gradients over the data-parallel ranks and sums micro-batches."""
+        if len(micro_batches) != self.grad_accum:
+            raise ValueError(f"expected {self.grad_accum} micro-batches per step, got {len(micro_batches)}")
+        local_labels = sum(b.num_label_tokens for b in micro_batches)
+        local_tokens = sum(b.num_tokens for b in micro_batches)
+        global_labels, global_tokens = self.all_reduce_sum([local_labels, local_tokens], group="data")
+        norm = max(global_labels, 1.0) / self.dp_size
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.ddp.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        term_sums: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            loss, token_loss_sum, terms = loss_fn(self.ddp, batch.to(self.device), norm)
+            loss.backward()
+            loss_sum += token_loss_sum.detach().double()
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + value.detach().double() / len(micro_batches)
+        self.ddp.finish_grad_sync()
+        lr = float(self.scheduler.get_last_lr()[0])
+        for group in self.optimizer.param_groups:  # what megatron's own scheduler would set, from ours
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.optim_cfg.weight_decay * group.get("wd_mult", 1.0)
+        applied, grad_norm, _ = self.optimizer.step()
+        if applied:
+            self.scheduler.step()
+            self.steps_done += 1
+        total, *extra_vals = self.all_reduce_sum(torch.stack([loss_sum, *term_sums.values()]).tolist(), group="data")
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        return StepResult(loss=total / max(global_labels, 1.0), tokens=int(global_tokens),
+                          grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else float("nan"),
+                          lr=lr, applied=bool(applied),
+                          extras={k: v / self.dp_size for k, v in zip(term_sums, extra_vals)})
+
+    @torch.no_grad()
+    def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int, dict[str, float]]:
+        """This rank's share of one micro-batch's (token loss sum, label tokens, terms): the ranks of a
+        tensor-parallel group compute the same replica's numbers, so each reports 1/tp of them and the trainer's
+        sum over all ranks counts every replica once."""
+        self.ddp.eval()
+        _, token_loss_sum, terms = loss_fn(self.ddp, batch.to(self.device), 1.0)
+        tp = self.cfg.tensor_parallel
+        return float(token_loss_sum) / tp, batch.num_label_tokens / tp, {k: float(v) for k, v in terms.items()}
+
+    def all_reduce_sum(self, values: list[float], group: str | None = None) -> list[float]:
+        """Element-wise sum over all ranks (or over the named process group), in float64."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if torch.cuda.is_available() and dist.get_backend() == "nccl":
+            t = t.to(self.device)
+        dist.all_reduce(t, group=None if group is None else self.process_groups[group])
+        return t.cpu().tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def save(self, directory: Path) -> None:
+        """Each rank writes its model slice, optimizer and scheduler state; rank 0 the layout (how to join them)."""
+        out = directory / MEGATRON_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done}
+        torch.save(state, out / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            (out / LAYOUT).write_text(json.dumps(self.layout(), indent=1))
+
+    def layout(self) -> dict[str, Any]:
+        """The tensor-parallel size, and per parameter the dim its slices split (null: whole on every rank)."""
+        params = self.model.named_parameters(remove_duplicate=False)  # a tied head is listed under its name too
+        shards = {n: (s.dim if (s := shard_of(p)) is not None else None) for n, p in params}
+        return {"tensor_parallel": self.cfg.tensor_parallel, "world_size": self.world_size, "split_dim": shards}
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote, at the same layout (checked before launch)."""
+        state = torch.load(directory / MEGATRON_DIR / f"rank_{self.rank:05d}.pt", map_location="cpu",
+                           weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done = state["steps_done"]
+
+    def branch(self, directory: Path, scratch: Path) -> list[str]:
+        raise NotImplementedError("checkpoint.branch_from is not built for the megatron backend yet")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole fp32 tensors in the model's own names: each tensor-parallel slice joined over its group."""
+        group = self.process_groups["tensor"]
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        out = {}
+        for name, tensor in self.model.state_dict().items():
+            if not isinstance(tensor, torch.Tensor):  # megatron's `_extra_state` entries
+                continue
+            param = params.get(name)
+            shard = None if param is None else shard_of(param)
+            if shard is not None:
+                parts = [torch.empty_like(tensor) for _ in range(shard.size)]
+                dist.all_gather(parts, tensor.contiguous(), group=group)
+                tensor = torch.cat(parts, dim=shard.dim)
+            out[name] = tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.cpu()
+        return out
+
+
+def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 weights of a megatron checkpoint, read offline: data-parallel rank 0's tensor-parallel slices
+    (ranks 0 .. tp-1) joined along the dims the layout names."""
+    root = step_dir / MEGATRON_DIR
+    layout = json.loads((root / LAYOUT).read_text())
+    tp, split = layout["tensor_parallel"], layout["split_dim"]
+    states = [torch.load(root / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["model"]
+              for r in range(tp)]
+    out = {}
+    for name, tensor in states[0].items():
+        if not isinstance(tensor, torch.Tensor):  # megatron's layers keep an `_extra_state` entry (None) of their own
+            continue
+        dim = split.get(name)
+        whole = tensor if dim is None else torch.cat([s[name] for s in states], dim=dim)
+        out[name] = whole.float() if whole.is_floating_point() else whole
+    return out
