@@ -90,8 +90,13 @@ def load_raw(path: str | Path, _depth: int = 0, _child: Path | None = None) -> d
 
 
 def merge_recipes(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """`deep_merge` for recipes: a key of a ONE_OF group set by the child drops the group's other keys."""
+    """`deep_merge` for recipes: a key of a ONE_OF group set by the child drops the group's other keys, and a
+    `backend:` block naming another engine than the parent's replaces the parent's block."""
     merged = deep_merge(base, child)
+    child_backend, base_backend = child.get("backend"), base.get("backend")
+    if isinstance(child_backend, dict) and isinstance(base_backend, dict) and \
+            child_backend.get("type", "deepspeed") != base_backend.get("type", "deepspeed"):
+        merged["backend"] = dict(child_backend)  # another engine: the parent's engine keys mean nothing to it
     for where, group in ONE_OF.items():
         set_here = _block(child, where)
         if set_here and any(k in set_here for k in group):
