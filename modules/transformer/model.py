@@ -179,7 +179,8 @@ class Transformer(nn.Module):
                                  f"{tuple(inputs_embeds.shape)}")
             if splice is not None:
                 raise ValueError("splice replaces token embeddings: give it with input_ids, not inputs_embeds")
-            return inputs_embeds.to(self.embed.weight.dtype)
+            # The norm's dtype is the model's: a pipeline stage after the first holds no embedding.
+            return inputs_embeds.to(self.norm.weight.dtype)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         x = self.embed(input_ids)

@@ -1,7 +1,8 @@
 """The megatron-core backend (`backend.type: megatron`) through `slimtrain train` on 2 gloo ranks, megatron-core run
-on CPU by the test-only shim: tensor parallelism 2 trains as the DeepSpeed backend does on one rank (the same
-losses step by step), resumes bitwise after SIGKILL and exports the weights the DeepSpeed backend's run exports;
-data parallelism 2 with megatron's distributed optimizer does too; bad layouts are refused naming the field."""
+on CPU by the test-only shim: tensor parallelism 2, pipeline parallelism 2 (1F1B) and data parallelism 2 with
+megatron's distributed optimizer each train as the DeepSpeed backend does on one rank (the same losses step by step);
+TP=2 resumes bitwise after SIGKILL; the TP=2 and PP=2 exports equal the DeepSpeed run's; bad layouts are refused
+naming the field."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
     cache = tmp_path / "cache"
     reference = run_train(tmp_path / "deepspeed", cache, STEPS, nproc=1)
     assert reference.returncode == 0, reference.stdout[-3000:]
-    runs = {"tp2": [MEGATRON % (2, "false")], "dp2": [MEGATRON % (1, "true")]}
+    runs = {"tp2": [MEGATRON % (2, "false")], "dp2": [MEGATRON % (1, "true")],
+            "pp2": ["backend={type: megatron, pipeline_parallel: 2, precision: fp32}"]}
     for name, backend in runs.items():
         proc = run_train(tmp_path / name, cache, STEPS + backend, nproc=2)
         assert proc.returncode == 0, proc.stdout[-4000:]
@@ -47,9 +49,10 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
     resumed = run_train(tmp_path / "killed", cache, STEPS + runs["tp2"], nproc=2)
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stdout[-3000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "tp2")  # every step, bitwise (fp32)
-    exported = {name: _export(tmp_path / name, tmp_path / f"{name}-hf") for name in ("deepspeed", "tp2")}
-    assert exported["tp2"].keys() == exported["deepspeed"].keys()
-    assert max(float((exported["tp2"][k] - exported["deepspeed"][k]).abs().max()) for k in exported["tp2"]) <= 1e-5
+    exported = {name: _export(tmp_path / name, tmp_path / f"{name}-hf") for name in ("deepspeed", "tp2", "pp2")}
+    for name in ("tp2", "pp2"):
+        assert exported[name].keys() == exported["deepspeed"].keys()
+        assert max(float((exported[name][k] - exported["deepspeed"][k]).abs().max()) for k in exported[name]) <= 1e-5
 
 
 def _export(run: Path, out: Path) -> dict:
@@ -67,8 +70,12 @@ def _export(run: Path, out: Path) -> dict:
 @pytest.mark.parametrize("overrides, message", [
     (["backend={type: megatron, tensor_parallel: 4}", "model.num_kv_heads=2"],
      "backend.tensor_parallel=4 must divide model.num_kv_heads=2"),
-    (["backend={type: megatron, pipeline_parallel: 2}"], "backend.pipeline_parallel=2: the megatron backend runs "
-                                                         "tensor and data parallelism so far"),
+    (["backend={type: megatron, pipeline_parallel: 2, virtual_stages: 2}"],
+     "backend.virtual_stages=2: the megatron backend runs tensor, pipeline (1F1B) and data parallelism so far"),
+    (["backend={type: megatron, pipeline_parallel: 4}", "model.num_layers=2"],
+     "backend.pipeline_parallel=4 must divide model.num_layers=2"),
+    (["backend={type: megatron, pipeline_parallel: 2}", "model.tie_embeddings=true"],
+     "model.tie_embeddings=true with backend.pipeline_parallel=2"),
     (["backend={type: megatron}", "plugins=[{type: qat, weights: {group_size: 16}}]"],
      "plugins ['qat'] on the megatron backend are not built yet"),
     (["backend={type: megatron, tensor_parallel: 2}", "model.vocab_size=513"],

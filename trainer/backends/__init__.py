@@ -85,11 +85,12 @@ def _megatron_resumable(recipe, checkpoint: Path, world_size: int) -> None:
         raise RecipeError(f"{checkpoint} was not written by the megatron backend (no {MEGATRON_DIR}/{LAYOUT}); resume "
                           "it with the backend that wrote it")
     saved = json.loads(layout_file.read_text())
-    now = {"tensor_parallel": recipe.backend.tensor_parallel, "world_size": world_size}
-    if {k: saved[k] for k in now} != now:
-        raise RecipeError(f"{checkpoint} was written at tensor_parallel={saved['tensor_parallel']} on "
-                          f"{saved['world_size']} ranks and this run uses tensor_parallel={now['tensor_parallel']} on "
-                          f"{world_size}: the megatron backend resumes at the same layout so far; launch that layout")
+    now = {"tensor_parallel": recipe.backend.tensor_parallel, "pipeline_parallel": recipe.backend.pipeline_parallel,
+           "world_size": world_size}
+    then = {k: saved.get(k, 1) for k in now}
+    if then != now:
+        raise RecipeError(f"{checkpoint} was written at {then} and this run uses {now}: the megatron backend resumes "
+                          "at the same layout so far; launch that layout")
 
 
 def _megatron_process() -> None:

@@ -26,6 +26,7 @@ from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
 from slimtrain.trainer.backends.megatron.config import MegatronConfig
+from slimtrain.trainer.backends.megatron.pipeline import StageModule, cut, forward_step_func
 from slimtrain.trainer.backends.megatron.tensor_parallel import parallelize, vocab_parallel_cross_entropy_sum
 from slimtrain.trainer.recipe.schema import OptimConfig, TrainConfig
 
@@ -43,11 +44,15 @@ class MegatronBackend:
         self.cfg, self.optim_cfg = cfg, optim
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         cfg.data_parallel_size(self.world_size)  # refuses a world the layout does not tile
-        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel)
+        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel,
+                                     pipeline_model_parallel_size=cfg.pipeline_parallel)
         self.ps = ps
         self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank, self.pp = ps.get_pipeline_model_parallel_rank(), cfg.pipeline_parallel
+        self.first_stage, self.last_stage = self.pp_rank == 0, self.pp_rank == self.pp - 1
         self.process_groups: dict[str, Any] = {"data": ps.get_data_parallel_group(),
-                                               "tensor": ps.get_tensor_model_parallel_group()}
+                                               "tensor": ps.get_tensor_model_parallel_group(),
+                                               "pipeline": ps.get_pipeline_model_parallel_group()}
         self.comm = TorchCommunicator(self.process_groups)
         self.cross_entropy = vocab_parallel_cross_entropy_sum if cfg.tensor_parallel > 1 else None
         self.grad_accum = train.grad_accum(self.dp_size)
@@ -87,6 +92,8 @@ class MegatronBackend:
         tp = self.cfg.tensor_parallel
         split = (lambda model: parallelize(model, self.parallel_config, self.tp_rank, tp))
         self.model = build(model_cfg, plugins, init, self.device, split).model
+        if self.pp > 1:  # built whole from the seed (or imported), then cut: each stage holds the dense weights
+            cut(self.model, self.pp_rank, self.pp)
         return self.model
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
@@ -98,15 +105,24 @@ class MegatronBackend:
             model.to(torch.bfloat16)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                    use_distributed_optimizer=self.cfg.distributed_optimizer)
-        self.ddp = DistributedDataParallel(self._transformer_config(model.cfg), ddp_config, model)
+        config = self._transformer_config(model.cfg)
+        module = model if self.pp == 1 else StageModule(model, self.first_stage, self.last_stage)
+        self.ddp = DistributedDataParallel(config, ddp_config, module)
+        if self.pp > 1:  # what megatron's schedule calls around the micro-batches
+            from megatron.core.distributed import finalize_model_grads
+
+            config.no_sync_func = self.ddp.no_sync
+            config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = self._optimizer(optimizer)
         self.scheduler = scheduler
 
     def _transformer_config(self, cfg: ModelConfig) -> Any:
         from megatron.core.transformer import TransformerConfig
 
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
         return TransformerConfig(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                                  num_attention_heads=cfg.num_heads, tensor_model_parallel_size=self.cfg.tensor_parallel,
+                                 pipeline_model_parallel_size=self.pp, pipeline_dtype=dtype,
                                  use_cpu_initialization=True, perform_initialization=False,
                                  gradient_accumulation_fusion=False, bf16=self.bf16, params_dtype=torch.float32)
 
@@ -135,6 +151,30 @@ class MegatronBackend:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.ddp.train()
+        if self.pp > 1:
+            loss_sum, term_sums = self._pipelined(micro_batches, loss_fn, norm, forward_only=False)
+        else:
+            loss_sum, term_sums = self._micro_batches(micro_batches, loss_fn, norm)
+        lr = float(self.scheduler.get_last_lr()[0])
+        for group in self.optimizer.param_groups:  # what megatron's own scheduler would set, from ours
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.optim_cfg.weight_decay * group.get("wd_mult", 1.0)
+        applied, grad_norm, _ = self.optimizer.step()
+        if applied:
+            self.scheduler.step()
+            self.steps_done += 1
+        # The last stage's tensor-parallel ranks each hold the replica's sums: 1/tp of them from each, over all ranks.
+        local = (torch.stack([loss_sum, *term_sums.values()]) / self.cfg.tensor_parallel).tolist()
+        total, *extra_vals = self.all_reduce_sum(local)
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        return StepResult(loss=total / max(global_labels, 1.0), tokens=int(global_tokens),
+                          grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else float("nan"),
+                          lr=lr, applied=bool(applied),
+                          extras={k: v / self.dp_size for k, v in zip(term_sums, extra_vals)})
+
+    def _micro_batches(self, micro_batches: list[Batch], loss_fn: LossFn, norm: float
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of each micro-batch in turn (no pipeline); then the gradients' reduction."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         term_sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
@@ -144,20 +184,23 @@ class MegatronBackend:
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach().double() / len(micro_batches)
         self.ddp.finish_grad_sync()
-        lr = float(self.scheduler.get_last_lr()[0])
-        for group in self.optimizer.param_groups:  # what megatron's own scheduler would set, from ours
-            group["lr"] = lr * group.get("lr_mult", 1.0)
-            group["weight_decay"] = self.optim_cfg.weight_decay * group.get("wd_mult", 1.0)
-        applied, grad_norm, _ = self.optimizer.step()
-        if applied:
-            self.scheduler.step()
-            self.steps_done += 1
-        total, *extra_vals = self.all_reduce_sum(torch.stack([loss_sum, *term_sums.values()]).tolist(), group="data")
-        grad_norm = float(grad_norm) if grad_norm is not None else None
-        return StepResult(loss=total / max(global_labels, 1.0), tokens=int(global_tokens),
-                          grad_norm=grad_norm if grad_norm is None or math.isfinite(grad_norm) else float("nan"),
-                          lr=lr, applied=bool(applied),
-                          extras={k: v / self.dp_size for k, v in zip(term_sums, extra_vals)})
+        return loss_sum, term_sums
+
+    def _pipelined(self, micro_batches: list[Batch], loss_fn: LossFn, norm: float, forward_only: bool
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """megatron's 1F1B schedule over the micro-batches (it reduces the gradients at its end); the token-loss sum
+        on the last stage, zero elsewhere."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        sums: dict[str, Any] = {}
+        rows, seq = micro_batches[0].input_ids.shape
+        get_forward_backward_func()(
+            forward_step_func=forward_step_func(loss_fn, norm, len(micro_batches), self.device, sums),
+            data_iterator=iter(micro_batches), model=[self.ddp], num_microbatches=len(micro_batches),
+            seq_length=seq, micro_batch_size=rows, forward_only=forward_only)
+        loss_sum = torch.as_tensor(sums.get("loss", 0.0), dtype=torch.float64, device=self.device)
+        terms = {k: v / len(micro_batches) for k, v in sums.get("terms", {}).items()}
+        return loss_sum, terms
 
     @torch.no_grad()
     def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int, dict[str, float]]:
@@ -165,9 +208,14 @@ class MegatronBackend:
         tensor-parallel group compute the same replica's numbers, so each reports 1/tp of them and the trainer's
         sum over all ranks counts every replica once."""
         self.ddp.eval()
-        _, token_loss_sum, terms = loss_fn(self.ddp, batch.to(self.device), 1.0)
         tp = self.cfg.tensor_parallel
-        return float(token_loss_sum) / tp, batch.num_label_tokens / tp, {k: float(v) for k, v in terms.items()}
+        if self.pp > 1:  # only the last stage has a loss: the others report none
+            token_loss_sum, terms = self._pipelined([batch], loss_fn, 1.0, forward_only=True)
+            labels = batch.num_label_tokens if self.last_stage else 0
+        else:
+            _, token_loss_sum, terms = loss_fn(self.ddp, batch.to(self.device), 1.0)
+            labels = batch.num_label_tokens
+        return float(token_loss_sum) / tp, labels / tp, {k: float(v) for k, v in terms.items()}
 
     def all_reduce_sum(self, values: list[float], group: str | None = None) -> list[float]:
         """Element-wise sum over all ranks (or over the named process group), in float64."""
@@ -185,16 +233,20 @@ class MegatronBackend:
         out = directory / MEGATRON_DIR
         out.mkdir(parents=True, exist_ok=True)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done}
+                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "split_dim": self.split_dims()}
         torch.save(state, out / f"rank_{self.rank:05d}.pt")
+        coords = [None] * self.world_size
+        dist.all_gather_object(coords, (self.dp_rank, self.tp_rank, self.pp_rank))
         if self.rank == 0:
-            (out / LAYOUT).write_text(json.dumps(self.layout(), indent=1))
+            layout = {"tensor_parallel": self.cfg.tensor_parallel, "pipeline_parallel": self.pp,
+                      "world_size": self.world_size,
+                      "replica_0": [r for r, (dp, _, _) in enumerate(coords) if dp == 0]}
+            (out / LAYOUT).write_text(json.dumps(layout, indent=1))
 
-    def layout(self) -> dict[str, Any]:
-        """The tensor-parallel size, and per parameter the dim its slices split (null: whole on every rank)."""
+    def split_dims(self) -> dict[str, int | None]:
+        """Per parameter of this rank, the dim its tensor-parallel slices split (None: whole on every rank)."""
         params = self.model.named_parameters(remove_duplicate=False)  # a tied head is listed under its name too
-        shards = {n: (s.dim if (s := shard_of(p)) is not None else None) for n, p in params}
-        return {"tensor_parallel": self.cfg.tensor_parallel, "world_size": self.world_size, "split_dim": shards}
+        return {n: (s.dim if (s := shard_of(p)) is not None else None) for n, p in params}
 
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote, at the same layout (checked before launch)."""
@@ -209,7 +261,16 @@ class MegatronBackend:
         raise NotImplementedError("checkpoint.branch_from is not built for the megatron backend yet")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Whole fp32 tensors in the model's own names: each tensor-parallel slice joined over its group."""
+        """Whole fp32 tensors in the model's own names: each tensor-parallel slice joined over its group, and (with
+        pipeline stages) every stage's tensors gathered."""
+        own = self._stage_state_dict()
+        if self.pp == 1:
+            return own
+        stages: list = [None] * self.pp
+        dist.all_gather_object(stages, own, group=self.process_groups["pipeline"])
+        return {k: v for stage in stages for k, v in stage.items()}
+
+    def _stage_state_dict(self) -> dict[str, torch.Tensor]:
         group = self.process_groups["tensor"]
         params = dict(self.model.named_parameters(remove_duplicate=False))
         out = {}
@@ -227,18 +288,21 @@ class MegatronBackend:
 
 
 def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The whole fp32 weights of a megatron checkpoint, read offline: data-parallel rank 0's tensor-parallel slices
-    (ranks 0 .. tp-1) joined along the dims the layout names."""
+    """The whole fp32 weights of a megatron checkpoint, read offline: the ranks of data-parallel replica 0 (every
+    pipeline stage, every tensor-parallel slice), each tensor's slices joined along the dim its rank files name."""
     root = step_dir / MEGATRON_DIR
     layout = json.loads((root / LAYOUT).read_text())
-    tp, split = layout["tensor_parallel"], layout["split_dim"]
-    states = [torch.load(root / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["model"]
-              for r in range(tp)]
+    pieces: dict[str, list[torch.Tensor]] = {}
+    dims: dict[str, int | None] = {}
+    for r in layout["replica_0"]:  # in rank order: tensor-parallel slices of a stage are consecutive ranks
+        saved = torch.load(root / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)
+        dims.update(saved["split_dim"])
+        for name, tensor in saved["model"].items():
+            if isinstance(tensor, torch.Tensor):  # megatron's layers keep an `_extra_state` entry (None) of their own
+                pieces.setdefault(name, []).append(tensor)
     out = {}
-    for name, tensor in states[0].items():
-        if not isinstance(tensor, torch.Tensor):  # megatron's layers keep an `_extra_state` entry (None) of their own
-            continue
-        dim = split.get(name)
-        whole = tensor if dim is None else torch.cat([s[name] for s in states], dim=dim)
+    for name, parts in pieces.items():
+        dim = dims.get(name)
+        whole = parts[0] if dim is None else torch.cat(parts, dim=dim)
         out[name] = whole.float() if whole.is_floating_point() else whole
     return out

@@ -18,7 +18,9 @@ class MegatronConfig(BaseModel):
     type: Literal["megatron"] = Field("megatron", description="Backend name.")
     tensor_parallel: int = Field(1, ge=1, description="Ranks that split every projection, the embedding and the head "
                                  "(megatron's column/row-parallel layers); consecutive ranks, within a node.")
-    pipeline_parallel: int = Field(1, ge=1, description="Pipeline stages the layers are cut into (not built yet: 1).")
+    pipeline_parallel: int = Field(1, ge=1, description="Pipeline stages the layers are cut into (equal runs of "
+                                   "layers; the embedding on the first, the head and the loss on the last), run by "
+                                   "megatron's 1F1B schedule.")
     virtual_stages: int | None = Field(None, ge=1, description="Interleaved pipeline: model chunks per stage (not "
                                        "built yet: null).")
     sequence_parallel: bool = Field(False, description="Megatron sequence parallelism of the norms and dropout "
@@ -31,13 +33,13 @@ class MegatronConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "MegatronConfig":
-        unbuilt = {"pipeline_parallel": (self.pipeline_parallel, 1), "virtual_stages": (self.virtual_stages, None),
+        unbuilt = {"virtual_stages": (self.virtual_stages, None),
                    "sequence_parallel": (self.sequence_parallel, False), "expert_parallel": (self.expert_parallel, 1)}
         for field, (value, off) in unbuilt.items():
             if value != off:
-                raise ValueError(f"backend.{field}={value}: the megatron backend runs tensor and data parallelism so "
-                                 f"far; set backend.{field}={off if off is not None else 'null'} (or use the deepspeed "
-                                 "backend)")
+                raise ValueError(f"backend.{field}={value}: the megatron backend runs tensor, pipeline (1F1B) and "
+                                 f"data parallelism so far; set backend.{field}={off if off is not None else 'null'} "
+                                 "(or use the deepspeed backend)")
         return self
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -58,6 +60,15 @@ class MegatronConfig(BaseModel):
             if value % tp:
                 raise ValueError(f"backend.tensor_parallel={tp} must divide {field}={value} (each rank holds 1/{tp} of "
                                  f"it); choose a tensor_parallel that divides {value}")
+        pp = self.pipeline_parallel
+        if m.num_layers % pp:
+            raise ValueError(f"backend.pipeline_parallel={pp} must divide model.num_layers={m.num_layers} (each stage "
+                             f"holds an equal run of layers); choose one of "
+                             f"{[d for d in range(1, m.num_layers + 1) if m.num_layers % d == 0]}")
+        if pp > 1 and m.tie_embeddings:
+            raise ValueError(f"model.tie_embeddings=true with backend.pipeline_parallel={pp}: the embedding (first "
+                             "stage) and the head (last stage) would need megatron's shared-embedding sync, not built "
+                             "yet; set tie_embeddings=false or pipeline_parallel=1")
         if m.vocab_size is not None and m.vocab_size % tp:
             raise ValueError(f"backend.tensor_parallel={tp} must divide model.vocab_size={m.vocab_size} (the embedding "
                              f"and the head are split over the vocabulary); pad it to a multiple of {tp}")

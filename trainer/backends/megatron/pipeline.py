@@ -1,0 +1,122 @@
+"""Pipeline parallelism of our `Transformer` for megatron-core's schedules (1F1B).
+
+Each stage keeps a contiguous run of the decoder layers; the embedding stays on the first stage, the final norm and
+the head on the last. A layer another stage holds is replaced by `SkippedLayer` (no parameters, the residual stream
+passed through), so every parameter keeps its global name (`layers.11.attn.q_proj.weight` on the second of two
+stages of a 12-layer model) and checkpoints and exports need no renaming. The model is built whole from the seed
+(or imported) and cut afterwards, so that each stage holds the single-device model's weights.
+
+Between stages megatron-core's p2p communication carries [seq, batch, hidden] tensors (its layout): our hidden
+states ([batch, seq, hidden]) are transposed on the way out and back on the way in. Every stage reads the same
+micro-batches (the positions and document ids shape each stage's attention); the last computes the loss with the
+trainer's own loss function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimtrain.modules.transformer.io import ModelInputs
+
+
+class SkippedLayer(nn.Module):
+    """A decoder layer held by another pipeline stage: the residual stream passes through unchanged."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Any) -> tuple[torch.Tensor, dict]:
+        return x, {}
+
+
+def stage_layers(num_layers: int, stage: int, stages: int) -> range:
+    """The layers stage `stage` of `stages` holds (equal contiguous runs; the layer count divides by `stages`)."""
+    per = num_layers // stages
+    return range(stage * per, (stage + 1) * per)
+
+
+def cut(model: nn.Module, stage: int, stages: int) -> None:
+    """Keep only stage `stage`'s part of `model` (in place)."""
+    kept = stage_layers(len(model.layers), stage, stages)
+    for i in range(len(model.layers)):
+        if i not in kept:
+            model.layers[i] = SkippedLayer()
+    if stage != 0:
+        model.embed = None
+    if stage != stages - 1:
+        model.lm_head = None
+
+
+class StageModule(nn.Module):
+    """What megatron's schedule runs: the stage's model, and the activation received from the previous stage."""
+
+    def __init__(self, model: nn.Module, first: bool, last: bool) -> None:
+        from megatron.core.enums import ModelType
+
+        super().__init__()
+        # What megatron's schedules and gradient finalisation ask a model: its type, whether it holds the
+        # embedding (pre_process) or the head (post_process), whether the two share a weight (refused with stages).
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = first, last
+        self.share_embeddings_and_output_weights = False
+        self.model = model
+        self.first, self.last = first, last
+        self.received: torch.Tensor | None = None
+
+    def set_input_tensor(self, tensor: torch.Tensor | list | None) -> None:
+        """megatron's hook: the previous stage's output ([seq, batch, hidden]), None on the first stage."""
+        if isinstance(tensor, (list, tuple)):
+            tensor = tensor[0]
+        self.received = None if tensor is None else tensor.transpose(0, 1)
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        """A first or middle stage's output for megatron's p2p: the residual stream after its layers."""
+        kwargs = self._kwargs(batch, with_logits=False)
+        return self.model(**kwargs).last_hidden.transpose(0, 1).contiguous()
+
+    def _kwargs(self, batch: Any, with_logits: bool) -> dict[str, Any]:
+        kwargs = ModelInputs.of(batch, with_logits).model_kwargs()
+        if not self.first:
+            kwargs.pop("input_ids")
+            kwargs["inputs_embeds"] = self.received
+        return kwargs
+
+
+class LastStageView:
+    """The last stage as the trainer's loss function sees a model: called with a batch's model inputs, it runs on the
+    received activation instead of the token ids; `module` is the model itself (for its head)."""
+
+    def __init__(self, stage: StageModule) -> None:
+        self.stage = stage
+        self.module = stage.model
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if not self.stage.first:
+            kwargs.pop("input_ids", None)
+            kwargs["inputs_embeds"] = self.stage.received
+        return self.stage.model(**kwargs)
+
+
+def forward_step_func(loss_fn: Callable, norm: float, micro_batches: int, device: torch.device,
+                      sums: dict[str, Any]) -> Callable:
+    """megatron's `forward_step_func(data_iterator, model)`: a stage's forward; on the last stage the trainer's loss
+    (its token-loss sum and terms added into `sums`), scaled by the micro-batch count megatron divides by."""
+
+    def step(data_iterator: Any, model: nn.Module) -> tuple[torch.Tensor, Callable]:
+        from megatron.core.utils import get_attr_wrapped_model
+
+        batch = next(data_iterator).to(device)
+        stage = get_attr_wrapped_model(model, "set_input_tensor", return_model_obj=True)
+        if not stage.last:
+            return stage(batch), _no_loss
+        loss, token_loss_sum, terms = loss_fn(LastStageView(stage), batch, norm)
+        sums["loss"] = sums.get("loss", 0.0) + token_loss_sum.detach().double()
+        for name, value in terms.items():
+            sums.setdefault("terms", {})[name] = sums.get("terms", {}).get(name, 0.0) + value.detach().double()
+        return loss, lambda output: (output * micro_batches, {})
+
+    return step
+
+
+def _no_loss(output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    return output, {}
