@@ -92,3 +92,15 @@ def test_a_world_the_layout_does_not_tile_is_refused() -> None:
     with pytest.raises(RecipeError, match="tensor_parallel x pipeline_parallel = 2 does not divide the world size 3"):
         MegatronConfig(tensor_parallel=2).data_parallel_size(3)
     assert MegatronConfig(tensor_parallel=2).data_parallel_size(4) == 2
+
+
+def test_validate_prints_the_layout_and_the_memory_of_the_busiest_stage() -> None:
+    from slimtrain.trainer.backends.megatron.memory import estimate_text
+
+    recipe = load_recipe(REPO / "recipes" / "llama-8b-megatron.yaml")
+    text = estimate_text(recipe, 32, 80.0)
+    assert "32 GPUs = tensor 8 x pipeline 2 x data 2; 16 layers per stage" in text
+    assert "does not fit" not in text
+    alone = estimate_text(load_recipe(REPO / "recipes" / "llama-8b-megatron.yaml",
+                                      ["backend.tensor_parallel=1", "backend.pipeline_parallel=1"]), 2, 80.0)
+    assert "2 GPUs = tensor 1 x pipeline 1 x data 2" in alone and "does not fit" in alone

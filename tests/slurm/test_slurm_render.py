@@ -262,3 +262,17 @@ def test_a_first_node_name_that_does_not_resolve_stops_the_job_with_the_fix(tmp_
     proc = _run_script_with_fakes(tmp_path, scontrol_status=0,
                                   env_file_body="export MASTER_ADDR=no-such-node.invalid\n")
     assert proc.returncode == 2 and "no-such-node.invalid does not resolve here" in proc.stderr
+
+
+def test_groups_that_exchange_every_layer_stay_within_a_node() -> None:
+    from types import SimpleNamespace
+
+    from slimtrain.trainer.launch.slurm import check_placement
+
+    check_placement(SimpleNamespace(tensor_parallel=8), procs_per_node=8, nodes=2)  # TP in a node, PP across nodes
+    check_placement(SimpleNamespace(tensor_parallel=8), procs_per_node=4, nodes=1)  # one node: nothing to span
+    with pytest.raises(LaunchError, match=re.escape("backend.tensor_parallel=8 with 4 ranks per node: megatron's "
+                                                    "tensor-parallel groups are consecutive ranks and would span nodes")):
+        check_placement(SimpleNamespace(tensor_parallel=8), procs_per_node=4, nodes=2)
+    with pytest.raises(LaunchError, match=re.escape("backend.sequence_parallel=8 with 4 ranks per node")):
+        check_placement(SimpleNamespace(sequence_parallel=8, tensor_parallel=1), procs_per_node=4, nodes=4)

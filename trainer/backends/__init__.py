@@ -106,6 +106,12 @@ def _megatron_weights(step_dir: Path, recipe, model_cfg) -> dict:
     return read_weights(step_dir)
 
 
+def _megatron_memory(recipe, world_size: int, gpu_gb: float) -> str:
+    from slimtrain.trainer.backends.megatron.memory import estimate_text
+
+    return estimate_text(recipe, world_size, gpu_gb)
+
+
 register_backend("megatron", BackendEntry(config=MegatronConfig, start=_start_megatron,
                                           check_resumable=_megatron_resumable, prepare_process=_megatron_process,
-                                          read_weights=_megatron_weights))
+                                          read_weights=_megatron_weights, memory=_megatron_memory))

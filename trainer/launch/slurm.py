@@ -215,6 +215,25 @@ def fill_template(text: str, values: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Groups of consecutive ranks that exchange every layer's activations: kept within a node (NVLink), never across
+# the network. Megatron's tensor-parallel groups and DeepSpeed-Ulysses' sequence-parallel groups are consecutive ranks;
+# the pipeline stages then fall across nodes.
+_NODE_LOCAL_GROUPS = (("tensor_parallel", "megatron's tensor-parallel groups"),
+                      ("sequence_parallel", "DeepSpeed-Ulysses' sequence-parallel groups"))
+
+
+def check_placement(backend: object, procs_per_node: int, nodes: int) -> None:
+    """Refuse a layout whose per-layer groups would span nodes (`procs_per_node` ranks on each of `nodes`)."""
+    for field, what in _NODE_LOCAL_GROUPS:
+        size = getattr(backend, field, 1)
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 1 or nodes == 1:
+            continue
+        if procs_per_node % size:
+            raise LaunchError(f"backend.{field}={size} with {procs_per_node} ranks per node: {what} are consecutive "
+                              f"ranks and would span nodes, exchanging every layer's activations over the network; "
+                              f"use --gpus-per-node a multiple of {size}, or a {field} that divides {procs_per_node}")
+
+
 def check_recipe(recipe: Path, overrides: tuple[str, ...], world_size: int) -> object:
     """Validates the recipe with its overrides exactly as `slimtrain train` will, including the batch
     geometry for ``world_size`` ranks (a mismatch would otherwise surface only once the job starts)."""
@@ -350,6 +369,7 @@ def options_from_args(args: argparse.Namespace) -> SlurmLaunch:
         slimtrain=find_slimtrain(),
     )
     recipe = check_recipe(opts.recipe, opts.overrides, world_size=opts.nodes * opts.procs_per_node)
+    check_placement(recipe.backend, opts.procs_per_node, opts.nodes)  # type: ignore[attr-defined]
     run = recipe.run  # type: ignore[attr-defined]
     return replace(
         opts,
