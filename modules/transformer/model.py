@@ -179,8 +179,8 @@ class Transformer(nn.Module):
                                  f"{tuple(inputs_embeds.shape)}")
             if splice is not None:
                 raise ValueError("splice replaces token embeddings: give it with input_ids, not inputs_embeds")
-            # The norm's dtype is the model's: a pipeline stage after the first holds no embedding.
-            return inputs_embeds.to(self.norm.weight.dtype)
+            # The parameters' dtype (the compute dtype): a pipeline stage after the first holds no embedding.
+            return inputs_embeds.to(next(self.parameters()).dtype)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         x = self.embed(input_ids)

@@ -1,7 +1,7 @@
 """Pipeline parallelism of our `Transformer` for megatron-core's schedules (1F1B).
 
 Each stage keeps a contiguous run of the decoder layers; the embedding stays on the first stage, the final norm and
-the head on the last. A layer another stage holds is replaced by `SkippedLayer` (no parameters, the residual stream
+the head on the last (the other stages' norm is a parameter-free identity: their output is the residual stream). A layer another stage holds is replaced by `SkippedLayer` (no parameters, the residual stream
 passed through), so every parameter keeps its global name (`layers.11.attn.q_proj.weight` on the second of two
 stages of a 12-layer model) and checkpoints and exports need no renaming. The model is built whole from the seed
 (or imported) and cut afterwards, so that each stage holds the single-device model's weights.
@@ -43,7 +43,8 @@ def cut(model: nn.Module, stage: int, stages: int) -> None:
             model.layers[i] = SkippedLayer()
     if stage != 0:
         model.embed = None
-    if stage != stages - 1:
+    if stage != stages - 1:  # the final norm and the head are the last stage's (the others' outputs skip them)
+        model.norm = nn.Identity()
         model.lm_head = None
 
 
