@@ -6,6 +6,7 @@ gradients (each parameter's slice)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def main() -> None:
               "loss": float((loss.detach() - ref_loss.detach()).abs() / ref_loss.detach().abs()),
               "grads": grads, "vocab_slice": out.shape[-1]}
     if dist.get_rank() == 0:
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown: see tests/trainer/sp_parity.py
 
 
 if __name__ == "__main__":

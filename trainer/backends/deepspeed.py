@@ -55,7 +55,7 @@ def ds_config(cfg: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, worl
     conf = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum(cfg.data_parallel_size(world_size)),
+        "gradient_accumulation_steps": train.grad_accum(max(world_size // cfg.sequence_parallel, 1)),
         **({"sequence_parallel_size": cfg.sequence_parallel} if cfg.sequence_parallel > 1 else {}),
         "gradient_clipping": optim.grad_clip or 0.0,
         "zero_optimization": zero,
