@@ -112,7 +112,8 @@ def mark_shard(param: torch.Tensor, shard: Shard) -> None:
     from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
     _mark(param, shard)
-    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=shard.dim, stride=1)
+    if not getattr(param, "tensor_model_parallel", False):  # megatron marks a column layer's bias itself
+        set_tensor_model_parallel_attributes(param, is_parallel=True, dim=shard.dim, stride=1)
 
 
 def _no_init(weight: torch.Tensor) -> None:
