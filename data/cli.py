@@ -80,11 +80,17 @@ def cmd_stats(args: argparse.Namespace, load: LoadDataConfig) -> int:
     cfg = load(args.recipe, args.overrides)
     prepared = prepare(cfg, progress=not args.no_progress)
     print(_summary(prepared))
-    loader = build_loader(prepared, "train", rank=0, world_size=1, micro_batch_size=1, global_batch_size=1,
+    batch = args.global_batch_size  # only buckets depend on it: a step holds batch x seq_len token slots
+    loader = build_loader(prepared, "train", rank=0, world_size=1, micro_batch_size=batch, global_batch_size=batch,
                           seed=args.seed, prefetch=0)
     stats = loader.packing_stats()
     print(f"packing    {cfg.packer} at seq_len {cfg.seq_len}: {stats['rows']:,} rows, utilization "
           f"{stats['utilization']:.2%}, documents split {stats['split_fraction']:.2%}")
+    if "buckets" in stats:
+        per = ", ".join(f"{n}: {b['steps']:,} steps {b['tokens'] / max(1, stats['tokens']):.1%} of tokens"
+                        for n, b in stats["buckets"].items())
+        print(f"buckets    {stats['steps']:,} steps of {batch} x {cfg.seq_len} token slots per epoch ({per}); padded "
+              f"{stats['padded_fraction']:.2%}, dropped {stats['dropped_fraction']:.2%}")
     if args.json:
         print(json.dumps({"counts": prepared.manifest["counts"], "packing": stats}))
     return 0
@@ -114,5 +120,7 @@ def add_commands(subparsers: argparse._SubParsersAction, load_data_config: LoadD
             p.add_argument("--rebuild", action="store_true", help="delete existing shards and tokenize again")
         else:
             p.add_argument("--seed", type=int, default=0, help="seed of the epoch to pack")
+            p.add_argument("--global-batch-size", type=int, default=1,
+                           help="rows of seq_len per optimizer step (train.global_batch_size: buckets' steps)")
             p.add_argument("--json", action="store_true", help="also print one JSON line")
         p.set_defaults(func=lambda args, fn=fn: fn(args, load_data_config))

@@ -129,6 +129,77 @@ class TokenizerConfig(BaseModel):
         return self
 
 
+class BucketsConfig(BaseModel):
+    """Dataset decomposition (`data.packer: buckets`, Pouransari et al. 2024): documents cut into pieces whose
+    lengths are powers of two from `min_len` to `data.seq_len` (the longest bucket), every optimizer step
+    drawing rows of one length from one bucket, global_batch_size x seq_len / length of them, in the order
+    a length curriculum gives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_len: int = Field(
+        64,
+        ge=1,
+        description="The shortest bucket's row length, a power of two at most data.seq_len. A document's last "
+        "piece shorter than this (its length mod min_len) is padded into a row of min_len or dropped (`remainder`).",
+    )
+    curriculum: Literal["grow", "short_to_long", "weighted"] = Field(
+        "grow",
+        description="Which bucket each step draws from, within each cycle: `grow` the paper's Grow-P2 (each step "
+        "draws bucket i of B, shortest i = 0, with probability proportional to 2^(B-1-i) x its steps in the cycle, "
+        "among the buckets with steps left, so short rows come early and long ones late), `short_to_long` every "
+        "step of the shortest bucket first, then the next longer, `weighted` like grow with the odds `weights`. "
+        "Every piece is used once per epoch whatever the curriculum.",
+    )
+    weights: list[float] | None = Field(
+        None,
+        description="`curriculum: weighted` only: the odds of each bucket, shortest first, one per length from "
+        "min_len to data.seq_len (e.g. [1, 1, 1] for uniform sampling over three lengths); each above 0.",
+    )
+    cycles: int = Field(
+        1,
+        ge=1,
+        description="Curriculum cycles per epoch: each bucket's steps are split into this many equal parts and "
+        "the curriculum runs over each part in turn. Raise it for runs much shorter than an epoch (`slimtrain data "
+        "stats RECIPE --global-batch-size G` prints an epoch's steps) so that they go through whole cycles.",
+    )
+    remainder: Literal["pad", "drop"] = Field(
+        "pad",
+        description="A document's last piece shorter than min_len: `pad` trains on it in a padded row of the "
+        "shortest bucket (every token once per epoch), `drop` leaves it out (no padding at all).",
+    )
+
+    @field_validator("min_len")
+    @classmethod
+    def _power_of_two(cls, n: int) -> int:
+        if n & (n - 1):
+            raise ValueError(f"data.buckets.min_len={n} is not a power of two; use {_pow2_near(n)}")
+        return n
+
+    @model_validator(mode="after")
+    def _weights_with_weighted(self) -> "BucketsConfig":
+        if (self.curriculum == "weighted") != (self.weights is not None):
+            raise ValueError(
+                f"data.buckets.weights={self.weights} with data.buckets.curriculum={self.curriculum}: weights go with "
+                "`curriculum: weighted` and only with it; set both or neither"
+            )
+        if self.weights is not None and min(self.weights, default=0.0) <= 0:
+            raise ValueError(
+                f"data.buckets.weights={self.weights}: every weight must be above 0 (a bucket with weight 0 would "
+                "never be drawn before the others run out); to leave short lengths out raise data.buckets.min_len"
+            )
+        return self
+
+    def lengths(self, seq_len: int) -> list[int]:
+        """The buckets' row lengths, shortest first: min_len, 2 min_len, ..., seq_len."""
+        return [self.min_len << k for k in range(max(0, (seq_len // self.min_len).bit_length()))]
+
+
+def _pow2_near(n: int) -> str:
+    lower = 1 << (n.bit_length() - 1)
+    return f"{lower} or {lower * 2}"
+
+
 class DataConfig(BaseModel):
     """Sources, tokenizer, token shards and packing: the `data:` block of a recipe."""
 
@@ -143,7 +214,18 @@ class DataConfig(BaseModel):
         "bfd",
         description="How documents become rows, a registered packer (slimtrain.data.packing.PACKERS): `bfd` "
         "best-fit decreasing (cuts only documents longer than seq_len), `concat` concatenate-and-chunk (the "
-        "common baseline), `pad` one document per row.",
+        "common baseline), `pad` one document per row, `buckets` dataset decomposition (power-of-two pieces, "
+        "rows of one length per step, a length curriculum: see `buckets`).",
+    )
+    buckets: BucketsConfig = Field(
+        default_factory=BucketsConfig,
+        description="Settings of `packer: buckets` (ignored by the other packers); seq_len is the longest bucket.",
+    )
+    val_packer: str | None = Field(
+        None,
+        description="Packer of the validation rows (of seq_len), a registered packer other than `buckets`. Unset: "
+        "the training packer, or `bfd` when that is `buckets`. Set it to compare runs with different packers on "
+        "the same held-out rows.",
     )
     cache_dir: Path = Field(
         Path(".cache/slimtrain/data"),
@@ -189,6 +271,40 @@ class DataConfig(BaseModel):
 
         PACKERS.get(name)  # an unknown name fails with the registered ones and the nearest
         return name
+
+    @field_validator("val_packer")
+    @classmethod
+    def _val_packer(cls, name: str | None) -> str | None:
+        from slimtrain.data.packing import PACKERS
+
+        if name is None:
+            return None
+        PACKERS.get(name)
+        if name == "buckets":
+            raise ValueError("data.val_packer=buckets: evaluation reads rows of data.seq_len; choose bfd, concat or "
+                             "pad (or leave it unset: bfd for a buckets run)")
+        return name
+
+    @model_validator(mode="after")
+    def _bucket_lengths(self) -> "DataConfig":
+        if self.packer != "buckets":
+            return self
+        n = self.seq_len
+        if n & (n - 1):
+            raise ValueError(f"data.seq_len={n} is not a power of two, and data.packer=buckets makes it the longest "
+                             f"bucket; set data.seq_len to {_pow2_near(n)}")
+        if self.buckets.min_len > n:
+            raise ValueError(f"data.buckets.min_len={self.buckets.min_len} is above data.seq_len={n}, the longest "
+                             f"bucket; set data.buckets.min_len to at most {n}")
+        lengths = self.buckets.lengths(n)
+        if self.buckets.weights is not None and len(self.buckets.weights) != len(lengths):
+            raise ValueError(f"data.buckets.weights has {len(self.buckets.weights)} entries but the buckets are "
+                             f"{len(lengths)} lengths {lengths}; give one weight per length, shortest first")
+        return self
+
+    def resolved_val_packer(self) -> str:
+        """The validation rows' packer: `val_packer`, else the training packer (`bfd` for `buckets`)."""
+        return self.val_packer or ("bfd" if self.packer == "buckets" else self.packer)
 
     @model_validator(mode="after")
     def _weights_all_or_none(self) -> "DataConfig":

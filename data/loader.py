@@ -22,6 +22,7 @@ import numpy as np
 
 from slimtrain.core.transforms import BatchTransform
 from slimtrain.data.batch import Batch
+from slimtrain.data.bucket_epoch import BucketSpec
 from slimtrain.data.collate import build_batch
 from slimtrain.data.dataset import Split, TokenDataset
 from slimtrain.data.errors import DataError, LoaderStateError
@@ -44,6 +45,8 @@ class StreamSpec:
     buffer_docs: int
     transforms: tuple[BatchTransform, ...] = ()
     """The plugins' batch transforms (slimtrain.core.transforms), run in collate in this order."""
+    buckets: BucketSpec | None = None
+    """`packer: buckets` only: the decomposition and curriculum settings (slimtrain.data.bucket_loader)."""
 
     def identity(self) -> dict[str, Any]:
         """The stream's defining settings, JSON-serialisable (stored in loader states)."""
@@ -51,6 +54,8 @@ class StreamSpec:
                  "seq_len": self.seq_len, "weights": self.weights, "seed": self.seed, "buffer_docs": self.buffer_docs}
         if self.transforms:  # absent without transforms: states saved before transforms existed still match
             ident["transforms"] = [{"name": t.name, **t.identity()} for t in self.transforms]
+        if self.buckets is not None:  # absent otherwise, for the same reason
+            ident["buckets"] = self.buckets.identity()
         return ident
 
     def fingerprint(self) -> str:
@@ -76,16 +81,19 @@ class EpochPlans:
             if epoch in self._cache:
                 self._cache.move_to_end(epoch)
                 return self._cache[epoch]
-        s = self.spec
-        rng = np.random.default_rng([s.seed, epoch])
-        docs = epoch_documents(s.dataset, s.weights, rng)
-        plan = pack(s.packer, docs, s.dataset.doc_len[docs], s.seq_len, s.buffer_docs)
-        entry = (plan, rng.permutation(plan.num_rows))  # BFD emits rows by size: shuffle them
+        entry = self._build(epoch)
         with self._lock:
             self._cache[epoch] = entry
             while len(self._cache) > self._keep:
                 self._cache.popitem(last=False)
         return entry
+
+    def _build(self, epoch: int) -> Any:
+        s = self.spec
+        rng = np.random.default_rng([s.seed, epoch])
+        docs = epoch_documents(s.dataset, s.weights, rng)
+        plan = pack(s.packer, docs, s.dataset.doc_len[docs], s.seq_len, s.buffer_docs)
+        return plan, rng.permutation(plan.num_rows)  # BFD emits rows by size: shuffle them
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,9 @@ class Loader:
     iterating it again (`iter(loader)`) starts over from the first batch.
     """
 
+    row_lengths_vary = False
+    """True for a loader whose micro-batches change row length from step to step (`packer: buckets`)."""
+
     def __init__(
         self, spec: StreamSpec, *, rank: int, world_size: int, micro_batch_size: int, global_batch_size: int,
         pad_id: int, mask_cross_doc_labels: bool = True, prefetch: int = 2,
@@ -198,12 +209,15 @@ class Loader:
             rows = [self._row(cursor, g) for g in keys]
             batch = build_batch(self.spec.dataset, rows, self.spec.seq_len, self.pad_id, self.mask_cross_doc_labels,
                                 self.spec.transforms, [k if r is not None else None for k, r in zip(keys, rows)])
-            if cursor.micro + 1 < self.micro_batches_per_step:
-                cursor = replace(cursor, micro=cursor.micro + 1)
-            else:
-                consumed = cursor.consumed + self.global_batch_size
-                cursor = self._advance(replace(cursor, consumed=consumed, micro=0), consumed)
+            cursor = self._next_cursor(cursor)
             yield batch, cursor
+
+    def _next_cursor(self, cursor: Cursor) -> Cursor:
+        """The position after one more micro-batch of this rank."""
+        if cursor.micro + 1 < self.micro_batches_per_step:
+            return replace(cursor, micro=cursor.micro + 1)
+        consumed = cursor.consumed + self.global_batch_size
+        return self._advance(replace(cursor, consumed=consumed, micro=0), consumed)
 
     def __iter__(self) -> "Loader":
         if self.split == "val":
@@ -237,9 +251,9 @@ class Loader:
 
     def fresh(self) -> "Loader":
         """A new loader with the same settings, at the beginning of the stream."""
-        return Loader(self.spec, rank=self.rank, world_size=self.world_size, micro_batch_size=self.micro_batch_size,
-                      global_batch_size=self.global_batch_size, pad_id=self.pad_id,
-                      mask_cross_doc_labels=self.mask_cross_doc_labels, prefetch=self.prefetch)
+        return type(self)(self.spec, rank=self.rank, world_size=self.world_size,
+                          micro_batch_size=self.micro_batch_size, global_batch_size=self.global_batch_size,
+                          pad_id=self.pad_id, mask_cross_doc_labels=self.mask_cross_doc_labels, prefetch=self.prefetch)
 
     @property
     def consumed_samples(self) -> int:

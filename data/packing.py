@@ -8,6 +8,9 @@ document doc[p].
   bfd     best-fit decreasing (Ding et al. 2024, "Fewer Truncations Improve Language Modeling"):
           a document longer than seq_len is cut into full rows plus one remainder; nothing else is cut
   pad     one document (or one seq_len piece of a long document) per row
+  buckets dataset decomposition (Pouransari et al. 2024): every document cut into pieces whose lengths are
+          powers of two (after full rows of seq_len), one piece per row. This plan is the decomposition
+          only; training batches rows of one length per step (slimtrain.data.bucket_loader)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from slimtrain.core.registry import Registry
+from slimtrain.data.decompose import decompose, split_documents
 
 Packer = Callable[[np.ndarray, np.ndarray, int], "PackPlan"]
 PACKERS: Registry = Registry("packer")
@@ -106,6 +110,14 @@ def pack_concat(docs: np.ndarray, lengths: np.ndarray, seq_len: int) -> PackPlan
     row_ptr = np.searchsorted(row, np.arange(-(-total // seq_len) + 1), side="left").astype(np.int64)
     split = int((np.bincount(owner, minlength=len(docs)) > 1).sum())
     return PackPlan(seq_len, row_ptr, docs[owner], cuts - doc_starts[owner], length, len(docs), split)
+
+
+@PACKERS.register("buckets")
+def pack_buckets(docs: np.ndarray, lengths: np.ndarray, seq_len: int) -> PackPlan:
+    """One power-of-two piece per row (rows shorter than seq_len are not padded in this view)."""
+    pieces, _ = decompose(docs, lengths, seq_len)
+    return PackPlan(seq_len, np.arange(len(pieces) + 1, dtype=np.int64), pieces.doc, pieces.start, pieces.length,
+                    num_docs=len(docs), num_split_docs=split_documents(lengths, seq_len))
 
 
 def best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:

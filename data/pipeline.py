@@ -10,6 +10,8 @@ from slimtrain.core.transforms import TRANSFORMS, BatchTransform
 from slimtrain.data.config import DataConfig
 from slimtrain.data.errors import DataError
 from slimtrain.data.dataset import TokenDataset
+from slimtrain.data.bucket_epoch import BucketSpec
+from slimtrain.data.bucket_loader import BUCKETS, BucketLoader
 from slimtrain.data.loader import Loader, StreamSpec
 from slimtrain.data.build import prepare_source, source_dir
 from slimtrain.data.sources import DocumentSource, FilesDocumentSource, digest, open_source
@@ -99,13 +101,22 @@ def build_loader(
     cfg = prepared.config
     _check_registered(transforms)
     weights = [s.weight for s in cfg.sources] if split == "train" and cfg.sources[0].weight is not None else None
+    packer = cfg.packer if split == "train" else cfg.resolved_val_packer()
+    buckets = _bucket_spec(cfg) if packer == BUCKETS else None
     spec = StreamSpec(
-        dataset=prepared.train if split == "train" else prepared.val, packer=cfg.packer, seq_len=cfg.seq_len,
-        weights=weights, seed=seed, buffer_docs=cfg.pack_buffer_docs, transforms=tuple(transforms),
+        dataset=prepared.train if split == "train" else prepared.val, packer=packer, seq_len=cfg.seq_len,
+        weights=weights, seed=seed, buffer_docs=cfg.pack_buffer_docs, transforms=tuple(transforms), buckets=buckets,
     )
-    return Loader(spec, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
-                  global_batch_size=global_batch_size, pad_id=prepared.tokenizer.pad_id,
-                  mask_cross_doc_labels=cfg.mask_cross_doc_labels, prefetch=prefetch)
+    loader_type = BucketLoader if buckets is not None else Loader  # rows of one length per step, varying by step
+    return loader_type(spec, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
+                       global_batch_size=global_batch_size, pad_id=prepared.tokenizer.pad_id,
+                       mask_cross_doc_labels=cfg.mask_cross_doc_labels, prefetch=prefetch)
+
+
+def _bucket_spec(cfg: DataConfig) -> BucketSpec:
+    b = cfg.buckets
+    return BucketSpec(min_len=b.min_len, curriculum=b.curriculum, cycles=b.cycles, remainder=b.remainder,
+                      weights=tuple(b.weights) if b.weights is not None else None)
 
 
 

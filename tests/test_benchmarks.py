@@ -91,3 +91,21 @@ def test_profile_kinds_name_the_kernels_of_a_gpu_step() -> None:
 def test_loss_benchmark_compares_the_compiled_loss_with_the_eager_one() -> None:
     result = _benchmark_json("loss.py", "--tokens", "64", "--vocab", "512", "--reps", "1")
     assert result["eager"]["seconds"] > 0 and result["compiled"]["seconds"] > 0 and result["speedup"] > 0
+
+
+def test_buckets_benchmark_curves_leave_out_evaluations_and_count_flops_by_row_length() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from buckets import at, curve, reach
+    finally:
+        sys.path.pop(0)
+    records = [{"step": 1, "loss": 7.0, "tokens": 100, "time_s": 1.0, "row_len": 16},
+               {"step": 2, "loss": 6.0, "tokens": 200, "time_s": 2.0, "row_len": 256},
+               {"step": 2, "eval_loss": 5.0, "eval_s": 0.5},
+               {"step": 3, "loss": 5.5, "tokens": 300, "time_s": 3.5, "row_len": 256},
+               {"step": 3, "eval_loss": 4.0, "eval_s": 0.25}]
+    points = curve(records, 256, lambda row_len: float(row_len))
+    assert [p["train_s"] for p in points] == [2.0, 3.0]  # step 3's time_s holds the evaluation after step 2
+    assert [p["flops"] for p in points] == [100 * 16 + 100 * 256, 100 * 16 + 200 * 256]
+    assert reach(points, "train_s", 4.5) == 2.5 and reach(points, "train_s", 3.0) is None
+    assert at(points, "tokens", 250) == 4.5 and at(points, "tokens", 400) is None

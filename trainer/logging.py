@@ -162,22 +162,28 @@ class Throughput:
 
     def __init__(self, flops_per_token: float) -> None:
         self.flops_per_token = flops_per_token
-        self.window: list[tuple[float, int]] = []
+        self.window: list[tuple[float, int, float]] = []  # (time, tokens, FLOPs) of the last steps
         self.peak = _device_peak_flops()
 
-    def add(self, tokens: int) -> None:
-        self.window = (self.window + [(time.perf_counter(), tokens)])[-20:]
+    def add(self, tokens: int, flops_per_token: float | None = None) -> None:
+        """A step of `tokens`; `flops_per_token` is the step's own when it differs from the run's (rows whose
+        length changes from step to step change the attention's share)."""
+        per_token = self.flops_per_token if flops_per_token is None else flops_per_token
+        self.window = (self.window + [(time.perf_counter(), tokens, tokens * per_token)])[-20:]
 
-    def tokens_per_s(self) -> float:
+    def _rate(self, index: int) -> float:
         if len(self.window) < 2:
             return 0.0
         dt = self.window[-1][0] - self.window[0][0]
-        return sum(t for _, t in self.window[1:]) / dt if dt > 0 else 0.0
+        return sum(w[index] for w in self.window[1:]) / dt if dt > 0 else 0.0
+
+    def tokens_per_s(self) -> float:
+        return self._rate(1)
 
     def mfu(self, world_size: int) -> float | None:
         if self.peak is None:
             return None
-        return self.tokens_per_s() * self.flops_per_token / (self.peak * world_size)
+        return self._rate(2) / (self.peak * world_size)
 
 
 def _device_peak_flops() -> float | None:

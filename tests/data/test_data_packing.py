@@ -37,7 +37,7 @@ def _lengths(n: int, seq_len: int, seed: int = 1) -> np.ndarray:
     return np.concatenate([rng.integers(1, seq_len, n), rng.integers(seq_len, 4 * seq_len, n // 5), [seq_len, 2 * seq_len]])
 
 
-@pytest.mark.parametrize("name", ["concat", "bfd", "pad"])
+@pytest.mark.parametrize("name", ["concat", "bfd", "pad", "buckets"])
 def test_every_token_exactly_once_and_rows_fit(name: str) -> None:
     seq_len = 50
     lengths = _lengths(400, seq_len)
@@ -76,7 +76,7 @@ def test_bfd_packs_tighter_than_pad_and_cuts_less_than_concat() -> None:
 
 
 def test_packers_are_deterministic_and_registered() -> None:
-    assert PACKERS.names() == ["bfd", "concat", "pad"]
+    assert PACKERS.names() == ["bfd", "buckets", "concat", "pad"]
     lengths = _lengths(200, 40)
     a = pack("bfd", np.arange(len(lengths)), lengths, 40, 64)
     b = pack("bfd", np.arange(len(lengths)), lengths, 40, 64)
@@ -85,5 +85,5 @@ def test_packers_are_deterministic_and_registered() -> None:
 
 
 def test_unknown_packer_names_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"did you mean 'bfd'.*\['bfd', 'concat', 'pad'\]"):
+    with pytest.raises(ValueError, match=r"did you mean 'bfd'.*\['bfd', 'buckets', 'concat', 'pad'\]"):
         pack("bdf", np.arange(3), np.ones(3, dtype=np.int64), 8, 10)

@@ -57,6 +57,8 @@ def test_training_matches_one_rank_and_resumes_bitwise(tmp_path: Path) -> None:
     (["plugins=[{type: draft, heads: [{kind: medusa, num_heads: 2}]}]"], "'draft' cannot run with "
                                                                           "backend.sequence_parallel=2"),
     (["backend.expert_parallel_size=2"], "the two do not compose on this backend yet"),
+    (["data.packer=buckets", "data.seq_len=64", "data.buckets.min_len=1"],
+     "backend.sequence_parallel=2 must divide data.buckets.min_len=1"),
 ])
 def test_bad_layouts_are_refused_naming_the_field(overrides: list[str], message: str) -> None:
     with pytest.raises(RecipeError, match=__import__("re").escape(message)):

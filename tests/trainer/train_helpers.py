@@ -65,7 +65,7 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-VOLATILE = {"time_s", "tokens_per_s", "mfu"}
+VOLATILE = {"time_s", "tokens_per_s", "mfu", "eval_s"}
 """Metric keys that depend on the machine's speed: left out when runs are compared record for record."""
 
 

@@ -214,6 +214,10 @@ def check_sequence_parallel(recipe: "Recipe", sp: int) -> None:
             raise ValueError(f"backend.sequence_parallel={sp} must divide {field}={value} (each rank takes 1/{sp} of "
                              f"the {'sequence' if field == 'data.seq_len' else 'heads'}); choose one of {choices} "
                              f"or change {field}")
+    if recipe.data.packer == "buckets" and recipe.data.buckets.min_len % sp:
+        raise ValueError(f"backend.sequence_parallel={sp} must divide data.buckets.min_len="
+                         f"{recipe.data.buckets.min_len} (every bucket's rows are split {sp} ways); raise min_len to a "
+                         f"multiple of {sp}")
     for spec in recipe.plugins:
         why = _WHOLE_SEQUENCE_PLUGINS.get(spec.type)
         if why:

@@ -86,6 +86,7 @@ class Trainer:
         self.loss_fn = make_loss_fn(self.plugins, self.ctx, recipe.train.loss_chunk_tokens, recipe.train.compile,
                                     cross_entropy=self.backend.cross_entropy)
         self.val_loader = None  # built at the first evaluation, restarted by every later one
+        self._flops_at: dict[int, float] = {}  # training FLOPs per token by row length
         self.started = signals.PROCESS_START  # train.stop_after_minutes counts this process's time only
 
     def run(self) -> LoopState:
@@ -95,7 +96,7 @@ class Trainer:
         cfg = self.recipe.train
         wandb = Wandb(self.recipe, self.run_dir, enabled=self.is_main)
         bar = ProgressBar(cfg.steps, self.state.step, enabled=self.is_main and self.recipe.logging.progress)
-        tput = Throughput(self.plugins.counts(self.parts.model_cfg, self.recipe.data.seq_len).flops_per_token)
+        tput = Throughput(self._flops_per_token(self.recipe.data.seq_len))
         started = time.monotonic() - self.state.elapsed_s
         batches = iter(self.parts.train_loader)
         stop_reason = ""
@@ -108,8 +109,9 @@ class Trainer:
                 self.plugins.after_optimizer_step(self.ctx)
                 self.state.elapsed_s = time.monotonic() - started
                 self._account(result)
-                tput.add(result.tokens)
-                self._log_step(result, tput, bar, wandb)
+                row_len = micro[0].input_ids.shape[-1]  # rows may change length between steps (data.packer=buckets)
+                tput.add(result.tokens, self._flops_per_token(row_len))
+                self._log_step(result, tput, bar, wandb, row_len)
                 stop_reason = self._stop_reason()
                 # A stop saves at once (an evaluation first could outlast the scheduler's grace period);
                 # the last step's evaluation and save are _finish's.
@@ -161,7 +163,13 @@ class Trainer:
                 "optim.schedule.warmup_steps or optim.grad_clip set, or raise train.max_nonfinite_steps."
             )
 
-    def _log_step(self, result: StepResult, tput: Throughput, bar: ProgressBar, wandb: Wandb) -> None:
+    def _flops_per_token(self, row_len: int) -> float:
+        """Training FLOPs per token of rows of `row_len` tokens (the attention's share grows with it)."""
+        if row_len not in self._flops_at:
+            self._flops_at[row_len] = self.plugins.counts(self.parts.model_cfg, row_len).flops_per_token
+        return self._flops_at[row_len]
+
+    def _log_step(self, result: StepResult, tput: Throughput, bar: ProgressBar, wandb: Wandb, row_len: int) -> None:
         mfu = tput.mfu(self.backend.world_size)
         tps = tput.tokens_per_s()
         shown = f"loss {result.loss:.4f}  lr {result.lr:.2e}  {tps:,.0f} tok/s" + (f"  MFU {mfu:.1%}" if mfu else "")
@@ -175,6 +183,8 @@ class Trainer:
         }
         if mfu is not None:
             record["mfu"] = mfu
+        if getattr(self.parts.train_loader, "row_lengths_vary", False):
+            record["row_len"] = row_len
         record.update(self._mean_over_ranks(self.plugins.metrics(self.ctx)))
         self.metrics.write(record)
         wandb.log(record)
@@ -225,6 +235,7 @@ class Trainer:
     def _evaluate(self, wandb: Wandb) -> dict[str, float]:
         """The held-out loss, every plugin's loss terms on the same batches, then the plugins' own evaluations."""
         loss_sum, tokens, batches, term_sums = 0.0, 0, 0, {}
+        began = time.monotonic()
         self.ctx.training = False
         try:
             for batch in self._val_batches():
@@ -245,7 +256,8 @@ class Trainer:
         finally:
             self.ctx.training = True
         self.state.last_eval = results
-        record = {"step": self.state.step, **results}
+        # eval_s: the steps' time_s counts evaluations too; this lets a reader take them out (benchmarks/buckets.py)
+        record = {"step": self.state.step, **results, "eval_s": round(time.monotonic() - began, 3)}
         self.metrics.write(record)
         wandb.log(record)
         if self.is_main:

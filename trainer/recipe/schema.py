@@ -215,8 +215,10 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
         if self.data.seq_len > self.model.max_seq_len:
+            # With buckets, seq_len is the longest bucket: the rows of that bucket would exceed the model's context.
+            what = " (the longest bucket of data.packer=buckets)" if self.data.packer == "buckets" else ""
             raise ValueError(
-                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                f"data.seq_len={self.data.seq_len}{what} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "raise model.max_seq_len or lower data.seq_len"
             )
         trained = self.data.tokenizer.train
