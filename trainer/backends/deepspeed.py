@@ -133,11 +133,9 @@ class DeepSpeedBackend:
     @property
     def device(self) -> torch.device:
         """Where batches must be moved."""
-        if torch.cuda.is_available():
-            from slimtrain.trainer.env.distributed import cuda_device_index
+        from slimtrain.trainer.env.distributed import rank_device
 
-            return torch.device("cuda", cuda_device_index())
-        return torch.device("cpu")
+        return rank_device()
 
     def build_model(self, model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit) -> nn.Module:
         """The whole model on every rank (ZeRO partitions it when the engine starts, `setup`), except with

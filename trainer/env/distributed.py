@@ -23,7 +23,10 @@ import subprocess
 import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 Source = Literal["torchrun", "slurm", "single"]
 
@@ -280,6 +283,15 @@ def init_nccl(env: DistEnv) -> None:
         "nccl", init_method="env://", rank=env.rank, world_size=env.world_size, timeout=default_pg_timeout,
         **({"device_id": device} if bind else {}),
     )
+
+
+def rank_device() -> "torch.device":
+    """Where this rank's batches and model live: its GPU (`cuda_device_index`), or the CPU without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", cuda_device_index())
+    return torch.device("cpu")
 
 
 def cuda_device_index(environ: Mapping[str, str] = os.environ, device_count: int | None = None) -> int:

@@ -81,11 +81,10 @@ class MegatronBackend:
 
     @property
     def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            from slimtrain.trainer.env.distributed import cuda_device_index
+        """Where batches must be moved."""
+        from slimtrain.trainer.env.distributed import rank_device
 
-            return torch.device("cuda", cuda_device_index())
-        return torch.device("cpu")
+        return rank_device()
 
     def build_model(self, model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit) -> nn.Module:
         """The model with megatron's tensor-parallel layers in place of the projections, embedding and head."""
