@@ -125,9 +125,6 @@ def read_dense_dir(path: "Path | str") -> tuple[ModelConfig, StateDict]:
     return cfg, from_hf(hf_state, cfg)
 
 
-read_llama_dir = read_dense_dir  # the name it had when only Llama was read
-
-
 # config.json key -> our ModelConfig field that must equal it for the weights to compute our model.
 _MATCH = {
     "vocab_size": "vocab_size",
