@@ -1,12 +1,15 @@
 """The megatron-core backend (`backend.type: megatron`) through `slimtrain train` on 2 gloo ranks, megatron-core run
 on CPU by the test-only shim: tensor parallelism 2, pipeline parallelism 2 (1F1B) and data parallelism 2 with
 megatron's distributed optimizer each train as the DeepSpeed backend does on one rank (the same losses step by step);
-TP=2 resumes bitwise after SIGKILL; the TP=2 and PP=2 exports equal the DeepSpeed run's; bad layouts are refused
-naming the field."""
+TP=2 resumes bitwise after SIGKILL; checkpoints (megatron's dist_checkpointing) reshard: TP=2 resumes at TP=1,
+PP=2 at PP=1 and the distributed optimizer's DP=2 at TP=2, on the uninterrupted run's losses; the TP=2 and PP=2
+exports equal the DeepSpeed run's; bad layouts and unconvertible resumes are refused naming the field."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +52,28 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
     resumed = run_train(tmp_path / "killed", cache, STEPS + runs["tp2"], nproc=2)
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stdout[-3000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "tp2")  # every step, bitwise (fp32)
+    reshards = {"tp2": MEGATRON % (1, "false"), "pp2": MEGATRON % (1, "false"), "dp2": MEGATRON % (2, "true")}
+    for name, backend in reshards.items():  # resumed from step 3 at another layout: the same run, to fp32 noise
+        _resume_from_step_3(tmp_path / name, tmp_path / f"{name}-resharded")
+        proc = run_train(tmp_path / f"{name}-resharded", cache, STEPS + [backend], nproc=2)
+        assert proc.returncode == 0 and "resumed" in proc.stdout, proc.stdout[-4000:]
+        got, want = losses(tmp_path / f"{name}-resharded"), losses(tmp_path / name)
+        assert got.keys() == want.keys() and max(abs(got[s] - want[s]) for s in got) <= 1e-6, (name, got, want)
     exported = {name: _export(tmp_path / name, tmp_path / f"{name}-hf") for name in ("deepspeed", "tp2", "pp2")}
     for name in ("tp2", "pp2"):
         assert exported[name].keys() == exported["deepspeed"].keys()
         assert max(float((exported[name][k] - exported["deepspeed"][k]).abs().max()) for k in exported[name]) <= 1e-5
+
+
+def _resume_from_step_3(run: Path, copy: Path) -> None:
+    """A copy of `run` as if it had stopped after its step-3 checkpoint."""
+    shutil.copytree(run, copy)
+    for step_dir in (copy / "checkpoints").glob("step_*"):
+        if step_dir.name != "step_00000003":
+            shutil.rmtree(step_dir)
+    (copy / "checkpoints" / "latest").write_text("step_00000003")
+    kept = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("step", 0) <= 3]
+    (copy / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
 
 
 def _export(run: Path, out: Path) -> dict:
@@ -84,6 +105,30 @@ def _export(run: Path, out: Path) -> dict:
 def test_bad_layouts_are_refused_naming_the_field(overrides: list[str], message: str) -> None:
     with pytest.raises(RecipeError, match=__import__("re").escape(message)):
         load_recipe(TINY, overrides)
+
+
+@pytest.mark.parametrize("saved, overrides, message", [
+    ({"format": "dist_checkpointing", "distributed_optimizer": True, "precision": "fp32"},
+     ["backend={type: megatron, precision: fp32}"],
+     "backend.distributed_optimizer=False, but {ckpt} was written with distributed_optimizer=True"),
+    ({"format": "dist_checkpointing", "distributed_optimizer": False, "precision": "bf16"},
+     ["backend={type: megatron, precision: fp32}"], "backend.precision=fp32, but {ckpt} was written with precision=bf16"),
+    ({"tensor_parallel": 2, "world_size": 2}, ["backend={type: megatron}"], "holds per-rank files of an earlier"),
+    (None, ["backend={type: megatron}"], "was not written by the megatron backend"),
+])
+def test_a_checkpoint_megatron_cannot_convert_is_refused_before_launch(tmp_path: Path, saved: dict | None,
+                                                                      overrides: list[str], message: str) -> None:
+    from slimtrain.trainer.backends.megatron.checkpoint import check_resumable
+
+    if saved is not None:
+        (tmp_path / "megatron").mkdir()
+        (tmp_path / "megatron" / "layout.json").write_text(json.dumps(saved))
+    with pytest.raises(RecipeError, match=__import__("re").escape(message.format(ckpt=tmp_path))):
+        check_resumable(load_recipe(TINY, overrides), tmp_path)
+    if saved is not None and saved.get("format"):  # a changed layout alone loads: megatron-core reshards it
+        check_resumable(load_recipe(TINY, ["backend={type: megatron, tensor_parallel: 2, pipeline_parallel: 2, "
+                                           f"precision: {saved['precision']}, distributed_optimizer: "
+                                           f"{str(saved['distributed_optimizer']).lower()}}}"]), tmp_path)
 
 
 def test_a_world_the_layout_does_not_tile_is_refused() -> None:

@@ -75,22 +75,9 @@ def _start_megatron(**kwargs) -> Backend:
 
 
 def _megatron_resumable(recipe, checkpoint: Path, world_size: int) -> None:
-    import json
+    from slimtrain.trainer.backends.megatron.checkpoint import check_resumable
 
-    from slimtrain.trainer.backends.megatron.backend import LAYOUT, MEGATRON_DIR
-    from slimtrain.trainer.errors import RecipeError
-
-    layout_file = checkpoint / MEGATRON_DIR / LAYOUT
-    if not layout_file.is_file():
-        raise RecipeError(f"{checkpoint} was not written by the megatron backend (no {MEGATRON_DIR}/{LAYOUT}); resume "
-                          "it with the backend that wrote it")
-    saved = json.loads(layout_file.read_text())
-    now = {"tensor_parallel": recipe.backend.tensor_parallel, "pipeline_parallel": recipe.backend.pipeline_parallel,
-           "world_size": world_size}
-    then = {k: saved.get(k, 1) for k in now}
-    if then != now:
-        raise RecipeError(f"{checkpoint} was written at {then} and this run uses {now}: the megatron backend resumes "
-                          "at the same layout so far; launch that layout")
+    check_resumable(recipe, checkpoint)
 
 
 def _megatron_process() -> None:
@@ -101,7 +88,7 @@ def _megatron_process() -> None:
 
 
 def _megatron_weights(step_dir: Path, recipe, model_cfg) -> dict:
-    from slimtrain.trainer.backends.megatron.backend import read_weights
+    from slimtrain.trainer.backends.megatron.checkpoint import read_weights
 
     return read_weights(step_dir)
 

@@ -9,7 +9,6 @@ they are built (docs/backends.md).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,11 @@ from slimtrain.modules.transformer.sharding import shard_of
 from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
+from slimtrain.trainer.backends.megatron import checkpoint
 from slimtrain.trainer.backends.megatron.config import MegatronConfig
 from slimtrain.trainer.backends.megatron.pipeline import StageModule, cut, forward_step_func
 from slimtrain.trainer.backends.megatron.tensor_parallel import parallelize, vocab_parallel_cross_entropy_sum
 from slimtrain.trainer.recipe.schema import OptimConfig, TrainConfig
-
-MEGATRON_DIR = "megatron"  # sub-directory of a checkpoint step directory that holds this backend's files
-LAYOUT = "layout.json"
-
 
 class MegatronBackend:
     """megatron-core's groups, layers, DDP and optimizer around our model."""
@@ -228,33 +224,12 @@ class MegatronBackend:
         dist.barrier()
 
     def save(self, directory: Path) -> None:
-        """Each rank writes its model slice, optimizer and scheduler state; rank 0 the layout (how to join them)."""
-        out = directory / MEGATRON_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "split_dim": self.split_dims()}
-        torch.save(state, out / f"rank_{self.rank:05d}.pt")
-        coords = [None] * self.world_size
-        dist.all_gather_object(coords, (self.dp_rank, self.tp_rank, self.pp_rank))
-        if self.rank == 0:
-            layout = {"tensor_parallel": self.cfg.tensor_parallel, "pipeline_parallel": self.pp,
-                      "world_size": self.world_size,
-                      "replica_0": [r for r, (dp, _, _) in enumerate(coords) if dp == 0]}
-            (out / LAYOUT).write_text(json.dumps(layout, indent=1))
-
-    def split_dims(self) -> dict[str, int | None]:
-        """Per parameter of this rank, the dim its tensor-parallel slices split (None: whole on every rank)."""
-        params = self.model.named_parameters(remove_duplicate=False)  # a tied head is listed under its name too
-        return {n: (s.dim if (s := shard_of(p)) is not None else None) for n, p in params}
+        """Collective: megatron-core's `dist_checkpointing` of the model and optimizer slices (checkpoint.py)."""
+        checkpoint.save(self, directory)
 
     def load(self, directory: Path) -> None:
-        """Restore what `save` wrote, at the same layout (checked before launch)."""
-        state = torch.load(directory / MEGATRON_DIR / f"rank_{self.rank:05d}.pt", map_location="cpu",
-                           weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.steps_done = state["steps_done"]
+        """Collective: restore a checkpoint written at any tensor, pipeline and data-parallel layout."""
+        checkpoint.load(self, directory)
 
     def branch(self, directory: Path, scratch: Path) -> list[str]:
         raise NotImplementedError("checkpoint.branch_from is not built for the megatron backend yet")
@@ -285,23 +260,3 @@ class MegatronBackend:
             out[name] = tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.cpu()
         return out
 
-
-def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The whole fp32 weights of a megatron checkpoint, read offline: the ranks of data-parallel replica 0 (every
-    pipeline stage, every tensor-parallel slice), each tensor's slices joined along the dim its rank files name."""
-    root = step_dir / MEGATRON_DIR
-    layout = json.loads((root / LAYOUT).read_text())
-    pieces: dict[str, list[torch.Tensor]] = {}
-    dims: dict[str, int | None] = {}
-    for r in layout["replica_0"]:  # in rank order: tensor-parallel slices of a stage are consecutive ranks
-        saved = torch.load(root / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)
-        dims.update(saved["split_dim"])
-        for name, tensor in saved["model"].items():
-            if isinstance(tensor, torch.Tensor):  # megatron's layers keep an `_extra_state` entry (None) of their own
-                pieces.setdefault(name, []).append(tensor)
-    out = {}
-    for name, parts in pieces.items():
-        dim = dims.get(name)
-        whole = parts[0] if dim is None else torch.cat(parts, dim=dim)
-        out[name] = whole.float() if whole.is_floating_point() else whole
-    return out

@@ -1,0 +1,190 @@
+"""Checkpoints of the megatron backend through megatron-core's `dist_checkpointing` (torch_dist format).
+
+Every tensor is saved under its model's own name (`model.layers.0.attn.q_proj.weight`) as a `ShardedTensor`: the
+slice this rank holds and where it sits in the whole tensor (its tensor-parallel `Shard`), so that a checkpoint
+written at one layout loads at another: tensor, pipeline and data-parallel sizes may all change between save and
+resume. The optimizer state follows the same keys (megatron's `optimizer.sharded_state_dict`); the distributed
+optimizer's in its `fully_reshardable` form, the one megatron-core reshards over every dimension.
+
+`layout.json` records the layout a checkpoint was written at; `read_weights` reads the whole fp32 weights back
+without megatron-core or a process group (torch's own distributed-checkpoint reader), for `slimtrain export`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slimtrain.modules.transformer.sharding import shard_of
+
+MEGATRON_DIR = "megatron"  # sub-directory of a checkpoint step directory that holds this backend's files
+LAYOUT = "layout.json"
+MODEL_PREFIX = "model."
+# Where megatron's optimizers keep the fp32 masters of bf16 weights (the plain one; the distributed one).
+MASTER_PREFIXES = ("optimizer.state.fp32_param.model.", "optimizer.state.param.model.")
+DISTOPT_SHARDING = "fully_reshardable"
+
+
+def model_sharded_state(model: nn.Module, tp_rank: int, dp_rank: int) -> dict[str, Any]:
+    """{name: ShardedTensor} of `model`'s parameters and persistent buffers on this rank: a tensor-parallel slice at
+    its offset in the whole tensor (one copy per data-parallel replica), a whole tensor once per replica. The
+    tensors are the model's own (megatron's optimizer finds its state by them; a load writes into them)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out: dict[str, Any] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not isinstance(tensor, torch.Tensor):  # megatron's layers keep an `_extra_state` entry of their own
+            continue
+        shard = shard_of(tensor)
+        key = MODEL_PREFIX + name
+        if shard is None:
+            out[name] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=(0, tp_rank, dp_rank))
+        else:
+            out[name] = ShardedTensor.from_rank_offsets(key, tensor, (shard.dim, shard.rank, shard.size),
+                                                        replica_id=(0, 0, dp_rank))
+    return out
+
+
+def _sharded_state(backend: Any, loading: bool) -> dict[str, Any]:
+    model_sd = model_sharded_state(backend.model, backend.tp_rank, backend.dp_rank)
+    metadata = {"distrib_optim_sharding_type": DISTOPT_SHARDING}
+    if loading:
+        _allocate_optimizer_state(backend.optimizer)
+    optimizer_sd = backend.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)
+    # Plain values are megatron's "common" state: written once (rank 0), read by every rank.
+    return {"model": model_sd, "optimizer": optimizer_sd, "scheduler": backend.scheduler.state_dict(),
+            "steps_done": backend.steps_done}
+
+
+def _allocate_optimizer_state(optimizer: Any) -> None:
+    """The distributed optimizer describes its state from the state it holds: a fresh one (a resume) must allocate
+    it first. megatron-core's own way is a step on zero gradients; the loaded values then replace all of it."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values"):
+            if not inner.optimizer.state:
+                inner._init_optimizer_states_with_dummy_values()
+            _keep_adam_step(inner)
+
+
+def _keep_adam_step(inner: Any) -> None:
+    """megatron-core (0.16) with torch's Adam, as without apex or Transformer Engine: its reshardable loaders skip
+    Adam's per-parameter `step` (restored from the param groups already), then copy every key of the parameter's
+    state, `step` included, and fail on the missing key. Hand them back the step the state already holds."""
+    if getattr(inner, "_slimtrain_keeps_step", False) or inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        return
+    set_states = inner._set_main_param_and_optimizer_states
+
+    def with_step(model_param: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+        group, order = inner.model_param_group_index_map[model_param]
+        held = inner.optimizer.state[inner.optimizer.param_groups[group]["params"][order]]
+        if "step" in held and "step" not in tensors:
+            tensors = {**tensors, "step": held["step"]}
+        set_states(model_param, tensors)
+
+    inner._set_main_param_and_optimizer_states = with_step
+    inner._slimtrain_keeps_step = True
+
+
+def _own_adam_steps(optimizer: Any) -> None:
+    """megatron-core's distributed optimizer, with torch's Adam, restores `step` as ONE tensor shared by every
+    parameter's state; torch's Adam increments each parameter's step in place, so the shared one would advance once
+    per parameter per step. Give each parameter its own copy (the value is the same)."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        for state in getattr(torch_optimizer, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def save(backend: Any, directory: Path) -> None:
+    """Collective: every rank writes its slices of the model and optimizer into `directory/megatron`; rank 0 the
+    layout."""
+    from megatron.core import dist_checkpointing
+
+    out = directory / MEGATRON_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # the directory exists before any rank writes (dist_checkpointing checks it)
+    dist_checkpointing.save(_sharded_state(backend, loading=False), str(out))
+    if backend.rank == 0:
+        (out / LAYOUT).write_text(json.dumps(layout_of(backend), indent=1))
+
+
+def layout_of(backend: Any) -> dict[str, Any]:
+    """The layout a checkpoint is written at (what a resume compares with its own)."""
+    return {"format": "dist_checkpointing", "tensor_parallel": backend.cfg.tensor_parallel,
+            "pipeline_parallel": backend.pp, "data_parallel": backend.dp_size, "world_size": backend.world_size,
+            "distributed_optimizer": backend.cfg.distributed_optimizer, "precision": backend.cfg.precision}
+
+
+def load(backend: Any, directory: Path) -> None:
+    """Collective: restore what `save` wrote, at this run's layout (megatron-core reshards it)."""
+    from megatron.core import dist_checkpointing
+
+    state = _sharded_state(backend, loading=True)
+    with torch.no_grad():  # the loaded values are written into the parameters themselves
+        loaded = dist_checkpointing.load(state, str(directory / MEGATRON_DIR))
+        _copy_into(backend.model, loaded["model"])
+    backend.optimizer.load_state_dict(loaded["optimizer"])
+    _own_adam_steps(backend.optimizer)
+    backend.scheduler.load_state_dict(loaded["scheduler"])
+    backend.steps_done = loaded["steps_done"]
+
+
+def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict(keep_vars=True)
+    for name, tensor in loaded.items():
+        if own[name] is not tensor:
+            own[name].copy_(tensor)
+
+
+def read_layout(step_dir: Path) -> dict[str, Any] | None:
+    """The layout a checkpoint was written at, or None when the megatron backend did not write it."""
+    path = step_dir / MEGATRON_DIR / LAYOUT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_resumable(recipe: Any, checkpoint: Path) -> None:
+    """Before launch: refuse a checkpoint this run cannot load. Any tensor / pipeline / data-parallel layout loads
+    (megatron-core reshards it); the optimizer's kind and the precision must stay, as each keeps its fp32 masters and
+    moments under keys of its own."""
+    from slimtrain.trainer.errors import RecipeError
+
+    saved = read_layout(checkpoint)
+    if saved is None:
+        raise RecipeError(f"{checkpoint} was not written by the megatron backend (no {MEGATRON_DIR}/{LAYOUT}); resume "
+                          "it with the backend that wrote it")
+    if saved.get("format") != "dist_checkpointing":
+        raise RecipeError(f"{checkpoint} holds per-rank files of an earlier megatron backend, which this version "
+                          "does not read; export it with the version that wrote it and continue from the export "
+                          "(checkpoint.init_from_hf)")
+    for field in ("distributed_optimizer", "precision"):
+        then, now = saved.get(field), getattr(recipe.backend, field)
+        if then is not None and then != now:
+            raise RecipeError(f"backend.{field}={now}, but {checkpoint} was written with {field}={then}: megatron's "
+                              f"optimizer state does not convert between them; resume with backend.{field}={then}")
+
+
+def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 weights of a megatron checkpoint in the model's names, read offline (no process group, no
+    megatron-core): every tensor under `model.`, the optimizer's fp32 master in place of a bf16 weight."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(step_dir / MEGATRON_DIR))
+    stored = reader.read_metadata().state_dict_metadata
+    wanted = {k: m for k, m in stored.items() if isinstance(m, TensorStorageMetadata)
+              and k.startswith((MODEL_PREFIX, *MASTER_PREFIXES))}
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in wanted.items()}
+    with warnings.catch_warnings():  # "no process group: loading in a single process", which is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        load(state, storage_reader=reader, no_dist=True)
+    out = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    for prefix in MASTER_PREFIXES:
+        out.update({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
