@@ -1,9 +1,10 @@
 """The megatron-core backend (`backend.type: megatron`) through `slimtrain train` on 2 gloo ranks, megatron-core run
-on CPU by the test-only shim: tensor parallelism 2, pipeline parallelism 2 (1F1B) and data parallelism 2 with
-megatron's distributed optimizer each train as the DeepSpeed backend does on one rank (the same losses step by step);
-TP=2 resumes bitwise after SIGKILL; checkpoints (megatron's dist_checkpointing) reshard: TP=2 resumes at TP=1,
-PP=2 at PP=1 and the distributed optimizer's DP=2 at TP=2, on the uninterrupted run's losses; the TP=2 and PP=2
-exports equal the DeepSpeed run's; bad layouts and unconvertible resumes are refused naming the field."""
+on CPU by the test-only shim: tensor parallelism 2, pipeline parallelism 2 (1F1B, and interleaved with 2 virtual
+stages) and data parallelism 2 with megatron's distributed optimizer each train as the DeepSpeed backend does on one
+rank (the same losses step by step); TP=2 resumes bitwise after SIGKILL; checkpoints (megatron's dist_checkpointing)
+reshard: TP=2 resumes at TP=1, interleaved PP=2 at PP=1 and the distributed optimizer's DP=2 at TP=2,
+on the uninterrupted run's losses; the TP=2 and both PP=2 exports equal the DeepSpeed run's; bad layouts and unconvertible
+resumes are refused naming the field."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from slimtrain.trainer.errors import RecipeError  # noqa: E402
 from slimtrain.trainer.recipe.schema import load_recipe  # noqa: E402
 
 MEGATRON = "backend={type: megatron, tensor_parallel: %d, precision: fp32, distributed_optimizer: %s}"
-STEPS = ["train.steps=6", "checkpoint.every=3", "eval.every=3"]
+STEPS = ["train.steps=6", "checkpoint.every=3", "eval.every=3", "model.num_layers=4"]
 
 
 @pytest.fixture
@@ -42,7 +43,8 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
     reference = run_train(tmp_path / "deepspeed", cache, STEPS, nproc=1)
     assert reference.returncode == 0, reference.stdout[-3000:]
     runs = {"tp2": [MEGATRON % (2, "false")], "dp2": [MEGATRON % (1, "true")],
-            "pp2": ["backend={type: megatron, pipeline_parallel: 2, precision: fp32}"]}
+            "pp2": ["backend={type: megatron, pipeline_parallel: 2, precision: fp32}"],
+            "vp2": ["backend={type: megatron, pipeline_parallel: 2, virtual_stages: 2, precision: fp32}"]}
     for name, backend in runs.items():
         proc = run_train(tmp_path / name, cache, STEPS + backend, nproc=2)
         assert proc.returncode == 0, proc.stdout[-4000:]
@@ -52,15 +54,15 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
     resumed = run_train(tmp_path / "killed", cache, STEPS + runs["tp2"], nproc=2)
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stdout[-3000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "tp2")  # every step, bitwise (fp32)
-    reshards = {"tp2": MEGATRON % (1, "false"), "pp2": MEGATRON % (1, "false"), "dp2": MEGATRON % (2, "true")}
+    reshards = {"tp2": MEGATRON % (1, "false"), "vp2": MEGATRON % (1, "false"), "dp2": MEGATRON % (2, "true")}
     for name, backend in reshards.items():  # resumed from step 3 at another layout: the same run, to fp32 noise
         _resume_from_step_3(tmp_path / name, tmp_path / f"{name}-resharded")
         proc = run_train(tmp_path / f"{name}-resharded", cache, STEPS + [backend], nproc=2)
         assert proc.returncode == 0 and "resumed" in proc.stdout, proc.stdout[-4000:]
         got, want = losses(tmp_path / f"{name}-resharded"), losses(tmp_path / name)
         assert got.keys() == want.keys() and max(abs(got[s] - want[s]) for s in got) <= 1e-6, (name, got, want)
-    exported = {name: _export(tmp_path / name, tmp_path / f"{name}-hf") for name in ("deepspeed", "tp2", "pp2")}
-    for name in ("tp2", "pp2"):
+    exported = {name: _export(tmp_path / name, tmp_path / f"{name}-hf") for name in ("deepspeed", "tp2", "pp2", "vp2")}
+    for name in ("tp2", "pp2", "vp2"):
         assert exported[name].keys() == exported["deepspeed"].keys()
         assert max(float((exported[name][k] - exported["deepspeed"][k]).abs().max()) for k in exported[name]) <= 1e-5
 
@@ -91,8 +93,10 @@ def _export(run: Path, out: Path) -> dict:
 @pytest.mark.parametrize("overrides, message", [
     (["backend={type: megatron, tensor_parallel: 4}", "model.num_kv_heads=2"],
      "backend.tensor_parallel=4 must divide model.num_kv_heads=2"),
-    (["backend={type: megatron, pipeline_parallel: 2, virtual_stages: 2}"],
-     "backend.virtual_stages=2: the megatron backend runs tensor, pipeline (1F1B) and data parallelism so far"),
+    (["backend={type: megatron, virtual_stages: 2}"],
+     "backend.virtual_stages=2 interleaves pipeline stages, but backend.pipeline_parallel=1"),
+    (["backend={type: megatron, pipeline_parallel: 2, virtual_stages: 2}", "model.num_layers=6"],
+     "backend.pipeline_parallel=2 x virtual_stages=2 must divide model.num_layers=6"),
     (["backend={type: megatron, pipeline_parallel: 4}", "model.num_layers=2"],
      "backend.pipeline_parallel=4 must divide model.num_layers=2"),
     (["backend={type: megatron, pipeline_parallel: 2}", "model.tie_embeddings=true"],

@@ -26,7 +26,8 @@ from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
 from slimtrain.trainer.backends.megatron import checkpoint
 from slimtrain.trainer.backends.megatron.config import MegatronConfig
-from slimtrain.trainer.backends.megatron.pipeline import StageModule, cut, forward_step_func
+from slimtrain.trainer.backends.megatron.pipeline import (StageModule, chunk_views, cut, forward_step_func,
+                                                          held_stages, row_slice)
 from slimtrain.trainer.backends.megatron.tensor_parallel import parallelize, vocab_parallel_cross_entropy_sum
 from slimtrain.trainer.recipe.schema import OptimConfig, TrainConfig
 
@@ -40,24 +41,35 @@ class MegatronBackend:
         self.cfg, self.optim_cfg = cfg, optim
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         cfg.data_parallel_size(self.world_size)  # refuses a world the layout does not tile
+        self.chunks = cfg.virtual_stages or 1  # model chunks per pipeline rank (interleaved schedule when > 1)
         ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel,
-                                     pipeline_model_parallel_size=cfg.pipeline_parallel)
+                                     pipeline_model_parallel_size=cfg.pipeline_parallel,
+                                     virtual_pipeline_model_parallel_size=self.chunks if self.chunks > 1 else None)
         self.ps = ps
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank, self.pp = ps.get_pipeline_model_parallel_rank(), cfg.pipeline_parallel
-        self.first_stage, self.last_stage = self.pp_rank == 0, self.pp_rank == self.pp - 1
+        self.held = held_stages(self.pp_rank, self.pp, self.chunks)  # this rank's (virtual) stages
+        self.last_stage = self.pp_rank == self.pp - 1
         self.process_groups: dict[str, Any] = {"data": ps.get_data_parallel_group(),
                                                "tensor": ps.get_tensor_model_parallel_group(),
                                                "pipeline": ps.get_pipeline_model_parallel_group()}
         self.comm = TorchCommunicator(self.process_groups)
         self.cross_entropy = vocab_parallel_cross_entropy_sum if cfg.tensor_parallel > 1 else None
         self.grad_accum = train.grad_accum(self.dp_size)
+        if self.chunks > 1 and self.grad_accum % self.pp:
+            from slimtrain.trainer.errors import RecipeError
+
+            raise RecipeError(f"backend.virtual_stages={self.chunks}: the interleaved schedule runs the micro-batches in "
+                              f"groups of pipeline_parallel={self.pp}, but a step has {self.grad_accum} (train."
+                              f"global_batch_size / micro_batch_size / {self.dp_size} data-parallel replicas); make it "
+                              f"a multiple of {self.pp}")
         self.bf16 = cfg.precision == "bf16"
         self.parallel_config = ModelParallelConfig(
             tensor_model_parallel_size=cfg.tensor_parallel, use_cpu_initialization=True, perform_initialization=False,
             gradient_accumulation_fusion=False, params_dtype=torch.float32)
         self.model: nn.Module | None = None
-        self.ddp = None
+        self.ddp = None  # the first (with interleaving: one per model chunk in `ddps`) megatron DDP module
+        self.ddps: list = []
         self.optimizer = None
         self.scheduler = None
         self.steps_done = 0
@@ -88,7 +100,7 @@ class MegatronBackend:
         split = (lambda model: parallelize(model, self.parallel_config, self.tp_rank, tp))
         self.model = build(model_cfg, plugins, init, self.device, split).model
         if self.pp > 1:  # built whole from the seed (or imported), then cut: each stage holds the dense weights
-            cut(self.model, self.pp_rank, self.pp)
+            cut(self.model, self.held, self.pp * self.chunks)
         return self.model
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
@@ -101,12 +113,19 @@ class MegatronBackend:
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                    use_distributed_optimizer=self.cfg.distributed_optimizer)
         config = self._transformer_config(model.cfg)
-        module = model if self.pp == 1 else StageModule(model, self.first_stage, self.last_stage)
-        self.ddp = DistributedDataParallel(config, ddp_config, module)
+        stages = self.pp * self.chunks
+        if self.pp == 1:
+            modules = [model]
+        else:
+            views = chunk_views(model, self.held, stages)
+            modules = [StageModule(view, s == 0, s == stages - 1) for view, s in zip(views, self.held)]
+        self.ddps = [DistributedDataParallel(config, ddp_config, m) for m in modules]
+        self.ddp = self.ddps[0]
         if self.pp > 1:  # what megatron's schedule calls around the micro-batches
             from megatron.core.distributed import finalize_model_grads
 
-            config.no_sync_func = self.ddp.no_sync
+            no_sync = [d.no_sync for d in self.ddps]
+            config.no_sync_func = no_sync if self.chunks > 1 else no_sync[0]
             config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = self._optimizer(optimizer)
         self.scheduler = scheduler
@@ -115,9 +134,14 @@ class MegatronBackend:
         from megatron.core.transformer import TransformerConfig
 
         dtype = torch.bfloat16 if self.bf16 else torch.float32
+        interleaved = {} if self.chunks == 1 else {
+            "virtual_pipeline_model_parallel_size": self.chunks,
+            # Interleaved at two stages, batched p2p exchanges silently give wrong activations and gradients (a known
+            # megatron-core bug; ../shared/reference notes); the unbatched exchanges are exact.
+            "batch_p2p_comm": self.pp != 2}
         return TransformerConfig(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                                  num_attention_heads=cfg.num_heads, tensor_model_parallel_size=self.cfg.tensor_parallel,
-                                 pipeline_model_parallel_size=self.pp, pipeline_dtype=dtype,
+                                 pipeline_model_parallel_size=self.pp, pipeline_dtype=dtype, **interleaved,
                                  use_cpu_initialization=True, perform_initialization=False,
                                  gradient_accumulation_fusion=False, bf16=self.bf16, params_dtype=torch.float32)
 
@@ -132,7 +156,7 @@ class MegatronBackend:
                                  params_dtype=torch.float32, use_distributed_optimizer=self.cfg.distributed_optimizer)
         # The trainer's groups: matrices decay; norms, biases and embeddings do not (DeepSpeed backend's groups).
         key = ParamKey(predicate=ParamPredicate(name="slimtrain_no_decay", fn=lambda p: id(p) in no_decay))
-        return get_megatron_optimizer(config, [self.ddp], config_overrides={key: ParamGroupOverride(wd_mult=0.0)})
+        return get_megatron_optimizer(config, self.ddps, config_overrides={key: ParamGroupOverride(wd_mult=0.0)})
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepResult:
         """Forward/backward every micro-batch, then megatron's optimizer step. The loss is normalised by the global
@@ -143,9 +167,10 @@ class MegatronBackend:
         local_tokens = sum(b.num_tokens for b in micro_batches)
         global_labels, global_tokens = self.all_reduce_sum([local_labels, local_tokens], group="data")
         norm = max(global_labels, 1.0) / self.dp_size
-        self.ddp.zero_grad_buffer()
+        for ddp in self.ddps:
+            ddp.zero_grad_buffer()
+            ddp.train()
         self.optimizer.zero_grad()
-        self.ddp.train()
         if self.pp > 1:
             loss_sum, term_sums = self._pipelined(micro_batches, loss_fn, norm, forward_only=False)
         else:
@@ -191,21 +216,36 @@ class MegatronBackend:
         rows, seq = micro_batches[0].input_ids.shape
         get_forward_backward_func()(
             forward_step_func=forward_step_func(loss_fn, norm, len(micro_batches), self.device, sums),
-            data_iterator=iter(micro_batches), model=[self.ddp], num_microbatches=len(micro_batches),
+            data_iterator=[iter(micro_batches) for _ in self.ddps] if self.chunks > 1 else iter(micro_batches),
+            model=self.ddps, num_microbatches=len(micro_batches),
             seq_length=seq, micro_batch_size=rows, forward_only=forward_only)
         loss_sum = torch.as_tensor(sums.get("loss", 0.0), dtype=torch.float64, device=self.device)
         terms = {k: v / len(micro_batches) for k, v in sums.get("terms", {}).items()}
         return loss_sum, terms
+
+    def _pipelined_eval(self, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One batch through the pipeline, forward only. The interleaved schedule takes micro-batches in groups of
+        the pipeline size: the batch's rows are split into that many pieces when they divide, else the batch is run
+        that many times (its sums then averaged)."""
+        if self.chunks == 1:
+            return self._pipelined([batch], loss_fn, 1.0, forward_only=True)
+        rows = batch.input_ids.shape[0]
+        if rows % self.pp == 0:
+            pieces = [row_slice(batch, i * rows // self.pp, (i + 1) * rows // self.pp) for i in range(self.pp)]
+            return self._pipelined(pieces, loss_fn, 1.0, forward_only=True)
+        loss_sum, terms = self._pipelined([batch] * self.pp, loss_fn, 1.0, forward_only=True)
+        return loss_sum / self.pp, terms
 
     @torch.no_grad()
     def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[float, int, dict[str, float]]:
         """This rank's share of one micro-batch's (token loss sum, label tokens, terms): the ranks of a
         tensor-parallel group compute the same replica's numbers, so each reports 1/tp of them and the trainer's
         sum over all ranks counts every replica once."""
-        self.ddp.eval()
+        for ddp in self.ddps:
+            ddp.eval()
         tp = self.cfg.tensor_parallel
         if self.pp > 1:  # only the last stage has a loss: the others report none
-            token_loss_sum, terms = self._pipelined([batch], loss_fn, 1.0, forward_only=True)
+            token_loss_sum, terms = self._pipelined_eval(batch, loss_fn)
             labels = batch.num_label_tokens if self.last_stage else 0
         else:
             _, token_loss_sum, terms = loss_fn(self.ddp, batch.to(self.device), 1.0)

@@ -21,8 +21,11 @@ class MegatronConfig(BaseModel):
     pipeline_parallel: int = Field(1, ge=1, description="Pipeline stages the layers are cut into (equal runs of "
                                    "layers; the embedding on the first, the head and the loss on the last), run by "
                                    "megatron's 1F1B schedule.")
-    virtual_stages: int | None = Field(None, ge=1, description="Interleaved pipeline: model chunks per stage (not "
-                                       "built yet: null).")
+    virtual_stages: int | None = Field(None, ge=1, description="Interleaved pipeline schedule: model chunks per "
+                                       "pipeline rank (rank r holds stages r, r + pipeline_parallel, ...), shrinking the "
+                                       "pipeline bubble by this factor; needs pipeline_parallel > 1, a layer count "
+                                       "divisible by pipeline_parallel x virtual_stages and micro-batches per step in "
+                                       "multiples of pipeline_parallel. null: the plain 1F1B schedule.")
     sequence_parallel: bool = Field(False, description="Megatron sequence parallelism of the norms and dropout "
                                     "regions within the tensor-parallel group (not built yet: false).")
     expert_parallel: int = Field(1, ge=1, description="Ranks that split the MoE experts (not built yet: 1).")
@@ -33,8 +36,10 @@ class MegatronConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "MegatronConfig":
-        unbuilt = {"virtual_stages": (self.virtual_stages, None),
-                   "sequence_parallel": (self.sequence_parallel, False), "expert_parallel": (self.expert_parallel, 1)}
+        if self.virtual_stages is not None and self.virtual_stages > 1 and self.pipeline_parallel == 1:
+            raise ValueError(f"backend.virtual_stages={self.virtual_stages} interleaves pipeline stages, but "
+                             "backend.pipeline_parallel=1; set pipeline_parallel > 1 or virtual_stages=null")
+        unbuilt = {"sequence_parallel": (self.sequence_parallel, False), "expert_parallel": (self.expert_parallel, 1)}
         for field, (value, off) in unbuilt.items():
             if value != off:
                 raise ValueError(f"backend.{field}={value}: the megatron backend runs tensor, pipeline (1F1B) and "
@@ -60,10 +65,11 @@ class MegatronConfig(BaseModel):
             if value % tp:
                 raise ValueError(f"backend.tensor_parallel={tp} must divide {field}={value} (each rank holds 1/{tp} of "
                                  f"it); choose a tensor_parallel that divides {value}")
-        pp = self.pipeline_parallel
-        if m.num_layers % pp:
-            raise ValueError(f"backend.pipeline_parallel={pp} must divide model.num_layers={m.num_layers} (each stage "
-                             f"holds an equal run of layers); choose one of "
+        pp, chunks = self.pipeline_parallel, self.virtual_stages or 1
+        if m.num_layers % (pp * chunks):
+            what = f"backend.pipeline_parallel={pp}" + (f" x virtual_stages={chunks}" if chunks > 1 else "")
+            raise ValueError(f"{what} must divide model.num_layers={m.num_layers} (each stage holds an equal run of "
+                             f"layers); choose stage counts among "
                              f"{[d for d in range(1, m.num_layers + 1) if m.num_layers % d == 0]}")
         if pp > 1 and m.tie_embeddings:
             raise ValueError(f"model.tie_embeddings=true with backend.pipeline_parallel={pp}: the embedding (first "

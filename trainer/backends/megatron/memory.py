@@ -4,8 +4,9 @@ the memory per GPU of its busiest pipeline stage.
 Counted per GPU: the stage's parameters split over the tensor-parallel ranks (the embedding on the first stage, the
 head on the last), megatron's model states (bf16 or fp32 weights, fp32 gradient buffers for the reduction, fp32
 masters and Adam moments, the last two split over the data-parallel ranks with the distributed optimizer), the
-activations of the micro-batches 1F1B keeps in flight on the first stage (as many as the stages; with activation
-checkpointing each block's input and one block's), and the last
+activations of the micro-batches the schedule keeps in flight on the first stage (1F1B: as many as the stages;
+interleaved: megatron's warm-up count of smaller chunks; with activation checkpointing each block's input and one
+block's), and the last
 stage's logits and loss. Activations use the DeepSpeed estimate's per-token block figure, split over the tensor
 ranks; it is a planning figure, not measured on GPU for this backend yet.
 """
@@ -35,17 +36,19 @@ def estimate_text(recipe: Recipe, world_size: int, gpu_gb: float) -> str:
     masters_and_moments = (4 if b.precision == "bf16" else 0) + 8
     states = params * (w + 4 + masters_and_moments / (dp if b.distributed_optimizer else 1))
     tokens = t.micro_batch_size * recipe.data.seq_len
-    in_flight = min(pp, t.grad_accum(dp))
+    chunks, micro = b.virtual_stages or 1, t.grad_accum(dp)
+    in_flight = in_flight_chunks(pp, chunks, micro)
     block = block_activation_bytes_per_token(cfg, w) / tp
+    chunk_layers = layers // chunks
     # Activation checkpointing keeps each block's input (whole: the residual stream is not split) and one block.
-    kept = layers * w * h + block if t.activation_checkpointing else layers * block
-    per_token = kept + edge_bytes_per_token(cfg, w)
-    activations = per_token * tokens * in_flight
+    kept = chunk_layers * w * h + block if t.activation_checkpointing else chunk_layers * block
+    activations = (kept * in_flight + edge_bytes_per_token(cfg, w) * min(pp, micro)) * tokens
     logits = tokens * vocab / tp * LOSS_BYTES_PER_LOGIT
     total = states + activations + logits + RESERVE
     lines = [
         f"megatron layout: {world_size} GPUs = tensor {tp} x pipeline {pp} x data {dp}; {layers} layers per stage; "
-        f"micro-batch {t.micro_batch_size} x {recipe.data.seq_len} tokens, {in_flight} in flight on the first stage",
+        f"micro-batch {t.micro_batch_size} x {recipe.data.seq_len} tokens, {in_flight} in flight on the first stage"
+        + (f" (chunks of {chunk_layers} layers, interleaved x{chunks})" if chunks > 1 else ""),
         f"  parameters   {params / 1e9:8.2f} B per GPU (busiest stage)",
         f"  model states {states / GB:8.1f} GB"
         + (f"  (masters and moments split over {dp} data-parallel ranks)" if b.distributed_optimizer else ""),
@@ -58,3 +61,12 @@ def estimate_text(recipe: Recipe, world_size: int, gpu_gb: float) -> str:
         lines.append("  does not fit: raise tensor_parallel or pipeline_parallel, turn on distributed_optimizer, or "
                      "lower train.micro_batch_size")
     return "\n".join(lines)
+
+
+def in_flight_chunks(pp: int, chunks: int, micro_batches: int) -> int:
+    """Micro-batch activations (of one model chunk each) the first pipeline rank holds at the peak of megatron's
+    schedule: its warm-up forwards and one more; 1F1B: as many as the stages; interleaved: 2 (pp - 1) +
+    (chunks - 1) pp + 1 chunk forwards, smaller each (megatron-core's warm-up count for rank 0)."""
+    if chunks == 1:
+        return min(pp, micro_batches)
+    return min(2 * (pp - 1) + (chunks - 1) * pp + 1, micro_batches * chunks)

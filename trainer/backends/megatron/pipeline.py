@@ -14,11 +14,13 @@ trainer's own loss function.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from slimtrain.data.batch import Batch
 from slimtrain.modules.transformer.io import ModelInputs
 
 
@@ -35,17 +37,49 @@ def stage_layers(num_layers: int, stage: int, stages: int) -> range:
     return range(stage * per, (stage + 1) * per)
 
 
-def cut(model: nn.Module, stage: int, stages: int) -> None:
-    """Keep only stage `stage`'s part of `model` (in place)."""
-    kept = stage_layers(len(model.layers), stage, stages)
+def held_stages(rank: int, ranks: int, chunks: int) -> list[int]:
+    """The (virtual) stages pipeline rank `rank` of `ranks` holds, one per model chunk: with interleaving (`chunks`
+    > 1) rank r holds stages r, r + ranks, r + 2 ranks, ... (megatron's interleaved order)."""
+    return [c * ranks + rank for c in range(chunks)]
+
+
+def cut(model: nn.Module, held: list[int], stages: int) -> None:
+    """Keep only the part of `model` its (virtual) stages `held` of `stages` hold, in place: their layers, the
+    embedding with stage 0, the final norm and the head with the last stage."""
+    kept = {i for stage in held for i in stage_layers(len(model.layers), stage, stages)}
     for i in range(len(model.layers)):
         if i not in kept:
             model.layers[i] = SkippedLayer()
-    if stage != 0:
+    if 0 not in held:
         model.embed = None
-    if stage != stages - 1:  # the final norm and the head are the last stage's (the others' outputs skip them)
+    if stages - 1 not in held:  # the final norm and the head are the last stage's (the others' outputs skip them)
         model.norm = nn.Identity()
         model.lm_head = None
+
+
+def chunk_views(model: nn.Module, held: list[int], stages: int) -> list[nn.Module]:
+    """One module per held stage, each running that stage's part of `model` (already `cut` to `held`). They share
+    `model`'s own submodules, so every parameter stays `model`'s (its names, checkpoints, the optimizer's view);
+    a view only skips what the other chunks compute."""
+    if len(held) == 1:
+        return [model]
+    views = []
+    for stage in held:
+        view = copy.copy(model)  # shallow: the same config, buffers and submodule objects
+        view._modules = dict(model._modules)
+        view.layers = nn.ModuleList(list(model.layers))
+        cut(view, [stage], stages)
+        views.append(view)
+    return views
+
+
+def row_slice(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows [start, stop) of `batch` (its extras too where they are per row); the document layout is found again."""
+    rows = batch.input_ids.shape[0]
+    cut_rows = lambda t: t[start:stop] if t.dim() and t.shape[0] == rows else t  # noqa: E731
+    return Batch(input_ids=batch.input_ids[start:stop], labels=batch.labels[start:stop],
+                 position_ids=batch.position_ids[start:stop], doc_ids=batch.doc_ids[start:stop],
+                 extras={k: cut_rows(v) for k, v in batch.extras.items()})
 
 
 class StageModule(nn.Module):
