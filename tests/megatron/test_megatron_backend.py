@@ -2,7 +2,7 @@
 on CPU by the test-only shim: tensor parallelism 2, pipeline parallelism 2 (1F1B, and interleaved with 2 virtual
 stages) and data parallelism 2 with megatron's distributed optimizer each train as the DeepSpeed backend does on one
 rank (the same losses step by step); TP=2 resumes bitwise after SIGKILL; checkpoints (megatron's dist_checkpointing)
-reshard: TP=2 resumes at TP=1, interleaved PP=2 at PP=1 and the distributed optimizer's DP=2 at TP=2,
+reshard: TP=2 resumes at TP=1 and the distributed optimizer's DP=2 at TP=2 (and tied interleaved PP=2 at PP=1),
 on the uninterrupted run's losses; the TP=2 and both PP=2 exports equal the DeepSpeed run's; bad layouts and unconvertible
 resumes are refused naming the field."""
 
@@ -54,7 +54,7 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
     resumed = run_train(tmp_path / "killed", cache, STEPS + runs["tp2"], nproc=2)
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stdout[-3000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "tp2")  # every step, bitwise (fp32)
-    reshards = {"tp2": MEGATRON % (1, "false"), "vp2": MEGATRON % (1, "false"), "dp2": MEGATRON % (2, "true")}
+    reshards = {"tp2": MEGATRON % (1, "false"), "dp2": MEGATRON % (2, "true")}
     for name, backend in reshards.items():  # resumed from step 3 at another layout: the same run, to fp32 noise
         _resume_from_step_3(tmp_path / name, tmp_path / f"{name}-resharded")
         proc = run_train(tmp_path / f"{name}-resharded", cache, STEPS + [backend], nproc=2)
@@ -65,6 +65,26 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
     for name in ("tp2", "pp2", "vp2"):
         assert exported[name].keys() == exported["deepspeed"].keys()
         assert max(float((exported[name][k] - exported["deepspeed"][k]).abs().max()) for k in exported[name]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_tied_embeddings_across_interleaved_stages_train_reshard_and_export(tmp_path: Path, shim: None) -> None:
+    """The first stage's embedding and the last stage's head are one tied weight: its copies' gradients are summed
+    (losses equal the DeepSpeed run's), it is saved once (the checkpoint resumes at one stage, TP=2), and exported."""
+    cache, tied = tmp_path / "cache", STEPS + ["model.tie_embeddings=true"]
+    reference = run_train(tmp_path / "deepspeed", cache, tied, nproc=1)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    stages = "backend={type: megatron, pipeline_parallel: 2, virtual_stages: 2, precision: fp32}"
+    proc = run_train(tmp_path / "vp2", cache, tied + [stages], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    want = losses(tmp_path / "deepspeed")
+    assert max(abs(losses(tmp_path / "vp2")[s] - want[s]) for s in want) <= 1e-5
+    _resume_from_step_3(tmp_path / "vp2", tmp_path / "resharded")
+    proc = run_train(tmp_path / "resharded", cache, tied + [MEGATRON % (2, "false")], nproc=2)
+    assert proc.returncode == 0 and "resumed" in proc.stdout, proc.stdout[-4000:]
+    assert max(abs(losses(tmp_path / "resharded")[s] - want[s]) for s in want) <= 1e-5
+    ours, theirs = (_export(tmp_path / n, tmp_path / f"{n}-hf") for n in ("vp2", "deepspeed"))
+    assert ours.keys() == theirs.keys() and max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-5
 
 
 def _resume_from_step_3(run: Path, copy: Path) -> None:
@@ -99,8 +119,6 @@ def _export(run: Path, out: Path) -> dict:
      "backend.pipeline_parallel=2 x virtual_stages=2 must divide model.num_layers=6"),
     (["backend={type: megatron, pipeline_parallel: 4}", "model.num_layers=2"],
      "backend.pipeline_parallel=4 must divide model.num_layers=2"),
-    (["backend={type: megatron, pipeline_parallel: 2}", "model.tie_embeddings=true"],
-     "model.tie_embeddings=true with backend.pipeline_parallel=2"),
     (["backend={type: megatron}", "plugins=[{type: qat, weights: {group_size: 16}}]"],
      "plugins ['qat'] on the megatron backend are not built yet"),
     (["backend={type: megatron, tensor_parallel: 2}", "model.vocab_size=513"],

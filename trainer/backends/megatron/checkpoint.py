@@ -29,25 +29,35 @@ MODEL_PREFIX = "model."
 # Where megatron's optimizers keep the fp32 masters of bf16 weights (the plain one; the distributed one).
 MASTER_PREFIXES = ("optimizer.state.fp32_param.model.", "optimizer.state.param.model.")
 DISTOPT_SHARDING = "fully_reshardable"
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "embed.weight"
 
 
 def model_sharded_state(model: nn.Module, tp_rank: int, dp_rank: int) -> dict[str, Any]:
     """{name: ShardedTensor} of `model`'s parameters and persistent buffers on this rank: a tensor-parallel slice at
     its offset in the whole tensor (one copy per data-parallel replica), a whole tensor once per replica. The
-    tensors are the model's own (megatron's optimizer finds its state by them; a load writes into them)."""
+    tensors are the model's own (megatron's optimizer finds its state by them; a load writes into them).
+
+    A head tied to the embedding is saved under the embedding's name, once: at one stage it is the same tensor, and
+    with pipeline stages the last stage's copy is a replica of the first's, so any layout finds it under one key."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     out: dict[str, Any] = {}
+    seen: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if not isinstance(tensor, torch.Tensor):  # megatron's layers keep an `_extra_state` entry of their own
+        # megatron's layers keep an `_extra_state` entry of their own; a tied tensor appears under both names
+        if not isinstance(tensor, torch.Tensor) or id(tensor) in seen:
             continue
+        seen.add(id(tensor))
+        copy = 0
+        if name == TIED_HEAD and model.cfg.tie_embeddings:
+            name, copy = TIED_EMBEDDING, int(model.embed is None)
         shard = shard_of(tensor)
         key = MODEL_PREFIX + name
         if shard is None:
-            out[name] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=(0, tp_rank, dp_rank))
+            out[name] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=(copy, tp_rank, dp_rank))
         else:
             out[name] = ShardedTensor.from_rank_offsets(key, tensor, (shard.dim, shard.rank, shard.size),
-                                                        replica_id=(0, 0, dp_rank))
+                                                        replica_id=(copy, 0, dp_rank))
     return out
 
 
@@ -138,6 +148,8 @@ def load(backend: Any, directory: Path) -> None:
 
 def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
     own = model.state_dict(keep_vars=True)
+    if model.cfg.tie_embeddings and model.embed is None:  # the last stage's copy of a tied embedding
+        own[TIED_EMBEDDING] = own[TIED_HEAD]
     for name, tensor in loaded.items():
         if own[name] is not tensor:
             own[name].copy_(tensor)

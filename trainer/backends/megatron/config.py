@@ -71,10 +71,6 @@ class MegatronConfig(BaseModel):
             raise ValueError(f"{what} must divide model.num_layers={m.num_layers} (each stage holds an equal run of "
                              f"layers); choose stage counts among "
                              f"{[d for d in range(1, m.num_layers + 1) if m.num_layers % d == 0]}")
-        if pp > 1 and m.tie_embeddings:
-            raise ValueError(f"model.tie_embeddings=true with backend.pipeline_parallel={pp}: the embedding (first "
-                             "stage) and the head (last stage) would need megatron's shared-embedding sync, not built "
-                             "yet; set tie_embeddings=false or pipeline_parallel=1")
         if m.vocab_size is not None and m.vocab_size % tp:
             raise ValueError(f"backend.tensor_parallel={tp} must divide model.vocab_size={m.vocab_size} (the embedding "
                              f"and the head are split over the vocabulary); pad it to a multiple of {tp}")

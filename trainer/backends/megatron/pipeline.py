@@ -52,6 +52,12 @@ def cut(model: nn.Module, held: list[int], stages: int) -> None:
             model.layers[i] = SkippedLayer()
     if 0 not in held:
         model.embed = None
+        if model.lm_head is not None and model.cfg.tie_embeddings:
+            # This stage's head weight is a copy of the first stage's embedding (its gradient summed with the
+            # embedding's by megatron's finalize_model_grads): the embedding's optimizer group, counted once in the
+            # gradient norm (megatron skips parameters marked `shared`).
+            model.lm_head.is_embedding = True
+            model.lm_head.weight.shared = True
     if stages - 1 not in held:  # the final norm and the head are the last stage's (the others' outputs skip them)
         model.norm = nn.Identity()
         model.lm_head = None
@@ -90,13 +96,20 @@ class StageModule(nn.Module):
 
         super().__init__()
         # What megatron's schedules and gradient finalisation ask a model: its type, whether it holds the
-        # embedding (pre_process) or the head (post_process), whether the two share a weight (refused with stages).
+        # embedding (pre_process) or the head (post_process), whether the two share a weight (then the first and the
+        # last stage each hold a copy, their gradients summed by megatron's finalize_model_grads).
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = first, last
-        self.share_embeddings_and_output_weights = False
+        self.share_embeddings_and_output_weights = bool(model.cfg.tie_embeddings)
         self.model = model
         self.first, self.last = first, last
         self.received: torch.Tensor | None = None
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """megatron's hook for tied embeddings across stages: the copy this stage holds (embedding or head)."""
+        if self.first:
+            return self.model.embed.weight
+        return self.model.lm_head.weight if self.last else None
 
     def set_input_tensor(self, tensor: torch.Tensor | list | None) -> None:
         """megatron's hook: the previous stage's output ([seq, batch, hidden]), None on the first stage."""
