@@ -48,6 +48,7 @@ bench-gpu: install
 	$(PY) benchmarks/step.py --compile --loss-chunk 4096 --accum 8 --doc-len 1024 --attention varlen
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/loss.py --tokens 8192 --vocab 128256
+	$(PY) benchmarks/megatron_step.py --accum 8
 	$(PY) benchmarks/memory.py recipes/llama-1b-dense.yaml
 	$(PY) benchmarks/memory.py recipes/llama-1b-dense.yaml train.activation_checkpointing=true train.loss_chunk_tokens=4096
 	$(PY) benchmarks/qat.py --kernels --overhead --micro-batch 16

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,3 +110,12 @@ def test_buckets_benchmark_curves_leave_out_evaluations_and_count_flops_by_row_l
     assert [p["flops"] for p in points] == [100 * 16 + 100 * 256, 100 * 16 + 200 * 256]
     assert reach(points, "train_s", 4.5) == 2.5 and reach(points, "train_s", 3.0) is None
     assert at(points, "tokens", 250) == 4.5 and at(points, "tokens", 400) is None
+
+
+@pytest.mark.slow
+def test_megatron_step_benchmark_times_both_backends_on_one_model() -> None:
+    pytest.importorskip("megatron.core")
+    result = _benchmark_json("megatron_step.py", "--rounds", "1", "--warmup", "1", "--steps", "1")
+    assert result["deepspeed_tokens_per_s"] > 0 and result["megatron_tokens_per_s"] > 0
+    assert result["ratio_megatron_over_deepspeed"] == round(
+        result["megatron_tokens_per_s"] / result["deepspeed_tokens_per_s"], 3)

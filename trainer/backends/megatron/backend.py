@@ -10,6 +10,7 @@ they are built (docs/backends.md).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,9 @@ class MegatronBackend:
             group["weight_decay"] = self.optim_cfg.weight_decay * group.get("wd_mult", 1.0)
         applied, grad_norm, _ = self.optimizer.step()
         if applied:
-            self.scheduler.step()
+            with warnings.catch_warnings():  # the trainer's torch optimizer never steps here: megatron's does
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\(\)`")
+                self.scheduler.step()
             self.steps_done += 1
         # The last stage's tensor-parallel ranks each hold the replica's sums: 1/tp of them from each, over all ranks.
         local = (torch.stack([loss_sum, *term_sums.values()]) / self.cfg.tensor_parallel).tolist()
