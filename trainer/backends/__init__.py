@@ -86,7 +86,7 @@ def _megatron_resumable(recipe, checkpoint: Path, world_size: int) -> None:
                           "it with the backend that wrote it")
     saved = json.loads(layout_file.read_text())
     now = {"tensor_parallel": recipe.backend.tensor_parallel, "pipeline_parallel": recipe.backend.pipeline_parallel,
-           "world_size": world_size}
+           "expert_parallel": recipe.backend.expert_parallel, "world_size": world_size}
     then = {k: saved.get(k, 1) for k in now}
     if then != now:
         raise RecipeError(f"{checkpoint} was written at {then} and this run uses {now}: the megatron backend resumes "

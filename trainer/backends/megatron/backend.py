@@ -21,10 +21,11 @@ from torch import nn
 from slimtrain.data.batch import Batch
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
-from slimtrain.modules.transformer.sharding import shard_of
+from slimtrain.modules.transformer.sharding import Shard, shard_of
 from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
+from slimtrain.trainer.backends.megatron import experts as megatron_experts
 from slimtrain.trainer.backends.megatron.config import MegatronConfig
 from slimtrain.trainer.backends.megatron.pipeline import StageModule, cut, forward_step_func
 from slimtrain.trainer.backends.megatron.tensor_parallel import parallelize, vocab_parallel_cross_entropy_sum
@@ -44,8 +45,11 @@ class MegatronBackend:
         self.cfg, self.optim_cfg = cfg, optim
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         cfg.data_parallel_size(self.world_size)  # refuses a world the layout does not tile
+        # Expert groups within one tensor-parallel rank (expert-tensor size = tensor size): see experts.py.
         ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel,
-                                     pipeline_model_parallel_size=cfg.pipeline_parallel)
+                                     pipeline_model_parallel_size=cfg.pipeline_parallel,
+                                     expert_model_parallel_size=cfg.expert_parallel,
+                                     expert_tensor_parallel_size=cfg.tensor_parallel)
         self.ps = ps
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank, self.pp = ps.get_pipeline_model_parallel_rank(), cfg.pipeline_parallel
@@ -53,6 +57,9 @@ class MegatronBackend:
         self.process_groups: dict[str, Any] = {"data": ps.get_data_parallel_group(),
                                                "tensor": ps.get_tensor_model_parallel_group(),
                                                "pipeline": ps.get_pipeline_model_parallel_group()}
+        self.ep, self.ep_rank = cfg.expert_parallel, ps.get_expert_model_parallel_rank()
+        if self.ep > 1:
+            self.process_groups.update(megatron_experts.process_groups(ps))
         self.comm = TorchCommunicator(self.process_groups)
         self.cross_entropy = vocab_parallel_cross_entropy_sum if cfg.tensor_parallel > 1 else None
         self.grad_accum = train.grad_accum(self.dp_size)
@@ -88,12 +95,18 @@ class MegatronBackend:
 
     def build_model(self, model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit) -> nn.Module:
         """The model with megatron's tensor-parallel layers in place of the projections, embedding and head."""
-        tp = self.cfg.tensor_parallel
-        split = (lambda model: parallelize(model, self.parallel_config, self.tp_rank, tp))
-        self.model = build(model_cfg, plugins, init, self.device, split).model
+        self.model = build(model_cfg, plugins, init, self.device, self._parallelize).model
+        if self.ep > 1:
+            megatron_experts.mark(self.model)  # after materialisation, before DDP (setup)
         if self.pp > 1:  # built whole from the seed (or imported), then cut: each stage holds the dense weights
             cut(self.model, self.pp_rank, self.pp)
         return self.model
+
+    def _parallelize(self, model: nn.Module) -> None:
+        """The build's parallelisation step (meta model): tensor-parallel layers, then this rank's share of the experts."""
+        parallelize(model, self.parallel_config, self.tp_rank, self.cfg.tensor_parallel)
+        if self.ep > 1:
+            megatron_experts.shard(model, self.comm, self.ep_rank, self.ep)
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
         """megatron's DDP around the model and its optimizer over the same decay/no-decay groups as `optimizer`
@@ -139,14 +152,16 @@ class MegatronBackend:
         return get_megatron_optimizer(config, [self.ddp], config_overrides={key: ParamGroupOverride(wd_mult=0.0)})
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepResult:
-        """Forward/backward every micro-batch, then megatron's optimizer step. The loss is normalised by the global
-        label count: megatron's DDP averages gradients over the data-parallel ranks and sums micro-batches."""
+        """Forward/backward every micro-batch, then megatron's optimizer step. As on the DeepSpeed backend, each
+        micro-batch's loss is divided by the micro-batch count before its backward (so that plugins' loss terms are
+        averaged over micro-batches) and its token losses are normalised by the global label count divided by
+        data-parallel size x micro-batches: megatron's DDP averages gradients over the data-parallel ranks."""
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"expected {self.grad_accum} micro-batches per step, got {len(micro_batches)}")
         local_labels = sum(b.num_label_tokens for b in micro_batches)
         local_tokens = sum(b.num_tokens for b in micro_batches)
         global_labels, global_tokens = self.all_reduce_sum([local_labels, local_tokens], group="data")
-        norm = max(global_labels, 1.0) / self.dp_size
+        norm = max(global_labels, 1.0) / (self.dp_size * self.grad_accum)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.ddp.train()
@@ -178,7 +193,7 @@ class MegatronBackend:
         term_sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             loss, token_loss_sum, terms = loss_fn(self.ddp, batch.to(self.device), norm)
-            loss.backward()
+            (loss / len(micro_batches)).backward()  # what megatron's schedule does with stages
             loss_sum += token_loss_sum.detach().double()
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach().double() / len(micro_batches)
@@ -194,7 +209,7 @@ class MegatronBackend:
         sums: dict[str, Any] = {}
         rows, seq = micro_batches[0].input_ids.shape
         get_forward_backward_func()(
-            forward_step_func=forward_step_func(loss_fn, norm, len(micro_batches), self.device, sums),
+            forward_step_func=forward_step_func(loss_fn, norm, self.device, sums),
             data_iterator=iter(micro_batches), model=[self.ddp], num_microbatches=len(micro_batches),
             seq_length=seq, micro_batch_size=rows, forward_only=forward_only)
         loss_sum = torch.as_tensor(sums.get("loss", 0.0), dtype=torch.float64, device=self.device)
@@ -232,20 +247,27 @@ class MegatronBackend:
         out = directory / MEGATRON_DIR
         out.mkdir(parents=True, exist_ok=True)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "split_dim": self.split_dims()}
+                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "split_dim": self.split_dims(),
+                 "expert_rank": self.ep_rank, "expert_split": {n: s.dim for n, s in self.expert_shards().items()}}
         torch.save(state, out / f"rank_{self.rank:05d}.pt")
         coords = [None] * self.world_size
-        dist.all_gather_object(coords, (self.dp_rank, self.tp_rank, self.pp_rank))
+        # Expert-data rank 0: every expert rank's share of replica 0 (at expert_parallel 1, data-parallel rank 0).
+        dist.all_gather_object(coords, (self.ps.get_expert_data_parallel_rank(), self.tp_rank, self.pp_rank))
         if self.rank == 0:
             layout = {"tensor_parallel": self.cfg.tensor_parallel, "pipeline_parallel": self.pp,
-                      "world_size": self.world_size,
-                      "replica_0": [r for r, (dp, _, _) in enumerate(coords) if dp == 0]}
+                      "expert_parallel": self.ep, "world_size": self.world_size,
+                      "replica_0": [r for r, (edp, _, _) in enumerate(coords) if edp == 0]}
             (out / LAYOUT).write_text(json.dumps(layout, indent=1))
 
     def split_dims(self) -> dict[str, int | None]:
         """Per parameter of this rank, the dim its tensor-parallel slices split (None: whole on every rank)."""
         params = self.model.named_parameters(remove_duplicate=False)  # a tied head is listed under its name too
         return {n: (s.dim if (s := shard_of(p)) is not None else None) for n, p in params}
+
+    def expert_shards(self) -> dict[str, Shard]:
+        """This rank's expert parameters and the share of the whole [num_experts, ...] tensor each holds (dim 0,
+        expert rank, expert-parallel size); empty at expert_parallel 1."""
+        return megatron_experts.expert_shards(self.model, self.ep_rank, self.ep)
 
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote, at the same layout (checked before launch)."""
@@ -272,6 +294,7 @@ class MegatronBackend:
     def _stage_state_dict(self) -> dict[str, torch.Tensor]:
         group = self.process_groups["tensor"]
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        experts = self.expert_shards()
         out = {}
         for name, tensor in self.model.state_dict().items():
             if not isinstance(tensor, torch.Tensor):  # megatron's `_extra_state` entries
@@ -282,26 +305,35 @@ class MegatronBackend:
                 parts = [torch.empty_like(tensor) for _ in range(shard.size)]
                 dist.all_gather(parts, tensor.contiguous(), group=group)
                 tensor = torch.cat(parts, dim=shard.dim)
+            if name in experts:  # each rank holds 1/ep of the experts: joined along dim 0 over the expert group
+                tensor = megatron_experts.gather(tensor, experts[name], self.process_groups["expert"])
             out[name] = tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.cpu()
         return out
 
 
 def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     """The whole fp32 weights of a megatron checkpoint, read offline: the ranks of data-parallel replica 0 (every
-    pipeline stage, every tensor-parallel slice), each tensor's slices joined along the dim its rank files name."""
+    pipeline stage, every tensor-parallel slice, every expert rank's share), each tensor's tensor-parallel slices
+    joined along the dim its rank files name, then an expert tensor's shares along theirs in expert-rank order."""
     root = step_dir / MEGATRON_DIR
     layout = json.loads((root / LAYOUT).read_text())
-    pieces: dict[str, list[torch.Tensor]] = {}
+    pieces: dict[str, dict[int, list[torch.Tensor]]] = {}  # name -> expert rank -> tensor-parallel slices
     dims: dict[str, int | None] = {}
+    expert_dims: dict[str, int] = {}
     for r in layout["replica_0"]:  # in rank order: tensor-parallel slices of a stage are consecutive ranks
         saved = torch.load(root / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)
         dims.update(saved["split_dim"])
+        experts, expert_rank = saved.get("expert_split", {}), saved.get("expert_rank", 0)
+        expert_dims.update(experts)
         for name, tensor in saved["model"].items():
-            if isinstance(tensor, torch.Tensor):  # megatron's layers keep an `_extra_state` entry (None) of their own
-                pieces.setdefault(name, []).append(tensor)
+            # megatron's layers keep an `_extra_state` entry (None) of their own; a dense tensor is read from expert
+            # rank 0's ranks (the others hold the same), an expert share from every expert rank's.
+            if isinstance(tensor, torch.Tensor) and (name in experts or expert_rank == 0):
+                pieces.setdefault(name, {}).setdefault(expert_rank if name in experts else 0, []).append(tensor)
     out = {}
-    for name, parts in pieces.items():
+    for name, by_expert_rank in pieces.items():
         dim = dims.get(name)
-        whole = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        shares = [parts[0] if dim is None else torch.cat(parts, dim=dim) for _, parts in sorted(by_expert_rank.items())]
+        whole = torch.cat(shares, dim=expert_dims[name]) if name in expert_dims else shares[0]
         out[name] = whole.float() if whole.is_floating_point() else whole
     return out
