@@ -1,10 +1,10 @@
 """The megatron-core backend: its `parallel_state` groups, tensor-parallel layers (tensor_parallel.py), DDP and
 optimizer (`get_megatron_optimizer`, with the distributed optimizer as an option), behind the Backend protocol.
 
-Built so far: tensor and data parallelism, fp32 and bf16, gradient accumulation and clipping, the same learning-rate
-schedules and no-decay groups as the DeepSpeed backend, exact resume at the same layout, export. Pipeline, sequence
-and expert parallelism, plugins, and resharded `dist_checkpointing` checkpoints are refused by its config until
-they are built (docs/backends.md).
+Built so far: tensor, pipeline (1F1B), data and expert parallelism (experts.py), the moe plugin, fp32 and bf16,
+gradient accumulation and clipping, the same learning-rate schedules and no-decay groups as the DeepSpeed backend,
+exact resume at the same layout, export. Sequence parallelism, the other plugins, and resharded
+`dist_checkpointing` checkpoints are refused by its config until they are built (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class MegatronBackend:
         return self.model
 
     def _parallelize(self, model: nn.Module) -> None:
-        """The build's parallelisation step (meta model): tensor-parallel layers, then this rank's share of the experts."""
+        """The build's parallelisation step (meta model): tensor-parallel layers, then this rank's share of the
+        experts."""
         parallelize(model, self.parallel_config, self.tp_rank, self.cfg.tensor_parallel)
         if self.ep > 1:
             megatron_experts.shard(model, self.comm, self.ep_rank, self.ep)
@@ -247,8 +248,9 @@ class MegatronBackend:
         out = directory / MEGATRON_DIR
         out.mkdir(parents=True, exist_ok=True)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "split_dim": self.split_dims(),
-                 "expert_rank": self.ep_rank, "expert_split": {n: s.dim for n, s in self.expert_shards().items()}}
+                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done,
+                 "split_dim": self.split_dims(), "expert_rank": self.ep_rank,
+                 "expert_split": {n: s.dim for n, s in self.expert_shards().items()}}
         torch.save(state, out / f"rank_{self.rank:05d}.pt")
         coords = [None] * self.world_size
         # Expert-data rank 0: every expert rank's share of replica 0 (at expert_parallel 1, data-parallel rank 0).

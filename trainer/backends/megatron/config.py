@@ -99,9 +99,9 @@ class MegatronConfig(BaseModel):
 def check_experts(cfg: MegatronConfig, recipe: "Recipe") -> None:
     """The MoE plugin's limits on this backend, and the expert-parallel layout's."""
     if any(p.type == "moe" for p in recipe.plugins) and cfg.pipeline_parallel > 1:
-        raise ValueError(f"the moe plugin with backend.pipeline_parallel={cfg.pipeline_parallel}: its balancing losses, "
-                         "load metrics and bias updates read every MoE layer's routing on the last stage, which holds "
-                         "only its own layers' (the other stages' routers would go unbalanced); set "
+        raise ValueError(f"the moe plugin with backend.pipeline_parallel={cfg.pipeline_parallel}: its balancing "
+                         "losses, load metrics and bias updates read every MoE layer's routing on the last stage, "
+                         "which holds only its own layers' (the other stages' routers would go unbalanced); set "
                          "backend.pipeline_parallel=1 (use tensor_parallel or expert_parallel instead)")
     if cfg.expert_parallel > 1:
         from slimtrain.trainer.backends.deepspeed_config import check_expert_layers
