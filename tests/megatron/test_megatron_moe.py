@@ -2,8 +2,9 @@
 test-only shim), against the DeepSpeed backend on one rank: expert parallelism 2 (each rank holds 2 of 4 experts;
 megatron's expert groups, DDP expert buffers and chained optimizer) and tensor parallelism 2 (the MoE layers whole on
 both ranks) give the same losses and gradient norms step by step, with clipping active; the expert-parallel run
-resumes bitwise from its per-rank checkpoint and exports the same Hugging Face model; what megatron or this backend
-cannot do is refused before launch, naming the field."""
+resumes bitwise from its per-rank checkpoint and exports the same Hugging Face model, and the backend's
+`full_state_dict` joins the expert shares; what megatron or this backend cannot do is refused before launch, naming
+the field."""
 
 from __future__ import annotations
 
@@ -157,13 +158,12 @@ def test_a_checkpoint_resumes_only_at_its_expert_parallel_size(tmp_path: Path) -
 def test_expert_shards_describe_each_ranks_share_of_the_whole_experts() -> None:
     """What checkpoint code reads to describe the expert-sharded parameters: dim 0, expert rank, size, whole shape."""
     from slimtrain.modules.context import LocalCommunicator
+    from slimtrain.modules.plugin_stack import PluginStack
     from slimtrain.modules.transformer.sharding import Shard
     from slimtrain.trainer.backends.build import ModelInit, build_model
     from slimtrain.trainer.backends.megatron.experts import expert_shards, mark, shard
 
     recipe = load_recipe(TINY, [MOE, EP2, "model.vocab_size=512"])
-    from slimtrain.modules.plugin_stack import PluginStack
-
     model = build_model(recipe.model, PluginStack.from_configs(recipe.plugins), ModelInit(seed=0), torch.device("cpu"),
                         lambda m: shard(m, LocalCommunicator(), 1, 2))
     mark(model)
@@ -174,3 +174,17 @@ def test_expert_shards_describe_each_ranks_share_of_the_whole_experts() -> None:
     assert all(params[n].shape[0] == 2 and params[n].allreduce is False for n in shards)
     assert not any(hasattr(p, "allreduce") for n, p in params.items() if n not in shards)  # DDP's dense buffers
     assert expert_shards(model, 0, 1) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_full_state_dict_joins_the_expert_shares() -> None:
+    """The backend's `full_state_dict` at expert_parallel 2 equals the single-process build bitwise (each rank drew
+    the whole experts from the seed and kept its half; the shares are gathered over the expert group)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           str(HERE / "ep_state.py")], cwd=HERE.parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"equal": True, "held": 2, "shard": [0, 0, 2, [4, 64, 64]]}
