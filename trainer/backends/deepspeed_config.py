@@ -151,10 +151,11 @@ def check_expert_world(ep: int, world_size: int) -> None:
                           f"divisor of {world_size} ({fits}) or run on a multiple of {ep} ranks")
 
 
-def check_expert_layers(recipe: "Recipe", ep: int) -> None:
+def check_expert_layers(recipe: "Recipe", ep: int, field: str = "backend.expert_parallel_size") -> None:
     """Dry-run the expert sharding on the recipe's model (meta device, nothing allocated): every module with
     experts must shard into `ep` parts, and there must be one. Errors name the plugin (`plugins.<i>`).
-    A plugin that fails to apply at all is left to the plugins' own validation, which names it."""
+    A plugin that fails to apply at all is left to the plugins' own validation, which names it. `field` is the
+    recipe field that sets `ep` (each backend names it its own way)."""
     import torch
 
     from slimtrain.modules.context import LocalCommunicator
@@ -180,22 +181,22 @@ def check_expert_layers(recipe: "Recipe", ep: int) -> None:
         return  # the plugins' validation reports it, naming the plugin
     found = expert_modules(model)
     if not found:
-        raise ValueError(f"backend.expert_parallel_size={ep} but the model has no layer with experts to spread "
+        raise ValueError(f"{field}={ep} but the model has no layer with experts to spread "
                          "over ranks (no plugin adds them); add an MoE plugin (plugins: [{type: moe, ...}]) or set "
-                         "backend.expert_parallel_size=1")
+                         f"{field}=1")
     for name, module in found:
         where = f"plugins.{owner[id(module)]}" if id(module) in owner else name
         experts = module.num_experts
         if experts % ep:
             fits = [n for n in range(1, experts + 1) if experts % n == 0]
-            raise ValueError(f"{where}.num_experts={experts} is not divisible by backend.expert_parallel_size={ep} "
+            raise ValueError(f"{where}.num_experts={experts} is not divisible by {field}={ep} "
                              f"(layer {name}): each rank of an expert group holds an equal share of the experts; "
-                             f"set backend.expert_parallel_size to a divisor of {experts} ({fits}) or "
+                             f"set {field} to a divisor of {experts} ({fits}) or "
                              f"{where}.num_experts to a multiple of {ep}")
         try:
             module.shard_experts(LocalCommunicator(), "expert", 0, ep)
         except ValueError as exc:
-            raise ValueError(f"backend.expert_parallel_size={ep}: {where} ({name}): {exc}") from None
+            raise ValueError(f"{field}={ep}: {where} ({name}): {exc}") from None
 
 
 # Plugins whose layers see whole sequences (a draft head reads the next tokens, a compressor whole spans): a slice of

@@ -1,10 +1,10 @@
 """The megatron-core backend: its `parallel_state` groups, tensor-parallel layers (tensor_parallel.py), DDP and
 optimizer (`get_megatron_optimizer`, with the distributed optimizer as an option), behind the Backend protocol.
 
-Built so far: tensor and data parallelism, fp32 and bf16, gradient accumulation and clipping, the same learning-rate
-schedules and no-decay groups as the DeepSpeed backend, exact resume at the same layout, export. Pipeline, sequence
-and expert parallelism, plugins, and resharded `dist_checkpointing` checkpoints are refused by its config until
-they are built (docs/backends.md).
+Built: tensor, pipeline (1F1B and interleaved, pipeline.py), data and expert parallelism (experts.py), the moe
+plugin, fp32 and bf16, gradient accumulation and clipping, the same learning-rate schedules and no-decay groups as
+the DeepSpeed backend, `dist_checkpointing` checkpoints that reshard on load (checkpoint.py), export. What is not
+built yet is refused by its config (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from torch import nn
 from slimtrain.data.batch import Batch
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
-from slimtrain.modules.transformer.sharding import shard_of
+from slimtrain.modules.transformer.sharding import Shard, shard_of
 from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
 from slimtrain.trainer.backends.megatron import checkpoint
+from slimtrain.trainer.backends.megatron import experts as megatron_experts
 from slimtrain.trainer.backends.megatron.config import MegatronConfig
 from slimtrain.trainer.backends.megatron.pipeline import (StageModule, chunk_views, cut, forward_step_func,
                                                           held_stages, row_slice)
@@ -43,9 +44,12 @@ class MegatronBackend:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         cfg.data_parallel_size(self.world_size)  # refuses a world the layout does not tile
         self.chunks = cfg.virtual_stages or 1  # model chunks per pipeline rank (interleaved schedule when > 1)
+        # Expert groups within one tensor-parallel rank (expert-tensor size = tensor size): see experts.py.
         ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel,
                                      pipeline_model_parallel_size=cfg.pipeline_parallel,
-                                     virtual_pipeline_model_parallel_size=self.chunks if self.chunks > 1 else None)
+                                     virtual_pipeline_model_parallel_size=self.chunks if self.chunks > 1 else None,
+                                     expert_model_parallel_size=cfg.expert_parallel,
+                                     expert_tensor_parallel_size=cfg.tensor_parallel)
         self.ps = ps
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank, self.pp = ps.get_pipeline_model_parallel_rank(), cfg.pipeline_parallel
@@ -54,6 +58,9 @@ class MegatronBackend:
         self.process_groups: dict[str, Any] = {"data": ps.get_data_parallel_group(),
                                                "tensor": ps.get_tensor_model_parallel_group(),
                                                "pipeline": ps.get_pipeline_model_parallel_group()}
+        self.ep, self.ep_rank = cfg.expert_parallel, ps.get_expert_model_parallel_rank()
+        if self.ep > 1:
+            self.process_groups.update(megatron_experts.process_groups(ps))
         self.comm = TorchCommunicator(self.process_groups)
         self.cross_entropy = vocab_parallel_cross_entropy_sum if cfg.tensor_parallel > 1 else None
         self.grad_accum = train.grad_accum(self.dp_size)
@@ -97,12 +104,19 @@ class MegatronBackend:
 
     def build_model(self, model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit) -> nn.Module:
         """The model with megatron's tensor-parallel layers in place of the projections, embedding and head."""
-        tp = self.cfg.tensor_parallel
-        split = (lambda model: parallelize(model, self.parallel_config, self.tp_rank, tp))
-        self.model = build(model_cfg, plugins, init, self.device, split).model
+        self.model = build(model_cfg, plugins, init, self.device, self._parallelize).model
+        if self.ep > 1:
+            megatron_experts.mark(self.model)  # after materialisation, before DDP (setup)
         if self.pp > 1:  # built whole from the seed (or imported), then cut: each stage holds the dense weights
             cut(self.model, self.held, self.pp * self.chunks)
         return self.model
+
+    def _parallelize(self, model: nn.Module) -> None:
+        """The build's parallelisation step (meta model): tensor-parallel layers, then this rank's share of the
+        experts."""
+        parallelize(model, self.parallel_config, self.tp_rank, self.cfg.tensor_parallel)
+        if self.ep > 1:
+            megatron_experts.shard(model, self.comm, self.ep_rank, self.ep)
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
         """megatron's DDP around the model and its optimizer over the same decay/no-decay groups as `optimizer`
@@ -160,14 +174,16 @@ class MegatronBackend:
         return get_megatron_optimizer(config, self.ddps, config_overrides={key: ParamGroupOverride(wd_mult=0.0)})
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> StepResult:
-        """Forward/backward every micro-batch, then megatron's optimizer step. The loss is normalised by the global
-        label count: megatron's DDP averages gradients over the data-parallel ranks and sums micro-batches."""
+        """Forward/backward every micro-batch, then megatron's optimizer step. As on the DeepSpeed backend, each
+        micro-batch's loss is divided by the micro-batch count before its backward (so that plugins' loss terms are
+        averaged over micro-batches) and its token losses are normalised by the global label count divided by
+        data-parallel size x micro-batches: megatron's DDP averages gradients over the data-parallel ranks."""
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"expected {self.grad_accum} micro-batches per step, got {len(micro_batches)}")
         local_labels = sum(b.num_label_tokens for b in micro_batches)
         local_tokens = sum(b.num_tokens for b in micro_batches)
         global_labels, global_tokens = self.all_reduce_sum([local_labels, local_tokens], group="data")
-        norm = max(global_labels, 1.0) / self.dp_size
+        norm = max(global_labels, 1.0) / (self.dp_size * self.grad_accum)
         for ddp in self.ddps:
             ddp.zero_grad_buffer()
             ddp.train()
@@ -202,7 +218,7 @@ class MegatronBackend:
         term_sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             loss, token_loss_sum, terms = loss_fn(self.ddp, batch.to(self.device), norm)
-            loss.backward()
+            (loss / len(micro_batches)).backward()  # what megatron's schedule does with stages
             loss_sum += token_loss_sum.detach().double()
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach().double() / len(micro_batches)
@@ -218,7 +234,7 @@ class MegatronBackend:
         sums: dict[str, Any] = {}
         rows, seq = micro_batches[0].input_ids.shape
         get_forward_backward_func()(
-            forward_step_func=forward_step_func(loss_fn, norm, len(micro_batches), self.device, sums),
+            forward_step_func=forward_step_func(loss_fn, norm, self.device, sums),
             data_iterator=[iter(micro_batches) for _ in self.ddps] if self.chunks > 1 else iter(micro_batches),
             model=self.ddps, num_microbatches=len(micro_batches),
             seq_length=seq, micro_batch_size=rows, forward_only=forward_only)
@@ -270,6 +286,11 @@ class MegatronBackend:
         """Collective: megatron-core's `dist_checkpointing` of the model and optimizer slices (checkpoint.py)."""
         checkpoint.save(self, directory)
 
+    def expert_shards(self) -> dict[str, Shard]:
+        """This rank's expert parameters and the share of the whole [num_experts, ...] tensor each holds (dim 0,
+        expert rank, expert-parallel size); empty at expert_parallel 1."""
+        return megatron_experts.expert_shards(self.model, self.ep_rank, self.ep)
+
     def load(self, directory: Path) -> None:
         """Collective: restore a checkpoint written at any tensor, pipeline and data-parallel layout."""
         checkpoint.load(self, directory)
@@ -290,6 +311,7 @@ class MegatronBackend:
     def _stage_state_dict(self) -> dict[str, torch.Tensor]:
         group = self.process_groups["tensor"]
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        experts = self.expert_shards()
         out = {}
         for name, tensor in self.model.state_dict().items():
             if not isinstance(tensor, torch.Tensor):  # megatron's `_extra_state` entries
@@ -300,6 +322,8 @@ class MegatronBackend:
                 parts = [torch.empty_like(tensor) for _ in range(shard.size)]
                 dist.all_gather(parts, tensor.contiguous(), group=group)
                 tensor = torch.cat(parts, dim=shard.dim)
+            if name in experts:  # each rank holds 1/ep of the experts: joined along dim 0 over the expert group
+                tensor = megatron_experts.gather(tensor, experts[name], self.process_groups["expert"])
             out[name] = tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.cpu()
         return out
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slimtrain.modules.transformer.sharding import shard_of
+from slimtrain.modules.transformer.sharding import Shard, shard_of
 
 MEGATRON_DIR = "megatron"  # sub-directory of a checkpoint step directory that holds this backend's files
 LAYOUT = "layout.json"
@@ -32,9 +32,11 @@ DISTOPT_SHARDING = "fully_reshardable"
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "embed.weight"
 
 
-def model_sharded_state(model: nn.Module, tp_rank: int, dp_rank: int) -> dict[str, Any]:
+def model_sharded_state(model: nn.Module, tp_rank: int, dp_rank: int, experts: dict[str, Shard] | None = None,
+                        expert_data_rank: int = 0) -> dict[str, Any]:
     """{name: ShardedTensor} of `model`'s parameters and persistent buffers on this rank: a tensor-parallel slice at
-    its offset in the whole tensor (one copy per data-parallel replica), a whole tensor once per replica. The
+    its offset in the whole tensor (one copy per data-parallel replica), a whole tensor once per replica, an expert
+    parameter's share (`experts`: expert parallelism) at its experts' offset, once per expert-data replica. The
     tensors are the model's own (megatron's optimizer finds its state by them; a load writes into them).
 
     A head tied to the embedding is saved under the embedding's name, once: at one stage it is the same tensor, and
@@ -53,7 +55,11 @@ def model_sharded_state(model: nn.Module, tp_rank: int, dp_rank: int) -> dict[st
             name, copy = TIED_EMBEDDING, int(model.embed is None)
         shard = shard_of(tensor)
         key = MODEL_PREFIX + name
-        if shard is None:
+        if name in (experts or {}):  # the MoE layer is whole on every tensor-parallel rank
+            share = experts[name]
+            out[name] = ShardedTensor.from_rank_offsets(key, tensor, (share.dim, share.rank, share.size),
+                                                        replica_id=(copy, tp_rank, expert_data_rank))
+        elif shard is None:
             out[name] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=(copy, tp_rank, dp_rank))
         else:
             out[name] = ShardedTensor.from_rank_offsets(key, tensor, (shard.dim, shard.rank, shard.size),
@@ -62,7 +68,8 @@ def model_sharded_state(model: nn.Module, tp_rank: int, dp_rank: int) -> dict[st
 
 
 def _sharded_state(backend: Any, loading: bool) -> dict[str, Any]:
-    model_sd = model_sharded_state(backend.model, backend.tp_rank, backend.dp_rank)
+    model_sd = model_sharded_state(backend.model, backend.tp_rank, backend.dp_rank, backend.expert_shards(),
+                                   backend.ps.get_expert_data_parallel_rank())
     metadata = {"distrib_optim_sharding_type": DISTOPT_SHARDING}
     if loading:
         _allocate_optimizer_state(backend.optimizer)
@@ -129,7 +136,8 @@ def layout_of(backend: Any) -> dict[str, Any]:
     """The layout a checkpoint is written at (what a resume compares with its own)."""
     return {"format": "dist_checkpointing", "tensor_parallel": backend.cfg.tensor_parallel,
             "pipeline_parallel": backend.pp, "data_parallel": backend.dp_size, "world_size": backend.world_size,
-            "distributed_optimizer": backend.cfg.distributed_optimizer, "precision": backend.cfg.precision}
+            "expert_parallel": backend.cfg.expert_parallel, "distributed_optimizer": backend.cfg.distributed_optimizer,
+            "precision": backend.cfg.precision}
 
 
 def load(backend: Any, directory: Path) -> None:
@@ -164,7 +172,8 @@ def read_layout(step_dir: Path) -> dict[str, Any] | None:
 def check_resumable(recipe: Any, checkpoint: Path) -> None:
     """Before launch: refuse a checkpoint this run cannot load. Any tensor / pipeline / data-parallel layout loads
     (megatron-core reshards it); the optimizer's kind and the precision must stay, as each keeps its fp32 masters and
-    moments under keys of its own."""
+    moments under keys of its own, and so must the expert-parallel size (megatron chains a second optimizer for the
+    experts' shares when they are split, whose state does not map onto one optimizer's)."""
     from slimtrain.trainer.errors import RecipeError
 
     saved = read_layout(checkpoint)
@@ -175,7 +184,7 @@ def check_resumable(recipe: Any, checkpoint: Path) -> None:
         raise RecipeError(f"{checkpoint} holds per-rank files of an earlier megatron backend, which this version "
                           "does not read; export it with the version that wrote it and continue from the export "
                           "(checkpoint.init_from_hf)")
-    for field in ("distributed_optimizer", "precision"):
+    for field in ("distributed_optimizer", "precision", "expert_parallel"):
         then, now = saved.get(field), getattr(recipe.backend, field)
         if then is not None and then != now:
             raise RecipeError(f"backend.{field}={now}, but {checkpoint} was written with {field}={then}: megatron's "

@@ -145,10 +145,9 @@ class LastStageView:
         return self.stage.model(**kwargs)
 
 
-def forward_step_func(loss_fn: Callable, norm: float, micro_batches: int, device: torch.device,
-                      sums: dict[str, Any]) -> Callable:
+def forward_step_func(loss_fn: Callable, norm: float, device: torch.device, sums: dict[str, Any]) -> Callable:
     """megatron's `forward_step_func(data_iterator, model)`: a stage's forward; on the last stage the trainer's loss
-    (its token-loss sum and terms added into `sums`), scaled by the micro-batch count megatron divides by."""
+    (its token-loss sum and terms added into `sums`), which megatron divides by the micro-batch count."""
 
     def step(data_iterator: Any, model: nn.Module) -> tuple[torch.Tensor, Callable]:
         from megatron.core.utils import get_attr_wrapped_model
@@ -156,15 +155,15 @@ def forward_step_func(loss_fn: Callable, norm: float, micro_batches: int, device
         batch = next(data_iterator).to(device)
         stage = get_attr_wrapped_model(model, "set_input_tensor", return_model_obj=True)
         if not stage.last:
-            return stage(batch), _no_loss
+            return stage(batch), _as_is
         loss, token_loss_sum, terms = loss_fn(LastStageView(stage), batch, norm)
         sums["loss"] = sums.get("loss", 0.0) + token_loss_sum.detach().double()
         for name, value in terms.items():
             sums.setdefault("terms", {})[name] = sums.get("terms", {}).get(name, 0.0) + value.detach().double()
-        return loss, lambda output: (output * micro_batches, {})
+        return loss, _as_is
 
     return step
 
 
-def _no_loss(output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _as_is(output: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return output, {}

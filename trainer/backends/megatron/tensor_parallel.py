@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slimtrain.core.sentinels import IGNORE_INDEX
+from slimtrain.modules.expert_parallel import ExpertParallel
 from slimtrain.modules.transformer.layers import MLP
 from slimtrain.modules.transformer.sharding import Shard, mark_shard as _mark
 
@@ -33,6 +34,8 @@ def parallelize(model: nn.Module, config: Any, rank: int, size: int) -> None:
         for name in _COLUMN:
             setattr(attn, name, column(getattr(attn, name), config, rank, size))
         attn.o_proj = row(attn.o_proj, config, rank, size)
+        if isinstance(layer.mlp, ExpertParallel):  # an MoE layer stays whole on every rank: its input is the
+            continue  # replicated residual stream, so each rank computes the same (megatron counts it once)
         if type(layer.mlp) is not MLP:
             raise ValueError(f"layers.{i}.mlp is a {type(layer.mlp).__name__} (swapped in by a plugin): the megatron "
                              "backend parallelises the dense MLP only so far; set backend.tensor_parallel=1")
