@@ -4,7 +4,8 @@ stages) and data parallelism 2 with megatron's distributed optimizer each train 
 rank (the same losses step by step); TP=2 resumes bitwise after SIGKILL; checkpoints (megatron's dist_checkpointing)
 reshard: TP=2 resumes at TP=1 and the distributed optimizer's DP=2 at TP=2 (and tied interleaved PP=2 at PP=1),
 on the uninterrupted run's losses; the TP=2 and both PP=2 exports equal the DeepSpeed run's; bad layouts and unconvertible
-resumes are refused naming the field."""
+resumes are refused naming the field; a branch (checkpoint.branch_from) into the moe plugin continues like the
+DeepSpeed backend's."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
     cache = tmp_path / "cache"
     reference = run_train(tmp_path / "deepspeed", cache, STEPS, nproc=1)
     assert reference.returncode == 0, reference.stdout[-3000:]
-    runs = {"tp2": [MEGATRON % (2, "false")], "dp2": [MEGATRON % (1, "true")],
-            "pp2": ["backend={type: megatron, pipeline_parallel: 2, precision: fp32}"],
+    # train.loss_chunk_tokens (vocabulary-parallel chunks) and train.compile ride along: same losses.
+    runs = {"tp2": [MEGATRON % (2, "false"), "train.loss_chunk_tokens=48"], "dp2": [MEGATRON % (1, "true")],
+            "pp2": ["backend={type: megatron, pipeline_parallel: 2, precision: fp32}", "train.compile=true"],
             "vp2": ["backend={type: megatron, pipeline_parallel: 2, virtual_stages: 2, precision: fp32}"]}
     for name, backend in runs.items():
         proc = run_train(tmp_path / name, cache, STEPS + backend, nproc=2)
@@ -61,6 +63,19 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
         assert proc.returncode == 0 and "resumed" in proc.stdout, proc.stdout[-4000:]
         got, want = losses(tmp_path / f"{name}-resharded"), losses(tmp_path / name)
         assert got.keys() == want.keys() and max(abs(got[s] - want[s]) for s in got) <= 1e-6, (name, got, want)
+    # A branch into the moe plugin (experts upcycled from the dense MLPs, fresh with zero moments) from step 3: the
+    # DeepSpeed branch's losses, from megatron's plain (TP=2) and distributed-optimizer (DP=2) checkpoints.
+    moe = ["plugins=[{type: moe, num_experts: 4, top_k: 2, dense_training_steps: 1}]", "checkpoint.every=6"]
+    branches = {"deepspeed": [], "tp2": [MEGATRON % (2, "false")], "dp2": [MEGATRON % (1, "true")]}
+    for name, backend in branches.items():
+        source = tmp_path / name / "checkpoints" / "step_00000003"
+        proc = run_train(tmp_path / f"{name}-moe", cache, STEPS + moe + backend + [f"checkpoint.branch_from={source}"],
+                         nproc=1 if name == "deepspeed" else 2)
+        assert proc.returncode == 0 and "new parameter tensor(s) start fresh" in proc.stdout, proc.stdout[-4000:]
+    want = losses(tmp_path / "deepspeed-moe")
+    for name in ("tp2", "dp2"):
+        got = losses(tmp_path / f"{name}-moe")
+        assert got.keys() == want.keys() == {4, 5, 6} and max(abs(got[s] - want[s]) for s in got) <= 1e-5, got
     exported = {name: _export(tmp_path / name, tmp_path / f"{name}-hf") for name in ("deepspeed", "tp2", "pp2", "vp2")}
     for name in ("tp2", "pp2", "vp2"):
         assert exported[name].keys() == exported["deepspeed"].keys()

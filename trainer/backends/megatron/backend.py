@@ -76,6 +76,8 @@ class MegatronBackend:
             tensor_model_parallel_size=cfg.tensor_parallel, use_cpu_initialization=True, perform_initialization=False,
             gradient_accumulation_fusion=False, params_dtype=torch.float32)
         self.model: nn.Module | None = None
+        self.built_from: Path | None = None  # the branch source the build initialised plugins' parameters from
+        self.consumed: frozenset[str] = frozenset()  # and the source parameters they consumed
         self.ddp = None  # the first (with interleaving: one per model chunk in `ddps`) megatron DDP module
         self.ddps: list = []
         self.optimizer = None
@@ -104,7 +106,8 @@ class MegatronBackend:
 
     def build_model(self, model_cfg: ModelConfig, plugins: PluginStack, init: ModelInit) -> nn.Module:
         """The model with megatron's tensor-parallel layers in place of the projections, embedding and head."""
-        self.model = build(model_cfg, plugins, init, self.device, self._parallelize).model
+        built = build(model_cfg, plugins, init, self.device, self._parallelize)
+        self.model, self.built_from, self.consumed = built.model, init.branch_from, built.consumed
         if self.ep > 1:
             megatron_experts.mark(self.model)  # after materialisation, before DDP (setup)
         if self.pp > 1:  # built whole from the seed (or imported), then cut: each stage holds the dense weights
@@ -296,7 +299,21 @@ class MegatronBackend:
         checkpoint.load(self, directory)
 
     def branch(self, directory: Path, scratch: Path) -> list[str]:
-        raise NotImplementedError("checkpoint.branch_from is not built for the megatron backend yet")
+        """Collective: start from another megatron run's checkpoint under this recipe (branch.py); `scratch` is not
+        needed (dist_checkpointing reads any layout directly). Returns this rank's fresh parameters."""
+        from slimtrain.trainer.backends.megatron.branch import branch
+
+        return branch(self, directory)
+
+    def consumed_from(self, directory: Path) -> frozenset[str]:
+        """The source parameters the build's plugins consumed (upcycling), provided the build read `directory`."""
+        if self.consumed and (self.built_from is None or Path(directory).resolve() != Path(self.built_from).resolve()):
+            from slimtrain.trainer.errors import RecipeError
+
+            raise RecipeError(f"checkpoint.branch_from: the model's new parameters were initialised from "
+                              f"{self.built_from} but the branch loads {directory}; start the run again, or name a "
+                              "step directory in checkpoint.branch_from")
+        return self.consumed
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole fp32 tensors in the model's own names: each tensor-parallel slice joined over its group, and (with

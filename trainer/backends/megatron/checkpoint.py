@@ -85,7 +85,15 @@ def _allocate_optimizer_state(optimizer: Any) -> None:
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         if hasattr(inner, "_init_optimizer_states_with_dummy_values"):
             if not inner.optimizer.state:
+                # At learning rate 0 the zero-gradient step leaves the master weights as they are: a branch's fresh
+                # parameters keep their built values.
+                groups = inner.optimizer.param_groups
+                lrs = [g["lr"] for g in groups]
+                for g in groups:
+                    g["lr"] = 0.0
                 inner._init_optimizer_states_with_dummy_values()
+                for g, lr in zip(groups, lrs):
+                    g["lr"] = lr
             _keep_adam_step(inner)
 
 
@@ -140,18 +148,75 @@ def layout_of(backend: Any) -> dict[str, Any]:
             "precision": backend.cfg.precision}
 
 
-def load(backend: Any, directory: Path) -> None:
-    """Collective: restore what `save` wrote, at this run's layout (megatron-core reshards it)."""
+def load(backend: Any, directory: Path, fresh: frozenset[str] = frozenset()) -> None:
+    """Collective: restore what `save` wrote, at this run's layout (megatron-core reshards it). `fresh` (a branch):
+    parameters the checkpoint lacks, which keep their built values and start with zero moments. The recipe's
+    learning rates, betas and eps apply from here on (unchanged ones give the same values: an exact resume stays
+    exact)."""
     from megatron.core import dist_checkpointing
 
     state = _sharded_state(backend, loading=True)
+    recipe_lrs = list(backend.scheduler.base_lrs)
+    # A fresh parameter's tensors (its weight; its moments and master in the optimizer's keys) are not read: they
+    # keep what the build and the optimizer's initialisation gave them, put back into what the load returns.
+    kept = _take_fresh(state, {MODEL_PREFIX + n for n in fresh})
+    own = backend.model.state_dict(keep_vars=True)
     with torch.no_grad():  # the loaded values are written into the parameters themselves
         loaded = dist_checkpointing.load(state, str(directory / MEGATRON_DIR))
+        for path, key, tensor in kept:
+            _put(loaded, path, _fresh_value(key, tensor, own))
         _copy_into(backend.model, loaded["model"])
     backend.optimizer.load_state_dict(loaded["optimizer"])
     _own_adam_steps(backend.optimizer)
     backend.scheduler.load_state_dict(loaded["scheduler"])
+    _apply_recipe(backend, recipe_lrs)
     backend.steps_done = loaded["steps_done"]
+
+
+def _fresh_value(key: str, tensor: torch.Tensor, own: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What a fresh tensor starts as: the model's own value for its weight and for the optimizer's fp32 master of
+    it, zeros for its moments (the optimizer's buffers for a load are not filled with anything)."""
+    if key.startswith(MODEL_PREFIX):
+        return tensor
+    name = key[key.index(MODEL_PREFIX) + len(MODEL_PREFIX):]
+    if key.split(MODEL_PREFIX)[0].rstrip(".").endswith("param"):  # `...state.param.` / `...state.fp32_param.`
+        return own[name].detach().to(tensor.dtype).reshape(tensor.shape).clone()
+    return torch.zeros_like(tensor)
+
+
+def _take_fresh(tree: Any, names: set[str], path: tuple = ()) -> list[tuple[tuple, str, torch.Tensor]]:
+    """Remove from the nested sharded state `tree` every tensor whose key ends in one of `names` (a fresh
+    parameter's weight, moments or master); returns (where it was, its key, its tensor) for each."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    taken: list[tuple[tuple, str, torch.Tensor]] = []
+    if not names or not isinstance(tree, (dict, list)):
+        return taken
+    for key, value in list(tree.items() if isinstance(tree, dict) else enumerate(tree)):
+        if isinstance(value, ShardedBase) and value.key.endswith(tuple(names)):
+            if isinstance(tree, list):
+                raise NotImplementedError(f"a fresh parameter's state in a list ({value.key}): not expected")
+            taken.append(((*path, key), value.key, value.data))
+            del tree[key]
+        else:
+            taken += _take_fresh(value, names, (*path, key))
+    return taken
+
+
+def _put(tree: Any, path: tuple, value: torch.Tensor) -> None:
+    for key in path[:-1]:  # a dict left empty by `_take_fresh` does not come back from the load
+        tree = tree.setdefault(key, {}) if isinstance(tree, dict) else tree[key]
+    tree[path[-1]] = value
+
+
+def _apply_recipe(backend: Any, base_lrs: list[float]) -> None:
+    """After a load, which restored the checkpoint's settings: this recipe's learning rates at the schedule position
+    reached, and its betas and eps (weight decay and the learning rate are written before every step anyway)."""
+    sched, o = backend.scheduler, backend.optim_cfg
+    sched.base_lrs = list(base_lrs)
+    sched._last_lr = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group in backend.optimizer.param_groups:
+        group.update(betas=tuple(o.betas), eps=o.eps)
 
 
 def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:

@@ -93,9 +93,6 @@ class MegatronConfig(BaseModel):
         if unbuilt:
             raise ValueError(f"plugins {unbuilt} on the megatron backend are not built yet; use the deepspeed backend")
         check_experts(self, recipe)
-        if recipe.train.compile or recipe.train.loss_chunk_tokens:
-            raise ValueError("train.compile and train.loss_chunk_tokens are not built for the megatron backend yet; "
-                             "turn them off or use the deepspeed backend")
 
 
 def check_experts(cfg: MegatronConfig, recipe: "Recipe") -> None:
