@@ -182,7 +182,9 @@ def test_validate_prints_the_layout_and_the_memory_of_the_busiest_stage() -> Non
     recipe = load_recipe(REPO / "recipes" / "llama-8b-megatron.yaml")
     text = estimate_text(recipe, 32, 80.0)
     assert "32 GPUs = tensor 8 x pipeline 2 x data 2; 16 layers per stage" in text
+    assert "5 in flight on the first stage (chunks of 8 layers, interleaved x2)" in text  # 2 (2 - 1) + 2 + 1
     assert "does not fit" not in text
     alone = estimate_text(load_recipe(REPO / "recipes" / "llama-8b-megatron.yaml",
-                                      ["backend.tensor_parallel=1", "backend.pipeline_parallel=1"]), 2, 80.0)
+                                      ["backend.tensor_parallel=1", "backend.pipeline_parallel=1",
+                                       "backend.virtual_stages=null"]), 2, 80.0)
     assert "2 GPUs = tensor 1 x pipeline 1 x data 2" in alone and "does not fit" in alone
