@@ -49,12 +49,12 @@ import torch.distributed as dist
 from torch import nn
 
 from slimtrain.modules.context import Communicator
-from slimtrain.modules.expert_parallel import expert_modules, expert_parameter_counts
+from slimtrain.modules.expert_parallel import expert_parameter_counts
+from slimtrain.trainer.backends.expert_layers import EXPERT_DATA_GROUP, EXPERT_GROUP, shard_expert_layers  # noqa: F401
 from slimtrain.trainer.errors import CheckpointError, RecipeError
 from slimtrain.trainer.optim import set_engine_group
 
 MARKER = "deepspeed_expert_parallel"  # the marker's name in the model (it has no parameters or buffers)
-EXPERT_GROUP, EXPERT_DATA_GROUP = "expert", "expert_data"  # their names in the backend's process groups
 _RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
@@ -85,15 +85,7 @@ def create_groups(size: int, dist_backend: str) -> ExpertGroups:
 def shard(model: nn.Module, comm: Communicator, groups: ExpertGroups) -> None:
     """The backend's parallelisation step (meta model): every expert module keeps this rank's share, a plugin's
     transform of its experts carried over (module docstring)."""
-    found = expert_modules(model)
-    if not found:
-        raise RecipeError(f"backend.expert_parallel_size={groups.size} but the model has no layer with experts to "
-                          "spread over ranks; add an MoE plugin or set backend.expert_parallel_size=1")
-    for name, module in found:
-        try:
-            module.shard_experts(comm, EXPERT_GROUP, groups.rank, groups.size)
-        except ValueError as exc:
-            raise RecipeError(f"backend.expert_parallel_size={groups.size}: {name}: {exc}") from None
+    shard_expert_layers(model, comm, groups.rank, groups.size, "backend.expert_parallel_size")
 
 
 def mark(model: nn.Module, groups: ExpertGroups) -> None:

@@ -32,11 +32,10 @@ import torch.distributed as dist
 from torch import nn
 
 from slimtrain.modules.context import Communicator
-from slimtrain.modules.expert_parallel import expert_modules, expert_parameter_counts
+from slimtrain.modules.expert_parallel import expert_parameter_counts
 from slimtrain.modules.transformer.sharding import Shard
-from slimtrain.trainer.errors import RecipeError
+from slimtrain.trainer.backends.expert_layers import EXPERT_DATA_GROUP, EXPERT_GROUP, shard_expert_layers
 
-EXPERT_GROUP, EXPERT_DATA_GROUP = "expert", "expert_data"  # their names in the backend's process groups
 
 
 def process_groups(ps: Any) -> dict[str, Any]:
@@ -47,15 +46,7 @@ def process_groups(ps: Any) -> dict[str, Any]:
 def shard(model: nn.Module, comm: Communicator, rank: int, size: int) -> None:
     """The build's parallelisation step (meta model): every expert module keeps this rank's share of its experts
     and exchanges tokens over the communicator's "expert" group from now on."""
-    found = expert_modules(model)
-    if not found:
-        raise RecipeError(f"backend.expert_parallel={size} but the model has no layer with experts to spread over "
-                          "ranks; add the moe plugin or set backend.expert_parallel=1")
-    for name, module in found:
-        try:
-            module.shard_experts(comm, EXPERT_GROUP, rank, size)
-        except ValueError as exc:
-            raise RecipeError(f"backend.expert_parallel={size}: {name}: {exc}") from None
+    shard_expert_layers(model, comm, rank, size, "backend.expert_parallel")
 
 
 def mark(model: nn.Module) -> None:
