@@ -1,6 +1,7 @@
 """The megatron-core backend (`backend.type: megatron`) through `slimtrain train` on 2 gloo ranks, megatron-core run
-on CPU by the test-only shim: tensor parallelism 2, pipeline parallelism 2 (1F1B) and data parallelism 2 with
-megatron's distributed optimizer each train as the DeepSpeed backend does on one rank (the same losses step by step);
+on CPU by the test-only shim: tensor parallelism 2 (with and without megatron's sequence parallelism), pipeline
+parallelism 2 (1F1B), both with sequence parallelism on 4 ranks, and data parallelism 2 with megatron's distributed
+optimizer each train as the DeepSpeed backend does on one rank (the same losses step by step);
 TP=2 resumes bitwise after SIGKILL; the TP=2 and PP=2 exports equal the DeepSpeed run's; bad layouts are refused
 naming the field."""
 
@@ -23,6 +24,8 @@ from slimtrain.trainer.errors import RecipeError  # noqa: E402
 from slimtrain.trainer.recipe.schema import load_recipe  # noqa: E402
 
 MEGATRON = "backend={type: megatron, tensor_parallel: %d, precision: fp32, distributed_optimizer: %s}"
+SEQUENCE_PARALLEL = "backend={type: megatron, tensor_parallel: 2, pipeline_parallel: %d, precision: fp32, " \
+                    "sequence_parallel: true}"
 STEPS = ["train.steps=6", "checkpoint.every=3", "eval.every=3"]
 
 
@@ -39,9 +42,10 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
     reference = run_train(tmp_path / "deepspeed", cache, STEPS, nproc=1)
     assert reference.returncode == 0, reference.stdout[-3000:]
     runs = {"tp2": [MEGATRON % (2, "false")], "dp2": [MEGATRON % (1, "true")],
-            "pp2": ["backend={type: megatron, pipeline_parallel: 2, precision: fp32}"]}
+            "pp2": ["backend={type: megatron, pipeline_parallel: 2, precision: fp32}"],
+            "tp2sp": [SEQUENCE_PARALLEL % 1], "tp2pp2sp": [SEQUENCE_PARALLEL % 2]}
     for name, backend in runs.items():
-        proc = run_train(tmp_path / name, cache, STEPS + backend, nproc=2)
+        proc = run_train(tmp_path / name, cache, STEPS + backend, nproc=4 if name == "tp2pp2sp" else 2)
         assert proc.returncode == 0, proc.stdout[-4000:]
         got, want = losses(tmp_path / name), losses(tmp_path / "deepspeed")
         assert got.keys() == want.keys() and max(abs(got[s] - want[s]) for s in got) <= 1e-5, (name, got, want)
@@ -80,6 +84,15 @@ def _export(run: Path, out: Path) -> dict:
      "plugins ['qat'] on the megatron backend are not built yet"),
     (["backend={type: megatron, tensor_parallel: 2}", "model.vocab_size=513"],
      "backend.tensor_parallel=2 must divide model.vocab_size=513"),
+    (["backend={type: megatron, sequence_parallel: true}"],
+     "backend.sequence_parallel=true splits the sequence over the tensor-parallel group, but backend.tensor_parallel=1"),
+    (["backend={type: megatron, tensor_parallel: 2, sequence_parallel: true}", "data.seq_len=63"],
+     "backend.tensor_parallel=2 to divide data.seq_len=63"),
+    (["backend={type: megatron, tensor_parallel: 2, sequence_parallel: true}", "data.packer=buckets",
+      "data.buckets.min_len=1"], "backend.tensor_parallel=2 to divide data.buckets.min_len=1"),
+    (["backend={type: megatron, tensor_parallel: 2}", "model.architecture=qwen3",
+      "model.qk_norm=true"],
+     "model.qk_norm=true with backend.tensor_parallel=2 needs backend.sequence_parallel=true"),
 ])
 def test_bad_layouts_are_refused_naming_the_field(overrides: list[str], message: str) -> None:
     with pytest.raises(RecipeError, match=__import__("re").escape(message)):

@@ -1,7 +1,8 @@
 """The megatron backend's tensor parallelism (megatron-core's column/row-parallel layers, vocabulary-parallel
 embedding and cross-entropy) on 2 gloo ranks through the test-only CPU shim: our model split in two equals the
 single-process model from the same seed (logits per vocabulary slice, loss, every gradient slice), untied and tied,
-with q/k/v biases and packed documents."""
+with q/k/v biases and packed documents; and with megatron's sequence parallelism (the sequence split between the
+layers, a document crossing the split, Qwen3's q/k norms, tied embeddings)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ REPO = HERE.parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tied", [0, 1], ids=["untied", "tied"])
-def test_tensor_parallel_model_equals_one_process(tied: int) -> None:
+@pytest.mark.parametrize("tied, mode", [(0, "tp"), (1, "tp"), (1, "sp")], ids=["untied", "tied", "sequence-parallel"])
+def test_tensor_parallel_model_equals_one_process(tied: int, mode: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           str(HERE / "tp_parity.py"), str(tied)], cwd=REPO, capture_output=True, text=True,
+                           str(HERE / "tp_parity.py"), str(tied), mode], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,10 +1,10 @@
 """The megatron-core backend: its `parallel_state` groups, tensor-parallel layers (tensor_parallel.py), DDP and
 optimizer (`get_megatron_optimizer`, with the distributed optimizer as an option), behind the Backend protocol.
 
-Built so far: tensor and data parallelism, fp32 and bf16, gradient accumulation and clipping, the same learning-rate
-schedules and no-decay groups as the DeepSpeed backend, exact resume at the same layout, export. Pipeline, sequence
-and expert parallelism, plugins, and resharded `dist_checkpointing` checkpoints are refused by its config until
-they are built (docs/backends.md).
+Built so far: tensor (with megatron's sequence parallelism), pipeline (1F1B) and data parallelism, fp32 and bf16,
+gradient accumulation and clipping, the same learning-rate schedules and no-decay groups as the DeepSpeed backend,
+exact resume at the same layout, export. Interleaved pipelines, expert parallelism, plugins, and resharded
+`dist_checkpointing` checkpoints are refused by its config until they are built (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
 from slimtrain.trainer.backends.megatron.config import MegatronConfig
 from slimtrain.trainer.backends.megatron.pipeline import StageModule, cut, forward_step_func
+from slimtrain.trainer.backends.megatron.sequence_parallel import mark_partial_gradients
 from slimtrain.trainer.backends.megatron.tensor_parallel import parallelize, vocab_parallel_cross_entropy_sum
 from slimtrain.trainer.recipe.schema import OptimConfig, TrainConfig
 
@@ -59,7 +60,7 @@ class MegatronBackend:
         self.bf16 = cfg.precision == "bf16"
         self.parallel_config = ModelParallelConfig(
             tensor_model_parallel_size=cfg.tensor_parallel, use_cpu_initialization=True, perform_initialization=False,
-            gradient_accumulation_fusion=False, params_dtype=torch.float32)
+            gradient_accumulation_fusion=False, params_dtype=torch.float32, sequence_parallel=cfg.sequence_parallel)
         self.model: nn.Module | None = None
         self.ddp = None
         self.optimizer = None
@@ -91,6 +92,8 @@ class MegatronBackend:
         tp = self.cfg.tensor_parallel
         split = (lambda model: parallelize(model, self.parallel_config, self.tp_rank, tp))
         self.model = build(model_cfg, plugins, init, self.device, split).model
+        if self.cfg.sequence_parallel:
+            mark_partial_gradients(self.model)
         if self.pp > 1:  # built whole from the seed (or imported), then cut: each stage holds the dense weights
             cut(self.model, self.pp_rank, self.pp)
         return self.model
@@ -123,7 +126,8 @@ class MegatronBackend:
                                  num_attention_heads=cfg.num_heads, tensor_model_parallel_size=self.cfg.tensor_parallel,
                                  pipeline_model_parallel_size=self.pp, pipeline_dtype=dtype,
                                  use_cpu_initialization=True, perform_initialization=False,
-                                 gradient_accumulation_fusion=False, bf16=self.bf16, params_dtype=torch.float32)
+                                 gradient_accumulation_fusion=False, bf16=self.bf16, params_dtype=torch.float32,
+                                 sequence_parallel=self.cfg.sequence_parallel)
 
     def _optimizer(self, torch_optimizer: torch.optim.Optimizer) -> Any:
         from megatron.core.optimizer import OptimizerConfig, ParamGroupOverride, get_megatron_optimizer
@@ -173,7 +177,10 @@ class MegatronBackend:
 
     def _micro_batches(self, micro_batches: list[Batch], loss_fn: LossFn, norm: float
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward and backward of each micro-batch in turn (no pipeline); then the gradients' reduction."""
+        """Forward and backward of each micro-batch in turn (no pipeline); then megatron's gradient reduction (over
+        the data-parallel ranks, and the sequence-parallel norms' over the tensor-parallel group)."""
+        from megatron.core.distributed import finalize_model_grads
+
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         term_sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
@@ -182,7 +189,7 @@ class MegatronBackend:
             loss_sum += token_loss_sum.detach().double()
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach().double() / len(micro_batches)
-        self.ddp.finish_grad_sync()
+        finalize_model_grads([self.ddp])
         return loss_sum, term_sums
 
     def _pipelined(self, micro_batches: list[Batch], loss_fn: LossFn, norm: float, forward_only: bool

@@ -23,8 +23,10 @@ class MegatronConfig(BaseModel):
                                    "megatron's 1F1B schedule.")
     virtual_stages: int | None = Field(None, ge=1, description="Interleaved pipeline: model chunks per stage (not "
                                        "built yet: null).")
-    sequence_parallel: bool = Field(False, description="Megatron sequence parallelism of the norms and dropout "
-                                    "regions within the tensor-parallel group (not built yet: false).")
+    sequence_parallel: bool = Field(False, description="Megatron sequence parallelism within the tensor-parallel "
+                                    "group: between the tensor-parallel layers (norms, residual stream) each rank "
+                                    "holds 1/tensor_parallel of every row's tokens. Needs tensor_parallel > 1 "
+                                    "dividing data.seq_len.")
     expert_parallel: int = Field(1, ge=1, description="Ranks that split the MoE experts (not built yet: 1).")
     distributed_optimizer: bool = Field(False, description="Shard the optimizer state over the data-parallel ranks "
                                         "(megatron's distributed optimizer, ZeRO-1-like).")
@@ -33,13 +35,15 @@ class MegatronConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "MegatronConfig":
-        unbuilt = {"virtual_stages": (self.virtual_stages, None),
-                   "sequence_parallel": (self.sequence_parallel, False), "expert_parallel": (self.expert_parallel, 1)}
+        unbuilt = {"virtual_stages": (self.virtual_stages, None), "expert_parallel": (self.expert_parallel, 1)}
         for field, (value, off) in unbuilt.items():
             if value != off:
                 raise ValueError(f"backend.{field}={value}: the megatron backend runs tensor, pipeline (1F1B) and "
                                  f"data parallelism so far; set backend.{field}={off if off is not None else 'null'} "
                                  "(or use the deepspeed backend)")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("backend.sequence_parallel=true splits the sequence over the tensor-parallel group, but "
+                             "backend.tensor_parallel=1; raise tensor_parallel or set sequence_parallel=false")
         return self
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -72,6 +76,14 @@ class MegatronConfig(BaseModel):
         if m.vocab_size is not None and m.vocab_size % tp:
             raise ValueError(f"backend.tensor_parallel={tp} must divide model.vocab_size={m.vocab_size} (the embedding "
                              f"and the head are split over the vocabulary); pad it to a multiple of {tp}")
+        if m.qk_norm and tp > 1 and not self.sequence_parallel:
+            raise ValueError(f"model.qk_norm=true with backend.tensor_parallel={tp} needs backend.sequence_parallel="
+                             "true: the q/k norms are shared by heads split over the group, and megatron sums their "
+                             "gradients over it only with sequence parallelism; set sequence_parallel=true")
+        if self.sequence_parallel:
+            from slimtrain.trainer.backends.megatron.sequence_parallel import check_recipe
+
+            check_recipe(recipe)
         if recipe.plugins:
             names = sorted({p.type for p in recipe.plugins})
             raise ValueError(f"plugins {names} on the megatron backend are not built yet; use the deepspeed backend")

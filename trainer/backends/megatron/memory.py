@@ -37,8 +37,8 @@ def estimate_text(recipe: Recipe, world_size: int, gpu_gb: float) -> str:
     tokens = t.micro_batch_size * recipe.data.seq_len
     in_flight = min(pp, t.grad_accum(dp))
     block = block_activation_bytes_per_token(cfg, w) / tp
-    # Activation checkpointing keeps each block's input (whole: the residual stream is not split) and one block.
-    kept = layers * w * h + block if t.activation_checkpointing else layers * block
+    # Activation checkpointing keeps each block's input (whole, or 1/tp of it with sequence parallelism) and one block.
+    kept = layers * w * h / (tp if b.sequence_parallel else 1) + block if t.activation_checkpointing else layers * block
     per_token = kept + edge_bytes_per_token(cfg, w)
     activations = per_token * tokens * in_flight
     logits = tokens * vocab / tp * LOSS_BYTES_PER_LOGIT

@@ -6,7 +6,8 @@ Attention's q/k/v and the MLP's gate/up become `ColumnParallelLinear` (output fe
 head a column-parallel layer whose logits stay split over the vocabulary, for `vocab_parallel_cross_entropy`. The
 parameters keep their names (`layers.0.attn.q_proj.weight`, ...) and are marked as slices
 (`slimtrain.modules.transformer.sharding`), so that the seed's weights, an import and an export see whole tensors.
-Head counts follow from the projections' widths, so the attention needs no change.
+Head counts follow from the projections' widths, so the attention needs no change. With `sequence_parallel` in
+megatron's config the same layers split the sequence between them (sequence_parallel.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from slimtrain.core.sentinels import IGNORE_INDEX
 from slimtrain.modules.transformer.layers import MLP
 from slimtrain.modules.transformer.sharding import Shard, mark_shard as _mark
+from slimtrain.trainer.backends.megatron.sequence_parallel import split_sequence
 
 _COLUMN = ("q_proj", "k_proj", "v_proj")
 
@@ -42,6 +44,8 @@ def parallelize(model: nn.Module, config: Any, rank: int, size: int) -> None:
     model.embed = embedding(model.embed, config, rank, size)
     model.lm_head = column(model.lm_head, config, rank, size)
     model.tie_weights()
+    if config.sequence_parallel:
+        split_sequence(model, size)
 
 
 def _check_plain(module: nn.Module, kind: type) -> None:
@@ -60,6 +64,8 @@ def column(linear: nn.Linear, config: Any, rank: int, size: int) -> nn.Module:
         init_like_dense = True  # initialise_weights draws it as the nn.Linear it replaces
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.sequence_parallel:  # [b, s/tp, in] in; megatron gathers its dim 0: [b, s, out/tp] out
+                return super().forward(x.transpose(0, 1).contiguous())[0].transpose(0, 1)
             return super().forward(x)[0]
 
     layer = ColumnLinear(linear.in_features, linear.out_features, config=config, init_method=_no_init,
@@ -80,6 +86,8 @@ def row(linear: nn.Linear, config: Any, rank: int, size: int) -> nn.Module:
         init_like_dense = True
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.sequence_parallel:  # [b, s, in/tp] in; megatron reduce-scatters its dim 0: [b, s/tp, out] out
+                return super().forward(x.transpose(0, 1))[0].transpose(0, 1)
             return super().forward(x)[0]
 
     layer = RowLinear(linear.in_features, linear.out_features, config=config, init_method=_no_init,
@@ -101,7 +109,13 @@ def embedding(embed: nn.Embedding, config: Any, rank: int, size: int) -> nn.Modu
         init_like_dense = True
         is_embedding = True  # no weight decay, as the nn.Embedding it replaces (trainer.optim)
 
-    layer = VocabEmbedding(embed.num_embeddings, embed.embedding_dim, init_method=_no_init, config=config)
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            out = super().forward(ids)
+            # Sequence parallel: megatron reduce-scatters [s, b, h] to this rank's [s/tp, b, h]; ours is [b, s/tp, h].
+            return out.transpose(0, 1) if self.reduce_scatter_embeddings else out
+
+    layer = VocabEmbedding(embed.num_embeddings, embed.embedding_dim, init_method=_no_init, config=config,
+                           reduce_scatter_embeddings=config.sequence_parallel)
     mark_shard(layer.weight, Shard(0, rank, size, (embed.num_embeddings, embed.embedding_dim)))
     return layer
 
@@ -126,8 +140,8 @@ def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     keep = labels != IGNORE_INDEX
-    # megatron shifts its input by the row maxima in place: hand it a copy, never the model's logits themselves
-    # (a bf16 input is copied by the upcast already).
-    upcast = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    # megatron shifts its input by the row maxima in place: hand it a copy, never the model's logits themselves; a
+    # contiguous one, as it views it 2-d (sequence-parallel logits are a transposed view of megatron's [s, b, v]).
+    upcast = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     per_token = vocab_parallel_cross_entropy(upcast, labels.masked_fill(~keep, 0))
     return (per_token * keep).sum()
