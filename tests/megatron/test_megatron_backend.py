@@ -1,7 +1,8 @@
 """The megatron-core backend (`backend.type: megatron`) through `slimtrain train` on 2 gloo ranks, megatron-core run
 on CPU by the test-only shim: tensor parallelism 2 (with and without megatron's sequence parallelism), pipeline
 parallelism 2 (1F1B), both with sequence parallelism on 4 ranks, and data parallelism 2 with megatron's distributed
-optimizer each train as the DeepSpeed backend does on one rank (the same losses step by step);
+optimizer each train as the DeepSpeed backend does on one rank (the same losses step by step), and so does LSQ QAT
+at tensor parallelism 2, whose export equals the DeepSpeed run's;
 TP=2 resumes bitwise after SIGKILL; the TP=2 and PP=2 exports equal the DeepSpeed run's; bad layouts are refused
 naming the field."""
 
@@ -18,7 +19,7 @@ pytest.importorskip("megatron.core")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "trainer"))
-from train_helpers import REPO, TINY, losses, run_train, run_until_checkpoint_then_kill  # noqa: E402
+from train_helpers import REPO, TINY, losses, records, run_train, run_until_checkpoint_then_kill  # noqa: E402
 
 from slimtrain.trainer.errors import RecipeError  # noqa: E402
 from slimtrain.trainer.recipe.schema import load_recipe  # noqa: E402
@@ -27,6 +28,11 @@ MEGATRON = "backend={type: megatron, tensor_parallel: %d, precision: fp32, distr
 SEQUENCE_PARALLEL = "backend={type: megatron, tensor_parallel: 2, pipeline_parallel: %d, precision: fp32, " \
                     "sequence_parallel: true}"
 STEPS = ["train.steps=6", "checkpoint.every=3", "eval.every=3"]
+# int4 LSQ QAT from step 3 (its first quantized forward calibrates the steps). lsq_init mean: absmax calibration puts
+# each group's largest weight exactly on the clamp edge, where fp32 noise decides whether it gets a gradient at all
+# (DeepSpeed at 2 ranks and at 1 then differ by 5e-3 in such a weight); off that edge the runs agree to fp32 noise.
+QAT = ["model.intermediate_size=192",
+       "plugins=[{type: qat, weights: {bits: 4, group_size: 32}, estimator: lsq, lsq_init: mean, start_step: 2}]"]
 
 
 @pytest.fixture
@@ -36,9 +42,14 @@ def shim(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tokenizer and token shards, prepared by the first run and shared by the module's runs."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.mark.slow
-def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Path, shim: None) -> None:
-    cache = tmp_path / "cache"
+def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Path, shim: None, cache: Path) -> None:
     reference = run_train(tmp_path / "deepspeed", cache, STEPS, nproc=1)
     assert reference.returncode == 0, reference.stdout[-3000:]
     runs = {"tp2": [MEGATRON % (2, "false")], "dp2": [MEGATRON % (1, "true")],
@@ -59,6 +70,19 @@ def test_megatron_trains_like_deepspeed_resumes_bitwise_and_exports(tmp_path: Pa
         assert max(float((exported[name][k] - exported["deepspeed"][k]).abs().max()) for k in exported[name]) <= 1e-5
 
 
+@pytest.mark.slow
+def test_megatron_qat_trains_and_exports_like_deepspeed(tmp_path: Path, shim: None, cache: Path) -> None:
+    for name, backend, nproc in (("deepspeed", [], 1), ("tp2", [MEGATRON % (2, "false")], 2)):
+        proc = run_train(tmp_path / name, cache, STEPS + QAT + backend, nproc=nproc)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+    got, want = losses(tmp_path / "tp2"), losses(tmp_path / "deepspeed")
+    assert got.keys() == want.keys() and max(abs(got[s] - want[s]) for s in got) <= 1e-5, (got, want)
+    assert [r.get("qat/active") for r in records(tmp_path / "tp2") if "qat/active" in r][-1] == 1.0
+    exported = {name: _export(tmp_path / name, tmp_path / f"{name}-hf") for name in ("deepspeed", "tp2")}
+    assert exported["tp2"].keys() == exported["deepspeed"].keys()
+    assert max(float((exported["tp2"][k] - exported["deepspeed"][k]).abs().max()) for k in exported["tp2"]) <= 1e-5
+
+
 def _export(run: Path, out: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -71,6 +95,9 @@ def _export(run: Path, out: Path) -> dict:
     return load_file(str(out / "model.safetensors"))
 
 
+TP2 = "backend={type: megatron, tensor_parallel: 2}"
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["backend={type: megatron, tensor_parallel: 4}", "model.num_kv_heads=2"],
      "backend.tensor_parallel=4 must divide model.num_kv_heads=2"),
@@ -80,8 +107,24 @@ def _export(run: Path, out: Path) -> dict:
      "backend.pipeline_parallel=4 must divide model.num_layers=2"),
     (["backend={type: megatron, pipeline_parallel: 2}", "model.tie_embeddings=true"],
      "model.tie_embeddings=true with backend.pipeline_parallel=2"),
-    (["backend={type: megatron}", "plugins=[{type: qat, weights: {group_size: 16}}]"],
-     "plugins ['qat'] on the megatron backend are not built yet"),
+    (["backend={type: megatron}", "plugins=[{type: draft, heads: [{kind: medusa, num_heads: 1}]}]"],
+     "plugins ['draft'] on the megatron backend are not built yet (it runs ['qat'])"),
+    ([TP2, "model.intermediate_size=192", "plugins=[{type: qat, weights: {group_size: 64}}]"],
+     "plugins.0.weights.group_size=64 does not divide the 32 input features each rank holds of "
+     "'layers.0.attn.o_proj' (a row-parallel layer): groups would straddle the slices"),
+    ([TP2, "plugins=[{type: qat, weights: {format: ternary}}]"],
+     "plugins.0.weights.granularity='tensor' (format 'ternary'): one scale spans the whole weight, and "
+     "backend.tensor_parallel=2 splits the weight of 'layers.0.attn.q_proj'"),
+    ([TP2, "plugins=[{type: qat, weights: {format: fp8_e4m3, granularity: channel}}]"],
+     "plugins.0.weights.granularity='channel': one scale spans each output row, whose input features "
+     "backend.tensor_parallel=2 splits the weight of 'layers.0.attn.o_proj' (a row-parallel layer); use granularity "
+     "'block'"),
+    ([TP2, "plugins=[{type: qat, weights: {format: nvfp4}}]"], "plugins.0.weights.format='nvfp4': its fp32 tensor"),
+    ([TP2, "model.intermediate_size=192", "plugins=[{type: qat, weights: {group_size: 32}, activations: {granularity: token}}]"],
+     "plugins.0.activations.granularity='token': one scale spans all the input features of 'layers.0.attn.o_proj'"),
+    (["backend={type: megatron, tensor_parallel: 2, sequence_parallel: true}",
+      "plugins=[{type: qat, weights: {group_size: 16}, activations: {granularity: tensor}, include: ['*.q_proj']}]"],
+     "plugins.0.activations.granularity='tensor' with backend.sequence_parallel=true"),
     (["backend={type: megatron, tensor_parallel: 2}", "model.vocab_size=513"],
      "backend.tensor_parallel=2 must divide model.vocab_size=513"),
     (["backend={type: megatron, sequence_parallel: true}"],
@@ -97,6 +140,19 @@ def _export(run: Path, out: Path) -> dict:
 def test_bad_layouts_are_refused_naming_the_field(overrides: list[str], message: str) -> None:
     with pytest.raises(RecipeError, match=__import__("re").escape(message)):
         load_recipe(TINY, overrides)
+
+
+def test_qat_settings_whose_groups_stay_within_a_slice_are_accepted() -> None:
+    """Column-parallel layers hold whole rows and whole (replicated) inputs: channel scales and per-tensor
+    activations are exact there; row-parallel layers take groups that divide their slice of the input features."""
+    ok = [[TP2, "plugins=[{type: qat, weights: {granularity: channel}, activations: {granularity: tensor}, "
+                "exclude: [lm_head, '*.o_proj', '*.down_proj']}]"],
+          [TP2, "model.intermediate_size=192", "plugins=[{type: qat, weights: {group_size: 32}, activations: "
+                "{granularity: group, group_size: 32}}]"],
+          ["backend={type: megatron, tensor_parallel: 2, sequence_parallel: true}", "model.intermediate_size=192",
+           "plugins=[{type: qat, weights: {format: mxfp4}, activations: {format: mxfp8}}]"]]
+    for overrides in ok:
+        assert load_recipe(TINY, overrides).plugins[0].type == "qat"
 
 
 def test_a_world_the_layout_does_not_tile_is_refused() -> None:

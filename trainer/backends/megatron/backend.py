@@ -3,14 +3,15 @@ optimizer (`get_megatron_optimizer`, with the distributed optimizer as an option
 
 Built so far: tensor (with megatron's sequence parallelism), pipeline (1F1B) and data parallelism, fp32 and bf16,
 gradient accumulation and clipping, the same learning-rate schedules and no-decay groups as the DeepSpeed backend,
-exact resume at the same layout, export. Interleaved pipelines, expert parallelism, plugins, and resharded
-`dist_checkpointing` checkpoints are refused by its config until they are built (docs/backends.md).
+exact resume at the same layout, export, the QAT plugin. Interleaved pipelines, expert parallelism, other plugins, and
+resharded `dist_checkpointing` checkpoints are refused by its config until they are built (docs/backends.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 from slimtrain.data.batch import Batch
 from slimtrain.modules.plugin_stack import PluginStack
 from slimtrain.modules.transformer.config import ModelConfig
-from slimtrain.modules.transformer.sharding import shard_of
+from slimtrain.modules.transformer.sharding import Shard, shard_of
 from slimtrain.trainer.backends.base import LossFn, StepResult
 from slimtrain.trainer.backends.build import ModelInit, build
 from slimtrain.trainer.backends.communicator import TorchCommunicator
@@ -239,7 +240,7 @@ class MegatronBackend:
         out = directory / MEGATRON_DIR
         out.mkdir(parents=True, exist_ok=True)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "split_dim": self.split_dims()}
+                 "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "shards": self.shards()}
         torch.save(state, out / f"rank_{self.rank:05d}.pt")
         coords = [None] * self.world_size
         dist.all_gather_object(coords, (self.dp_rank, self.tp_rank, self.pp_rank))
@@ -249,10 +250,14 @@ class MegatronBackend:
                       "replica_0": [r for r, (dp, _, _) in enumerate(coords) if dp == 0]}
             (out / LAYOUT).write_text(json.dumps(layout, indent=1))
 
-    def split_dims(self) -> dict[str, int | None]:
-        """Per parameter of this rank, the dim its tensor-parallel slices split (None: whole on every rank)."""
-        params = self.model.named_parameters(remove_duplicate=False)  # a tied head is listed under its name too
-        return {n: (s.dim if (s := shard_of(p)) is not None else None) for n, p in params}
+    def shards(self) -> dict[str, dict | None]:
+        """Per tensor of this rank, the tensor-parallel slice it holds (`Shard`'s fields; None: whole on every rank)."""
+        return {n: (asdict(s) if (s := shard_of(t)) is not None else None) for n, t in self._tensors().items()}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers by name (a tied head listed under its name too; a plugin's buffers may be slices)."""
+        return {**dict(self.model.named_parameters(remove_duplicate=False)),
+                **dict(self.model.named_buffers(remove_duplicate=False))}
 
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote, at the same layout (checked before launch)."""
@@ -278,17 +283,17 @@ class MegatronBackend:
 
     def _stage_state_dict(self) -> dict[str, torch.Tensor]:
         group = self.process_groups["tensor"]
-        params = dict(self.model.named_parameters(remove_duplicate=False))
+        tensors = self._tensors()
         out = {}
         for name, tensor in self.model.state_dict().items():
             if not isinstance(tensor, torch.Tensor):  # megatron's `_extra_state` entries
                 continue
-            param = params.get(name)
-            shard = None if param is None else shard_of(param)
+            held = tensors.get(name)
+            shard = None if held is None else shard_of(held)
             if shard is not None:
                 parts = [torch.empty_like(tensor) for _ in range(shard.size)]
                 dist.all_gather(parts, tensor.contiguous(), group=group)
-                tensor = torch.cat(parts, dim=shard.dim)
+                tensor = shard.join(parts)
             out[name] = tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.cpu()
         return out
 
@@ -299,16 +304,16 @@ def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     root = step_dir / MEGATRON_DIR
     layout = json.loads((root / LAYOUT).read_text())
     pieces: dict[str, list[torch.Tensor]] = {}
-    dims: dict[str, int | None] = {}
+    shards: dict[str, dict | None] = {}
     for r in layout["replica_0"]:  # in rank order: tensor-parallel slices of a stage are consecutive ranks
         saved = torch.load(root / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)
-        dims.update(saved["split_dim"])
+        shards.update(saved["shards"])
         for name, tensor in saved["model"].items():
             if isinstance(tensor, torch.Tensor):  # megatron's layers keep an `_extra_state` entry (None) of their own
                 pieces.setdefault(name, []).append(tensor)
     out = {}
     for name, parts in pieces.items():
-        dim = dims.get(name)
-        whole = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        shard = shards.get(name)
+        whole = parts[0] if shard is None else Shard(**shard).join(parts)
         out[name] = whole.float() if whole.is_floating_point() else whole
     return out

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     from slimtrain.trainer.recipe.schema import Recipe
 
+# The plugins this backend runs (each checked against the layout below); the others are refused before launch.
+PLUGINS = frozenset({"qat"})
+
 
 class MegatronConfig(BaseModel):
     """megatron-core: tensor, pipeline and data parallelism with its own layers, DDP, optimizer and checkpoints."""
@@ -84,9 +87,14 @@ class MegatronConfig(BaseModel):
             from slimtrain.trainer.backends.megatron.sequence_parallel import check_recipe
 
             check_recipe(recipe)
-        if recipe.plugins:
-            names = sorted({p.type for p in recipe.plugins})
-            raise ValueError(f"plugins {names} on the megatron backend are not built yet; use the deepspeed backend")
+        refused = sorted({p.type for p in recipe.plugins} - PLUGINS)
+        if refused:
+            raise ValueError(f"plugins {refused} on the megatron backend are not built yet (it runs "
+                             f"{sorted(PLUGINS)}); remove them or use the deepspeed backend")
+        if any(p.type == "qat" for p in recipe.plugins):
+            from slimtrain.trainer.backends.megatron.qat import check_recipe as check_qat
+
+            check_qat(recipe)
         if recipe.train.compile or recipe.train.loss_chunk_tokens:
             raise ValueError("train.compile and train.loss_chunk_tokens are not built for the megatron backend yet; "
                              "turn them off or use the deepspeed backend")

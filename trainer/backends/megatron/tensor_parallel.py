@@ -7,7 +7,8 @@ head a column-parallel layer whose logits stay split over the vocabulary, for `v
 parameters keep their names (`layers.0.attn.q_proj.weight`, ...) and are marked as slices
 (`slimtrain.modules.transformer.sharding`), so that the seed's weights, an import and an export see whole tensors.
 Head counts follow from the projections' widths, so the attention needs no change. With `sequence_parallel` in
-megatron's config the same layers split the sequence between them (sequence_parallel.py).
+megatron's config the same layers split the sequence between them (sequence_parallel.py). A Linear the QAT plugin
+swapped becomes the same layer fake-quantizing its slice (qat.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from slimtrain.core.sentinels import IGNORE_INDEX
 from slimtrain.modules.transformer.layers import MLP
 from slimtrain.modules.transformer.sharding import Shard, mark_shard as _mark
+from slimtrain.trainer.backends.megatron.qat import carry_fake_quant, quantized_column, quantized_row
 from slimtrain.trainer.backends.megatron.sequence_parallel import split_sequence
 
 _COLUMN = ("q_proj", "k_proj", "v_proj")
@@ -54,25 +56,38 @@ def _check_plain(module: nn.Module, kind: type) -> None:
                          "yet; set backend.tensor_parallel=1")
 
 
+def _fake_quant_source(linear: nn.Module) -> Any:
+    """The QATLinear `linear` is (its state goes to the parallel layer: qat.py), None for a plain Linear."""
+    from slimtrain.modules.qat.linear import QATLinear
+
+    if type(linear) is QATLinear:
+        return linear
+    _check_plain(linear, nn.Linear)
+    return None
+
+
 def column(linear: nn.Linear, config: Any, rank: int, size: int) -> nn.Module:
     """`linear` as a column-parallel layer (this rank's output features), its outputs left split."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    _check_plain(linear, nn.Linear)
+    quantized = _fake_quant_source(linear)
 
     class ColumnLinear(ColumnParallelLinear):
         init_like_dense = True  # initialise_weights draws it as the nn.Linear it replaces
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
             if self.sequence_parallel:  # [b, s/tp, in] in; megatron gathers its dim 0: [b, s, out/tp] out
-                return super().forward(x.transpose(0, 1).contiguous())[0].transpose(0, 1)
-            return super().forward(x)[0]
+                return super().forward(x.transpose(0, 1).contiguous(), weight=weight)[0].transpose(0, 1)
+            return super().forward(x, weight=weight)[0]
 
-    layer = ColumnLinear(linear.in_features, linear.out_features, config=config, init_method=_no_init,
-                         bias=linear.bias is not None, gather_output=False, skip_bias_add=False)
+    cls = ColumnLinear if quantized is None else quantized_column(ColumnLinear)
+    layer = cls(linear.in_features, linear.out_features, config=config, init_method=_no_init,
+                bias=linear.bias is not None, gather_output=False, skip_bias_add=False)
     mark_shard(layer.weight, Shard(0, rank, size, (linear.out_features, linear.in_features)))
     if layer.bias is not None:
         mark_shard(layer.bias, Shard(0, rank, size, (linear.out_features,)))
+    if quantized is not None:
+        carry_fake_quant(layer, quantized, 0, rank, size, config.sequence_parallel)
     return layer
 
 
@@ -80,7 +95,7 @@ def row(linear: nn.Linear, config: Any, rank: int, size: int) -> nn.Module:
     """`linear` as a row-parallel layer: this rank's input features in, the whole output (all-reduced) out."""
     from megatron.core.tensor_parallel import RowParallelLinear
 
-    _check_plain(linear, nn.Linear)
+    quantized = _fake_quant_source(linear)
 
     class RowLinear(RowParallelLinear):
         init_like_dense = True
@@ -90,9 +105,12 @@ def row(linear: nn.Linear, config: Any, rank: int, size: int) -> nn.Module:
                 return super().forward(x.transpose(0, 1))[0].transpose(0, 1)
             return super().forward(x)[0]
 
-    layer = RowLinear(linear.in_features, linear.out_features, config=config, init_method=_no_init,
-                      bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False)
+    cls = RowLinear if quantized is None else quantized_row(RowLinear)
+    layer = cls(linear.in_features, linear.out_features, config=config, init_method=_no_init,
+                bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False)
     mark_shard(layer.weight, Shard(1, rank, size, (linear.out_features, linear.in_features)))
+    if quantized is not None:
+        carry_fake_quant(layer, quantized, 1, rank, size, config.sequence_parallel)
     return layer
 
 
