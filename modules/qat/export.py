@@ -16,7 +16,7 @@ from slimtrain.modules.quantizable import TRANSFORM_CHILD, QuantizableWeights
 
 from .config import QATConfig, QuantSpec
 from .estimators import lsq_init_step, lsq_step
-from .linear import QATLinear
+from .linear import FakeQuantLinear
 from .reference import QParams
 from .stacked import StackedWeightQAT, stacked_init_step
 
@@ -84,7 +84,7 @@ def compress(w_fq: torch.Tensor, qp: QParams, sch) -> StateDict:
     return compressor.compress(ct_state(w_fq, qp), sch)
 
 
-def export_qat(cfg: QATConfig, layers: dict[str, QATLinear], ctx: ExportContext,
+def export_qat(cfg: QATConfig, layers: dict[str, FakeQuantLinear], ctx: ExportContext,
                stacked: dict[str, StackedWeightQAT] | None = None) -> None:
     """Rewrite ctx.state to the fake-quantized weights (Linear layers and stacked weights) and register the
     packed variant."""

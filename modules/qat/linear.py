@@ -1,4 +1,5 @@
-"""QATLinear: an nn.Linear whose forward uses fake-quantized weights (and optionally inputs).
+"""QATLinear: an nn.Linear whose forward uses fake-quantized weights (and optionally inputs); its state and arithmetic
+(`FakeQuantLinear`) are shared with a tensor-parallel backend's layers that hold a slice of the weight.
 
 It shares the replaced layer's weight Parameter, so parameter names, initialisation and the
 optimizer's view of the weight are unchanged; under LSQ it adds a learned per-group step, stored as
@@ -35,13 +36,17 @@ def use_kernel(kernels: str, x: torch.Tensor, spec: QuantSpec) -> bool:
     return kernels == "triton" or x.is_cuda
 
 
-class QATLinear(nn.Linear):
-    """Fake-quantizing Linear; `active` is set by the plugin from the step (off = plain Linear)."""
+class FakeQuantLinear:
+    """The fake-quant state and arithmetic of a module that multiplies by `self.weight` [out, in] (a mixin, before
+    nn.Module in the bases): `QATLinear`, and a tensor-parallel backend's layers that hold a slice of the weight
+    with the same slice of the LSQ steps (groups never straddle slices, so each computes what QATLinear computes
+    on those rows or columns). `active` is set by the plugin from the step (off = plain product)."""
 
-    def __init__(self, base: nn.Linear, cfg: QATConfig) -> None:
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight = base.weight
-        self.bias = base.bias
+    def _init_fake_quant(self, cfg: QATConfig, steps_from_weights: bool = True) -> None:
+        """Set up after nn.Module's init, `self.weight` in place. `steps_from_weights`: LSQ steps computed from the
+        weight now (when it holds values; a backend's layer is built before its weights are drawn: the plugin's
+        init_weights sets them)."""
+        self.qat_cfg = cfg
         self.weight_spec: QuantSpec = cfg.weights
         self.act_spec: QuantSpec | None = cfg.activations
         self.estimator = cfg.estimator
@@ -51,13 +56,13 @@ class QATLinear(nn.Linear):
         self.active = False
         self.calibrate_pending = False
         if cfg.estimator == "lsq":
-            self._add_lsq_step(calibrated=not cfg.calibrate)
+            self._add_lsq_step(calibrated=not cfg.calibrate, from_weights=steps_from_weights)
 
-    def _add_lsq_step(self, calibrated: bool) -> None:
+    def _add_lsq_step(self, calibrated: bool, from_weights: bool) -> None:
         w = self.weight
-        if w.is_meta:
+        if w.is_meta or not from_weights:
             blocks, _ = to_blocks(torch.empty(w.shape, device="meta"), self.weight_spec)
-            step = torch.empty(blocks.shape[:-1], device="meta")
+            step = torch.empty(blocks.shape[:-1], device=w.device)
         else:
             step = lsq_init_step(w, self.weight_spec, self.lsq_init)
         self.register_buffer("weight_step_base", step.clone())
@@ -106,12 +111,11 @@ class QATLinear(nn.Linear):
             return fake_quant_lsq(w, self.weight_spec, self.lsq_step())
         return fake_quant_ste(w, self.weight_spec, self.estimator == "clipped_ste", self._use_kernel(w, self.weight_spec))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return F.linear(x, self.weight, self.bias)
-        if self.act_spec is not None:
-            x = fake_quant_ste(x, self.act_spec, self.estimator == "clipped_ste", self._use_kernel(x, self.act_spec))
-        return F.linear(x, self.quantized_weight(), self.bias)
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` fake-quantized by the activation spec (dynamic scales; `x` itself when activations stay high precision)."""
+        if self.act_spec is None:
+            return x
+        return fake_quant_ste(x, self.act_spec, self.estimator == "clipped_ste", self._use_kernel(x, self.act_spec))
 
     @torch.no_grad()
     def export_weight(self, w: torch.Tensor, step: torch.Tensor | None) -> tuple[torch.Tensor, QParams]:
@@ -119,6 +123,21 @@ class QATLinear(nn.Linear):
         qp = weight_qparams(w, self.weight_spec, step)
         y, _, _ = fake_quant_reference(w.float(), self.weight_spec, qp)
         return y, qp
+
+
+class QATLinear(FakeQuantLinear, nn.Linear):
+    """Fake-quantizing Linear; `active` is set by the plugin from the step (off = plain Linear)."""
+
+    def __init__(self, base: nn.Linear, cfg: QATConfig) -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight = base.weight
+        self.bias = base.bias
+        self._init_fake_quant(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weights={self.weight_spec.format}, estimator={self.estimator}"

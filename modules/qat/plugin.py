@@ -12,7 +12,7 @@ from slimtrain.modules.plugin_registry import register_plugin
 from slimtrain.modules.quantizable import TRANSFORM_CHILD, QuantizableWeights, high_precision_reason
 
 from .config import DEFAULT_EXCLUDE, QATConfig, QuantSpec
-from .linear import QATLinear
+from .linear import FakeQuantLinear, QATLinear
 from .stacked import StackedWeightQAT
 
 QAT_ORDER = 20  # after moe (10): experts exist before they and their Linears are quantized
@@ -86,7 +86,9 @@ class QATPlugin(Plugin):
     def __init__(self, cfg: QATConfig) -> None:
         super().__init__(cfg)
         self.cfg: QATConfig = cfg
-        self.layers: dict[str, QATLinear] = {}
+        # Module path -> the fake-quantizing layer there: the QATLinear swapped in, or what a tensor-parallel backend
+        # replaced it with (a layer holding a slice of the weight and of its state), refreshed in `init_weights`.
+        self.layers: dict[str, FakeQuantLinear] = {}
         # Module path -> the transform installed on it. The module at a path may be replaced after `apply` (a
         # backend keeping a share of the experts builds a smaller one and carries the transform over), so the
         # module is looked up by path when needed and the map refreshed from the model in `init_weights`.
@@ -132,7 +134,12 @@ class QATPlugin(Plugin):
 
     def init_weights(self, model: nn.Module, init: WeightInit) -> None:
         # LSQ's step starts from the weights, which exist only now when the model was built on the meta device.
-        for name, layer in self.layers.items():
+        for name in self.layers:
+            layer = model.get_submodule(name)
+            if not isinstance(layer, FakeQuantLinear):
+                raise RuntimeError(f"{name} is no longer a fake-quantizing layer: a backend that replaces a QATLinear "
+                                   "must carry its state over (slimtrain.modules.qat.linear.FakeQuantLinear)")
+            self.layers[name] = layer
             if f"{name}.weight_step_base" not in init.imported:
                 layer.reset_lsq_step()
         for name in self.stacked:

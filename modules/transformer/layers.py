@@ -52,12 +52,13 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: BoundAttention) -> torch.Tensor:
-        b, s, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Head counts come from the projections' widths (-1), not the config, so that a
-        # tensor-parallel backend that shards the projections needs no change here.
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        # tensor-parallel backend that shards the projections needs no change here; the sequence length from
+        # their outputs, not x: under megatron's sequence parallelism x is this rank's slice of the sequence and
+        # the projections gather the whole of it.
+        b, s = q.shape[:2]
+        q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)

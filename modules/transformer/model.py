@@ -40,6 +40,11 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Set by a backend that splits the sequence over ranks (Ulysses): see `SequenceShard`.
         self.sequence_shard: SequenceShard | None = None
+        # Set by a backend whose hidden states hold 1/sequence_split of every row's tokens between the embedding
+        # and the head (megatron's sequence parallelism: its embedding scatters the sequence, the projections
+        # gather it, so attention, positions and masks see whole rows). Logits cover the whole sequence;
+        # hidden_states, last_hidden and layer_hidden are this rank's slice.
+        self.sequence_split = 1
         self.init_weights()
 
     def tie_weights(self) -> None:
@@ -103,8 +108,11 @@ class Transformer(nn.Module):
             x, position_ids = self._embed_shard(input_ids, inputs_embeds, splice, position_ids, docs)
             s = docs.ids.shape[1] if docs is not None else position_ids.shape[1] * self.sequence_shard.size
         else:
+            if self.sequence_split > 1 and (splice is not None or cache is not None):
+                raise ValueError("splice and cache need the whole sequence's hidden states on every rank, which a "
+                                 "sequence-parallel backend splits; run them without sequence parallelism")
             x = self._embed(input_ids, inputs_embeds, splice)
-            b, s = x.shape[:2]
+            b, s = x.shape[0], x.shape[1] * self.sequence_split
             self._check_inputs((b, s), x.device, position_ids, docs)
         wanted = self._layer_indices(hidden_layers)
         start = 0 if cache is None else cache.length

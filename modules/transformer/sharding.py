@@ -25,13 +25,27 @@ class Shard:
     rank: int
     size: int
     full_shape: tuple[int, ...]
+    view: tuple[int, ...] | None = None
+    """Slices taken along `dim` of the whole tensor seen as this shape (same elements, in order), each kept
+    flat: a 1-D tensor that lays out a matrix (QAT's step gains, one per [row, group] of a weight whose columns
+    are split). None: slices of the tensor itself."""
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of `full` (which must have `full_shape`)."""
         if tuple(full.shape) != self.full_shape:
             raise ValueError(f"a tensor of shape {tuple(full.shape)} cannot be sliced for a parameter that holds "
                              f"slice {self.rank} of {self.size} of a {self.full_shape} tensor")
-        return full.chunk(self.size, dim=self.dim)[self.rank]
+        if self.view is None:
+            return full.chunk(self.size, dim=self.dim)[self.rank]
+        return full.reshape(self.view).chunk(self.size, dim=self.dim)[self.rank].reshape(-1)
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The whole tensor from every rank's slice, in rank order (what `take` undoes)."""
+        if self.view is None:
+            return torch.cat(parts, dim=self.dim)
+        local = list(self.view)
+        local[self.dim] //= self.size
+        return torch.cat([p.reshape(local) for p in parts], dim=self.dim).reshape(self.full_shape)
 
 
 def mark_shard(param: torch.Tensor, shard: Shard) -> None:

@@ -1,9 +1,10 @@
 """The megatron-core backend: its `parallel_state` groups, tensor-parallel layers (tensor_parallel.py), DDP and
 optimizer (`get_megatron_optimizer`, with the distributed optimizer as an option), behind the Backend protocol.
 
-Built: tensor, pipeline (1F1B and interleaved, pipeline.py), data and expert parallelism (experts.py), the moe
-plugin, fp32 and bf16, gradient accumulation and clipping, the same learning-rate schedules and no-decay groups as
-the DeepSpeed backend, `dist_checkpointing` checkpoints that reshard on load (checkpoint.py), export. What is not
+Built: tensor (with megatron's sequence parallelism, sequence_parallel.py), pipeline (1F1B and interleaved,
+pipeline.py), data and expert parallelism (experts.py), the moe and qat plugins (qat.py), fp32 and bf16, gradient
+accumulation and clipping, the same learning-rate schedules and no-decay groups as the DeepSpeed backend,
+`dist_checkpointing` checkpoints that reshard on load (checkpoint.py), branching (branch.py), export. What is not
 built yet is refused by its config (docs/backends.md).
 """
 
@@ -30,6 +31,7 @@ from slimtrain.trainer.backends.megatron import experts as megatron_experts
 from slimtrain.trainer.backends.megatron.config import MegatronConfig
 from slimtrain.trainer.backends.megatron.pipeline import (StageModule, chunk_views, cut, forward_step_func,
                                                           held_stages, row_slice)
+from slimtrain.trainer.backends.megatron.sequence_parallel import mark_partial_gradients
 from slimtrain.trainer.backends.megatron.tensor_parallel import parallelize, vocab_parallel_cross_entropy_sum
 from slimtrain.trainer.recipe.schema import OptimConfig, TrainConfig
 
@@ -74,7 +76,7 @@ class MegatronBackend:
         self.bf16 = cfg.precision == "bf16"
         self.parallel_config = ModelParallelConfig(
             tensor_model_parallel_size=cfg.tensor_parallel, use_cpu_initialization=True, perform_initialization=False,
-            gradient_accumulation_fusion=False, params_dtype=torch.float32)
+            gradient_accumulation_fusion=False, params_dtype=torch.float32, sequence_parallel=cfg.sequence_parallel)
         self.model: nn.Module | None = None
         self.built_from: Path | None = None  # the branch source the build initialised plugins' parameters from
         self.consumed: frozenset[str] = frozenset()  # and the source parameters they consumed
@@ -108,6 +110,8 @@ class MegatronBackend:
         """The model with megatron's tensor-parallel layers in place of the projections, embedding and head."""
         built = build(model_cfg, plugins, init, self.device, self._parallelize)
         self.model, self.built_from, self.consumed = built.model, init.branch_from, built.consumed
+        if self.cfg.sequence_parallel:
+            mark_partial_gradients(self.model)
         if self.ep > 1:
             megatron_experts.mark(self.model)  # after materialisation, before DDP (setup)
         if self.pp > 1:  # built whole from the seed (or imported), then cut: each stage holds the dense weights
@@ -161,7 +165,8 @@ class MegatronBackend:
                                  num_attention_heads=cfg.num_heads, tensor_model_parallel_size=self.cfg.tensor_parallel,
                                  pipeline_model_parallel_size=self.pp, pipeline_dtype=dtype, **interleaved,
                                  use_cpu_initialization=True, perform_initialization=False,
-                                 gradient_accumulation_fusion=False, bf16=self.bf16, params_dtype=torch.float32)
+                                 gradient_accumulation_fusion=False, bf16=self.bf16, params_dtype=torch.float32,
+                                 sequence_parallel=self.cfg.sequence_parallel)
 
     def _optimizer(self, torch_optimizer: torch.optim.Optimizer) -> Any:
         from megatron.core.optimizer import OptimizerConfig, ParamGroupOverride, get_megatron_optimizer
@@ -216,7 +221,10 @@ class MegatronBackend:
 
     def _micro_batches(self, micro_batches: list[Batch], loss_fn: LossFn, norm: float
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward and backward of each micro-batch in turn (no pipeline); then the gradients' reduction."""
+        """Forward and backward of each micro-batch in turn (no pipeline); then megatron's gradient reduction (over
+        the data-parallel ranks, and the sequence-parallel norms' over the tensor-parallel group)."""
+        from megatron.core.distributed import finalize_model_grads
+
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         term_sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
@@ -225,7 +233,7 @@ class MegatronBackend:
             loss_sum += token_loss_sum.detach().double()
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach().double() / len(micro_batches)
-        self.ddp.finish_grad_sync()
+        finalize_model_grads([self.ddp])
         return loss_sum, term_sums
 
     def _pipelined(self, micro_batches: list[Batch], loss_fn: LossFn, norm: float, forward_only: bool
@@ -294,6 +302,11 @@ class MegatronBackend:
         expert rank, expert-parallel size); empty at expert_parallel 1."""
         return megatron_experts.expert_shards(self.model, self.ep_rank, self.ep)
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers by name (a tied head listed under its name too; a plugin's buffers may be slices)."""
+        return {**dict(self.model.named_parameters(remove_duplicate=False)),
+                **dict(self.model.named_buffers(remove_duplicate=False))}
+
     def load(self, directory: Path) -> None:
         """Collective: restore a checkpoint written at any tensor, pipeline and data-parallel layout."""
         checkpoint.load(self, directory)
@@ -327,18 +340,18 @@ class MegatronBackend:
 
     def _stage_state_dict(self) -> dict[str, torch.Tensor]:
         group = self.process_groups["tensor"]
-        params = dict(self.model.named_parameters(remove_duplicate=False))
+        tensors = self._tensors()
         experts = self.expert_shards()
         out = {}
         for name, tensor in self.model.state_dict().items():
             if not isinstance(tensor, torch.Tensor):  # megatron's `_extra_state` entries
                 continue
-            param = params.get(name)
-            shard = None if param is None else shard_of(param)
+            held = tensors.get(name)
+            shard = None if held is None else shard_of(held)
             if shard is not None:
                 parts = [torch.empty_like(tensor) for _ in range(shard.size)]
                 dist.all_gather(parts, tensor.contiguous(), group=group)
-                tensor = torch.cat(parts, dim=shard.dim)
+                tensor = shard.join(parts)
             if name in experts:  # each rank holds 1/ep of the experts: joined along dim 0 over the expert group
                 tensor = megatron_experts.gather(tensor, experts[name], self.process_groups["expert"])
             out[name] = tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.cpu()

@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     from slimtrain.trainer.recipe.schema import Recipe
 
-
-BUILT_PLUGINS = frozenset({"moe"})  # the plugins this backend runs; the others are refused before launch
+# The plugins this backend runs (each checked against the layout below); the others are refused before launch.
+PLUGINS = frozenset({"qat", "moe"})
 
 
 class MegatronConfig(BaseModel):
@@ -29,8 +29,10 @@ class MegatronConfig(BaseModel):
                                        "pipeline bubble by this factor; needs pipeline_parallel > 1, a layer count "
                                        "divisible by pipeline_parallel x virtual_stages and micro-batches per step in "
                                        "multiples of pipeline_parallel. null: the plain 1F1B schedule.")
-    sequence_parallel: bool = Field(False, description="Megatron sequence parallelism of the norms and dropout "
-                                    "regions within the tensor-parallel group (not built yet: false).")
+    sequence_parallel: bool = Field(False, description="Megatron sequence parallelism within the tensor-parallel "
+                                    "group: between the tensor-parallel layers (norms, residual stream) each rank "
+                                    "holds 1/tensor_parallel of every row's tokens. Needs tensor_parallel > 1 "
+                                    "dividing data.seq_len.")
     expert_parallel: int = Field(1, ge=1, description="Ranks that split every MoE layer's routed experts "
                                  "(megatron's expert-parallel groups: consecutive data-parallel ranks of the same "
                                  "tensor-parallel rank), each holding num_experts / N of them; tokens travel to their "
@@ -46,12 +48,9 @@ class MegatronConfig(BaseModel):
         if self.virtual_stages is not None and self.virtual_stages > 1 and self.pipeline_parallel == 1:
             raise ValueError(f"backend.virtual_stages={self.virtual_stages} interleaves pipeline stages, but "
                              "backend.pipeline_parallel=1; set pipeline_parallel > 1 or virtual_stages=null")
-        unbuilt = {"sequence_parallel": (self.sequence_parallel, False)}
-        for field, (value, off) in unbuilt.items():
-            if value != off:
-                raise ValueError(f"backend.{field}={value}: the megatron backend runs tensor, pipeline (1F1B) and "
-                                 f"data parallelism so far; set backend.{field}={off if off is not None else 'null'} "
-                                 "(or use the deepspeed backend)")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("backend.sequence_parallel=true splits the sequence over the tensor-parallel group, but "
+                             "backend.tensor_parallel=1; raise tensor_parallel or set sequence_parallel=false")
         return self
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -89,9 +88,22 @@ class MegatronConfig(BaseModel):
         if m.vocab_size is not None and m.vocab_size % tp:
             raise ValueError(f"backend.tensor_parallel={tp} must divide model.vocab_size={m.vocab_size} (the embedding "
                              f"and the head are split over the vocabulary); pad it to a multiple of {tp}")
-        unbuilt = sorted({p.type for p in recipe.plugins} - BUILT_PLUGINS)
-        if unbuilt:
-            raise ValueError(f"plugins {unbuilt} on the megatron backend are not built yet; use the deepspeed backend")
+        if m.qk_norm and tp > 1 and not self.sequence_parallel:
+            raise ValueError(f"model.qk_norm=true with backend.tensor_parallel={tp} needs backend.sequence_parallel="
+                             "true: the q/k norms are shared by heads split over the group, and megatron sums their "
+                             "gradients over it only with sequence parallelism; set sequence_parallel=true")
+        if self.sequence_parallel:
+            from slimtrain.trainer.backends.megatron.sequence_parallel import check_recipe
+
+            check_recipe(recipe)
+        refused = sorted({p.type for p in recipe.plugins} - PLUGINS)
+        if refused:
+            raise ValueError(f"plugins {refused} on the megatron backend are not built yet (it runs "
+                             f"{sorted(PLUGINS)}); remove them or use the deepspeed backend")
+        if any(p.type == "qat" for p in recipe.plugins):
+            from slimtrain.trainer.backends.megatron.qat import check_recipe as check_qat
+
+            check_qat(recipe)
         check_experts(self, recipe)
 
 
@@ -102,6 +114,10 @@ def check_experts(cfg: MegatronConfig, recipe: "Recipe") -> None:
                          "losses, load metrics and bias updates read every MoE layer's routing on the last stage, "
                          "which holds only its own layers' (the other stages' routers would go unbalanced); set "
                          "backend.pipeline_parallel=1 (use tensor_parallel or expert_parallel instead)")
+    if any(p.type == "moe" for p in recipe.plugins) and cfg.sequence_parallel:
+        raise ValueError("the moe plugin with backend.sequence_parallel=true: each tensor-parallel rank would route "
+                         "its own slice of the tokens through experts it holds whole, whose gradients megatron does not "
+                         "sum over the group; set sequence_parallel=false")
     if cfg.expert_parallel > 1:
         from slimtrain.trainer.backends.deepspeed_config import check_expert_layers
 

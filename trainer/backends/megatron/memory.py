@@ -40,8 +40,9 @@ def estimate_text(recipe: Recipe, world_size: int, gpu_gb: float) -> str:
     in_flight = in_flight_chunks(pp, chunks, micro)
     block = block_activation_bytes_per_token(cfg, w) / tp
     chunk_layers = layers // chunks
-    # Activation checkpointing keeps each block's input (whole: the residual stream is not split) and one block.
-    kept = chunk_layers * w * h + block if t.activation_checkpointing else chunk_layers * block
+    # Activation checkpointing keeps each block's input (whole, or 1/tp of it with sequence parallelism) and one block.
+    split = tp if b.sequence_parallel else 1
+    kept = chunk_layers * w * h / split + block if t.activation_checkpointing else chunk_layers * block
     activations = (kept * in_flight + edge_bytes_per_token(cfg, w) * min(pp, micro)) * tokens
     logits = tokens * vocab / tp * LOSS_BYTES_PER_LOGIT
     total = states + activations + logits + RESERVE

@@ -6,7 +6,9 @@ Attention's q/k/v and the MLP's gate/up become `ColumnParallelLinear` (output fe
 head a column-parallel layer whose logits stay split over the vocabulary, for `vocab_parallel_cross_entropy`. The
 parameters keep their names (`layers.0.attn.q_proj.weight`, ...) and are marked as slices
 (`slimtrain.modules.transformer.sharding`), so that the seed's weights, an import and an export see whole tensors.
-Head counts follow from the projections' widths, so the attention needs no change.
+Head counts follow from the projections' widths, so the attention needs no change. With `sequence_parallel` in
+megatron's config the same layers split the sequence between them (sequence_parallel.py). A Linear the QAT plugin
+swapped becomes the same layer fake-quantizing its slice (qat.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from slimtrain.core.sentinels import IGNORE_INDEX
 from slimtrain.modules.expert_parallel import ExpertParallel
 from slimtrain.modules.transformer.layers import MLP
 from slimtrain.modules.transformer.sharding import Shard, mark_shard as _mark
+from slimtrain.trainer.backends.megatron.qat import carry_fake_quant, quantized_column, quantized_row
+from slimtrain.trainer.backends.megatron.sequence_parallel import split_sequence
 
 _COLUMN = ("q_proj", "k_proj", "v_proj")
 
@@ -45,6 +49,8 @@ def parallelize(model: nn.Module, config: Any, rank: int, size: int) -> None:
     model.embed = embedding(model.embed, config, rank, size)
     model.lm_head = column(model.lm_head, config, rank, size)
     model.tie_weights()
+    if config.sequence_parallel:
+        split_sequence(model, size)
 
 
 def _check_plain(module: nn.Module, kind: type) -> None:
@@ -53,23 +59,38 @@ def _check_plain(module: nn.Module, kind: type) -> None:
                          "yet; set backend.tensor_parallel=1")
 
 
+def _fake_quant_source(linear: nn.Module) -> Any:
+    """The QATLinear `linear` is (its state goes to the parallel layer: qat.py), None for a plain Linear."""
+    from slimtrain.modules.qat.linear import QATLinear
+
+    if type(linear) is QATLinear:
+        return linear
+    _check_plain(linear, nn.Linear)
+    return None
+
+
 def column(linear: nn.Linear, config: Any, rank: int, size: int) -> nn.Module:
     """`linear` as a column-parallel layer (this rank's output features), its outputs left split."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    _check_plain(linear, nn.Linear)
+    quantized = _fake_quant_source(linear)
 
     class ColumnLinear(ColumnParallelLinear):
         init_like_dense = True  # initialise_weights draws it as the nn.Linear it replaces
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0]
+        def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+            if self.sequence_parallel:  # [b, s/tp, in] in; megatron gathers its dim 0: [b, s, out/tp] out
+                return super().forward(x.transpose(0, 1).contiguous(), weight=weight)[0].transpose(0, 1)
+            return super().forward(x, weight=weight)[0]
 
-    layer = ColumnLinear(linear.in_features, linear.out_features, config=config, init_method=_no_init,
-                         bias=linear.bias is not None, gather_output=False, skip_bias_add=False)
+    cls = ColumnLinear if quantized is None else quantized_column(ColumnLinear)
+    layer = cls(linear.in_features, linear.out_features, config=config, init_method=_no_init,
+                bias=linear.bias is not None, gather_output=False, skip_bias_add=False)
     mark_shard(layer.weight, Shard(0, rank, size, (linear.out_features, linear.in_features)))
     if layer.bias is not None:
         mark_shard(layer.bias, Shard(0, rank, size, (linear.out_features,)))
+    if quantized is not None:
+        carry_fake_quant(layer, quantized, 0, rank, size, config.sequence_parallel)
     return layer
 
 
@@ -77,17 +98,22 @@ def row(linear: nn.Linear, config: Any, rank: int, size: int) -> nn.Module:
     """`linear` as a row-parallel layer: this rank's input features in, the whole output (all-reduced) out."""
     from megatron.core.tensor_parallel import RowParallelLinear
 
-    _check_plain(linear, nn.Linear)
+    quantized = _fake_quant_source(linear)
 
     class RowLinear(RowParallelLinear):
         init_like_dense = True
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.sequence_parallel:  # [b, s, in/tp] in; megatron reduce-scatters its dim 0: [b, s/tp, out] out
+                return super().forward(x.transpose(0, 1))[0].transpose(0, 1)
             return super().forward(x)[0]
 
-    layer = RowLinear(linear.in_features, linear.out_features, config=config, init_method=_no_init,
-                      bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False)
+    cls = RowLinear if quantized is None else quantized_row(RowLinear)
+    layer = cls(linear.in_features, linear.out_features, config=config, init_method=_no_init,
+                bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False)
     mark_shard(layer.weight, Shard(1, rank, size, (linear.out_features, linear.in_features)))
+    if quantized is not None:
+        carry_fake_quant(layer, quantized, 1, rank, size, config.sequence_parallel)
     return layer
 
 
@@ -104,7 +130,13 @@ def embedding(embed: nn.Embedding, config: Any, rank: int, size: int) -> nn.Modu
         init_like_dense = True
         is_embedding = True  # no weight decay, as the nn.Embedding it replaces (trainer.optim)
 
-    layer = VocabEmbedding(embed.num_embeddings, embed.embedding_dim, init_method=_no_init, config=config)
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            out = super().forward(ids)
+            # Sequence parallel: megatron reduce-scatters [s, b, h] to this rank's [s/tp, b, h]; ours is [b, s/tp, h].
+            return out.transpose(0, 1) if self.reduce_scatter_embeddings else out
+
+    layer = VocabEmbedding(embed.num_embeddings, embed.embedding_dim, init_method=_no_init, config=config,
+                           reduce_scatter_embeddings=config.sequence_parallel)
     mark_shard(layer.weight, Shard(0, rank, size, (embed.num_embeddings, embed.embedding_dim)))
     return layer
 
@@ -129,8 +161,8 @@ def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     keep = labels != IGNORE_INDEX
-    # megatron shifts its input by the row maxima in place: hand it a copy, never the model's logits themselves
-    # (a bf16 input is copied by the upcast already).
-    upcast = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    # megatron shifts its input by the row maxima in place: hand it a copy, never the model's logits themselves; a
+    # contiguous one, as it views it 2-d (sequence-parallel logits are a transposed view of megatron's [s, b, v]).
+    upcast = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     per_token = vocab_parallel_cross_entropy(upcast, labels.masked_fill(~keep, 0))
     return (per_token * keep).sum()
