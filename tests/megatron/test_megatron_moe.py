@@ -125,9 +125,10 @@ def test_expert_parallel_export_equals_deepspeeds(runs, tmp_path: Path) -> None:
     (["backend={type: megatron, expert_parallel: 2}"],
      "backend.expert_parallel=2 but the model has no layer with experts to spread over ranks"),
     ([MOE, "backend={type: megatron, pipeline_parallel: 2}"], "the moe plugin with backend.pipeline_parallel=2"),
-    ([MOE, "backend={type: megatron, expert_parallel: 2}",
-      "plugins=[{type: moe, num_experts: 4}, {type: qat, weights: {group_size: 16}}]"],
-     "plugins ['qat'] on the megatron backend are not built yet"),
+    ([MOE, "backend={type: megatron, tensor_parallel: 2, sequence_parallel: true}"],
+     "the moe plugin with backend.sequence_parallel=true"),
+    ([MOE, "backend={type: megatron}", "plugins=[{type: moe, num_experts: 4}, {type: draft, heads: [{kind: medusa}]}]"],
+     "plugins ['draft'] on the megatron backend are not built yet"),
 ])
 def test_what_the_megatron_moe_cannot_do_is_refused_naming_the_field(overrides: list[str], message: str) -> None:
     with pytest.raises(RecipeError, match=__import__("re").escape(message)):

@@ -121,7 +121,8 @@ class MegatronBackend:
     def _parallelize(self, model: nn.Module) -> None:
         """The build's parallelisation step (meta model): tensor-parallel layers, then this rank's share of the
         experts."""
-        parallelize(model, self.parallel_config, self.tp_rank, self.cfg.tensor_parallel)
+        with torch.device("meta"):  # megatron's layers allocate where the default device says: nothing spent yet
+            parallelize(model, self.parallel_config, self.tp_rank, self.cfg.tensor_parallel)
         if self.ep > 1:
             megatron_experts.shard(model, self.comm, self.ep_rank, self.ep)
 
