@@ -306,6 +306,13 @@ class Plugin:
         `plots` reads it back, and wandb shows it as a histogram."""
         return {}
 
+    def metric_names(self) -> list[str] | None:
+        """Every name this plugin adds to metrics.jsonl, as fnmatch patterns (`*` for a layer index or a draft
+        offset): its loss terms (logged by name each step, and as `eval/<name>` at each evaluation), its `metrics`
+        and its `evaluate` results (`eval/<name>`). A recipe's `expect:` targets are checked against them when it is
+        validated. None (the default): undeclared, and targets are checked against a run's metrics.jsonl instead."""
+        return None
+
     # -- evaluation, accounting, export ------------------------------------------------------------
 
     def evaluate(self, ctx: PluginContext, batches: Iterable[Any]) -> dict[str, float]:

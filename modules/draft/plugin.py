@@ -169,6 +169,14 @@ class DraftPlugin(Plugin):
                 terms[f"{head.kind}_{out.offset}"] = LossTerm(r.loss, scale * head.decay ** (out.offset - 1))
         return terms
 
+    def metric_names(self) -> list[str]:
+        kinds = [h.kind for h in self.cfg.heads]
+        terms = [f"{k}_*" for k in kinds]  # one per draft offset
+        found = [f"eval/{k}/acc*" for k in kinds]
+        if self.cfg.eval_prompts:
+            found += [f"eval/{k}/{x}" for k in kinds for x in ("tau", "accept*")]
+        return [*terms, *(f"eval/{t}" for t in terms), *found]
+
     def evaluate(self, ctx: PluginContext, batches: Iterable[Any]) -> dict[str, float]:
         heads = dict(ctx.model.draft.items())
         return evaluate_heads(heads, ctx, batches, self.cfg.targets == "self_distill", self.cfg.eval_prompts,

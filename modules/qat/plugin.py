@@ -163,6 +163,9 @@ class QATPlugin(Plugin):
             for transform in self.stacked.values():
                 transform.calibrate_pending = transform.pending_calibration()
 
+    def metric_names(self) -> list[str]:
+        return ["qat/active"]
+
     def metrics(self, ctx: PluginContext) -> dict[str, float]:
         return {"qat/active": float(self.active)}
 
