@@ -7,7 +7,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from slimtrain.modules.plugin import ExportContext, Plugin, PluginContext, WeightInit
+from slimtrain.modules.plugin import ExportContext, MetricNames, Plugin, PluginContext, WeightInit
 from slimtrain.modules.plugin_registry import register_plugin
 from slimtrain.modules.quantizable import TRANSFORM_CHILD, QuantizableWeights, high_precision_reason
 
@@ -163,8 +163,8 @@ class QATPlugin(Plugin):
             for transform in self.stacked.values():
                 transform.calibrate_pending = transform.pending_calibration()
 
-    def metric_names(self) -> list[str]:
-        return ["qat/active"]
+    def metric_names(self) -> MetricNames:
+        return MetricNames(metrics=("qat/active",))
 
     def metrics(self, ctx: PluginContext) -> dict[str, float]:
         return {"qat/active": float(self.active)}

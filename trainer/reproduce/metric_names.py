@@ -46,8 +46,15 @@ def known_patterns(plugins) -> tuple[list[str], list[str]]:
         if names is None:
             undeclared.append(plugin.name)
         else:
-            patterns += names
+            patterns += plugin_patterns(plugin.name, names)
     return patterns, undeclared
+
+
+def plugin_patterns(name: str, declared) -> list[str]:
+    """A plugin's declared `MetricNames` as metrics.jsonl holds them (the prefixes PluginStack gives its hooks'
+    keys, and the loop's `eval/` before an evaluation's)."""
+    return [*(f"{name}/{t}" for t in declared.losses), *(f"eval/{name}/{t}" for t in declared.losses),
+            *declared.metrics, *(f"eval/{name}/{k}" for k in declared.evaluate)]
 
 
 def is_known(name: str, patterns: list[str]) -> bool:
