@@ -160,6 +160,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory, data_cache: Path):
     return tmp, run_dir, proc
 
 
+@pytest.mark.slow
 def test_reproduce_trains_and_passes_met_targets(reproduced) -> None:
     tmp, run_dir, proc = reproduced
     assert "3 of 3 targets met" in proc.stdout
@@ -177,6 +178,7 @@ def test_reproduce_trains_and_passes_met_targets(reproduced) -> None:
     assert not (run_dir / "reproduce_curve.png").exists()  # no reference curve ships with this recipe
 
 
+@pytest.mark.slow
 def test_trainer_metric_names_cover_the_run(reproduced) -> None:
     """The names `expect:` is validated against are every name the loop writes (a new metric must be declared)."""
     _, run_dir, _ = reproduced
@@ -184,6 +186,7 @@ def test_trainer_metric_names_cover_the_run(reproduced) -> None:
     assert written <= set(TRAINER_METRICS), written - set(TRAINER_METRICS)
 
 
+@pytest.mark.slow
 def test_reproduce_from_a_run_misses_and_says_by_how_much(reproduced) -> None:
     tmp, run_dir, _ = reproduced
     eval_loss = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
@@ -211,10 +214,11 @@ def test_reproduce_from_a_run_misses_and_says_by_how_much(reproduced) -> None:
     assert "![loss curve](reproduce_curve.png)" in report and (run_dir / "reproduce_curve.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_compare_two_runs(reproduced, data_cache: Path, tmp_path: Path) -> None:
     _, run_dir, _ = reproduced
     other = tmp_path / "short"
-    trained = run_train(other, data_cache, ["train.steps=10", "optim.lr=1e-3"], nproc=1)
+    trained = run_train(other, data_cache, ["train.steps=6", "optim.lr=1e-3"], nproc=1)
     assert trained.returncode == 0, trained.stdout
     out = tmp_path / "plots" / "cmp.png"
     proc = _cli("compare", str(run_dir), str(other), "--metric", "grad_norm", "--out", str(out))

@@ -70,8 +70,8 @@ class Target(_Strict):
     metric: str = Field(
         description="A metrics.jsonl key (loss, eval_loss, moe/maxvio, eval/draft/eagle3/tau, "
         "eval/compressor/gap_closed, ...), the derived `flops` (training FLOPs so far), or with `file` a dotted key "
-        "path into that JSON (e.g. quality.runs.moe-bias.maxvio_last_quarter). Names are checked against what the trainer and the "
-        "recipe's plugins write (docs/reproduce.md).")
+        "path into that JSON (e.g. quality.runs.moe-bias.maxvio_last_quarter). Names are checked against what the "
+        "trainer and the recipe's plugins write (docs/reproduce.md).")
     file: str | None = Field(
         None, description="Read `metric` from a benchmark's JSON output instead of metrics.jsonl: a path relative "
         "to the run directory (or absolute); a file of several JSON lines gives its last one.")
