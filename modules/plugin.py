@@ -173,6 +173,20 @@ class ModelCounts:
 
 
 @dataclass(frozen=True)
+class MetricNames:
+    """What a plugin's hooks name their values (`Plugin.metric_names`), as fnmatch patterns. metrics.jsonl holds a
+    loss term as `<plugin>/<term>` at each step and `eval/<plugin>/<term>` at each evaluation, a `metrics` value
+    under its own name, an `evaluate` result as `eval/<plugin>/<key>` (slimtrain.trainer.reproduce.metric_names).
+
+    losses: the keys `losses` returns. metrics: the keys `metrics` returns. evaluate: the keys `evaluate` returns.
+    """
+
+    losses: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    evaluate: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class HFAdapter:
     """How a plugin's own tensors enter and leave a Hugging Face directory: `slimtrain export`, its
     `--verify`, and `checkpoint.init_from_hf` all go through it.
@@ -305,6 +319,12 @@ class Plugin:
         are averaged). A list is a vector (e.g. one value per expert): it goes to metrics.jsonl, where
         `plots` reads it back, and wandb shows it as a histogram."""
         return {}
+
+    def metric_names(self) -> "MetricNames | None":
+        """The names this plugin's hooks log, as fnmatch patterns (`*` for a layer index or a draft offset), so that
+        a recipe's `expect:` targets are checked before a run. None (the default): undeclared, and targets are
+        checked against a run's metrics.jsonl instead."""
+        return None
 
     # -- evaluation, accounting, export ------------------------------------------------------------
 

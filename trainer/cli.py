@@ -1,4 +1,5 @@
-"""`slimtrain` command line: train | validate | data | launch | export | quickstart | speculate | compress."""
+"""`slimtrain` command line: train | validate | data | launch | export | quickstart | speculate | compress |
+reproduce | compare."""
 
 from __future__ import annotations
 
@@ -210,7 +211,10 @@ def _train_rank(recipe) -> int:
     set_cpu_threads(env.local_world_size)
     parts = build_parts(recipe)
     if env.rank == 0:  # after the build: a start that fails there leaves no run directory
-        write_run_files(recipe, dump_recipe(recipe))
+        run_dir = write_run_files(recipe, dump_recipe(recipe))
+        from slimtrain.trainer.reproduce.fingerprints import write_environment
+
+        write_environment(run_dir, env.world_size)  # what `slimtrain reproduce` reports beside a mismatch
     Trainer(recipe, parts).run()
     import torch.distributed as dist
 
@@ -346,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_speculate(sub)
     add_compress_parser(sub)
     add_make_checkpoint(sub)
+    from slimtrain.trainer.reproduce.command import add_reproduce_commands
+
+    add_reproduce_commands(sub)
     _add_plugin_commands(sub)
     return parser
 

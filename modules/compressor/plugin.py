@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from slimtrain.modules.plugin import (
-    ExportContext, LossTerm, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit,
+    ExportContext, LossTerm, MetricNames, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit,
 )
 from slimtrain.modules.plugin_registry import register_plugin
 from slimtrain.modules.plugin_stack import DRY_RUN_VOCAB
@@ -148,6 +148,15 @@ class CompressorPlugin(Plugin):
         vectors = compress_batch(ctx.model, batch, self.cfg.task_vectors, self.drawn).vectors
         value = decoder_loss(decoder, decoder_inputs(ModelInputs.of(batch), batch, vectors), batch.labels)
         return {f"decoder_{self.drawn}": LossTerm(value, 1.0)}
+
+    def metric_names(self) -> MetricNames:
+        from .evaluation import LOSSES
+
+        keys = [*(f"loss_{x}" for x in LOSSES), *(f"ppl_{x}" for x in ("none", "full", "comp")), "gap_closed",
+                "rec_acc", *(["rec_exact"] if self.cfg.eval_exact_match else [])]
+        extra = list(self.extra.configs)
+        return MetricNames(losses=tuple(f"decoder_{name}" for name in extra),
+                           evaluate=(*keys, *(f"{k}/{name}" for k in keys for name in extra)))
 
     def evaluate(self, ctx: PluginContext, batches: Iterable[Any]) -> dict[str, float]:
         batches = list(batches)  # one pass per decoder

@@ -9,7 +9,9 @@ import torch
 from pydantic import TypeAdapter
 from torch import nn
 
-from slimtrain.modules.plugin import ExportContext, LossTerm, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit
+from slimtrain.modules.plugin import (
+    ExportContext, LossTerm, MetricNames, ModelCounts, ParamGroup, Plugin, PluginContext, WeightInit,
+)
 from slimtrain.modules.plugin_registry import register_plugin
 from slimtrain.modules.plugin_stack import DRY_RUN_VOCAB
 from slimtrain.modules.transformer.init import init_weights as init_like_base
@@ -168,6 +170,13 @@ class DraftPlugin(Plugin):
                 r = position_result(out, view, batch.labels, self.cfg.targets == "self_distill")
                 terms[f"{head.kind}_{out.offset}"] = LossTerm(r.loss, scale * head.decay ** (out.offset - 1))
         return terms
+
+    def metric_names(self) -> MetricNames:
+        kinds = [h.kind for h in self.cfg.heads]
+        found = [f"{k}/acc*" for k in kinds]  # one per draft offset
+        if self.cfg.eval_prompts:
+            found += [f"{k}/{x}" for k in kinds for x in ("tau", "accept*")]
+        return MetricNames(losses=tuple(f"{k}_*" for k in kinds), evaluate=tuple(found))
 
     def evaluate(self, ctx: PluginContext, batches: Iterable[Any]) -> dict[str, float]:
         heads = dict(ctx.model.draft.items())

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtrain.modules.plugin import LossTerm, ModelCounts, Plugin, PluginContext, WeightInit
+from slimtrain.modules.plugin import LossTerm, MetricNames, ModelCounts, Plugin, PluginContext, WeightInit
 from slimtrain.modules.plugin_registry import register_plugin
 
 from .balancing import aux_loss, global_aux_loss, normalised, sequence_aux_loss, slot_counts, z_loss
@@ -155,6 +155,14 @@ class MoEPlugin(Plugin):
                         continue
                     step = torch.sign(load.mean() - load).to(moe.bias_steps.dtype)
                     moe.bias_steps += step.to(moe.bias_steps.device)
+
+    def metric_names(self) -> MetricNames:
+        c = self.cfg
+        terms = ("aux", *(["seq_aux"] if c.seq_aux_loss_weight else []),
+                 *(["global_aux"] if c.global_aux_loss_weight else []), *(["z"] if c.z_loss_weight else []))
+        stats = ["maxvio", "maxvio_micro", "cv", "entropy", *(["dropped"] if c.capacity_factor is not None else [])]
+        return MetricNames(losses=terms, metrics=(*(f"moe/{s}" for s in stats), *(f"moe/{s}/layer*" for s in stats),
+                                                  "moe/load/layer*"))
 
     def metrics(self, ctx: PluginContext) -> dict[str, float | list[float]]:
         if self.last is None:

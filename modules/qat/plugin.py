@@ -7,7 +7,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from slimtrain.modules.plugin import ExportContext, Plugin, PluginContext, WeightInit
+from slimtrain.modules.plugin import ExportContext, MetricNames, Plugin, PluginContext, WeightInit
 from slimtrain.modules.plugin_registry import register_plugin
 from slimtrain.modules.quantizable import TRANSFORM_CHILD, QuantizableWeights, high_precision_reason
 
@@ -169,6 +169,9 @@ class QATPlugin(Plugin):
                 layer.calibrate_pending = not bool(layer.weight_step_calibrated)
             for transform in self.stacked.values():
                 transform.calibrate_pending = transform.pending_calibration()
+
+    def metric_names(self) -> MetricNames:
+        return MetricNames(metrics=("qat/active",))
 
     def metrics(self, ctx: PluginContext) -> dict[str, float]:
         return {"qat/active": float(self.active)}

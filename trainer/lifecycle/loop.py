@@ -28,10 +28,11 @@ from slimtrain.modules.plugin import PluginContext
 from slimtrain.trainer.loss.lm import make_loss_fn
 from slimtrain.trainer.recipe.loading import dump_recipe
 from slimtrain.trainer.lifecycle.run import RunParts
+from slimtrain.trainer.reproduce.report import CURVE_FILE, REPORT_FILE
 
 
 # What an earlier run leaves in its run directory; checkpoint.resume=never moves these into previous_N/.
-EARLIER_RUN_FILES = ("checkpoints", "metrics.jsonl", "loss_curve.png", "wandb", WANDB_ID_FILE)
+EARLIER_RUN_FILES = ("checkpoints", "metrics.jsonl", "loss_curve.png", "wandb", WANDB_ID_FILE, REPORT_FILE, CURVE_FILE)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from slimtrain.modules.transformer.config import ModelConfig
 from slimtrain.trainer.backends.deepspeed_config import DeepSpeedConfig
 from slimtrain.trainer.backends.registry import validate_backend_config
 from slimtrain.trainer.errors import RecipeError
+from slimtrain.trainer.reproduce.expect import ExpectConfig
 
 
 class _Strict(BaseModel):
@@ -211,6 +212,10 @@ class Recipe(_Strict):
         default_factory=list, description="Compression plugins, each chosen by `type:` (e.g. qat; see docs/plugins.md "
         "and docs/qat.md). They compose in their declared order, whatever the order listed here."
     )
+    expect: ExpectConfig | None = Field(
+        None, description="Results a run of this recipe should reach, each with its source; checked by "
+        "`slimtrain reproduce` (docs/reproduce.md). Training ignores it."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -238,6 +243,10 @@ class Recipe(_Strict):
             from slimtrain.modules.plugin_stack import check_plugins
 
             check_plugins(self.plugins, self.model, self.train.loss_chunk_tokens)
+        if self.expect is not None:
+            from slimtrain.trainer.reproduce.metric_names import check_expect_metrics
+
+            check_expect_metrics(self.expect, self.plugins)
         return self
 
     def check_world(self, world_size: int) -> int:

@@ -1,0 +1,1 @@
+"""Recipe reproduction: the `expect:` block, `slimtrain reproduce` and `slimtrain compare` (docs/reproduce.md)."""
