@@ -33,7 +33,7 @@ TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "embed.weight"
 
 
 def model_sharded_state(model: nn.Module, tp_rank: int, dp_rank: int, experts: dict[str, Shard] | None = None,
-                        expert_data_rank: int = 0) -> dict[str, Any]:
+                        expert_data_rank: int = 0, tp_group: Any = None) -> dict[str, Any]:
     """{name: ShardedTensor} of `model`'s parameters and persistent buffers on this rank: a tensor-parallel slice at
     its offset in the whole tensor (one copy per data-parallel replica), a whole tensor once per replica, an expert
     parameter's share (`experts`: expert parallelism) at its experts' offset, once per expert-data replica. The
@@ -60,7 +60,7 @@ def model_sharded_state(model: nn.Module, tp_rank: int, dp_rank: int, experts: d
             out[name] = ShardedTensor.from_rank_offsets(key, tensor, (share.dim, share.rank, share.size),
                                                         replica_id=(copy, tp_rank, expert_data_rank))
         elif shard is not None and shard.view is not None:
-            out[name] = _view_factory(key, tensor, shard, replica_id=(copy, 0, dp_rank))
+            out[name] = _whole_factory(key, tensor, shard, tp_group, replica_id=(copy, tp_rank, dp_rank))
         elif shard is None:
             out[name] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=(copy, tp_rank, dp_rank))
         else:
@@ -69,31 +69,24 @@ def model_sharded_state(model: nn.Module, tp_rank: int, dp_rank: int, experts: d
     return out
 
 
-def _view_factory(key: str, tensor: torch.Tensor, shard: Shard, replica_id: tuple) -> Any:
+def _whole_factory(key: str, tensor: torch.Tensor, shard: Shard, group: Any, replica_id: tuple) -> Any:
     """A slice taken along a dim of the whole tensor seen as another shape (`Shard.view`: QAT's 1-D step gains laying
-    out [rows, groups]) is not a block of the 1-D tensor: it is saved as the block it is of the viewed tensor, through
-    megatron's ShardedTensorFactory (whose data stays the parameter, so the optimizer finds its state by it)."""
+    out [rows, groups]) is no block of the tensor: it is saved whole (joined over the tensor-parallel group; these
+    tensors are small), and a load keeps this rank's slice of it. Through megatron's ShardedTensorFactory, whose data
+    stays the parameter, so the optimizer finds its state by it (and saves that state the same way)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    local = list(shard.view)
-    local[shard.dim] //= shard.size
-
     def build(key: str, data: torch.Tensor, replica_id: tuple, flattened_range: Any) -> Any:
-        return ShardedTensor.from_rank_offsets(key, data.view(local), (shard.dim, shard.rank, shard.size),
-                                               replica_id=replica_id)
+        parts = [torch.empty_like(data) for _ in range(shard.size)]
+        dist.all_gather(parts, data.detach().contiguous(), group=group)
+        return ShardedTensor.from_rank_offsets(key, shard.join(parts), replica_id=replica_id)
 
-    return ShardedTensorFactory(key, tensor, build, lambda loaded: loaded.reshape(-1), replica_id)
-
-
-def viewed_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """{name: whole shape} of the tensors this rank saves under a viewed shape (`_view_factory`), for a reader."""
-    return {name: list(shard.full_shape) for name, tensor in model.state_dict(keep_vars=True).items()
-            if isinstance(tensor, torch.Tensor) and (shard := shard_of(tensor)) is not None and shard.view is not None}
+    return ShardedTensorFactory(key, tensor, build, shard.take, replica_id)
 
 
 def _sharded_state(backend: Any, loading: bool) -> dict[str, Any]:
     model_sd = model_sharded_state(backend.model, backend.tp_rank, backend.dp_rank, backend.expert_shards(),
-                                   backend.ps.get_expert_data_parallel_rank())
+                                   backend.ps.get_expert_data_parallel_rank(), backend.process_groups["tensor"])
     metadata = {"distrib_optim_sharding_type": DISTOPT_SHARDING}
     if loading:
         _allocate_optimizer_state(backend.optimizer)
@@ -160,11 +153,8 @@ def save(backend: Any, directory: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # the directory exists before any rank writes (dist_checkpointing checks it)
     dist_checkpointing.save(_sharded_state(backend, loading=False), str(out))
-    viewed: list = [None] * backend.world_size
-    dist.all_gather_object(viewed, viewed_shapes(backend.model))
     if backend.rank == 0:
-        layout = {**layout_of(backend), "viewed": {k: v for shapes in viewed for k, v in shapes.items()}}
-        (out / LAYOUT).write_text(json.dumps(layout, indent=1))
+        (out / LAYOUT).write_text(json.dumps(layout_of(backend), indent=1))
 
 
 def layout_of(backend: Any) -> dict[str, Any]:
@@ -300,6 +290,4 @@ def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     out = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     for prefix in MASTER_PREFIXES:
         out.update({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    for name, shape in (read_layout(step_dir) or {}).get("viewed", {}).items():  # saved as the shape they lay out
-        out[name] = out[name].reshape(shape)
     return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
