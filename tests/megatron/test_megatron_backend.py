@@ -188,6 +188,8 @@ TP2 = "backend={type: megatron, tensor_parallel: 2}"
     (["backend={type: megatron, tensor_parallel: 2, sequence_parallel: true}",
       "plugins=[{type: qat, weights: {group_size: 16}, activations: {granularity: tensor}, include: ['*.q_proj']}]"],
      "plugins.0.activations.granularity='tensor' with backend.sequence_parallel=true"),
+    (["backend={type: megatron, tensor_parallel: 2, sequence_parallel: true}", "train.loss_chunk_tokens=64"],
+     "train.loss_chunk_tokens=64 with backend.sequence_parallel=true"),
     (["backend={type: megatron, tensor_parallel: 2}", "model.vocab_size=513"],
      "backend.tensor_parallel=2 must divide model.vocab_size=513"),
     (["backend={type: megatron, sequence_parallel: true}"],

@@ -32,7 +32,8 @@ from slimtrain.trainer.backends.megatron.config import MegatronConfig
 from slimtrain.trainer.backends.megatron.pipeline import (StageModule, chunk_views, cut, forward_step_func,
                                                           held_stages, row_slice)
 from slimtrain.trainer.backends.megatron.sequence_parallel import mark_partial_gradients
-from slimtrain.trainer.backends.megatron.tensor_parallel import parallelize, vocab_parallel_cross_entropy_sum
+from slimtrain.trainer.backends.megatron.tensor_parallel import (check_marked, parallelize,
+                                                                 vocab_parallel_cross_entropy_sum)
 from slimtrain.trainer.recipe.schema import OptimConfig, TrainConfig
 
 class MegatronBackend:
@@ -110,6 +111,7 @@ class MegatronBackend:
         """The model with megatron's tensor-parallel layers in place of the projections, embedding and head."""
         built = build(model_cfg, plugins, init, self.device, self._parallelize)
         self.model, self.built_from, self.consumed = built.model, init.branch_from, built.consumed
+        check_marked(self.model, self.cfg.tensor_parallel)
         if self.cfg.sequence_parallel:
             mark_partial_gradients(self.model)
         if self.ep > 1:
@@ -121,8 +123,8 @@ class MegatronBackend:
     def _parallelize(self, model: nn.Module) -> None:
         """The build's parallelisation step (meta model): tensor-parallel layers, then this rank's share of the
         experts."""
-        with torch.device("meta"):  # megatron's layers allocate where the default device says: nothing spent yet
-            parallelize(model, self.parallel_config, self.tp_rank, self.cfg.tensor_parallel)
+        # Not under a meta-device context: materialising a meta parameter makes a new one, without the slice marks.
+        parallelize(model, self.parallel_config, self.tp_rank, self.cfg.tensor_parallel)
         if self.ep > 1:
             megatron_experts.shard(model, self.comm, self.ep_rank, self.ep)
 
@@ -239,8 +241,9 @@ class MegatronBackend:
 
     def _pipelined(self, micro_batches: list[Batch], loss_fn: LossFn, norm: float, forward_only: bool
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """megatron's 1F1B schedule over the micro-batches (it reduces the gradients at its end); the token-loss sum
-        on the last stage, zero elsewhere."""
+        """megatron's pipeline schedule (1F1B, or interleaved) over the micro-batches (it reduces the gradients at its
+        end); the token-loss sum on the last stage, zero elsewhere, and the plugins' terms under the same names on
+        every stage (zero where none is computed): the sums over the ranks that follow need equal lists."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         sums: dict[str, Any] = {}
@@ -252,7 +255,11 @@ class MegatronBackend:
             seq_length=seq, micro_batch_size=rows, forward_only=forward_only)
         loss_sum = torch.as_tensor(sums.get("loss", 0.0), dtype=torch.float64, device=self.device)
         terms = {k: v / len(micro_batches) for k, v in sums.get("terms", {}).items()}
-        return loss_sum, terms
+        names = [sorted(terms)]
+        dist.broadcast_object_list(names, src=self.ps.get_pipeline_model_parallel_last_rank(),
+                                   group=self.process_groups["pipeline"])
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        return loss_sum, {k: terms.get(k, zero) for k in names[0]}
 
     def _pipelined_eval(self, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One batch through the pipeline, forward only. The interleaved schedule takes micro-batches in groups of

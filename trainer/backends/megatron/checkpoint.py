@@ -13,6 +13,7 @@ without megatron-core or a process group (torch's own distributed-checkpoint rea
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ from slimtrain.modules.transformer.sharding import Shard, shard_of
 MEGATRON_DIR = "megatron"  # sub-directory of a checkpoint step directory that holds this backend's files
 LAYOUT = "layout.json"
 MODEL_PREFIX = "model."
-# Where megatron's optimizers keep the fp32 masters of bf16 weights (the plain one; the distributed one).
-MASTER_PREFIXES = ("optimizer.state.fp32_param.model.", "optimizer.state.param.model.")
+# A checkpoint key: a model tensor (`model.<name>`) or an optimizer's state of it (`optimizer.state.<kind>.model.<name>`),
+# prefixed `chained_<i>.` when megatron chains optimizers (the experts' own, with expert parallelism).
+KEY = re.compile(r"^(?:chained_\d+\.)?(?:optimizer\.state\.(?P<kind>\w+)\.)?model\.(?P<name>.+)$")
+MASTERS = ("fp32_param", "param")  # the kinds holding fp32 masters of bf16 weights (plain; distributed optimizer)
 DISTOPT_SHARDING = "fully_reshardable"
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "embed.weight"
 
@@ -176,12 +179,14 @@ def load(backend: Any, directory: Path, fresh: frozenset[str] = frozenset()) -> 
     recipe_lrs = list(backend.scheduler.base_lrs)
     # A fresh parameter's tensors (its weight; its moments and master in the optimizer's keys) are not read: they
     # keep what the build and the optimizer's initialisation gave them, put back into what the load returns.
-    kept = _take_fresh(state, {MODEL_PREFIX + n for n in fresh})
+    converted = _lists_as_dicts(state) if fresh else []
+    kept = _take_fresh(state, set(fresh))
     own = backend.model.state_dict(keep_vars=True)
     with torch.no_grad():  # the loaded values are written into the parameters themselves
         loaded = dist_checkpointing.load(state, str(directory / MEGATRON_DIR))
         for path, key, tensor in kept:
             _put(loaded, path, _fresh_value(key, tensor, own))
+        _dicts_as_lists(loaded, converted)
         _copy_into(backend.model, loaded["model"])
     backend.optimizer.load_state_dict(loaded["optimizer"])
     _own_adam_steps(backend.optimizer)
@@ -193,26 +198,24 @@ def load(backend: Any, directory: Path, fresh: frozenset[str] = frozenset()) -> 
 def _fresh_value(key: str, tensor: torch.Tensor, own: dict[str, torch.Tensor]) -> torch.Tensor:
     """What a fresh tensor starts as: the model's own value for its weight and for the optimizer's fp32 master of
     it, zeros for its moments (the optimizer's buffers for a load are not filled with anything)."""
-    if key.startswith(MODEL_PREFIX):
+    match = KEY.match(key)
+    if match["kind"] is None:
         return tensor
-    name = key[key.index(MODEL_PREFIX) + len(MODEL_PREFIX):]
-    if key.split(MODEL_PREFIX)[0].rstrip(".").endswith("param"):  # `...state.param.` / `...state.fp32_param.`
-        return own[name].detach().to(tensor.dtype).reshape(tensor.shape).clone()
+    if match["kind"] in MASTERS:
+        return own[match["name"]].detach().to(tensor.dtype).reshape(tensor.shape).clone()
     return torch.zeros_like(tensor)
 
 
 def _take_fresh(tree: Any, names: set[str], path: tuple = ()) -> list[tuple[tuple, str, torch.Tensor]]:
-    """Remove from the nested sharded state `tree` every tensor whose key ends in one of `names` (a fresh
-    parameter's weight, moments or master); returns (where it was, its key, its tensor) for each."""
+    """Remove from the nested sharded state `tree` (dicts only: see `_lists_as_dicts`) every tensor of a parameter
+    named in `names` (a fresh parameter's weight, moments or master); returns (where it was, its key, its tensor)."""
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
     taken: list[tuple[tuple, str, torch.Tensor]] = []
-    if not names or not isinstance(tree, (dict, list)):
+    if not names or not isinstance(tree, dict):
         return taken
-    for key, value in list(tree.items() if isinstance(tree, dict) else enumerate(tree)):
-        if isinstance(value, ShardedBase) and value.key.endswith(tuple(names)):
-            if isinstance(tree, list):
-                raise NotImplementedError(f"a fresh parameter's state in a list ({value.key}): not expected")
+    for key, value in list(tree.items()):
+        if isinstance(value, ShardedBase) and (match := KEY.match(value.key)) and match["name"] in names:
             taken.append(((*path, key), value.key, value.data))
             del tree[key]
         else:
@@ -220,9 +223,39 @@ def _take_fresh(tree: Any, names: set[str], path: tuple = ()) -> list[tuple[tupl
     return taken
 
 
+def _lists_as_dicts(tree: Any, path: tuple = ()) -> list[tuple]:
+    """In place: every list of `tree` holding sharded tensors becomes a dict by index, so that an entry can leave it
+    without shifting the others (the bf16 optimizer keeps its fp32 masters in lists of lists). Returns the paths
+    converted, outermost first, for `_dicts_as_lists`."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    def sharded(x: Any) -> bool:
+        items = x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()
+        return isinstance(x, ShardedBase) or any(sharded(v) for v in items)
+
+    converted: list[tuple] = []
+    if isinstance(tree, dict):
+        for key, value in list(tree.items()):
+            if isinstance(value, list) and sharded(value):
+                tree[key] = dict(enumerate(value))
+                converted.append((*path, key))
+            converted += _lists_as_dicts(tree[key], (*path, key))
+    return converted
+
+
+def _dicts_as_lists(tree: Any, converted: list[tuple]) -> None:
+    """Undo `_lists_as_dicts` on what the load returned (innermost first)."""
+    for path in reversed(converted):
+        parent = tree
+        for key in path[:-1]:
+            parent = parent[key]
+        held = parent[path[-1]]
+        parent[path[-1]] = [held[i] for i in sorted(held)]
+
+
 def _put(tree: Any, path: tuple, value: torch.Tensor) -> None:
     for key in path[:-1]:  # a dict left empty by `_take_fresh` does not come back from the load
-        tree = tree.setdefault(key, {}) if isinstance(tree, dict) else tree[key]
+        tree = tree.setdefault(key, {})
     tree[path[-1]] = value
 
 
@@ -281,13 +314,12 @@ def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
 
     reader = FileSystemReader(str(step_dir / MEGATRON_DIR))
     stored = reader.read_metadata().state_dict_metadata
-    wanted = {k: m for k, m in stored.items() if isinstance(m, TensorStorageMetadata)
-              and k.startswith((MODEL_PREFIX, *MASTER_PREFIXES))}
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in wanted.items()}
+    wanted = {k: (m, match) for k, m in stored.items() if isinstance(m, TensorStorageMetadata)
+              and (match := KEY.match(k)) and match["kind"] in (None, *MASTERS)}
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, (m, _) in wanted.items()}
     with warnings.catch_warnings():  # "no process group: loading in a single process", which is the intent
         warnings.simplefilter("ignore", UserWarning)
         load(state, storage_reader=reader, no_dist=True)
-    out = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
-    for prefix in MASTER_PREFIXES:
-        out.update({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    out = {match["name"]: state[k] for k, (_, match) in wanted.items() if match["kind"] is None}
+    out.update({match["name"]: state[k] for k, (_, match) in wanted.items() if match["kind"] is not None})
     return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}

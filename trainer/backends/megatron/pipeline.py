@@ -1,4 +1,4 @@
-"""Pipeline parallelism of our `Transformer` for megatron-core's schedules (1F1B).
+"""Pipeline parallelism of our `Transformer` for megatron-core's schedules (1F1B, and interleaved: `chunk_views`).
 
 Each stage keeps a contiguous run of the decoder layers; the embedding stays on the first stage, the final norm and
 the head on the last (the other stages' norm is a parameter-free identity: their output is the residual stream). A layer another stage holds is replaced by `SkippedLayer` (no parameters, the residual stream

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slimtrain.modules.expert_parallel import expert_modules
 from slimtrain.modules.transformer.sharding import Shard, mark_shard
 
 if TYPE_CHECKING:
@@ -182,8 +183,9 @@ def check_recipe(recipe: "Recipe") -> None:
     except ValueError:
         return
     index = next(i for i, p in enumerate(recipe.plugins) if p.type == "qat")
+    whole = [f"{n}." for n, _ in expert_modules(model)]  # the moe layer stays whole on every tensor-parallel rank
     for name, module in model.named_modules():
-        if isinstance(module, QATLinear):
+        if isinstance(module, QATLinear) and not name.startswith(tuple(whole)):
             dim = 1 if name.rsplit(".", 1)[-1] in ROW_PARALLEL else 0
             problem = layout_problem(module, dim, b.tensor_parallel, b.sequence_parallel, name)
             if problem is not None:

@@ -42,6 +42,10 @@ def check_recipe(recipe: "Recipe") -> None:
     """Refuse what megatron's sequence parallelism cannot split, naming the field, its value and a fix."""
     b, data = recipe.backend, recipe.data
     tp = b.tensor_parallel
+    if recipe.train.loss_chunk_tokens:
+        raise ValueError(f"train.loss_chunk_tokens={recipe.train.loss_chunk_tokens} with backend.sequence_parallel=true: "
+                         "the head's input is each rank's slice of the sequence there, which the chunked loss does not "
+                         "gather; set train.loss_chunk_tokens=0 (or sequence_parallel=false)")
     lengths = [("data.seq_len", data.seq_len)]
     if data.packer == "buckets":  # every bucket's length is min_len times a power of two
         lengths.append(("data.buckets.min_len", data.buckets.min_len))

@@ -21,7 +21,7 @@ from torch import nn
 from slimtrain.core.sentinels import IGNORE_INDEX
 from slimtrain.modules.expert_parallel import ExpertParallel
 from slimtrain.modules.transformer.layers import MLP
-from slimtrain.modules.transformer.sharding import Shard, mark_shard as _mark
+from slimtrain.modules.transformer.sharding import Shard, mark_shard as _mark, shard_of
 from slimtrain.trainer.backends.megatron.qat import carry_fake_quant, quantized_column, quantized_row
 from slimtrain.trainer.backends.megatron.sequence_parallel import split_sequence
 
@@ -166,3 +166,22 @@ def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor)
     upcast = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     per_token = vocab_parallel_cross_entropy(upcast, labels.masked_fill(~keep, 0))
     return (per_token * keep).sum()
+
+
+def check_marked(model: nn.Module, size: int) -> None:
+    """After the build: every parameter of megatron's split layers still says which slice it holds (a
+    materialisation that replaced a parameter would have dropped the marks, and the slices would then be initialised,
+    saved and exported as whole tensors)."""
+    if size == 1:
+        return
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    split = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+    for name, module in model.named_modules():
+        if isinstance(module, split):
+            for pname, param in module.named_parameters(recurse=False):
+                if pname not in ("weight", "bias") or (pname == "bias" and isinstance(module, RowParallelLinear)):
+                    continue  # a row layer's bias is whole (added after the reduction)
+                if shard_of(param) is None or not getattr(param, "tensor_model_parallel", False):
+                    raise RuntimeError(f"{name}.{pname} lost its tensor-parallel marks while the model was built; "
+                                       "this is a slimtrain bug: report it with the recipe")
