@@ -39,7 +39,7 @@ bench: install
 	$(PY) benchmarks/packing.py
 	$(PY) benchmarks/step.py --plain
 
-# The GPU figures of the README, in one go on one GPU (about 25 minutes on an H100).
+# The GPU figures of docs/benchmarks.md, in one go on one GPU (about 25 minutes on an H100).
 bench-gpu: install
 	$(PY) benchmarks/step.py --accum 8
 	$(PY) benchmarks/step.py --compile --accum 8 --profile

@@ -104,7 +104,7 @@ def test_overrides_reach_the_trainer_as_separate_words() -> None:
     assert words == ["train", "my recipes/r.yaml", *overrides]
 
 
-@pytest.mark.parametrize("page", [DOCS, REPO / "README.md"], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [DOCS], ids=lambda p: p.name)
 def test_docs_show_the_current_dry_run_output(page: Path) -> None:
     script = render_script(SlurmLaunch(**DOCS_EXAMPLE))  # type: ignore[arg-type]
     script = script.replace(str(ENV_DIR), "/home/me/slimtrain/slurm/env")
