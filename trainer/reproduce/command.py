@@ -77,7 +77,7 @@ def check_run(recipe_path: str, recipe, run_dir: Path, reference: Path | None) -
     from slimtrain.trainer.reproduce.run_data import RunMetrics, read_records
 
     expect = recipe.expect
-    uses_flops = any(t.metric == "flops" and t.file is None for t in expect.targets)
+    uses_flops = any(name == "flops" for _, name in expect.metric_fields())
     run = _open_run(run_dir, recipe if uses_flops else None)
     ref = RunMetrics(read_records(reference), str(reference)) if reference is not None else None
     outcomes = check_expect(expect, run, run_dir, ref, lambda other: _open_run(other, _run_recipe(other, uses_flops)))
