@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from slimtrain.trainer.errors import SlimtrainError
 from slimtrain.trainer.reproduce.expect import CurveTarget, ExpectConfig, Target
@@ -25,20 +26,28 @@ class Outcome:
     """Whether `value` is a fraction shown as a percentage (a curve's deviation)."""
 
 
+OpenRun = Callable[[Path], RunMetrics]
+"""Reads another run directory's metrics (a baseline's), `flops` derived from that run's own recipe."""
+
+
 def check_expect(expect: ExpectConfig, run: RunMetrics, run_dir: Path,
-                 reference: RunMetrics | None) -> list[Outcome]:
-    """Every target and curve of `expect` on `run` (a run directory's metrics), curves against `reference`."""
-    out = [check_target(t, run, run_dir) for t in expect.targets]
+                 reference: RunMetrics | None, open_run: OpenRun | None = None) -> list[Outcome]:
+    """Every target and curve of `expect` on `run` (a run directory's metrics), curves against `reference`;
+    `open_run` reads the runs that baselines name."""
+    out = [check_target(t, run, run_dir, open_run) for t in expect.targets]
     for curve in expect.curves:
         out.append(check_curve(curve, run, reference))
     return out
 
 
-def check_target(target: Target, run: RunMetrics, run_dir: Path) -> Outcome:
-    """One scalar target: read the value, then hold it to the bound or tolerance."""
+def check_target(target: Target, run: RunMetrics, run_dir: Path, open_run: OpenRun | None = None) -> Outcome:
+    """One scalar target: read the value (against its baseline, when it has one), then hold it to the bound or
+    tolerance."""
     expected = _expected(target)
     try:
         value = _read(target, run, run_dir)
+        if target.baseline is not None:
+            value = _against_baseline(target, value, run, run_dir, open_run or _open_plain)
     except SlimtrainError as exc:
         return Outcome(target.label, None, expected, False, f"no value: {exc}", target.source.describe())
     return Outcome(target.label, value, expected, *_judge(target, value), source=target.source.describe())
@@ -61,6 +70,35 @@ def _read(target: Target, run: RunMetrics, run_dir: Path) -> float:
                                  f"{_steps(logged)})")
     last = [v for _, v in series[-target.mean_last:]]
     return sum(last) / len(last)
+
+
+def _against_baseline(target: Target, value: float, run: RunMetrics, run_dir: Path, open_run: OpenRun) -> float:
+    """value - baseline (or value / baseline), the baseline read as the target reads its own value."""
+    b = target.baseline
+    other = target.model_copy(update={"metric": b.metric or target.metric, "file": b.file or target.file,
+                                      "baseline": None})
+    if b.run is not None:
+        base_dir = Path(b.run).expanduser()
+        base_dir = base_dir if base_dir.is_absolute() else run_dir / base_dir
+        if not (base_dir / "metrics.jsonl").is_file() and other.file is None:
+            raise SlimtrainError(f"baseline run {b.run} ({base_dir.resolve()}) has no metrics.jsonl; train it first "
+                                 "(in a suite: list its entry before this one)")
+        run, run_dir = open_run(base_dir), base_dir
+    try:
+        base = _read(other, run, run_dir)
+    except SlimtrainError as exc:
+        raise SlimtrainError(f"baseline: {exc}") from exc
+    if b.how == "difference":
+        return value - base
+    if base == 0:
+        raise SlimtrainError(f"baseline {other.label} is 0, so the ratio has no value")
+    return value / base
+
+
+def _open_plain(run_dir: Path) -> RunMetrics:
+    if not (run_dir / "metrics.jsonl").is_file():
+        return RunMetrics([], str(run_dir))
+    return RunMetrics.of_run(run_dir)
 
 
 def _at_reach(target: Target, run: RunMetrics, series: Series) -> float:

@@ -34,6 +34,14 @@ def reference_path(recipe_path: str, expect) -> Path | None:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from slimtrain.trainer.recipe.schema import load_recipe
 
+    if args.suite:
+        from slimtrain.trainer.reproduce.suite import run_suite
+
+        overrides = [args.recipe, *args.overrides] if args.recipe else args.overrides  # no recipe: all overrides
+        return run_suite(args.suite, Path(args.suite_out), overrides)
+    if args.recipe is None:
+        raise RecipeError("reproduce: give a recipe, or --suite smoke|cpu|gpu (recipes/reproduce/suite.yaml)")
+
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.expect is None:
         raise RecipeError(f"{args.recipe} has no expect: block, so there is nothing to check; add targets "
@@ -41,7 +49,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     reference = reference_path(args.recipe, recipe.expect)  # before training: a missing file fails now
     if args.from_run:
         run_dir = Path(args.from_run)
-        if not (run_dir / "metrics.jsonl").is_file():
+        if not (run_dir / "metrics.jsonl").is_file() and recipe.expect.metric_fields():  # benchmark-only: no metrics
             raise SlimtrainError(f"--from {run_dir}: no metrics.jsonl there; give the directory of a finished run")
     else:
         from slimtrain.trainer import cli
@@ -66,13 +74,13 @@ def check_run(recipe_path: str, recipe, run_dir: Path, reference: Path | None) -
     from slimtrain.trainer.reproduce.check import check_expect
     from slimtrain.trainer.reproduce.fingerprints import run_fingerprints
     from slimtrain.trainer.reproduce.report import CURVE_FILE, plot_curve, print_table, write_report
-    from slimtrain.trainer.reproduce.run_data import RunMetrics, flops_per_token_fn, read_records
+    from slimtrain.trainer.reproduce.run_data import RunMetrics, read_records
 
     expect = recipe.expect
     uses_flops = any(name == "flops" for _, name in expect.metric_fields())
-    run = RunMetrics.of_run(run_dir, flops_per_token_fn(run_dir, recipe) if uses_flops else None)
+    run = _open_run(run_dir, recipe if uses_flops else None)
     ref = RunMetrics(read_records(reference), str(reference)) if reference is not None else None
-    outcomes = check_expect(expect, run, run_dir, ref)
+    outcomes = check_expect(expect, run, run_dir, ref, lambda other: _open_run(other, _run_recipe(other, uses_flops)))
     print_table(outcomes, f"{recipe_path}: {run_dir}")
     metric = expect.curves[0].metric if expect.curves else "loss"
     curve = plot_curve(run, ref, metric, run_dir / CURVE_FILE) if ref is not None else None
@@ -80,6 +88,23 @@ def check_run(recipe_path: str, recipe, run_dir: Path, reference: Path | None) -
     missed = [o for o in outcomes if not o.passed]
     print(f"{len(outcomes) - len(missed)} of {len(outcomes)} targets met; report: {report}")
     return 1 if missed else 0
+
+
+def _open_run(run_dir: Path, recipe=None):
+    """A run's metrics (none when only a benchmark wrote into the directory); `flops` derived with `recipe`."""
+    from slimtrain.trainer.reproduce.run_data import RunMetrics, flops_per_token_fn
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        return RunMetrics([], str(run_dir))
+    return RunMetrics.of_run(run_dir, flops_per_token_fn(run_dir, recipe) if recipe is not None else None)
+
+
+def _run_recipe(run_dir: Path, needed: bool):
+    """The recipe a (baseline) run trained with, from its recipe.yaml: its FLOPs per token are its own."""
+    from slimtrain.trainer.recipe.schema import load_recipe
+
+    saved = run_dir / "recipe.yaml"
+    return load_recipe(str(saved), []) if needed and saved.is_file() else None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -92,8 +117,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def add_reproduce_commands(sub) -> None:
     """`reproduce` and `compare` on the `slimtrain` command line."""
     p = sub.add_parser("reproduce", help="train a recipe (or read a finished run) and check its expect: targets")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
+    p.add_argument("recipe", nargs="?", default=None)
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train (with --suite: of every "
+                   "entry's recipe)")
+    p.add_argument("--suite", choices=["smoke", "cpu", "gpu"], default=None,
+                   help="run the reproduction suite's entries of this tier (recipes/reproduce/suite.yaml)")
+    p.add_argument("--suite-out", default="runs/reproduce", help="--suite: the entries' run directories go here")
     p.add_argument("--nproc", type=_positive, default=None, help="local processes (default: run.local_procs)")
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR", default=None,
                    help="check this finished run instead of training")

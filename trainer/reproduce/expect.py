@@ -63,6 +63,35 @@ class Reach(_Strict):
         return self
 
 
+class Baseline(_Strict):
+    """Another run's (or another key's) value that the target's value is compared with: the target then judges
+    `value - baseline` (difference) or `value / baseline` (ratio), e.g. the MoE's eval loss minus the dense
+    model's, or the FLOPs to an eval loss over bfd's. It is read as the target reads its own value (the same
+    step, mean_last or when)."""
+
+    run: str | None = Field(None, description="The other run's directory, relative to this run's directory (e.g. "
+                            "../moe-dense: a sibling run of the suite) or absolute; default: this run.")
+    metric: str | None = Field(None, description="The metric (or, with a file, the dotted key) to read there; "
+                               "default: the target's metric.")
+    file: str | None = Field(None, description="A benchmark JSON in that run directory to read `metric` from; "
+                             "default: the target's file (none: metrics.jsonl).")
+    how: Literal["difference", "ratio"] = Field("difference", description="difference: value - baseline; ratio: "
+                                                "value / baseline.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Baseline":
+        if self.run is None and self.metric is None and self.file is None:
+            raise ValueError("baseline: name the other run (run: ../NAME), or the other metric or file to compare "
+                             "with; as it is the target would be compared with itself")
+        return self
+
+    def describe(self) -> str:
+        """How the baseline is named in the table."""
+        what = ":".join(p for p in (self.file, self.metric) if p) or "same"
+        op = "-" if self.how == "difference" else "/"
+        return f" {op} {(self.run + ':') if self.run else ''}{what}"
+
+
 class Target(_Strict):
     """One figure the run must reach."""
 
@@ -88,6 +117,9 @@ class Target(_Strict):
                                     "bound of `direction` moved out by it.")
     rel_tolerance: float | None = Field(None, ge=0, description="Slack as a fraction of |target| (0.02 = 2 %), in "
                                         "place of `tolerance`.")
+    baseline: Baseline | None = Field(
+        None, description="Judge the value against another run's or key's: value - baseline (or / baseline), so "
+        "that a claim 'A beats B' is one target; the target is then the bound on the difference (or ratio).")
     source: TargetSource = Field(description="Where the target value comes from.")
 
     @model_validator(mode="after")
@@ -122,7 +154,8 @@ class Target(_Strict):
         if self.when is not None:
             bound = f"<= {self.when.at_most}" if self.when.at_most is not None else f">= {self.when.at_least}"
             where = f" when {self.when.metric} {bound}"
-        return (f"{self.file}:" if self.file else "") + self.metric + where
+        base = self.baseline.describe() if self.baseline is not None else ""
+        return (f"{self.file}:" if self.file else "") + self.metric + where + base
 
 
 class CurveTarget(_Strict):
@@ -167,6 +200,9 @@ class ExpectConfig(_Strict):
         for i, t in enumerate(self.targets):
             if t.file is None:
                 out.append((f"expect.targets.{i}.metric", t.metric))
+            b = t.baseline  # another run's names are that run's recipe's: checked when read
+            if b is not None and b.run is None and b.metric is not None and (b.file or t.file) is None:
+                out.append((f"expect.targets.{i}.baseline.metric", b.metric))
             if t.when is not None:
                 out.append((f"expect.targets.{i}.when.metric", t.when.metric))
         out += [(f"expect.curves.{i}.metric", c.metric) for i, c in enumerate(self.curves)]

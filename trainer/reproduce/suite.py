@@ -1,0 +1,140 @@
+"""`slimtrain reproduce --suite smoke|cpu|gpu`: the reproduction suite of `recipes/reproduce/suite.yaml`.
+
+Each entry is a recipe whose `expect:` block cites a claim, trained into `<out>/<entry name>` (or, with `command`,
+a benchmark that writes its JSON there instead of training), then checked as `slimtrain reproduce --from` would.
+Entries run in the manifest's order, so a baseline run (`baseline: {run: ../NAME}`) is listed before the entries
+that compare with it. Tiers nest: `cpu` runs the smoke entries too; `gpu` entries are only run on a GPU.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slimtrain.trainer.errors import RecipeError
+
+REPO = Path(__file__).resolve().parents[2]
+SUITE_FILE = REPO / "recipes" / "reproduce" / "suite.yaml"
+TIERS = {"smoke": ("smoke",), "cpu": ("smoke", "cpu"), "gpu": ("gpu",)}
+"""Which entries each `--suite` value runs."""
+TIERS_RUNNING = {tier: tuple(k for k, v in TIERS.items() if tier in v) for tier in ("smoke", "cpu", "gpu")}
+"""tier -> the `--suite` values that run an entry of that tier."""
+
+
+class SuiteEntry(BaseModel):
+    """One claim of the suite: the recipe that checks it and how its run directory is filled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="The entry's run directory name under the "
+                      "suite's output directory; baselines name it as ../NAME.")
+    claim: str = Field(description="The claim, in a line (the paper's, or what the baseline run is for).")
+    tier: Literal["smoke", "cpu", "gpu"] = Field(description="smoke: also run by `make test`; cpu: the full CPU "
+                                                 "suite; gpu: needs a GPU, not run on CPU.")
+    recipe: str = Field(description="The recipe (relative to the manifest): trained unless `command` is given; "
+                        "its expect: block, when it has one, is checked on the run directory.")
+    command: str | None = Field(None, description="A shell command (a benchmark) run from the repository root in "
+                                "place of training; {run_dir} and {python} are substituted.")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides of the recipe.")
+    nproc: int = Field(1, ge=1, description="Local processes of the training run.")
+    minutes: float = Field(gt=0, description="Wall time measured on the 2-core CPU machine (or the GPU), minutes.")
+
+
+class Suite(BaseModel):
+    """recipes/reproduce/suite.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entries: list[SuiteEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Suite":
+        names = [e.name for e in self.entries]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"entry names must be unique (they are run directories): {', '.join(dup)} repeated")
+        return self
+
+    def select(self, tier: str) -> list[SuiteEntry]:
+        """The entries `--suite tier` runs, in manifest order."""
+        return [e for e in self.entries if e.tier in TIERS[tier]]
+
+
+def load_suite(path: Path = SUITE_FILE) -> Suite:
+    """The manifest, every entry's recipe validated and every baseline run checked to be an earlier entry of a
+    tier that runs whenever this one does."""
+    from slimtrain.trainer.recipe.schema import load_recipe
+
+    try:
+        suite = Suite.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: {exc}") from exc
+    seen: dict[str, str] = {}
+    for e in suite.entries:
+        recipe = load_recipe(str(path.parent / e.recipe), e.overrides)
+        for i, t in enumerate(recipe.expect.targets if recipe.expect else []):
+            run = t.baseline.run if t.baseline is not None else None
+            if run is None or not run.startswith("../"):
+                continue
+            other = run[3:]
+            if other not in seen:
+                raise RecipeError(f"{path}: entry {e.name!r}, {e.recipe} expect.targets.{i}.baseline.run={run!r}: no "
+                                  f"earlier entry is named {other!r}; list it before {e.name!r}")
+            if not set(TIERS_RUNNING[e.tier]) <= set(TIERS_RUNNING[seen[other]]):
+                raise RecipeError(f"{path}: entry {e.name!r} (tier {e.tier}) compares with {other!r} (tier "
+                                  f"{seen[other]}), which `--suite {e.tier}` does not run; give {other!r} tier "
+                                  f"{e.tier} or lower")
+        seen[e.name] = e.tier
+    return suite
+
+
+def run_suite(tier: str, out: Path, overrides: list[str], path: Path = SUITE_FILE) -> int:
+    """Run and check every entry of `tier`; print one line per entry and a summary. 0 when every target is met."""
+    suite = load_suite(path)
+    entries = suite.select(tier)
+    if tier == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecipeError("--suite gpu: no GPU here; run it on a GPU machine (the CPU suite is --suite cpu)")
+    print(f"suite {tier}: {len(entries)} entries, about {sum(e.minutes for e in entries):.0f} min on 2 CPU cores")
+    results = []
+    for e in entries:
+        start = time.monotonic()
+        rc = run_entry(e, out / e.name, overrides, path.parent)
+        results.append((e, rc, time.monotonic() - start))
+    print(f"\nsuite {tier}:")
+    for e, rc, seconds in results:
+        print(f"  {e.name:<22} {'pass' if rc == 0 else 'FAIL':<5} {seconds:6.0f} s  {e.claim}")
+    failed = [e.name for e, rc, _ in results if rc]
+    print(f"{len(results) - len(failed)} of {len(results)} entries passed" + (f"; failed: {', '.join(failed)}"
+                                                                              if failed else ""))
+    return 1 if failed else 0
+
+
+def run_entry(entry: SuiteEntry, run_dir: Path, overrides: list[str], base: Path) -> int:
+    """Fill the entry's run directory (train its recipe, or run its command), then check its expect: block."""
+    from slimtrain.trainer.recipe.schema import load_recipe
+    from slimtrain.trainer.reproduce.command import check_run, reference_path
+
+    recipe_path = str(base / entry.recipe)
+    every = [*entry.overrides, *overrides, f"run.output_dir={run_dir.resolve()}"]
+    recipe = load_recipe(recipe_path, every)
+    print(f"\n== {entry.name}: {entry.claim}", flush=True)
+    if entry.command is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = entry.command.format(run_dir=shlex.quote(str(run_dir.resolve())), python=shlex.quote(sys.executable))
+        rc = subprocess.run(command, shell=True, cwd=REPO).returncode
+    else:
+        cmd = [sys.executable, "-m", "slimtrain.trainer.cli", "train", recipe_path, f"--nproc={entry.nproc}", *every]
+        rc = subprocess.run(cmd, cwd=REPO).returncode
+    if rc or recipe.expect is None:
+        return rc
+    return check_run(recipe_path, recipe, run_dir, reference_path(recipe_path, recipe.expect))
