@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from slimtrain.trainer.errors import SlimtrainError
 
@@ -47,6 +48,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _end_rank(rc: int) -> NoReturn:
+    """A rank a launcher started ends here once it returned, without the interpreter's teardown: native threads
+    (DeepSpeed's CPU communication op, the compiler's workers) can abort that teardown ("terminate called without an
+    active exception", a rare 2-rank failure of a run that had finished and saved everything). Its files are closed
+    by then; the streams are flushed here."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 def _under_launcher(nproc: int | None = None) -> bool:
     """Whether a launcher (torchrun, srun) started this process as one rank of its job.
 
@@ -69,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if _under_launcher(args.nproc):
-        return train_worker(recipe)
+        _end_rank(train_worker(recipe))
     nproc = args.nproc or recipe.run.local_procs
     _check_before_launch(recipe, nproc)  # fail before any process starts, writing nothing
     from slimtrain.trainer.lifecycle.run_lock import hold_run_dir
