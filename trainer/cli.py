@@ -49,13 +49,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _end_rank(rc: int) -> NoReturn:
-    """A rank a launcher started ends here once it returned, without the interpreter's teardown: native threads
-    (DeepSpeed's CPU communication op, the compiler's workers) can abort that teardown ("terminate called without an
-    active exception", a rare 2-rank failure of a run that had finished and saved everything). Its files are closed
-    by then; the streams are flushed here."""
-    import logging
+    """A rank a launcher started ends here once it returned: the exit handlers run (they end the helper processes it
+    started, which would otherwise hold its output open), then the process exits without the C++ teardown that
+    follows, where native threads (DeepSpeed's CPU communication op) can abort it ("terminate called without an
+    active exception", a rare 2-rank failure of a run that had finished and saved everything)."""
+    import atexit
 
-    logging.shutdown()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
