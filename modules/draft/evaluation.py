@@ -65,13 +65,24 @@ def _acceptance(heads: dict[str, nn.Module], ctx: PluginContext, prompts: list[t
                 rounds: int) -> dict[str, float]:
     results = {}
     for kind, head in heads.items():
-        totals = torch.zeros(2 + head.positions, dtype=torch.float64)
+        totals = torch.zeros(4 + head.positions, dtype=torch.float64)
         for prompt in prompts:
             decoder = SpeculativeDecoder(ctx.model, head.drafter(ctx.model), draft_tokens=head.positions,
                                          hidden_layers=getattr(head, "hidden_layers", ()))
-            _, stats = decoder.generate(prompt[None], rounds=rounds)
-            totals += torch.tensor([stats.rounds, stats.tokens, *stats.accepted], dtype=torch.float64)
+            out, stats = decoder.generate(prompt[None], rounds=rounds)
+            agree, new = greedy_agreement(ctx.model, prompt.numel(), out)
+            totals += torch.tensor([agree, new, stats.rounds, stats.tokens, *stats.accepted], dtype=torch.float64)
         totals = ctx.comm.all_reduce(totals.to(ctx.device), group="data").cpu()
-        results[f"{kind}/tau"] = float(totals[1] / totals[0])
-        results.update({f"{kind}/accept{j + 1}": float(a / totals[0]) for j, a in enumerate(totals[2:])})
+        results[f"{kind}/greedy_match"] = float(totals[0] / totals[1].clamp(min=1))
+        results[f"{kind}/tau"] = float(totals[3] / totals[2])
+        results.update({f"{kind}/accept{j + 1}": float(a / totals[2]) for j, a in enumerate(totals[4:])})
     return results
+
+
+def greedy_agreement(model: nn.Module, prompt_len: int, output: torch.Tensor) -> tuple[int, int]:
+    """How many of the tokens speculative decoding added after the prompt are the model's own greedy choice given
+    every token before them, and how many it added. One teacher-forced forward of the whole output checks them
+    all (the same forwards on every rank), so equal counts mean the speculation was lossless."""
+    logits = model(output[:, :-1]).logits[0, prompt_len - 1:]
+    new = output[0, prompt_len:]
+    return int((logits.argmax(-1) == new).sum()), int(new.numel())

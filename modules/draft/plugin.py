@@ -175,7 +175,7 @@ class DraftPlugin(Plugin):
         kinds = [h.kind for h in self.cfg.heads]
         found = [f"{k}/acc*" for k in kinds]  # one per draft offset
         if self.cfg.eval_prompts:
-            found += [f"{k}/{x}" for k in kinds for x in ("tau", "accept*")]
+            found += [f"{k}/{x}" for k in kinds for x in ("tau", "accept*", "greedy_match")]
         return MetricNames(losses=tuple(f"{k}_*" for k in kinds), evaluate=tuple(found))
 
     def evaluate(self, ctx: PluginContext, batches: Iterable[Any]) -> dict[str, float]:

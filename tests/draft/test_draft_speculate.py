@@ -176,3 +176,18 @@ def test_eagle3_drafts_equal_the_unrolled_training_forward(draft_vocab: int) -> 
                     out.layer_hidden)
     predicted = [int(o.vocab[o.project(o.features[0, n - 2]).argmax()]) for o in head.draft_outputs(view)]
     assert predicted == drafts
+
+
+def test_greedy_agreement_counts_the_tokens_greedy_decoding_would_choose() -> None:
+    from slimtrain.modules.draft.evaluation import greedy_agreement
+
+    model = tiny_model(seed=1)
+    prompt = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(0))
+    head = _heads(model, "hydra", 0)
+    got, _ = SpeculativeDecoder(model, head.drafter(model), head.positions).generate(prompt, 20)
+    assert greedy_agreement(model, prompt.shape[1], got) == (20, 20)
+    wrong = got.clone()
+    wrong[0, -1] = (wrong[0, -1] + 1) % 61  # the last token is not the greedy choice after its prefix
+    assert greedy_agreement(model, prompt.shape[1], wrong) == (19, 20)
+    wrong[0, 10] = (wrong[0, 10] + 1) % 61  # an earlier one too (the tokens after it may then disagree as well)
+    assert greedy_agreement(model, prompt.shape[1], wrong)[0] <= 18

@@ -35,6 +35,9 @@ def test_joint_heads_resume_bitwise_after_sigkill(tmp_path: Path) -> None:
                 "eval/draft/eagle3/tau"):
         assert key in last_eval, sorted(last_eval)
     assert 1.0 <= last_eval["eval/draft/mtp/tau"] <= 3.0
+    # the evaluation's own lossless check: what it decoded is the model's greedy output (fp32: allow a near tie)
+    for kind in ("mtp", "medusa", "hydra", "eagle3"):
+        assert last_eval[f"eval/draft/{kind}/greedy_match"] >= 0.98, (kind, last_eval)
     steps = [r for r in want if "loss" in r]
     assert {"draft/mtp_1", "draft/mtp_2", "draft/medusa_1", "draft/hydra_2", "draft/eagle3_2"} <= set(steps[-1])
 
