@@ -10,7 +10,8 @@ so the eval losses are comparable). Training wall-clock is the run's `time_s` mi
 `eval_s`; training FLOPs count 6N plus causal attention over each step's row length (seq_len for bfd and
 concat, the bucket's for buckets), as the trainer's MFU does.
 
-Prints one JSON line per packer: eval loss at equal token slots (the last evaluation), at equal real tokens
+Prints one JSON line per packer, then one with every packer's figures without curves (what `expect:` targets
+read): eval loss at equal token slots (the last evaluation), at equal real tokens
 and at equal wall-clock (each curve interpolated at the smallest run's tokens and the fastest run's
 training time), wall-clock and FLOPs to reach the target eval loss
 (the worst run's final one, which every run reaches), and the attention FLOPs per token against bfd at the
@@ -274,6 +275,9 @@ def main() -> None:
     print(f"plot: {plot(curves, Path(args.plot))}", flush=True)
     for line in lines:
         print(json.dumps(line), flush=True)
+    # Last, every packer's figures in one line (without curves), which `expect:` targets read (`file:`).
+    print(json.dumps({"benchmark": "buckets", "target_eval_loss": round(target, 4), "by_packer": {
+        line["packer"]: {k: v for k, v in line.items() if k != "curve"} for line in lines}}), flush=True)
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:

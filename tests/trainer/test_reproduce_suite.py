@@ -84,3 +84,25 @@ def test_smoke_suite_meets_its_targets(data_cache: Path, tmp_path: Path) -> None
     assert "3 of 3 entries passed" in proc.stdout
     for name, met in (("packing", "4 of 4 targets met"), ("moe-aux-free", "1 of 1 targets met")):
         assert met in (out / name / "reproduce.md").read_text()
+
+
+def test_only_runs_the_named_entries_and_commands_see_the_suite_directory(tmp_path: Path, capsys) -> None:
+    from slimtrain.trainer.reproduce.suite import run_suite
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"extends": str(REPO / "recipes" / "tiny-cpu.yaml"), "expect": {"targets": [
+        {"metric": "x", "file": "b.json", "target": 1.0, "tolerance": 0.0, "source": SOURCE}]}}))
+    manifest = tmp_path / "suite.yaml"
+    manifest.write_text(yaml.safe_dump({"entries": [
+        {"name": "a", "claim": "writes x", "tier": "smoke", "recipe": "r.yaml", "minutes": 0.1,
+         "command": "echo '{\"x\": 1.0}' > {run_dir}/b.json"},
+        {"name": "b", "claim": "reads a's x through {suite_out}", "tier": "cpu", "recipe": "r.yaml", "minutes": 0.1,
+         "command": "cp {suite_out}/a/b.json {run_dir}/b.json"}]}))
+    out = tmp_path / "out"
+    with pytest.raises(RecipeError, match="--only c: no such entry in --suite cpu; its entries: a, b"):
+        run_suite("cpu", out, [], manifest, only=["c"])
+    assert run_suite("cpu", out, [], manifest, only=["b"]) == 1  # a has not run: b's command finds no file
+    assert not (out / "a").exists()
+    assert run_suite("cpu", out, [], manifest, only=["a"]) == 0
+    assert run_suite("cpu", out, [], manifest, only=["b"]) == 0
+    assert "1 of 1 entries passed" in capsys.readouterr().out

@@ -38,7 +38,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from slimtrain.trainer.reproduce.suite import run_suite
 
         overrides = [args.recipe, *args.overrides] if args.recipe else args.overrides  # no recipe: all overrides
-        return run_suite(args.suite, Path(args.suite_out), overrides)
+        return run_suite(args.suite, Path(args.suite_out), overrides, only=args.only)
     if args.recipe is None:
         raise RecipeError("reproduce: give a recipe, or --suite smoke|cpu|gpu (recipes/reproduce/suite.yaml)")
 
@@ -123,6 +123,8 @@ def add_reproduce_commands(sub) -> None:
     p.add_argument("--suite", choices=["smoke", "cpu", "gpu"], default=None,
                    help="run the reproduction suite's entries of this tier (recipes/reproduce/suite.yaml)")
     p.add_argument("--suite-out", default="runs/reproduce", help="--suite: the entries' run directories go here")
+    p.add_argument("--only", nargs="+", metavar="ENTRY", default=None,
+                   help="--suite: run only these entries (the baselines they compare with must be in --suite-out)")
     p.add_argument("--nproc", type=_positive, default=None, help="local processes (default: run.local_procs)")
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR", default=None,
                    help="check this finished run instead of training")

@@ -41,8 +41,9 @@ class SuiteEntry(BaseModel):
     recipe: str = Field(description="The recipe (relative to the manifest): trained unless `command` is given; "
                         "its expect: block, when it has one, is checked on the run directory.")
     command: str | None = Field(None, description="A shell command (a benchmark) run from the repository root in "
-                                "place of training; {run_dir} and {python} are substituted.")
-    overrides: list[str] = Field(default_factory=list, description="key=value overrides of the recipe.")
+                                "place of training; {run_dir}, {suite_out} and {python} are substituted.")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides of the recipe; {suite_out} "
+                                 "is the suite's output directory (checkpoint.branch_from={suite_out}/dense/...).")
     nproc: int = Field(1, ge=1, description="Local processes of the training run.")
     minutes: float = Field(gt=0, description="Wall time measured on the 2-core CPU machine (or the GPU), minutes.")
 
@@ -62,9 +63,15 @@ class Suite(BaseModel):
             raise ValueError(f"entry names must be unique (they are run directories): {', '.join(dup)} repeated")
         return self
 
-    def select(self, tier: str) -> list[SuiteEntry]:
-        """The entries `--suite tier` runs, in manifest order."""
-        return [e for e in self.entries if e.tier in TIERS[tier]]
+    def select(self, tier: str, only: list[str] | None = None) -> list[SuiteEntry]:
+        """The entries `--suite tier` runs, in manifest order; with `only`, just those (their baselines must have
+        run into the same output directory before)."""
+        entries = [e for e in self.entries if e.tier in TIERS[tier]]
+        unknown = sorted(set(only or ()) - {e.name for e in entries})
+        if unknown:
+            raise RecipeError(f"--only {' '.join(unknown)}: no such entry in --suite {tier}; its entries: "
+                              f"{', '.join(e.name for e in entries)}")
+        return [e for e in entries if not only or e.name in only]
 
 
 def load_suite(path: Path = SUITE_FILE) -> Suite:
@@ -78,7 +85,7 @@ def load_suite(path: Path = SUITE_FILE) -> Suite:
         raise RecipeError(f"{path}: {exc}") from exc
     seen: dict[str, str] = {}
     for e in suite.entries:
-        recipe = load_recipe(str(path.parent / e.recipe), e.overrides)
+        recipe = load_recipe(str(path.parent / e.recipe), [o.replace("{suite_out}", "runs/reproduce") for o in e.overrides])
         for i, t in enumerate(recipe.expect.targets if recipe.expect else []):
             run = t.baseline.run if t.baseline is not None else None
             if run is None or not run.startswith("../"):
@@ -95,10 +102,12 @@ def load_suite(path: Path = SUITE_FILE) -> Suite:
     return suite
 
 
-def run_suite(tier: str, out: Path, overrides: list[str], path: Path = SUITE_FILE) -> int:
-    """Run and check every entry of `tier`; print one line per entry and a summary. 0 when every target is met."""
+def run_suite(tier: str, out: Path, overrides: list[str], path: Path = SUITE_FILE,
+              only: list[str] | None = None) -> int:
+    """Run and check every entry of `tier` (or those named in `only`); print one line per entry and a summary. 0
+    when every target is met."""
     suite = load_suite(path)
-    entries = suite.select(tier)
+    entries = suite.select(tier, only)
     if tier == "gpu":
         import torch
 
@@ -125,12 +134,15 @@ def run_entry(entry: SuiteEntry, run_dir: Path, overrides: list[str], base: Path
     from slimtrain.trainer.reproduce.command import check_run, reference_path
 
     recipe_path = str(base / entry.recipe)
-    every = [*entry.overrides, *overrides, f"run.output_dir={run_dir.resolve()}"]
+    suite_out = str(run_dir.parent.resolve())
+    every = [*(_fill(o, suite_out=suite_out) for o in entry.overrides), *overrides,
+             f"run.output_dir={run_dir.resolve()}"]
     recipe = load_recipe(recipe_path, every)
     print(f"\n== {entry.name}: {entry.claim}", flush=True)
     if entry.command is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        command = entry.command.format(run_dir=shlex.quote(str(run_dir.resolve())), python=shlex.quote(sys.executable))
+        command = _fill(entry.command, run_dir=shlex.quote(str(run_dir.resolve())), python=shlex.quote(sys.executable),
+                        suite_out=shlex.quote(suite_out))
         rc = subprocess.run(command, shell=True, cwd=REPO).returncode
     else:
         cmd = [sys.executable, "-m", "slimtrain.trainer.cli", "train", recipe_path, f"--nproc={entry.nproc}", *every]
@@ -138,3 +150,10 @@ def run_entry(entry: SuiteEntry, run_dir: Path, overrides: list[str], base: Path
     if rc or recipe.expect is None:
         return rc
     return check_run(recipe_path, recipe, run_dir, reference_path(recipe_path, recipe.expect))
+
+
+def _fill(text: str, **values: str) -> str:
+    """`text` with each {name} of `values` replaced; other braces (a shell command's JSON) are left as they are."""
+    for name, value in values.items():
+        text = text.replace("{" + name + "}", value)
+    return text
