@@ -80,20 +80,15 @@ def plot_maxvio(records: dict[str, list[dict]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from slimtrain.trainer.logging import finish_plot
+
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     labels = {"moe-no-balancing": "no balancing", "moe-active": "aux loss 0.01", "moe-bias": "aux-loss-free bias"}
     for name, label in labels.items():
         points = [(r["step"], r["moe/maxvio"]) for r in records.get(name, []) if "moe/maxvio" in r]
         if points:
             ax.plot(*zip(*points), label=label, linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("MaxVio (global batch, mean over layers)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return finish_plot(fig, ax, out, "MaxVio (global batch, mean over layers)")
 
 
 def quality(args: argparse.Namespace) -> dict:

@@ -145,8 +145,15 @@ def plot_losses(records: list[dict[str, Any]], out: Path) -> Path | None:
     ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    return finish_plot(fig, ax, out, "loss (nats/token)")
+
+
+def finish_plot(fig, ax, out: Path, ylabel: str, xlabel: str = "step") -> Path:
+    """Label, grid and legend a one-panel line plot, save it to `out` and close it (every curve plot we write)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from slimtrain.trainer.logging import finish_plot
 from slimtrain.trainer.reproduce.check import Outcome
 from slimtrain.trainer.reproduce.run_data import RunMetrics
 
@@ -51,14 +52,7 @@ def plot_curve(run: RunMetrics, reference: RunMetrics | None, metric: str, out: 
         ax.plot(*zip(*theirs), label=f"reference {metric}", linewidth=1.5, color="0.55")
     if ours:
         ax.plot(*zip(*ours), label=f"this run {metric}", linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return finish_plot(fig, ax, out, metric)
 
 
 def write_report(run_dir: Path, recipe_path: str, outcomes: list[Outcome], fingerprints: dict[str, str],
