@@ -106,3 +106,26 @@ def test_only_runs_the_named_entries_and_commands_see_the_suite_directory(tmp_pa
     assert run_suite("cpu", out, [], manifest, only=["a"]) == 0
     assert run_suite("cpu", out, [], manifest, only=["b"]) == 0
     assert "1 of 1 entries passed" in capsys.readouterr().out
+
+
+def test_a_known_miss_passes_only_while_it_misses(tmp_path: Path, capsys) -> None:
+    from slimtrain.trainer.reproduce.suite import run_suite
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"extends": str(REPO / "recipes" / "tiny-cpu.yaml"), "expect": {"targets": [
+        {"metric": "x", "file": "b.json", "target": 1.0, "tolerance": 0.0, "source": SOURCE}]}}))
+
+    def suite(command: str) -> int:
+        manifest = tmp_path / "suite.yaml"
+        manifest.write_text(yaml.safe_dump({"entries": [
+            {"name": "k", "claim": "x is 1", "tier": "cpu", "recipe": "r.yaml", "minutes": 0.1, "command": command,
+             "known_miss": "x is 2 at this size"}]}))
+        return run_suite("cpu", tmp_path / "out", [], manifest)
+
+    assert suite("echo '{\"x\": 2.0}' > {run_dir}/b.json") == 0  # misses, as the manifest says
+    out = capsys.readouterr().out
+    assert "known miss" in out and "0 of 1 entries passed; 1 known miss" in out and "x is 2 at this size" in out
+    assert suite("echo '{\"x\": 1.0}' > {run_dir}/b.json") == 1  # now met: the note must go
+    assert "FAIL: now passes (remove known_miss)" in capsys.readouterr().out
+    assert suite("exit 1") == 1  # a failed command is no known miss
+    assert "the command exited with 1" in capsys.readouterr().out

@@ -46,6 +46,10 @@ class SuiteEntry(BaseModel):
                                  "is the suite's output directory (checkpoint.branch_from={suite_out}/dense/...).")
     nproc: int = Field(1, ge=1, description="Local processes of the training run.")
     minutes: float = Field(gt=0, description="Wall time measured on the 2-core CPU machine (or the GPU), minutes.")
+    known_miss: str | None = Field(None, description="Why the claim does not reproduce at this size, with what was "
+                                   "measured: the entry still runs and is checked, its miss is reported as known "
+                                   "and fails nothing; meeting every target then fails the suite, so that the note "
+                                   "is removed.")
 
 
 class Suite(BaseModel):
@@ -120,16 +124,34 @@ def run_suite(tier: str, out: Path, overrides: list[str], path: Path = SUITE_FIL
         rc = run_entry(e, out / e.name, overrides, path.parent)
         results.append((e, rc, time.monotonic() - start))
     print(f"\nsuite {tier}:")
+    failed, known = [], []
     for e, rc, seconds in results:
-        print(f"  {e.name:<22} {'pass' if rc == 0 else 'FAIL':<5} {seconds:6.0f} s  {e.claim}")
-    failed = [e.name for e, rc, _ in results if rc]
-    print(f"{len(results) - len(failed)} of {len(results)} entries passed" + (f"; failed: {', '.join(failed)}"
-                                                                              if failed else ""))
+        verdict = _verdict(e, rc)
+        print(f"  {e.name:<22} {verdict:<12} {seconds:6.0f} s  {e.claim}")
+        if verdict == "known miss":
+            known.append(e)
+        elif verdict != "pass":
+            failed.append(e.name)
+    print(f"{len(results) - len(failed) - len(known)} of {len(results)} entries passed"
+          + (f"; {len(known)} known miss" if known else "") + (f"; failed: {', '.join(failed)}" if failed else ""))
+    for e in known:
+        print(f"  known miss, {e.name}: {e.known_miss}")
     return 1 if failed else 0
 
 
+def _verdict(entry: SuiteEntry, rc: int) -> str:
+    """pass, FAIL, known miss (a target missed where the manifest says it does), or FAIL: now passes (the manifest
+    says it misses: remove its known_miss)."""
+    if entry.known_miss is None:
+        return "pass" if rc == 0 else "FAIL"
+    if rc == 1:
+        return "known miss"
+    return "FAIL: now passes (remove known_miss)" if rc == 0 else "FAIL"
+
+
 def run_entry(entry: SuiteEntry, run_dir: Path, overrides: list[str], base: Path) -> int:
-    """Fill the entry's run directory (train its recipe, or run its command), then check its expect: block."""
+    """Fill the entry's run directory (train its recipe, or run its command), then check its expect: block: 0 when
+    every target is met, 1 on a miss, 2 when the training or the command failed."""
     from slimtrain.trainer.recipe.schema import load_recipe
     from slimtrain.trainer.reproduce.command import check_run, reference_path
 
@@ -147,8 +169,11 @@ def run_entry(entry: SuiteEntry, run_dir: Path, overrides: list[str], base: Path
     else:
         cmd = [sys.executable, "-m", "slimtrain.trainer.cli", "train", recipe_path, f"--nproc={entry.nproc}", *every]
         rc = subprocess.run(cmd, cwd=REPO).returncode
-    if rc or recipe.expect is None:
-        return rc
+    if rc:
+        print(f"{entry.name}: {'the command' if entry.command else 'training'} exited with {rc}", flush=True)
+        return 2  # not a target's miss (1): a known miss must not hide a crash
+    if recipe.expect is None:
+        return 0
     return check_run(recipe_path, recipe, run_dir, reference_path(recipe_path, recipe.expect))
 
 
