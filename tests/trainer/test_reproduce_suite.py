@@ -129,3 +129,16 @@ def test_a_known_miss_passes_only_while_it_misses(tmp_path: Path, capsys) -> Non
     assert "FAIL: now passes (remove known_miss)" in capsys.readouterr().out
     assert suite("exit 1") == 1  # a failed command is no known miss
     assert "the command exited with 1" in capsys.readouterr().out
+
+
+def test_an_entry_that_branches_from_a_later_entry_is_refused(tmp_path: Path) -> None:
+    entries = yaml.safe_load(SUITE_FILE.read_text())["entries"]
+    draft = next(e for e in entries if e["name"] == "draft-heads")
+    assert "{suite_out}/dense/" in draft["overrides"][0]
+    late = [draft, *(e for e in entries if e is not draft)]  # before the dense entry it branches from
+    for e in late:
+        e["recipe"] = str(SUITE_FILE.parent / e["recipe"])
+    bad = tmp_path / "suite.yaml"
+    bad.write_text(yaml.safe_dump({"entries": late}))
+    with pytest.raises(RecipeError, match=r"entry 'draft-heads', .* overrides .*: no earlier entry is named 'dense'"):
+        load_suite(bad)

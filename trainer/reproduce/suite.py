@@ -8,6 +8,7 @@ that compare with it. Tiers nest: `cpu` runs the smoke entries too; `gpu` entrie
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -79,8 +80,9 @@ class Suite(BaseModel):
 
 
 def load_suite(path: Path = SUITE_FILE) -> Suite:
-    """The manifest, every entry's recipe validated and every baseline run checked to be an earlier entry of a
-    tier that runs whenever this one does."""
+    """The manifest, every entry's recipe validated, and every run an entry needs (a baseline run, a
+    {suite_out}/NAME in its overrides or command) checked to be an earlier entry of a tier that runs whenever this
+    one does."""
     from slimtrain.trainer.recipe.schema import load_recipe
 
     try:
@@ -89,21 +91,29 @@ def load_suite(path: Path = SUITE_FILE) -> Suite:
         raise RecipeError(f"{path}: {exc}") from exc
     seen: dict[str, str] = {}
     for e in suite.entries:
-        recipe = load_recipe(str(path.parent / e.recipe), [o.replace("{suite_out}", "runs/reproduce") for o in e.overrides])
-        for i, t in enumerate(recipe.expect.targets if recipe.expect else []):
-            run = t.baseline.run if t.baseline is not None else None
-            if run is None or not run.startswith("../"):
-                continue
-            other = run[3:]
+        recipe = load_recipe(str(path.parent / e.recipe), [_fill(o, suite_out="runs/reproduce") for o in e.overrides])
+        for what, other in _needed_runs(e, recipe):
             if other not in seen:
-                raise RecipeError(f"{path}: entry {e.name!r}, {e.recipe} expect.targets.{i}.baseline.run={run!r}: no "
-                                  f"earlier entry is named {other!r}; list it before {e.name!r}")
+                raise RecipeError(f"{path}: entry {e.name!r}, {e.recipe} {what}: no earlier entry is named "
+                                  f"{other!r}; list it before {e.name!r}")
             if not set(TIERS_RUNNING[e.tier]) <= set(TIERS_RUNNING[seen[other]]):
-                raise RecipeError(f"{path}: entry {e.name!r} (tier {e.tier}) compares with {other!r} (tier "
-                                  f"{seen[other]}), which `--suite {e.tier}` does not run; give {other!r} tier "
-                                  f"{e.tier} or lower")
+                raise RecipeError(f"{path}: entry {e.name!r} (tier {e.tier}) needs {other!r} (tier {seen[other]}), "
+                                  f"which `--suite {e.tier}` does not run; give {other!r} tier {e.tier} or lower")
         seen[e.name] = e.tier
     return suite
+
+
+def _needed_runs(entry: SuiteEntry, recipe) -> list[tuple[str, str]]:
+    """(where, entry name) of every other entry's run this one reads: its targets' `baseline: {run: ../NAME}` and
+    each {suite_out}/NAME in its overrides and command."""
+    found = []
+    for i, t in enumerate(recipe.expect.targets if recipe.expect else []):
+        run = t.baseline.run if t.baseline is not None else None
+        if run and run.startswith("../"):
+            found.append((f"expect.targets.{i}.baseline.run={run!r}", run[3:]))
+    for where, text in [*(("overrides", o) for o in entry.overrides), ("command", entry.command or "")]:
+        found += [(f"{where} {text!r}", name) for name in re.findall(r"\{suite_out\}/([a-z0-9][a-z0-9-]*)", text)]
+    return found
 
 
 def run_suite(tier: str, out: Path, overrides: list[str], path: Path = SUITE_FILE,
