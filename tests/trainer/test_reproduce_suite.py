@@ -129,6 +129,8 @@ def test_a_known_miss_passes_only_while_it_misses(tmp_path: Path, capsys) -> Non
     assert "FAIL: now passes (remove known_miss)" in capsys.readouterr().out
     assert suite("exit 1") == 1  # a failed command is no known miss
     assert "the command exited with 1" in capsys.readouterr().out
+    assert suite("echo '{\"y\": 2.0}' > {run_dir}/b.json") == 1  # nor is a value that cannot be read
+    assert "no value" in capsys.readouterr().out
 
 
 def test_an_entry_that_branches_from_a_later_entry_is_refused(tmp_path: Path) -> None:

@@ -69,8 +69,10 @@ def _main_process(nproc: int | None) -> bool:
     return not cli._under_launcher(nproc) or resolve_dist_env().rank == 0
 
 
-def check_run(recipe_path: str, recipe, run_dir: Path, reference: Path | None) -> int:
-    """Check `run_dir` against the recipe's targets; print the table, write reproduce.md (and the curve PNG)."""
+def check_run(recipe_path: str, recipe, run_dir: Path, reference: Path | None, unreadable: int = 1) -> int:
+    """Check `run_dir` against the recipe's targets; print the table, write reproduce.md (and the curve PNG). 0 when
+    every target is met, 1 on a miss, `unreadable` when a value could not be read at all (a missing metric, step
+    or baseline run: the suite's known misses must not hide one)."""
     from slimtrain.trainer.reproduce.check import check_expect
     from slimtrain.trainer.reproduce.fingerprints import run_fingerprints
     from slimtrain.trainer.reproduce.report import CURVE_FILE, plot_curve, print_table, write_report
@@ -87,6 +89,8 @@ def check_run(recipe_path: str, recipe, run_dir: Path, reference: Path | None) -
     report = write_report(run_dir, recipe_path, outcomes, run_fingerprints(run_dir, recipe), curve, reference)
     missed = [o for o in outcomes if not o.passed]
     print(f"{len(outcomes) - len(missed)} of {len(outcomes)} targets met; report: {report}")
+    if any(o.value is None for o in missed):
+        return unreadable
     return 1 if missed else 0
 
 

@@ -99,6 +99,9 @@ def load_suite(path: Path = SUITE_FILE) -> Suite:
             if not set(TIERS_RUNNING[e.tier]) <= set(TIERS_RUNNING[seen[other]]):
                 raise RecipeError(f"{path}: entry {e.name!r} (tier {e.tier}) needs {other!r} (tier {seen[other]}), "
                                   f"which `--suite {e.tier}` does not run; give {other!r} tier {e.tier} or lower")
+        if e.known_miss is not None and (recipe.expect is None or not (recipe.expect.targets or recipe.expect.curves)):
+            raise RecipeError(f"{path}: entry {e.name!r} has known_miss but {e.recipe} has no expect: targets, so "
+                              "nothing can miss; remove known_miss or add the targets")
         seen[e.name] = e.tier
     return suite
 
@@ -161,7 +164,8 @@ def _verdict(entry: SuiteEntry, rc: int) -> str:
 
 def run_entry(entry: SuiteEntry, run_dir: Path, overrides: list[str], base: Path) -> int:
     """Fill the entry's run directory (train its recipe, or run its command), then check its expect: block: 0 when
-    every target is met, 1 on a miss, 2 when the training or the command failed."""
+    every target is met, 1 on a miss, 2 when the training or the command failed, 3 when a target's value (or its
+    baseline's) could not be read."""
     from slimtrain.trainer.recipe.schema import load_recipe
     from slimtrain.trainer.reproduce.command import check_run, reference_path
 
@@ -184,7 +188,7 @@ def run_entry(entry: SuiteEntry, run_dir: Path, overrides: list[str], base: Path
         return 2  # not a target's miss (1): a known miss must not hide a crash
     if recipe.expect is None:
         return 0
-    return check_run(recipe_path, recipe, run_dir, reference_path(recipe_path, recipe.expect))
+    return check_run(recipe_path, recipe, run_dir, reference_path(recipe_path, recipe.expect), unreadable=3)
 
 
 def _fill(text: str, **values: str) -> str:
