@@ -119,3 +119,19 @@ def test_megatron_step_benchmark_times_both_backends_on_one_model() -> None:
     assert result["deepspeed_tokens_per_s"] > 0 and result["megatron_tokens_per_s"] > 0
     assert result["ratio_megatron_over_deepspeed"] == round(
         result["megatron_tokens_per_s"] / result["deepspeed_tokens_per_s"], 3)
+
+
+def test_paired_benchmark_sums_up_the_differences_over_seeds(tmp_path: Path) -> None:
+    losses = {("a", 0): 5.17, ("b", 0): 5.19, ("a", 1): 5.15, ("b", 1): 5.13}  # a wins at seed 0, loses at seed 1
+    reuse = []
+    for (side, seed), loss in losses.items():
+        run = tmp_path / f"{side}{seed}"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval_loss": 9.0}) + "\n"
+                                           + json.dumps({"step": 2, "eval_loss": loss}) + "\n")
+        reuse += ["--reuse", f"{side}:{seed}={run}"]
+    result = _benchmark_json("paired.py", "--a", "recipes/x.yaml", "--b", "recipes/y.yaml", "--seeds", "0", "1",
+                             "--out", str(tmp_path / "out"), *reuse)
+    assert result["per_seed"]["0"] == {"a": 5.17, "b": 5.19, "diff": -0.02}
+    assert result["diff_mean"] == 0.0 and result["diff_min"] == -0.02 and result["diff_max"] == 0.02
+    assert result["diff_std"] == pytest.approx(0.0283, abs=1e-4) and result["diff_sem"] == 0.02
