@@ -273,9 +273,14 @@ def main() -> None:
         line["curve"] = line.pop("curve")
         lines.append(line)
     print(f"plot: {plot(curves, Path(args.plot))}", flush=True)
+    print_lines(lines, target)
+
+
+def print_lines(lines: list[dict], target: float) -> None:
+    """One JSON line per packer, then every packer's figures without curves in one line (what `expect:` targets
+    read with `file:`)."""
     for line in lines:
         print(json.dumps(line), flush=True)
-    # Last, every packer's figures in one line (without curves), which `expect:` targets read (`file:`).
     print(json.dumps({"benchmark": "buckets", "target_eval_loss": round(target, 4), "by_packer": {
         line["packer"]: {k: v for k, v in line.items() if k != "curve"} for line in lines}}), flush=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -97,7 +99,7 @@ def test_loss_benchmark_compares_the_compiled_loss_with_the_eager_one() -> None:
 def test_buckets_benchmark_curves_leave_out_evaluations_and_count_flops_by_row_length() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        from buckets import at, curve, reach
+        from buckets import at, curve, print_lines, reach
     finally:
         sys.path.pop(0)
     records = [{"step": 1, "loss": 7.0, "tokens": 100, "time_s": 1.0, "row_len": 16},
@@ -110,6 +112,11 @@ def test_buckets_benchmark_curves_leave_out_evaluations_and_count_flops_by_row_l
     assert [p["flops"] for p in points] == [100 * 16 + 100 * 256, 100 * 16 + 200 * 256]
     assert reach(points, "train_s", 4.5) == 2.5 and reach(points, "train_s", 3.0) is None
     assert at(points, "tokens", 250) == 4.5 and at(points, "tokens", 400) is None
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the last line holds every packer without its curve, for expect: targets
+        print_lines([{"packer": "bfd", "flops_to_target": 2.0, "curve": points}, {"packer": "buckets", "curve": []}], 5.0)
+    last = json.loads(out.getvalue().splitlines()[-1])
+    assert last["by_packer"] == {"bfd": {"packer": "bfd", "flops_to_target": 2.0}, "buckets": {"packer": "buckets"}}
 
 
 @pytest.mark.slow
